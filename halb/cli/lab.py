@@ -1,0 +1,120 @@
+"""`halb lab ...`: the network-namespace lab used by tests, drills and demos."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from halb.cli.common import echo_json, fail, output_option
+from halb.lab import builder
+from halb.lab.netns import CommandError
+from halb.lab.topology import NS_PREFIX
+
+
+@click.group("lab")
+def lab_group() -> None:
+    """Build, inspect and remove the network-namespace lab.
+
+    The lab is a client, balancer nodes and backends in namespaces named halb-*, on one
+    L2 segment (plus a backend segment for the NAT modes and a management segment), with
+    a real etcd. See docs/lab-layout.md.
+    """
+
+
+def _progress(msg: str) -> None:
+    click.echo(f"lab: {msg}", err=True)
+
+
+@lab_group.command("up")
+@click.option("--nodes", default=2, show_default=True, help="Balancer nodes (1-9).")
+@click.option("--backends", default=3, show_default=True, help="Backends (1-50).")
+@click.option(
+    "--dataplane",
+    type=click.Choice(["xdp", "nft"]),
+    default="xdp",
+    show_default=True,
+    help="Dataplane written into the lab's cluster config.",
+)
+def up(nodes: int, backends: int, dataplane: str) -> None:
+    """Build the lab: namespaces, bridges, etcd, backend servers, and its config."""
+    _require_root()
+    try:
+        state = builder.up(nodes, backends, dataplane, progress=_progress)
+    except (builder.LabError, CommandError, ValueError) as exc:
+        fail(str(exc))
+        return
+    click.echo(f"lab is up: VIP {state['vip']}, config {state['config']}, etcd {state['etcd']}")
+    click.echo("try: halb lab status; halb lab exec halb-client -- curl -s http://10.99.0.21/")
+
+
+@lab_group.command("down")
+def down() -> None:
+    """Remove every namespace, process, interface and file the lab made (idempotent;
+    also cleans up after a crashed run)."""
+    _require_root()
+    removed = builder.down(progress=_progress)
+    click.echo("lab is down" + ("" if removed else " (nothing to remove)"))
+
+
+@lab_group.command("status")
+@output_option
+def status(output: str) -> None:
+    """Show every lab namespace with its addresses and MACs, the VIP, the backends, the
+    etcd endpoint and the config path."""
+    state = builder.load_state()
+    if state is None:
+        fail("the lab is not up (run `halb lab up`)")
+        return
+    if output == "json":
+        echo_json(state)
+        return
+    click.echo(f"VIP        {state['vip']} / {state['vip6']}")
+    click.echo(
+        f"ports      echo {state['echo_port']}/tcp, http {state['http_port']}/tcp, "
+        f"udp echo {state['udp_port']}/udp"
+    )
+    click.echo(f"etcd       {state['etcd']}")
+    click.echo(f"config     {state['config']}  (dataplane {state['dataplane']})")
+    click.echo("")
+    click.echo(f"{'NAME':<8} {'NAMESPACE':<13} {'IF':<5} {'MAC':<18} ADDRESSES")
+    hosts: list[dict[str, Any]] = [state["client"], *state["nodes"], *state["backends"]]
+    for h in hosts:
+        for i, itf in enumerate(h["interfaces"]):
+            name, ns = (h["name"], h["namespace"]) if i == 0 else ("", "")
+            click.echo(
+                f"{name:<8} {ns:<13} {itf['name']:<5} {itf['mac']:<18} "
+                + ", ".join(itf["addresses"])
+            )
+        if h["loopback"]:
+            click.echo(f"{'':<8} {'':<13} {'lo':<5} {'':<18} " + ", ".join(h["loopback"]))
+
+
+@lab_group.command(
+    "exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in lab namespace NAME (e.g. halb-client or just client).
+
+    Example: halb lab exec halb-client -- curl -s http://10.99.0.21/
+    """
+    _require_root()
+    ns = name if name.startswith(NS_PREFIX) else f"{NS_PREFIX}{name}"
+    from halb.lab.netns import list_namespaces
+
+    if ns not in list_namespaces(NS_PREFIX):
+        fail(f"no lab namespace {ns!r} (is the lab up? see `halb lab status`)", code=2)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        fail("no command given (halb lab exec NAME -- CMD...)", code=2)
+    argv = ["ip", "netns", "exec", ns, *command]
+    os.execvp(argv[0], argv)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        fail("the lab needs root (network namespaces)", code=2)

@@ -1,0 +1,29 @@
+"""The `halb` command line."""
+
+from __future__ import annotations
+
+import click
+
+from halb import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="halb")
+def cli() -> None:
+    """halb: high-availability Layer-4 load-balancer pairs with live-flow takeover.
+
+    Run `halb agent` on every balancer node; use the other commands to inspect the
+    cluster, run planned failovers and drills, and build a network-namespace lab.
+    """
+
+
+# Command registration: one import and one add_command line per module.
+from halb.cli.config_cmd import config_group  # noqa: E402
+from halb.cli.lab import lab_group  # noqa: E402
+
+cli.add_command(config_group)
+cli.add_command(lab_group)
+
+
+def main() -> None:
+    cli(prog_name="halb")

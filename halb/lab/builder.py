@@ -1,0 +1,323 @@
+"""Build and tear down the network-namespace lab (I/O side of halb.lab.topology)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from halb.config import parse_config
+from halb.lab import netns
+from halb.lab.netns import run
+from halb.lab.topology import (
+    BRIDGES,
+    ECHO_PORT,
+    FRONT,
+    HOST_LINK,
+    HTTP_PORT,
+    LAB_DIR,
+    NS_PREFIX,
+    SWITCH_NS,
+    UDP_PORT,
+    Host,
+    LabPlan,
+    lab_config,
+    plan,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LabError", "down", "load_state", "up"]
+
+Progress = Callable[[str], None]
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _noop(_msg: str) -> None:
+    pass
+
+
+def spawn(argv: Sequence[str], logfile: Path, ns: str | None = None) -> int:
+    """Start a detached process (own session, reparented to init); return its pid.
+
+    Going through `sh -c '... &'` leaves no child of ours behind to reap.
+    """
+    full = netns.netns_exec(ns, argv) if ns else list(argv)
+    script = f"setsid {shlex.join(full)} >{shlex.quote(str(logfile))} 2>&1 </dev/null & echo $!"
+    out = run(["sh", "-c", script])
+    return int(out.strip())
+
+
+def _ns_cmd(ns: str, *args: str) -> None:
+    run(["ip", "-n", ns, *args])
+
+
+def _sysctl(ns: str, key: str, value: str) -> None:
+    run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"])
+
+
+def _build_switch() -> None:
+    run(["ip", "netns", "add", SWITCH_NS])
+    _ns_cmd(SWITCH_NS, "link", "set", "lo", "up")
+    for br in BRIDGES.values():
+        _ns_cmd(SWITCH_NS, "link", "add", br, "type", "bridge", "stp_state", "0")
+        _ns_cmd(SWITCH_NS, "link", "set", br, "up")
+
+
+def _build_host(h: Host) -> None:
+    ns = h.namespace
+    run(["ip", "netns", "add", ns])
+    _ns_cmd(ns, "link", "set", "lo", "up")
+    # Answer only for our own addresses: DSR backends hold the VIP on lo.
+    _sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
+    _sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
+    if h.role == "lb":
+        _sysctl(ns, "net.ipv4.ip_forward", "1")
+        _sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
+    if h.role == "be":
+        for scope in ("all", "default"):
+            _sysctl(ns, f"net.ipv4.conf.{scope}.arp_ignore", "1")
+            _sysctl(ns, f"net.ipv4.conf.{scope}.arp_announce", "2")
+            _sysctl(ns, f"net.ipv4.conf.{scope}.rp_filter", "0")
+    for lk in h.links:
+        run(
+            [
+                "ip", "link", "add", "name", lk.ifname, "netns", ns, "address", lk.mac,
+                "type", "veth", "peer", "name", lk.peer, "netns", SWITCH_NS,
+            ]
+        )  # fmt: skip
+        _ns_cmd(SWITCH_NS, "link", "set", lk.peer, "master", lk.bridge, "up")
+        for addr in lk.addresses:
+            extra = ["nodad"] if ":" in addr else []
+            _ns_cmd(ns, "addr", "add", addr, "dev", lk.ifname, *extra)
+        _ns_cmd(ns, "link", "set", lk.ifname, "up")
+    for addr in h.loopback:
+        _ns_cmd(ns, "addr", "add", addr, "dev", "lo")
+    if h.role == "be" and len(h.links) > 1:
+        # NAT modes: replies from the back address go through the floating gateway.
+        back = h.links[1]
+        src = back.addresses[0].split("/")[0]
+        _ns_cmd(ns, "rule", "add", "to", "10.99.1.0/24", "lookup", "main", "priority", "50")
+        _ns_cmd(ns, "rule", "add", "from", src, "lookup", "100", "priority", "100")
+        _ns_cmd(ns, "route", "add", "default", "via", "10.99.1.1", "dev", back.ifname,
+                "table", "100", "onlink")  # fmt: skip
+    if h.role == "client":
+        # Native XDP_TX on veth drops the sender's partial checksum (PLATFORM.md).
+        run(["ip", "netns", "exec", ns, "ethtool", "-K", h.link(FRONT).ifname, "tx", "off"])
+
+
+def _build_host_link(p: LabPlan) -> None:
+    run(
+        [
+            "ip", "link", "add", "name", HOST_LINK, "type", "veth",
+            "peer", "name", "host-m", "netns", SWITCH_NS,
+        ]
+    )  # fmt: skip
+    _ns_cmd(SWITCH_NS, "link", "set", "host-m", "master", BRIDGES[2], "up")
+    run(["ip", "addr", "add", p.host_address, "dev", HOST_LINK])
+    run(["ip", "link", "set", HOST_LINK, "up"])
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise LabError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def _etcd_healthy(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/health", timeout=0.5) as r:
+            return bool(json.load(r).get("health") == "true")
+    except (OSError, ValueError):
+        return False
+
+
+def _start_etcd(p: LabPlan, pids: dict[str, int]) -> None:
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        raise LabError("etcd not found: run scripts/setup (Debian package etcd-server)")
+    ip = p.host_address.split("/")[0]
+    argv = [
+        etcd, "--name", "halb-lab", "--data-dir", str(p.lab_dir / "etcd"),
+        "--listen-client-urls", f"http://{ip}:2379",
+        "--advertise-client-urls", f"http://{ip}:2379",
+        "--listen-peer-urls", f"http://{ip}:2380",
+        "--initial-advertise-peer-urls", f"http://{ip}:2380",
+        "--initial-cluster", f"halb-lab=http://{ip}:2380",
+        "--heartbeat-interval", "50", "--election-timeout", "500",
+        "--logger", "zap", "--log-level", "warn",
+    ]  # fmt: skip
+    pids["etcd"] = spawn(argv, p.lab_dir / "logs" / "etcd.log")
+    _wait("etcd to become healthy", lambda: _etcd_healthy(p.etcd_endpoint), 20)
+
+
+def _start_backends(p: LabPlan, pids: dict[str, int]) -> None:
+    for b in p.backends:
+        ready = p.lab_dir / "run" / f"{b.name}.ready"
+        ready.unlink(missing_ok=True)
+        argv = [
+            sys.executable, "-m", "halb.lab.backend_server", b.name,
+            "--echo-port", str(ECHO_PORT), "--http-port", str(HTTP_PORT),
+            "--udp-port", str(UDP_PORT), "--ready-file", str(ready),
+        ]  # fmt: skip
+        pids[b.name] = spawn(argv, p.lab_dir / "logs" / f"{b.name}.log", ns=b.namespace)
+    for b in p.backends:
+        ready = p.lab_dir / "run" / f"{b.name}.ready"
+        _wait(f"the server on {b.name}", ready.exists, 20)
+
+
+def status_doc(p: LabPlan, dataplane: str, pids: dict[str, int]) -> dict[str, Any]:
+    def host(h: Host) -> dict[str, Any]:
+        return {
+            "name": h.name,
+            "namespace": h.namespace,
+            "address": h.address,
+            "mac": h.mac,
+            "interfaces": [
+                {
+                    "name": lk.ifname,
+                    "mac": lk.mac,
+                    "addresses": list(lk.addresses),
+                    "bridge": lk.bridge,
+                }
+                for lk in h.links
+            ],
+            "loopback": list(h.loopback),
+        }
+
+    return {
+        "vip": p.vip,
+        "vip6": p.vip6,
+        "echo_port": ECHO_PORT,
+        "http_port": HTTP_PORT,
+        "udp_port": UDP_PORT,
+        "config": str(p.config_path),
+        "etcd": p.etcd_endpoint,
+        "dataplane": dataplane,
+        "lab_dir": str(p.lab_dir),
+        "switch": SWITCH_NS,
+        "client": host(p.client),
+        "nodes": [host(n) for n in p.nodes],
+        "backends": [host(b) for b in p.backends],
+        "pids": pids,
+    }
+
+
+def _write_state(p: LabPlan, doc: dict[str, Any]) -> None:
+    (p.lab_dir / "state.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def load_state(lab_dir: Path = LAB_DIR) -> dict[str, Any] | None:
+    path = lab_dir / "state.json"
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def is_up(lab_dir: Path = LAB_DIR) -> bool:
+    return load_state(lab_dir) is not None and SWITCH_NS in netns.list_namespaces(NS_PREFIX)
+
+
+def up(
+    n_nodes: int = 2,
+    n_backends: int = 3,
+    dataplane: str = "xdp",
+    lab_dir: Path = LAB_DIR,
+    progress: Progress = _noop,
+) -> dict[str, Any]:
+    """Build the lab; on any failure remove whatever was built and re-raise."""
+    p = plan(n_nodes, n_backends, lab_dir)
+    if netns.list_namespaces(NS_PREFIX) or load_state(lab_dir) is not None:
+        raise LabError("a lab is already up (or left over): run `halb lab down` first")
+    # Validate the lab's own config before building anything.
+    doc = lab_config(p, dataplane)
+    parse_config(doc, "lab config")
+    pids: dict[str, int] = {}
+    try:
+        for sub in ("logs", "run", "state"):
+            (lab_dir / sub).mkdir(parents=True, exist_ok=True)
+        progress(f"switch namespace {SWITCH_NS} with {', '.join(BRIDGES.values())}")
+        _build_switch()
+        for h in p.hosts:
+            progress(f"namespace {h.namespace} ({', '.join(lk.ifname for lk in h.links)})")
+            _build_host(h)
+        progress(f"host link {HOST_LINK} {p.host_address}")
+        _build_host_link(p)
+        p.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        progress(f"etcd on {p.etcd_endpoint}")
+        _start_etcd(p, pids)
+        progress(f"backend servers on {', '.join(b.name for b in p.backends)}")
+        _start_backends(p, pids)
+        state = status_doc(p, dataplane, pids)
+        _write_state(p, state)
+    except BaseException:
+        progress("failed: removing what was built")
+        down(lab_dir, progress=_noop, extra_pids=list(pids.values()))
+        raise
+    return state
+
+
+def down(
+    lab_dir: Path = LAB_DIR, progress: Progress = _noop, extra_pids: Sequence[int] = ()
+) -> list[str]:
+    """Remove every namespace, process, link and file of the lab. Idempotent; works from
+    the state file when there is one and by name prefix when a crash left none."""
+    removed: list[str] = []
+    state = load_state(lab_dir)
+    pids: list[int] = list(extra_pids)
+    if state is not None:
+        pids.extend(int(v) for v in state.get("pids", {}).values())
+    namespaces = netns.list_namespaces(NS_PREFIX)
+    for ns in namespaces:
+        pids.extend(netns.netns_pids(ns))
+    pids.extend(_lab_processes(lab_dir))
+    if pids:
+        progress(f"stopping {len(set(pids))} processes")
+        netns.kill_pids(sorted(set(pids)))
+    for ns in namespaces:
+        progress(f"deleting namespace {ns}")
+        run(["ip", "netns", "del", ns], check=False)
+        removed.append(ns)
+    if run(["ip", "link", "show", HOST_LINK], check=False):
+        progress(f"deleting link {HOST_LINK}")
+        run(["ip", "link", "del", HOST_LINK], check=False)
+        removed.append(HOST_LINK)
+    if lab_dir.exists():
+        progress(f"removing {lab_dir}")
+        shutil.rmtree(lab_dir, ignore_errors=True)
+        removed.append(str(lab_dir))
+    return removed
+
+
+def _lab_processes(lab_dir: Path) -> list[int]:
+    """The lab's etcd (the one lab process outside the namespaces), found by its data
+    directory even when the state file is gone."""
+    found = []
+    marker = b"--data-dir\0" + str(lab_dir / "etcd").encode() + b"\0"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(int(entry.name))
+    return found

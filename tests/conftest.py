@@ -1,0 +1,23 @@
+"""Test tiers by directory: unit (no root, no network), kernel and lab (root, namespaces),
+vm (QEMU). Root-only tiers are skipped with a reason when not root; CI runs as root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "kernel", "lab", "vm")
+ROOT_TIERS = {"kernel", "lab", "vm"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        tier = next((t for t in TIERS if t in parts), None)
+        if tier is None:
+            continue
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier in ROOT_TIERS and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason=f"{tier} tests need root"))
