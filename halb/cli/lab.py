@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from halb.cli.common import echo_json, fail, output_option
-from halb.lab import builder
+from halb.lab import builder, faults
 from halb.lab.netns import CommandError
 from halb.lab.topology import NS_PREFIX
 
@@ -118,3 +118,26 @@ def exec_(name: str, command: tuple[str, ...]) -> None:
 def _require_root() -> None:
     if os.geteuid() != 0:
         fail("the lab needs root (network namespaces)", code=2)
+
+
+@lab_group.command("fault")
+@click.argument("node")
+@click.argument("fault", type=click.Choice(faults.FAULTS))
+def fault(node: str, fault: str) -> None:
+    """Inject FAULT on balancer NODE (lb1, lb2, ...).
+
+    \b
+    kill, stop, cont, term   SIGKILL / SIGSTOP / SIGCONT / SIGTERM the agent
+    start                    start the agent again (after kill or term)
+    link-down, link-up       the node's front interface (eth0)
+    etcd-cut, etcd-heal      drop / restore the node's traffic to etcd only
+    """
+    _require_root()
+    state = builder.load_state()
+    if state is None:
+        fail("the lab is not up (run `halb lab up`)")
+        return
+    try:
+        click.echo(faults.apply_fault(node, fault, state))
+    except (faults.FaultError, CommandError) as exc:
+        fail(str(exc))

@@ -49,13 +49,16 @@ def _noop(_msg: str) -> None:
     pass
 
 
-def spawn(argv: Sequence[str], logfile: Path, ns: str | None = None) -> int:
+def spawn(argv: Sequence[str], logfile: Path, ns: str | None = None, append: bool = False) -> int:
     """Start a detached process (own session, reparented to init); return its pid.
 
     Going through `sh -c '... &'` leaves no child of ours behind to reap.
     """
     full = netns.netns_exec(ns, argv) if ns else list(argv)
-    script = f"setsid {shlex.join(full)} >{shlex.quote(str(logfile))} 2>&1 </dev/null & echo $!"
+    redirect = ">>" if append else ">"
+    script = (
+        f"setsid {shlex.join(full)} {redirect}{shlex.quote(str(logfile))} 2>&1 </dev/null & echo $!"
+    )
     out = run(["sh", "-c", script])
     return int(out.strip())
 

@@ -23,6 +23,7 @@ __all__ = [
     "list_namespaces",
     "netns_exec",
     "netns_pids",
+    "pid_alive",
     "run",
 ]
 
@@ -35,9 +36,13 @@ class CommandError(RuntimeError):
         super().__init__(f"`{' '.join(argv)}` failed ({code}): {self.stderr}")
 
 
-def run(argv: Sequence[str], check: bool = True, timeout: float = 30) -> str:
+def run(
+    argv: Sequence[str], check: bool = True, timeout: float = 30, input_text: str | None = None
+) -> str:
     log.debug("run: %s", " ".join(argv))
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, input=input_text
+    )
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr)
     return proc.stdout

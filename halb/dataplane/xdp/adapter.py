@@ -1,0 +1,382 @@
+"""XdpDataplane: the halb.dataplane.base.Dataplane protocol over the XDP balancer.
+
+Holds, per service, its index (service entry, counters, ring region) and its current
+ring as backend ids; per (service, backend) pair an id (backend entry, counters). An
+apply computes the Maglev tables, then writes only what differs: backend entries first,
+then the changed ring slots (batched), then the service entry, so a service becomes
+visible only with a complete ring. Removal goes the other way.
+
+Backends with weight 0 drain: no ring slots, but their existing flows continue. When no
+backend can take new flows the ring holds the sorry backends, or NO_BACKEND (drop).
+Backend MACs come from ``Backend.mac`` or the neighbour table (halb.dataplane.xdp.neigh);
+a backend whose MAC cannot be resolved is left out of the ring (and logged) until an
+apply resolves it. dsr and tunnel keep the destination port: a backend port that differs
+from the service port is only a label.
+
+The state is kept in this process: a restarted agent loads fresh maps (the flows of the
+previous instance are lost; Maglev, being identical, still maps most of them alike).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.xdp.build import build_bpf
+from halb.dataplane.xdp.layout import (
+    BACKEND_F_VALID,
+    FAMILY_V4,
+    FAMILY_V6,
+    NO_BACKEND,
+    STATS,
+    SVC_F_TUNNEL,
+    BackendInfo,
+    FlowKey,
+    FlowValue,
+    LbConfig,
+    ServiceInfo,
+    VipKey,
+    addr_from_words,
+    addr_to_words,
+    mac_to_bytes,
+)
+from halb.dataplane.xdp.layout import Counter as RawCounter
+from halb.dataplane.xdp.loader import BpfObject, XdpMode
+from halb.dataplane.xdp.neigh import interface_mac, resolve_mac
+from halb.lb.maglev import build_table, changed_slots
+from halb.model import (
+    Backend,
+    Flow,
+    Forwarding,
+    IPAddress,
+    Protocol,
+    Scheduler,
+    Service,
+    ServiceKey,
+)
+
+__all__ = ["PROGRAM", "XdpDataplane", "XdpDataplaneError", "default_pin_dir"]
+
+log = logging.getLogger(__name__)
+
+PROGRAM = "halb_balancer"
+
+
+class XdpDataplaneError(ValueError):
+    pass
+
+
+def default_pin_dir(node: str) -> Path:
+    """Where the agent of ``node`` pins its maps (and where `halb dataplane show` looks)."""
+    return Path("/run/halb/bpffs") / node
+
+
+def net16(port: int) -> int:
+    """A port as the program stores it: network byte order in a native u16."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def host16(value: int) -> int:
+    return int.from_bytes(value.to_bytes(2, "little"), "big")
+
+
+def _family(addr: IPAddress) -> int:
+    return FAMILY_V4 if addr.version == 4 else FAMILY_V6
+
+
+def vip_key(key: ServiceKey) -> VipKey:
+    return VipKey(addr_to_words(key.vip), net16(key.port), key.protocol.number, _family(key.vip))
+
+
+def flow_key(flow: Flow) -> FlowKey:
+    return FlowKey(
+        addr_to_words(flow.src),
+        addr_to_words(flow.vip),
+        net16(flow.sport),
+        net16(flow.vport),
+        flow.protocol.number,
+        _family(flow.vip),
+    )
+
+
+@dataclass
+class _ServiceState:
+    index: int
+    service: Service
+    info: bytes
+    ring: list[int] | None
+    ring_inputs: tuple[tuple[tuple[str, int], ...], int] | None = None
+    backend_ids: dict[tuple[IPAddress, int], int] = field(default_factory=dict)
+
+
+class XdpDataplane:
+    name = "xdp"
+
+    def __init__(
+        self,
+        interface: str,
+        node_address: IPAddress,
+        mode: XdpMode = "native",
+        pin_dir: Path | None = None,
+        netns: str | None = None,
+        *,
+        node_address6: IPv6Address | None = None,
+        object_path: Path | None = None,
+        resolve_timeout: float = 1.0,
+    ) -> None:
+        self.interface = interface
+        self.netns = netns
+        self.pin_dir = pin_dir
+        self.resolve_timeout = resolve_timeout
+        self.closed = False
+        self._obj = BpfObject(object_path or build_bpf())
+        try:
+            self._maps = self._obj.maps
+            self.max_services = self._maps["stats_service"].max_entries
+            self.max_backends = self._maps["backends"].max_entries
+            self.ring_stride = self._maps["ring"].max_entries // self.max_services
+            self._config = LbConfig(local_mac=tuple(mac_to_bytes(interface_mac(interface, netns))))
+            v6 = node_address6
+            if isinstance(node_address, IPv4Address):
+                self._config.local_v4 = addr_to_words(node_address)[0]
+            else:
+                v6 = node_address
+            if v6 is not None:
+                self._config.local_v6 = addr_to_words(v6)
+            self._maps["config"].update(0, self._config)
+            self._services: dict[ServiceKey, _ServiceState] = {}
+            self._free_services = list(range(self.max_services - 1, -1, -1))
+            self._free_backends = list(range(self.max_backends - 1, -1, -1))
+            self._backend_rows: dict[int, bytes] = {}
+            self._backend_of: dict[int, tuple[ServiceKey, Backend]] = {}
+            self._macs: dict[tuple[IPAddress, bool], str] = {}
+            if pin_dir is not None:
+                self._obj.pin_maps(pin_dir)
+            self.mode = self._obj.attach(PROGRAM, interface, mode, netns)
+        except BaseException:
+            self._teardown()
+            raise
+
+    # -- apply ---------------------------------------------------------------------------
+
+    def apply(self, services: Sequence[Service]) -> ApplyResult:
+        want: dict[ServiceKey, Service] = {}
+        for svc in services:
+            self._validate(svc)
+            if svc.key in want:
+                raise XdpDataplaneError(f"service {svc.key} appears twice")
+            want[svc.key] = svc
+        new_keys = [k for k in want if k not in self._services]
+        if len(self._services) - sum(k not in want for k in self._services) + len(new_keys) > (
+            self.max_services
+        ):
+            raise XdpDataplaneError(f"more than {self.max_services} services")
+
+        writes = 0
+        removed = tuple(k for k in self._services if k not in want)
+        for key in removed:
+            writes += self._remove_service(key)
+        updated: list[ServiceKey] = []
+        for key, svc in want.items():
+            state = self._services.get(key)
+            if state is not None and state.service != svc:
+                updated.append(key)
+            writes += self._apply_service(svc)
+        return ApplyResult(tuple(new_keys), removed, tuple(updated), writes)
+
+    def _validate(self, svc: Service) -> None:
+        if svc.scheduler is not Scheduler.MAGLEV:
+            raise XdpDataplaneError(f"{svc.key}: the xdp dataplane only schedules with maglev")
+        if svc.forwarding not in (Forwarding.DSR, Forwarding.TUNNEL):
+            raise XdpDataplaneError(f"{svc.key}: xdp forwards with dsr or tunnel only")
+        if svc.ring_size > self.ring_stride:
+            raise XdpDataplaneError(
+                f"{svc.key}: ring_size {svc.ring_size} exceeds this build's "
+                f"HALB_RING_STRIDE {self.ring_stride}"
+            )
+
+    def _apply_service(self, svc: Service) -> int:
+        tunnel = svc.forwarding is Forwarding.TUNNEL
+        state = self._services.get(svc.key)
+        if state is None:
+            index = self._free_services.pop()
+            self._maps["stats_service"].update(index, RawCounter())
+            state = _ServiceState(index, svc, b"", None)  # ring None: write every slot
+            self._services[svc.key] = state
+            writes = 1
+        else:
+            writes = 0
+        state.service = svc
+
+        # Backend entries: one id per (service, address, port); drop the ones that left.
+        wanted = {(b.address, b.port): b for b in (*svc.backends, *svc.sorry)}
+        for bkey in [k for k in state.backend_ids if k not in wanted]:
+            writes += self._free_backend(state.backend_ids.pop(bkey))
+        usable: dict[tuple[IPAddress, int], bool] = {}
+        for bkey, backend in wanted.items():
+            mac = backend.mac or self._mac(backend.address, tunnel)
+            bid = state.backend_ids.get(bkey)
+            if bid is None:
+                if mac is None:
+                    usable[bkey] = False
+                    continue
+                if not self._free_backends:
+                    raise XdpDataplaneError(f"more than {self.max_backends} backends")
+                bid = self._free_backends.pop()
+                state.backend_ids[bkey] = bid
+                self._maps["stats_backend"].update(bid, RawCounter())
+                writes += 1
+            self._backend_of[bid] = (svc.key, backend)
+            row = BackendInfo(
+                addr=addr_to_words(backend.address),
+                mac=tuple(mac_to_bytes(mac)) if mac else (0,) * 6,
+                port=backend.port,
+                family=_family(backend.address),
+                flags=BACKEND_F_VALID if mac else 0,
+            )
+            usable[bkey] = mac is not None
+            if self._backend_rows.get(bid) != bytes(row):
+                self._maps["backends"].update(bid, row)
+                self._backend_rows[bid] = bytes(row)
+                writes += 1
+
+        # Ring: regular backends with weight, else the sorry ones.
+        def weights(group: Iterable[Backend]) -> dict[str, int]:
+            return {str(b): b.weight for b in group if b.weight > 0 and usable[(b.address, b.port)]}
+
+        table_in = weights(svc.backends) or weights(svc.sorry)
+        inputs = (tuple(sorted(table_in.items())), svc.ring_size)
+        if inputs != state.ring_inputs:
+            ids = {str(b): state.backend_ids.get((b.address, b.port)) for b in wanted.values()}
+            table = build_table(table_in, svc.ring_size)
+            new_ring = [NO_BACKEND if v is None else v for v in table.mapped(ids.__getitem__)]
+            changes = changed_slots(state.ring, new_ring)
+            if changes:
+                base = state.index * self.ring_stride
+                self._maps["ring"].update_batch(
+                    [base + slot for slot, _ in changes], [v for _, v in changes]
+                )
+                writes += len(changes)
+            state.ring = new_ring
+            state.ring_inputs = inputs
+
+        info = bytes(ServiceInfo(state.index, svc.ring_size, SVC_F_TUNNEL if tunnel else 0))
+        if info != state.info:
+            self._maps["services"].update(vip_key(svc.key), ServiceInfo.from_buffer_copy(info))
+            state.info = info
+            writes += 1
+        return writes
+
+    def _mac(self, addr: IPAddress, tunnel: bool) -> str | None:
+        mac = self._macs.get((addr, tunnel))
+        if mac is None:
+            mac = resolve_mac(
+                addr, self.interface, self.netns, via_route=tunnel, timeout=self.resolve_timeout
+            )
+            if mac is None:
+                log.warning(
+                    "no MAC for backend %s on %s; left out of the ring", addr, self.interface
+                )
+                return None
+            self._macs[(addr, tunnel)] = mac
+        return mac
+
+    def _remove_service(self, key: ServiceKey) -> int:
+        state = self._services.pop(key)
+        self._maps["services"].delete(vip_key(key))
+        writes = 1
+        for bid in state.backend_ids.values():
+            writes += self._free_backend(bid)
+        self._free_services.append(state.index)
+        return writes
+
+    def _free_backend(self, bid: int) -> int:
+        """Invalidate the entry and forget its flows, so a reused id inherits none."""
+        self._maps["backends"].update(bid, BackendInfo())
+        self._backend_rows.pop(bid, None)
+        self._backend_of.pop(bid, None)
+        stale = [k for k, v in self._maps["flows"].items() if v.backend_id == bid]
+        self._maps["flows"].delete_batch(stale)
+        self._free_backends.append(bid)
+        return 1 + len(stale)
+
+    # -- flows -----------------------------------------------------------------------------
+
+    def dump_flows(self) -> list[Flow]:
+        out = []
+        for key, value in self._maps["flows"].items():
+            owner = self._backend_of.get(value.backend_id)
+            if owner is None:
+                continue
+            _, backend = owner
+            out.append(
+                Flow(
+                    protocol=Protocol.TCP if key.proto == 6 else Protocol.UDP,
+                    src=addr_from_words(key.src, key.family),
+                    sport=host16(key.sport),
+                    vip=addr_from_words(key.dst, key.family),
+                    vport=host16(key.dport),
+                    backend=backend.address,
+                    bport=backend.port,
+                )
+            )
+        return sorted(out)
+
+    def install_flows(self, flows: Iterable[Flow]) -> int:
+        """Write flows whose service and backend this node holds; others are skipped."""
+        keys: list[FlowKey] = []
+        values: list[FlowValue] = []
+        for flow in flows:
+            state = self._services.get(flow.service)
+            bid = state.backend_ids.get((flow.backend, flow.bport)) if state else None
+            if bid is None or bid not in self._backend_rows:
+                continue
+            keys.append(flow_key(flow))
+            values.append(FlowValue(bid, 0))
+        if not keys:
+            return 0
+        return self._maps["flows"].update_batch(keys, values)
+
+    def delete_flows(self, flows: Iterable[Flow]) -> int:
+        return self._maps["flows"].delete_batch([flow_key(f) for f in flows])
+
+    # -- counters and the dead-man switch ---------------------------------------------------
+
+    def counters(self) -> Counters:
+        per_service: dict[ServiceKey, Counter] = {}
+        per_backend: dict[tuple[ServiceKey, Backend], Counter] = {}
+        for key, state in self._services.items():
+            per_service[key] = self._sum("stats_service", state.index)
+        for bid, owner in self._backend_of.items():
+            per_backend[owner] = self._sum("stats_backend", bid)
+        return Counters(per_service, per_backend)
+
+    def _sum(self, map_name: str, index: int) -> Counter:
+        per_cpu = self._maps[map_name].lookup(index) or []
+        return Counter(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+
+    def set_deadline(self, monotonic_ns: int | None) -> None:
+        self._config.deadline_ns = monotonic_ns or 0
+        self._maps["config"].update(0, self._config)
+
+    def global_stats(self) -> dict[str, int]:
+        return {name: self._sum("stats_global", i).packets for i, name in STATS.items()}
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._teardown()
+
+    def _teardown(self) -> None:
+        try:
+            self._obj.detach()
+        finally:
+            self._obj.unpin_maps()
+            self._obj.close()

@@ -1,0 +1,47 @@
+/* Sizes (override with -D at build time) and protocol constants. */
+#ifndef HALB_CONSTANTS_H
+#define HALB_CONSTANTS_H
+
+/* Virtual services (VIP:port/proto) the program can hold. */
+#ifndef HALB_MAX_SERVICES
+#define HALB_MAX_SERVICES 64
+#endif
+
+/* Ring slots reserved per service; a service's own ring size may be smaller. */
+#ifndef HALB_RING_STRIDE
+#define HALB_RING_STRIDE 65537
+#endif
+
+/* (service, backend) pairs; each has its own id, entry and counters. */
+#ifndef HALB_MAX_BACKENDS
+#define HALB_MAX_BACKENDS 4096
+#endif
+
+/* LRU flow table entries (about 100 bytes each in the kernel). */
+#ifndef HALB_MAX_FLOWS
+#define HALB_MAX_FLOWS 262144
+#endif
+
+#define HALB_FAMILY_V4 4
+#define HALB_FAMILY_V6 6
+
+/* service_info.flags */
+#define SVC_F_TUNNEL (1U << 0)
+
+/* backend_info.flags */
+#define BACKEND_F_VALID (1U << 0)
+
+/* stats_global indices */
+#define STAT_DEADLINE_DROP 0
+#define STAT_NO_BACKEND 1
+#define STAT_ENCAP_FAIL 2
+#define STAT_MAX 8
+
+#define ETH_P_IPV4 0x0800
+#define ETH_P_IPV6_ 0x86DD
+#define IP_MF_ 0x2000
+#define IP_OFFSET_ 0x1FFF
+#define IP_DF_ 0x4000
+#define ENCAP_TTL 64
+
+#endif

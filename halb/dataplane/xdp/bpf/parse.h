@@ -1,0 +1,81 @@
+/* Header parsing: Ethernet, IPv4, IPv6, then the TCP/UDP ports.
+ *
+ * Only unfragmented TCP and UDP can be a VIP flow. Everything else -- ICMP (errors and
+ * echo go to the kernel stack, which owns the VIP address), IPv4 fragments (only the
+ * first carries ports, so no fragment could be balanced consistently), IPv6 packets
+ * with extension headers (fragment header included), VLAN tags, truncated or malformed
+ * headers -- is passed to the stack untouched. */
+#ifndef HALB_PARSE_H
+#define HALB_PARSE_H
+
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_endian.h>
+
+#include "constants.h"
+#include "structs.h"
+
+struct packet {
+	struct flow_key key;
+	__u32 l3_len; /* IP header + payload, from the IP header */
+	__u8 tos;
+};
+
+/* 0 = a TCP/UDP candidate described in pkt; -1 = not ours to touch. */
+static __always_inline int parse_packet(void *data, void *data_end, struct packet *pkt)
+{
+	struct ethhdr *eth = data;
+	void *l4;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+
+	if (eth->h_proto == bpf_htons(ETH_P_IPV4)) {
+		struct iphdr *iph = (void *)(eth + 1);
+
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		if (iph->version != 4 || iph->ihl < 5)
+			return -1;
+		if (iph->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_))
+			return -1;
+		if (iph->protocol != IPPROTO_TCP && iph->protocol != IPPROTO_UDP)
+			return -1;
+		l4 = (void *)iph + iph->ihl * 4;
+		pkt->key.src[0] = iph->saddr;
+		pkt->key.dst[0] = iph->daddr;
+		pkt->key.proto = iph->protocol;
+		pkt->key.family = HALB_FAMILY_V4;
+		pkt->l3_len = bpf_ntohs(iph->tot_len);
+		pkt->tos = iph->tos;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6_)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		if (ip6->version != 6)
+			return -1;
+		if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+			return -1;
+		l4 = ip6 + 1;
+		__builtin_memcpy(pkt->key.src, &ip6->saddr, 16);
+		__builtin_memcpy(pkt->key.dst, &ip6->daddr, 16);
+		pkt->key.proto = ip6->nexthdr;
+		pkt->key.family = HALB_FAMILY_V6;
+		pkt->l3_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+		pkt->tos = 0;
+	} else {
+		return -1;
+	}
+
+	/* Source and destination ports lead both the TCP and the UDP header. */
+	if (l4 + 4 > data_end)
+		return -1;
+	pkt->key.sport = *(__u16 *)l4;
+	pkt->key.dport = *(__u16 *)(l4 + 2);
+	return 0;
+}
+
+#endif

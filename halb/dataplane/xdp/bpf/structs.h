@@ -1,0 +1,61 @@
+/* Map keys and values. Python mirrors these in halb/dataplane/xdp/layout.py, and a
+ * kernel test compares both against this object's BTF. Addresses are stored in network
+ * byte order in __u32[4] (IPv4 uses word 0); padding is explicit and always zero. */
+#ifndef HALB_STRUCTS_H
+#define HALB_STRUCTS_H
+
+#include <linux/types.h>
+
+struct vip_key {
+	__u32 addr[4];
+	__u16 port; /* network byte order */
+	__u8 proto;
+	__u8 family;
+};
+
+struct service_info {
+	__u32 index;     /* into stats_service and the ring (index * HALB_RING_STRIDE) */
+	__u32 ring_size; /* the service's Maglev table size, <= HALB_RING_STRIDE */
+	__u32 flags;     /* SVC_F_* */
+};
+
+struct backend_info {
+	__u32 addr[4];
+	__u8 mac[6];  /* next hop toward the backend (the backend itself in dsr) */
+	__u16 port;   /* host byte order; informational (dsr/tunnel keep the port) */
+	__u8 family;
+	__u8 flags;   /* BACKEND_F_* */
+	__u8 pad[2];
+};
+
+struct flow_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport; /* network byte order */
+	__u16 dport; /* network byte order */
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+struct flow_value {
+	__u32 backend_id;
+	__u32 flags;
+};
+
+struct lb_config {
+	/* Dead-man switch: CLOCK_MONOTONIC ns; 0 = disarmed. Past it, VIP traffic drops. */
+	__u64 deadline_ns;
+	__u32 local_v4;     /* outer source of IPv4 tunnels */
+	__u32 local_v6[4];  /* outer source of IPv6 tunnels */
+	__u8 local_mac[6];  /* source MAC of every forwarded frame */
+	__u8 pad[2];
+	__u32 reserved;
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif

@@ -1,0 +1,102 @@
+"""Compile the XDP programs with clang; skipped when the object is newer than its sources.
+
+Run as ``python -m halb.dataplane.xdp.build`` (scripts/setup does) or let the loader
+build on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["BPF_DIR", "BuildError", "build_bpf"]
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _multiarch_include() -> list[str]:
+    # Without it: "asm/types.h file not found" (Debian keeps asm/ under the triplet).
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return []
+    out = subprocess.run([gcc, "-dumpmachine"], capture_output=True, text=True, check=False)
+    triplet = out.stdout.strip()
+    return [f"-I/usr/include/{triplet}"] if out.returncode == 0 and triplet else []
+
+
+def build_bpf(
+    out_dir: Path | None = None,
+    source: str = "balancer.bpf.c",
+    defines: Sequence[str] = (),
+    force: bool = False,
+) -> Path:
+    """Compile ``bpf/<source>`` to ``<out_dir or bpf/>/<stem>.o`` and return its path.
+
+    ``defines`` are ``NAME=VALUE`` overrides of constants.h (they change the object name
+    so differently sized objects do not overwrite each other).
+    """
+    src = BPF_DIR / source
+    stem = source.removesuffix(".c")
+    if defines:
+        stem += "-" + "-".join(d.replace("=", "_") for d in defines)
+    out = (out_dir or BPF_DIR) / f"{stem}.o"
+    sources = [src, *BPF_DIR.glob("*.h")]
+    if (
+        not force
+        and out.exists()
+        and all(out.stat().st_mtime_ns > s.stat().st_mtime_ns for s in sources)
+    ):
+        return out
+    clang = shutil.which("clang")
+    if clang is None:
+        raise BuildError("clang not found: run scripts/setup or apt-get install clang")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".o.tmp")
+    cmd = [
+        clang,
+        "-O2",
+        "-g",
+        "-Wall",
+        "-Werror",
+        "-target",
+        "bpf",
+        *_multiarch_include(),
+        *(f"-D{d}" for d in defines),
+        "-c",
+        str(src),
+        "-o",
+        str(tmp),
+    ]
+    log.info("building %s", out)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"clang failed on {src}:\n{proc.stderr}")
+    tmp.replace(out)  # atomic: a concurrent loader never sees half an object
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    force = "--force" in args
+    try:
+        for source in ("balancer.bpf.c", "minimal.bpf.c"):
+            print(build_bpf(source=source, force=force))
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Python mirror of bpf/structs.h and the map names of bpf/maps.h.
+
+tests/kernel/test_xdp_layout.py checks every structure here against the compiled
+object's BTF, so C and Python cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import struct
+
+from halb.model import IPAddress
+
+__all__ = [
+    "BACKEND_F_VALID",
+    "FAMILY_V4",
+    "FAMILY_V6",
+    "MAP_TYPES",
+    "NO_BACKEND",
+    "STATS",
+    "SVC_F_TUNNEL",
+    "BackendInfo",
+    "Counter",
+    "FlowKey",
+    "FlowValue",
+    "LbConfig",
+    "ServiceInfo",
+    "VipKey",
+    "addr_from_words",
+    "addr_to_words",
+    "mac_from_bytes",
+    "mac_to_bytes",
+]
+
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+SVC_F_TUNNEL = 1 << 0
+BACKEND_F_VALID = 1 << 0
+NO_BACKEND = 0xFFFFFFFF
+"""Ring value of a service with no usable backend: out of range, so the packet drops."""
+
+# stats_global index -> name (constants.h STAT_*)
+STATS = {0: "deadline_drop", 1: "no_backend", 2: "encap_fail"}
+
+_U8 = ctypes.c_uint8
+_U16 = ctypes.c_uint16
+_U32 = ctypes.c_uint32
+_U64 = ctypes.c_uint64
+
+
+class VipKey(ctypes.Structure):
+    _fields_ = [("addr", _U32 * 4), ("port", _U16), ("proto", _U8), ("family", _U8)]
+
+
+class ServiceInfo(ctypes.Structure):
+    _fields_ = [("index", _U32), ("ring_size", _U32), ("flags", _U32)]
+
+
+class BackendInfo(ctypes.Structure):
+    _fields_ = [
+        ("addr", _U32 * 4),
+        ("mac", _U8 * 6),
+        ("port", _U16),
+        ("family", _U8),
+        ("flags", _U8),
+        ("pad", _U8 * 2),
+    ]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [
+        ("src", _U32 * 4),
+        ("dst", _U32 * 4),
+        ("sport", _U16),
+        ("dport", _U16),
+        ("proto", _U8),
+        ("family", _U8),
+        ("pad", _U8 * 2),
+    ]
+
+
+class FlowValue(ctypes.Structure):
+    _fields_ = [("backend_id", _U32), ("flags", _U32)]
+
+
+class LbConfig(ctypes.Structure):
+    _fields_ = [
+        ("deadline_ns", _U64),
+        ("local_v4", _U32),
+        ("local_v6", _U32 * 4),
+        ("local_mac", _U8 * 6),
+        ("pad", _U8 * 2),
+        ("reserved", _U32),
+    ]
+
+
+class Counter(ctypes.Structure):
+    _fields_ = [("packets", _U64), ("bytes", _U64)]
+
+
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "vip_key": VipKey,
+    "service_info": ServiceInfo,
+    "backend_info": BackendInfo,
+    "flow_key": FlowKey,
+    "flow_value": FlowValue,
+    "lb_config": LbConfig,
+    "counter": Counter,
+}
+
+# map name -> (key type, value type, per-CPU)
+CType = type[ctypes.Structure] | type[ctypes.c_uint32]
+MAP_TYPES: dict[str, tuple[CType, CType, bool]] = {
+    "services": (VipKey, ServiceInfo, False),
+    "ring": (_U32, _U32, False),
+    "backends": (_U32, BackendInfo, False),
+    "flows": (FlowKey, FlowValue, False),
+    "stats_service": (_U32, Counter, True),
+    "stats_backend": (_U32, Counter, True),
+    "stats_global": (_U32, Counter, True),
+    "config": (_U32, LbConfig, False),
+}
+
+
+def addr_to_words(addr: IPAddress) -> tuple[int, int, int, int]:
+    """Network-order bytes as four native u32 words (IPv4 in word 0), as the C side reads."""
+    raw = addr.packed.ljust(16, b"\0")
+    words: tuple[int, int, int, int] = struct.unpack("=4I", raw)
+    return words
+
+
+def addr_from_words(words: ctypes.Array[ctypes.c_uint32], family: int) -> IPAddress:
+    raw = struct.pack("=4I", *words)
+    if family == FAMILY_V4:
+        return ipaddress.IPv4Address(raw[:4])
+    return ipaddress.IPv6Address(raw)
+
+
+def mac_to_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_from_bytes(raw: bytes | ctypes.Array[ctypes.c_uint8]) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))

@@ -1,0 +1,129 @@
+"""Fault injection and agent control in the lab (`halb lab fault`, drills, tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from halb.lab import netns
+from halb.lab.netns import run
+from halb.lab.topology import LAB_DIR, NS_PREFIX
+
+__all__ = ["FAULTS", "FaultError", "agent_pid", "apply_fault", "start_agent", "stop_agent"]
+
+FAULTS = (
+    "kill",
+    "stop",
+    "cont",
+    "term",
+    "start",
+    "link-down",
+    "link-up",
+    "etcd-cut",
+    "etcd-heal",
+)
+
+# A table of our own in the node's namespace: cutting etcd never touches the dataplane's.
+_FAULT_TABLE = "halb_lab_fault"
+
+
+class FaultError(RuntimeError):
+    pass
+
+
+def _ns(node: str) -> str:
+    return node if node.startswith(NS_PREFIX) else f"{NS_PREFIX}{node}"
+
+
+def _short(node: str) -> str:
+    return node.removeprefix(NS_PREFIX)
+
+
+def agent_pid(node: str) -> int | None:
+    """The pid of the `halb agent` running in the node's namespace, if any."""
+    for pid in netns.netns_pids(_ns(node)):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        is_agent = b"agent" in argv and any(a.endswith(b"halb") for a in argv)
+        if is_agent and netns.pid_alive(pid):
+            return pid
+    return None
+
+
+def agent_argv(node: str, config: Path) -> list[str]:
+    halb = str(Path(sys.executable).with_name("halb"))
+    return [halb, "agent", "--config", str(config), "--node", _short(node)]
+
+
+def start_agent(node: str, config: Path, lab_dir: Path = LAB_DIR) -> int:
+    from halb.lab.builder import spawn
+
+    if (pid := agent_pid(node)) is not None:
+        raise FaultError(f"an agent already runs on {_short(node)} (pid {pid})")
+    log = lab_dir / "logs" / f"agent-{_short(node)}.log"
+    # Append: a restarted agent's log follows the previous run's.
+    return spawn(agent_argv(node, config), log, ns=_ns(node), append=True)
+
+
+def stop_agent(node: str) -> None:
+    pid = agent_pid(node)
+    if pid is not None:
+        netns.kill_pids([pid])
+
+
+def _signal(node: str, sig: signal.Signals) -> int:
+    pid = agent_pid(node)
+    if pid is None:
+        raise FaultError(f"no agent runs on {_short(node)}")
+    os.kill(pid, sig)
+    return pid
+
+
+def _etcd_cut(ns: str, endpoint_ip: str) -> None:
+    rules = f"""
+table inet {_FAULT_TABLE} {{
+  chain out {{ type filter hook output priority -10; ip daddr {endpoint_ip} tcp dport 2379 drop; }}
+  chain in {{ type filter hook input priority -10; ip saddr {endpoint_ip} tcp sport 2379 drop; }}
+}}
+"""
+    run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input_text=rules)
+
+
+def _etcd_heal(ns: str) -> None:
+    run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", _FAULT_TABLE], check=False)
+
+
+def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
+    """Inject ``fault`` on lab node ``node``; returns a line saying what was done."""
+    ns = _ns(node)
+    if ns not in netns.list_namespaces(NS_PREFIX):
+        raise FaultError(f"no lab namespace {ns!r} (is the lab up?)")
+    if _short(node) not in {n["name"] for n in state["nodes"]}:
+        raise FaultError(f"{_short(node)} is not a balancer node of the lab")
+    etcd_ip = state["etcd"].split("//", 1)[1].rsplit(":", 1)[0]
+    if fault == "kill":
+        return f"SIGKILL agent pid {_signal(node, signal.SIGKILL)}"
+    if fault == "stop":
+        return f"SIGSTOP agent pid {_signal(node, signal.SIGSTOP)}"
+    if fault == "cont":
+        return f"SIGCONT agent pid {_signal(node, signal.SIGCONT)}"
+    if fault == "term":
+        return f"SIGTERM agent pid {_signal(node, signal.SIGTERM)}"
+    if fault == "start":
+        return f"started agent pid {start_agent(node, Path(state['config']))}"
+    if fault in ("link-down", "link-up"):
+        up = fault == "link-up"
+        run(["ip", "-n", ns, "link", "set", "eth0", "up" if up else "down"])
+        return f"{ns} eth0 {'up' if up else 'down'}"
+    if fault == "etcd-cut":
+        _etcd_cut(ns, etcd_ip)
+        return f"{ns}: traffic to and from etcd {etcd_ip}:2379 dropped"
+    if fault == "etcd-heal":
+        _etcd_heal(ns)
+        return f"{ns}: etcd traffic restored"
+    raise FaultError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")

@@ -1,0 +1,224 @@
+"""XdpDataplane for real: attached to a veth in a network namespace made for the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+
+from halb.dataplane.base import Dataplane
+from halb.dataplane.xdp.adapter import XdpDataplane, net16
+from halb.dataplane.xdp.loader import xdp_prog_id
+from halb.dataplane.xdp.neigh import interface_mac
+from halb.dataplane.xdp.packets import ETH_P_IP, XDP_DROP, XDP_PASS, XDP_TX, eth, ipv4, tcp
+from halb.lb.maglev import build_table, changed_slots
+from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
+
+pytestmark = pytest.mark.kernel
+
+VIP = ip_address("10.77.0.100")
+CLIENT = "10.77.9.9"
+B_LIVE = Backend(ip_address("10.77.0.2"), 80)  # MAC from the neighbour table
+B2 = Backend(ip_address("10.77.0.3"), 80, mac="02:77:00:00:00:03")
+B3 = Backend(ip_address("10.77.0.4"), 80, mac="02:77:00:00:00:04")
+B4 = Backend(ip_address("10.77.0.5"), 80, weight=2, mac="02:77:00:00:00:05")
+WEB = ServiceKey(VIP, 80, Protocol.TCP)
+DNS = ServiceKey(VIP, 53, Protocol.UDP)
+
+
+def svc(key: ServiceKey, *backends: Backend, ring: int = 1009) -> Service:
+    return Service(key, Scheduler.MAGLEV, Forwarding.DSR, tuple(backends), ring_size=ring)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@dataclass
+class Topo:
+    lb: str
+    be: str
+    pin_dir: Path
+    be_mac: str
+
+
+@pytest.fixture
+def topo() -> Iterator[Topo]:
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    lb, be = f"halbt-xdp-{tag}-lb", f"halbt-xdp-{tag}-be"
+    pin_dir = Path("/run/halb/bpffs") / f"halbt-xdp-{tag}"
+    try:
+        ip("netns", "add", lb)
+        ip("netns", "add", be)
+        ip("-n", lb, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns", be)
+        ip("-n", lb, "addr", "add", "10.77.0.1/24", "dev", "veth0")
+        ip("-n", be, "addr", "add", "10.77.0.2/24", "dev", "veth1")
+        ip("-n", lb, "link", "set", "veth0", "up")
+        ip("-n", be, "link", "set", "veth1", "up")
+        yield Topo(lb, be, pin_dir, interface_mac("veth1", be))
+    finally:
+        for ns in (lb, be):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        if pin_dir.exists():
+            shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dp(topo: Topo) -> Iterator[XdpDataplane]:
+    d = XdpDataplane("veth0", ip_address("10.77.0.1"), "native", topo.pin_dir, topo.lb)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def frame(sport: int, dport: int = 80) -> bytes:
+    return eth(
+        "02:00:00:00:00:01",
+        "02:00:00:00:00:02",
+        ETH_P_IP,
+        ipv4(CLIENT, str(VIP), 6, tcp(CLIENT, str(VIP), sport, dport)),
+    )
+
+
+def run(d: XdpDataplane, data: bytes, repeat: int = 1) -> tuple[int, str]:
+    res = d._obj.test_run("halb_balancer", data, repeat)
+    return res.retval, res.data[:6].hex(":")
+
+
+def test_is_a_dataplane_attached_and_pinned(topo: Topo, dp: XdpDataplane) -> None:
+    assert isinstance(dp, Dataplane)
+    assert dp.mode == "native"
+    assert xdp_prog_id("veth0", topo.lb) != 0
+    assert {"services", "ring", "backends", "flows", "config"} <= {
+        p.name for p in topo.pin_dir.iterdir()
+    }
+
+
+def test_apply_twice_second_writes_nothing(topo: Topo, dp: XdpDataplane) -> None:
+    services = [svc(WEB, B_LIVE, B2, B3), svc(DNS, B2, B3, ring=65537)]
+    first = dp.apply(services)
+    assert set(first.added) == {WEB, DNS}
+    # 2 services + 5 backend rows + 5 counter resets + 2 stats resets + every ring slot.
+    assert first.writes == 2 + 5 + 5 + 2 + 1009 + 65537
+    second = dp.apply(services)
+    assert (second.added, second.removed, second.updated, second.writes) == ((), (), (), 0)
+    # The backend without a configured MAC was resolved through the neighbour table.
+    ring = {run(dp, frame(sport))[1] for sport in range(1000, 1200)}
+    assert ring == {topo.be_mac, B2.mac, B3.mac}
+
+
+def test_adding_a_backend_writes_only_changed_slots(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2, B3)])
+    before = build_table({str(B2): 1, str(B3): 1}, 1009).mapped(str)
+    after = build_table({str(B2): 1, str(B3): 1, str(B4): 2}, 1009).mapped(str)
+    changed = len(changed_slots(before, after))
+    result = dp.apply([svc(WEB, B2, B3, B4)])
+    assert result.updated == (WEB,)
+    assert result.writes == changed + 2  # the slots, the backend row, its counter reset
+    assert 0 < changed < 1009
+    macs = [run(dp, frame(sport))[1] for sport in range(2000, 2400)]
+    share = macs.count(B4.mac or "") / len(macs)
+    assert 0.35 < share < 0.65, share  # weight 2 of 4
+
+
+def test_removing_a_service_passes_its_traffic(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2)])
+    assert run(dp, frame(3000))[0] == XDP_TX
+    result = dp.apply([])
+    assert result.removed == (WEB,)
+    assert run(dp, frame(3000))[0] == XDP_PASS
+
+
+def test_install_dump_delete_flows(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2, B3)])
+    ours = [
+        Flow(Protocol.TCP, ip_address(CLIENT), 5000 + i, VIP, 80, b.address, b.port)
+        for i, b in enumerate((B2, B3, B2))
+    ]
+    foreign = Flow(Protocol.TCP, ip_address(CLIENT), 5999, VIP, 80, ip_address("10.9.9.9"), 80)
+    assert dp.install_flows([*ours, foreign]) == 3
+    assert dp.dump_flows() == sorted(ours)
+    # The program honours an installed flow whatever the ring says.
+    for f in ours:
+        backend = B2 if f.backend == B2.address else B3
+        assert run(dp, frame(f.sport)) == (XDP_TX, backend.mac)
+    assert dp.delete_flows(ours[:2]) == 2
+    assert dp.delete_flows(ours[:1]) == 0
+    assert dp.dump_flows() == [ours[2]]
+    # A packet of a new connection is recorded as a flow the adapter can dump.
+    run(dp, frame(6000))
+    assert any(f.sport == 6000 and f.vport == 80 for f in dp.dump_flows())
+    # Removing a backend forgets its flows.
+    dp.apply([svc(WEB, B3)])
+    assert all(f.backend == B3.address for f in dp.dump_flows())
+
+
+def test_counters(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2)])
+    data = frame(7000)
+    run(dp, data, repeat=4)
+    counters = dp.counters()
+    assert counters.per_service[WEB].packets == 4
+    assert counters.per_service[WEB].bytes == 4 * len(data)
+    assert counters.per_backend[(WEB, B2)].packets == 4
+
+
+def test_set_deadline(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2)])
+    dp.set_deadline(time.monotonic_ns() + 10_000_000_000)
+    assert run(dp, frame(8000))[0] == XDP_TX
+    dp.set_deadline(time.monotonic_ns() - 1)
+    assert run(dp, frame(8000))[0] == XDP_DROP
+    assert dp.global_stats()["deadline_drop"] == 1
+    dp.set_deadline(None)
+    assert run(dp, frame(8000))[0] == XDP_TX
+
+
+def test_close_leaves_nothing(topo: Topo) -> None:
+    d = XdpDataplane("veth0", ip_address("10.77.0.1"), "generic", topo.pin_dir, topo.lb)
+    assert d.mode == "generic"
+    d.apply([svc(WEB, B2)])
+    assert xdp_prog_id("veth0", topo.lb) != 0
+    d.close()
+    d.close()  # idempotent
+    assert xdp_prog_id("veth0", topo.lb) == 0
+    assert not topo.pin_dir.exists()
+
+
+def test_ports_are_stored_in_network_order() -> None:
+    assert net16(80).to_bytes(2, "little") == (80).to_bytes(2, "big")
+
+
+def test_cli_show_reads_the_pinned_maps(topo: Topo, dp: XdpDataplane) -> None:
+    from click.testing import CliRunner
+
+    from halb.cli.main import cli
+
+    dp.apply([svc(WEB, B2, B4)])
+    run(dp, frame(9000), repeat=2)
+    result = CliRunner().invoke(
+        cli, ["dataplane", "show", "--pin-dir", str(topo.pin_dir), "--output", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    (service,) = report["services"]
+    assert service["service"] == "10.77.0.100:80/tcp"
+    assert service["packets"] == 2
+    shares = {b["backend"]: b["share_pct"] for b in service["backends"]}
+    assert set(shares) == {str(B2), str(B4)}
+    assert sum(b["slots"] for b in service["backends"]) == 1009
+    assert abs(shares[str(B4)] - 200 / 3) < 1  # weight 2 of 3
+    assert report["flows"] == 1
+    table = CliRunner().invoke(cli, ["dataplane", "show", "--pin-dir", str(topo.pin_dir)])
+    assert table.exit_code == 0
+    assert "10.77.0.5:80" in table.output
