@@ -18,10 +18,12 @@ def cli() -> None:
 
 
 # Command registration: one import and one add_command line per module.
+from halb.cli.certs import certs_group  # noqa: E402
 from halb.cli.config_cmd import config_group  # noqa: E402
 from halb.cli.dataplane import dataplane_group  # noqa: E402
 from halb.cli.lab import lab_group  # noqa: E402
 
+cli.add_command(certs_group)
 cli.add_command(config_group)
 cli.add_command(dataplane_group)
 cli.add_command(lab_group)

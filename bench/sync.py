@@ -1,0 +1,502 @@
+"""FlowSync benchmark: real gRPC + mTLS over loopback, FakeDataplane at both ends.
+
+The active (this process) and the standby (a child process, so each side has its own
+core and GIL, as on two nodes) run the real server and client. Measured:
+
+  baseline    encode + decode of the same delta batches in one process, no gRPC
+  throughput  delta entries per second from push() on the active until acknowledged
+              (installed) by the standby, per batch size
+  lag         push-to-install latency p50 / p99 while RATE new flows/s are created
+  resync      a fresh standby subscribing to an active with FLOWS flows: time until
+              every snapshot entry is installed
+
+Every figure is printed beside its ratio to the baseline measured in the same run.
+Targets from the issue: >= 200k entries/s, p99 lag <= 20 ms, 1M flows in <= 10 s.
+
+    .venv/bin/python bench/sync.py                  # full run (1M-flow resync)
+    .venv/bin/python bench/sync.py --resync-flows 200000   # scaled down, extrapolated
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import ipaddress
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from halb.config import ClusterConfig, parse_config
+from halb.model import Flow, Protocol, Term
+from halb.sync import certs, codec
+from halb.sync.client import ClientOptions, FlowSyncClient
+from halb.sync.server import FlowSyncServer, ServerOptions
+from halb.sync.tls import SyncSecurity
+from halb.testing.fake_dataplane import FakeDataplane
+
+TERM = Term(lease_id=0xBE7C, revision=1)
+NODES = ["lb1", "lb2"]
+BACKENDS = [f"10.0.0.{21 + i}" for i in range(8)]
+CONFIG: dict[str, Any] = {
+    "cluster": "bench",
+    "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
+    "dataplane": {"kind": "xdp"},
+    "nodes": [
+        {
+            "name": n,
+            "address": f"10.0.0.{11 + i}/24",
+            "interface": "eth0",
+            "priority": 100 - i,
+            "sync_address": "127.0.0.1:1",
+        }
+        for i, n in enumerate(NODES)
+    ],
+    "vip_groups": [
+        {
+            "name": "g",
+            "vips": [
+                {
+                    "address": "10.0.0.100",
+                    "services": [
+                        {
+                            "port": 80,
+                            "forwarding": "dsr",
+                            "backends": [{"address": b, "port": 8080} for b in BACKENDS],
+                        }
+                    ],
+                }
+            ],
+        }
+    ],
+    "sync": {"insecure": True},
+    "admin": {"insecure": True},
+}
+VIP = ipaddress.ip_address("10.0.0.100")
+BACKEND_IPS = [ipaddress.ip_address(b) for b in BACKENDS]
+
+
+def flow(i: int) -> Flow:
+    # 100.64.0.0/10 sources: i identifies the flow at both ends (lag matching).
+    return Flow(
+        Protocol.TCP,
+        ipaddress.IPv4Address(0x64400000 + i),
+        1024 + i % 64000,
+        VIP,
+        80,
+        BACKEND_IPS[i % len(BACKEND_IPS)],
+        8080,
+    )
+
+
+def flow_id(f: Flow) -> int:
+    return int(f.src) - 0x64400000
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+# --- the standby (child process) -------------------------------------------------
+
+
+class TimedSink(FakeDataplane):
+    """Records when each flow was installed, when asked to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.record = False
+        self.times: dict[int, float] = {}
+
+    def install_flows(self, flows: Iterable[Flow]) -> int:
+        flows = list(flows)
+        n = super().install_flows(flows)
+        if self.record:
+            now = time.monotonic()
+            for f in flows:
+                self.times[flow_id(f)] = now
+        return n
+
+
+class NullSink(TimedSink):
+    """Counts flows without storing them: the stream's cost without FakeDataplane's
+    (which hashes every Flow into a set, ~1.5 us each)."""
+
+    def install_flows(self, flows: Iterable[Flow]) -> int:
+        flows = list(flows)
+        if self.record:
+            now = time.monotonic()
+            for f in flows:
+                self.times[flow_id(f)] = now
+        self.count = getattr(self, "count", 0) + len(flows)
+        return len(flows)
+
+
+async def standby(target: str, pki: str, sink_kind: str) -> None:
+    make_sink = NullSink if sink_kind == "null" else TimedSink
+    cfg = parse_config(CONFIG)
+    files = certs.TlsFiles(
+        ca=f"{pki}/ca.pem", cert=f"{pki}/{{node}}.pem", key=f"{pki}/{{node}}-key.pem"
+    )
+    sec = SyncSecurity.from_files(files, "lb2", NODES)
+    opts = ClientOptions(heartbeat_timeout=30.0)  # a 1M snapshot has long gaps on 2 cores
+
+    def new_client(sink: TimedSink) -> FlowSyncClient:
+        return FlowSyncClient(
+            config=cfg,
+            node="lb2",
+            peer="lb1",
+            target=target,
+            dataplane=sink,
+            security=sec,
+            known_term=TERM,
+            options=opts,
+        )
+
+    sink = make_sink()
+    client = new_client(sink)
+
+    def say(**msg: Any) -> None:
+        print(json.dumps(msg), flush=True)
+
+    while True:
+        line = await asyncio.to_thread(sys.stdin.readline)
+        if not line:
+            break
+        cmd, *args = line.split()
+        if cmd == "start":
+            t0 = time.monotonic()
+            client.start()
+            await client.wait_synced()
+            say(event="synced", seconds=time.monotonic() - t0, flows=client.stats().flows)
+        elif cmd == "record":
+            sink.record = args[0] == "on"
+            sink.times.clear()
+            say(event="ok")
+        elif cmd == "dump":
+            Path(args[0]).write_text(json.dumps(sink.times))
+            say(event="ok")
+        elif cmd == "resync":
+            await client.stop()
+            sink = make_sink()
+            client = new_client(sink)
+            t0 = time.monotonic()
+            client.start()
+            await client.wait_synced()
+            say(event="synced", seconds=time.monotonic() - t0, flows=client.stats().flows)
+        elif cmd == "stats":
+            st = client.stats()
+            say(event="stats", dropped=st.dropped, installed=st.entries_installed)
+        elif cmd == "quit":
+            break
+    await client.stop()
+
+
+# --- the active (this process) ---------------------------------------------------
+
+
+class Source:
+    def __init__(self) -> None:
+        self.flows: set[Flow] = set()
+
+    def snapshot(self) -> list[Flow]:
+        return list(self.flows)
+
+
+class Child:
+    def __init__(self, target: str, pki: str, gc_mode: str, sink: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--standby",
+                target,
+                "--pki",
+                pki,
+                "--gc",
+                gc_mode,
+                "--sink",
+                sink,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def ask(self, cmd: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        if not line:
+            raise RuntimeError(f"standby exited during {cmd!r}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def baseline(n: int, batch_size: int, index: codec.FlowIndex) -> dict[str, float]:
+    """Encode + decode of the same delta batches, no gRPC, no dataplane."""
+    flows = [flow(i) for i in range(n)]
+    t0 = time.perf_counter()
+    msgs = [
+        codec.delta_message(
+            term=TERM, session=1, sequence=s + 1, upserts=flows[i : i + batch_size], deletes=()
+        )
+        for s, i in enumerate(range(0, n, batch_size))
+    ]
+    t1 = time.perf_counter()
+    drops: Counter[codec.DropReason] = Counter()
+    got = 0
+    for m in msgs:
+        b = codec.decode_response(m, index, drops, TERM)
+        assert isinstance(b, codec.DecodedBatch)
+        got += len(b.upserts)
+    t2 = time.perf_counter()
+    assert got == n and not drops
+    return {
+        "encode_per_s": n / (t1 - t0),
+        "decode_per_s": n / (t2 - t1),
+        "pipeline_per_s": n / max(t1 - t0, t2 - t1),  # encode and decode on two cores
+        "serial_per_s": n / (t2 - t0),
+        "bytes_per_flow": sum(map(len, msgs)) / n,
+    }
+
+
+async def wait_acked(server: FlowSyncServer, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = server.stats()
+        if st.peers and st.peers[0].acked_sequence >= st.head_sequence:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("standby did not catch up")
+        await asyncio.sleep(0.0005)
+
+
+async def throughput(server: FlowSyncServer, n: int, start: int) -> float:
+    """Push n new flows as fast as the loop allows; entries/s until all are acked."""
+    chunk = 1000
+    # Made before the clock starts: the adapter's own cost is not the stream's.
+    chunks = [
+        [flow(j) for j in range(i, min(i + chunk, start + n))]
+        for i in range(start, start + n, chunk)
+    ]
+    t0 = time.monotonic()
+    for fl in chunks:
+        server.push(upserts=fl)
+        await asyncio.sleep(0)  # let the streams write while we produce
+    server.flush()
+    await wait_acked(server)
+    return n / (time.monotonic() - t0)
+
+
+async def lag(
+    server: FlowSyncServer, source: Source, child: Child, rate: int, seconds: float, start: int
+) -> dict[str, float]:
+    await child.ask("record on")
+    pushed: dict[int, float] = {}
+    tick = 0.001
+    per_tick = max(1, round(rate * tick))
+    t_start = time.monotonic()
+    i = start
+    next_tick = t_start
+    while time.monotonic() - t_start < seconds:
+        fl = [flow(j) for j in range(i, i + per_tick)]
+        now = time.monotonic()
+        for j in range(i, i + per_tick):
+            pushed[j] = now
+        i += per_tick
+        source.flows.update(fl)
+        server.push(upserts=fl)
+        next_tick += tick
+        await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+    server.flush()
+    await wait_acked(server)
+    achieved = len(pushed) / (time.monotonic() - t_start)
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        await child.ask(f"dump {tmp.name}")
+        installed = {int(k): v for k, v in json.loads(Path(tmp.name).read_text()).items()}
+    await child.ask("record off")
+    lags = [(installed[k] - t) * 1000 for k, t in pushed.items() if k in installed]
+    missing = len(pushed) - len(lags)
+    return {
+        "rate": achieved,
+        "p50_ms": pct(lags, 50),
+        "p99_ms": pct(lags, 99),
+        "max_ms": max(lags),
+        "mean_ms": statistics.fmean(lags),
+        "missing": missing,
+    }
+
+
+async def active(args: argparse.Namespace) -> None:
+    cfg: ClusterConfig = parse_config(CONFIG)
+    index = codec.FlowIndex(cfg.services())
+    with tempfile.TemporaryDirectory() as pki:
+        files = certs.write_cluster_certs(cfg, pki)
+        sec = SyncSecurity.from_files(files, "lb1", NODES)
+
+        print(
+            f"# FlowSync bench: {os.cpu_count()} cores, mTLS over 127.0.0.1, standby in a "
+            f"child process, GC {args.gc}, standby sink {args.sink}"
+        )
+        base = baseline(args.flows, args.batch_sizes[0], index)
+        print(
+            f"baseline (codec only, batch {args.batch_sizes[0]}): "
+            f"encode {base['encode_per_s']:,.0f}/s, decode+validate {base['decode_per_s']:,.0f}/s, "
+            f"both on one core {base['serial_per_s']:,.0f}/s, "
+            f"{base['bytes_per_flow']:.1f} bytes/flow"
+        )
+        ref = base["pipeline_per_s"]
+        print(f"  reference for ratios: the slower stage on its own core = {ref:,.0f}/s")
+
+        results: dict[str, Any] = {"baseline": base, "throughput": {}}
+        next_id = 0
+        for bs in args.batch_sizes:
+            source = Source()
+            opts = ServerOptions(batch_size=bs, snapshot_batch_size=args.snapshot_batch_size)
+            server = FlowSyncServer(
+                source, term=TERM, security=sec, address="127.0.0.1:0", options=opts
+            )
+            port = await server.start()
+            child = Child(f"127.0.0.1:{port}", pki, args.gc, args.sink)
+            try:
+                await child.ask("start")
+                rates = []
+                for _ in range(args.repeats):
+                    rates.append(await throughput(server, args.flows, next_id))
+                    next_id += args.flows
+                best = max(rates)
+                results["throughput"][bs] = rates
+                print(
+                    f"throughput batch {bs:>5}: {best:>10,.0f} entries/s "
+                    f"(runs: {', '.join(f'{r:,.0f}' for r in rates)}; "
+                    f"{best / ref:.2f}x baseline; target 200,000: "
+                    f"{'met' if best >= 200_000 else 'NOT met'})"
+                )
+            finally:
+                child.close()
+                await server.stop(0)
+
+        # lag: a fresh pair (an empty table), so the figure is the stream's, not the
+        # cost of a large FakeDataplane set rehashing or GC walking the earlier runs.
+        source = Source()
+        opts = ServerOptions(batch_size=args.batch_sizes[-1])
+        server = FlowSyncServer(
+            source, term=TERM, security=sec, address="127.0.0.1:0", options=opts
+        )
+        port = await server.start()
+        child = Child(f"127.0.0.1:{port}", pki, args.gc, args.sink)
+        try:
+            await child.ask("start")
+            lg = await lag(server, source, child, args.rate, args.lag_seconds, next_id)
+            results["lag"] = lg
+            print(
+                f"lag at {lg['rate']:,.0f} new flows/s (batch {opts.batch_size}, flush "
+                f"{opts.flush_interval * 1000:.0f} ms): p50 {lg['p50_ms']:.2f} ms, "
+                f"p99 {lg['p99_ms']:.2f} ms, max {lg['max_ms']:.2f} ms "
+                f"(target p99 <= 20 ms: {'met' if lg['p99_ms'] <= 20 else 'NOT met'}; "
+                f"{lg['missing']} unmatched)"
+            )
+        finally:
+            child.close()
+            await server.stop(0)
+
+        # resync: a fresh standby against an active holding args.resync_flows flows
+        source = Source()
+        source.flows.update(flow(i) for i in range(args.resync_flows))
+        opts = ServerOptions(snapshot_batch_size=args.snapshot_batch_size)
+        server = FlowSyncServer(
+            source, term=TERM, security=sec, address="127.0.0.1:0", options=opts
+        )
+        port = await server.start()
+        child = Child(f"127.0.0.1:{port}", pki, args.gc, args.sink)
+        try:
+            r = await child.ask("start")
+            assert r["flows"] == args.resync_flows, r
+            secs = float(r["seconds"])
+            per_s = args.resync_flows / secs
+            est_1m = 1_000_000 / per_s
+            scaled = (
+                ""
+                if args.resync_flows == 1_000_000
+                else (f"; 1M extrapolated linearly: {est_1m:.1f} s")
+            )
+            print(
+                f"resync {args.resync_flows:,} flows (snapshot batch {args.snapshot_batch_size}): "
+                f"{secs:.2f} s = {per_s:,.0f} entries/s ({per_s / ref:.2f}x baseline){scaled} "
+                f"(target 1M in <= 10 s: {'met' if est_1m <= 10 else 'NOT met'})"
+            )
+            results["resync"] = {"flows": args.resync_flows, "seconds": secs}
+        finally:
+            child.close()
+            await server.stop(0)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--flows", type=int, default=200_000, help="flows per throughput run")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 8192]
+    )
+    p.add_argument("--snapshot-batch-size", type=int, default=4096)
+    p.add_argument("--rate", type=int, default=20_000, help="new flows/s in the lag run")
+    p.add_argument("--lag-seconds", type=float, default=5.0)
+    p.add_argument("--resync-flows", type=int, default=1_000_000)
+    p.add_argument(
+        "--gc",
+        choices=["default", "tuned", "off"],
+        default="tuned",
+        help="CPython GC thresholds in both processes: 'default' (700, 10, 10) lets full\n"
+        "collections walk every flow object (pauses of 50-150 ms with large tables);\n"
+        "'tuned' = gc.freeze() after setup and thresholds (50000, 50, 1000);\n"
+        "'off' = gc.disable() (the bench makes no reference cycles worth collecting)",
+    )
+    p.add_argument(
+        "--sink",
+        choices=["fake", "null"],
+        default="fake",
+        help="standby dataplane: FakeDataplane, or a counter that stores nothing",
+    )
+    p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--standby", help=argparse.SUPPRESS)
+    p.add_argument("--pki", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.gc == "tuned":
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 1000)
+    elif args.gc == "off":
+        gc.disable()
+    if args.standby:
+        asyncio.run(standby(args.standby, args.pki, args.sink))
+    else:
+        asyncio.run(active(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Generate the Python protobuf / gRPC modules for protos/halb/v1 into halb/_proto.
+
+The generated tree is git-ignored. It is written at build time (``python -m
+halb.sync.protogen``) and, in a source checkout, again by halb.sync.pb on first import
+whenever the stamp says it is missing or stale.
+
+Layout and import paths: protoc runs with ``-I protos``, so the files are named
+``halb/v1/sync.proto`` inside the descriptor pool (the name other languages see), and
+the output lands in ``halb/_proto/halb/v1/sync_pb2.py``. protoc's gRPC plugin writes
+``from halb.v1 import sync_pb2``, which would resolve against our own top-level
+``halb`` package, so that one import line is rewritten to
+``from halb._proto.halb.v1 import sync_pb2``. Empty ``__init__.py`` files make every
+level a regular package. A stamp records the proto digests and the generator
+versions; the output of one protoc version is byte-for-byte deterministic.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["PROTO_FILES", "default_out_dir", "generate", "is_fresh", "proto_root", "stamp_for"]
+
+PROTO_FILES = ("halb/v1/sync.proto",)
+_STAMP = "STAMP.json"
+_PKG_PREFIX = "halb._proto"
+
+
+def proto_root() -> Path:
+    """protos/ of a source checkout (absent in an installed wheel)."""
+    return Path(__file__).resolve().parents[2] / "protos"
+
+
+def default_out_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "_proto"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def stamp_for(root: Path) -> dict[str, object]:
+    """What the generated tree depends on: proto contents and generator versions."""
+    digests = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in PROTO_FILES}
+    return {
+        "protos": digests,
+        "grpcio-tools": _version("grpcio-tools"),
+        "protobuf": _version("protobuf"),
+    }
+
+
+def is_fresh(out_dir: Path | None = None, root: Path | None = None) -> bool:
+    out = out_dir or default_out_dir()
+    src = root or proto_root()
+    try:
+        have = json.loads((out / _STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    if not src.is_dir():
+        # Installed package without protos/: the build generated the tree; trust it.
+        return True
+    return bool(have == stamp_for(src))
+
+
+def _protoc(root: Path, out: Path) -> None:
+    # Imported here: grpc_tools is a build-time tool, and importing it costs ~100 ms.
+    from grpc_tools import protoc
+
+    include = Path(protoc.__file__).parent / "_proto"  # well-known types
+    args = [
+        "grpc_tools.protoc",
+        f"-I{root}",
+        f"-I{include}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        *(str(root / name) for name in PROTO_FILES),
+    ]
+    rc = protoc.main(args)
+    if rc != 0:
+        raise RuntimeError(f"protoc failed with exit code {rc} for {', '.join(PROTO_FILES)}")
+
+
+def _fix_imports(out: Path) -> None:
+    for name in PROTO_FILES:
+        stem = name.removesuffix(".proto")
+        grpc_file = out / f"{stem}_pb2_grpc.py"
+        pkg, _, mod = stem.rpartition("/")
+        old = f"from {pkg.replace('/', '.')} import {mod}_pb2 as"
+        new = f"from {_PKG_PREFIX}.{pkg.replace('/', '.')} import {mod}_pb2 as"
+        text = grpc_file.read_text()
+        if old not in text:
+            raise RuntimeError(f"unexpected import layout in generated {grpc_file.name}: {old!r}")
+        grpc_file.write_text(text.replace(old, new))
+
+
+def _add_inits(out: Path) -> None:
+    (out / "__init__.py").write_text('"""Generated protobuf modules (git-ignored)."""\n')
+    for name in PROTO_FILES:
+        parts = Path(name).parent.parts
+        for i in range(1, len(parts) + 1):
+            init = out.joinpath(*parts[:i], "__init__.py")
+            if not init.exists():
+                init.write_text("")
+
+
+def generate(out_dir: Path | str | None = None, root: Path | str | None = None) -> Path:
+    """(Re)generate the modules into out_dir (default halb/_proto); returns out_dir.
+
+    Writes into a temporary sibling directory and swaps it in under a file lock, so
+    concurrent processes (parallel test runs, an agent starting) never import a
+    half-written tree.
+    """
+    out = Path(out_dir) if out_dir is not None else default_out_dir()
+    src = Path(root) if root is not None else proto_root()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The lock lives outside the source tree (which git would otherwise see), keyed
+    # by the output path so unrelated trees do not serialise on each other.
+    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    lock_path = Path(tempfile.gettempdir()) / f"halb-protogen-{digest}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out_dir is None and is_fresh(out, src):
+            return out  # another process generated it while we waited
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            _protoc(src, tmp)
+            _fix_imports(tmp)
+            _add_inits(tmp)
+            (tmp / _STAMP).write_text(json.dumps(stamp_for(src), indent=2, sort_keys=True) + "\n")
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}-old-{os.getpid()}"
+                out.rename(old)
+            tmp.rename(out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    print(generate())

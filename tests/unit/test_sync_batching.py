@@ -1,0 +1,91 @@
+"""Delta batching: order is kept, batches respect the limit."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from halb.model import Flow, Protocol
+from halb.sync.batching import Batcher, Delta
+
+pytestmark = pytest.mark.unit
+
+
+def flow(i: int) -> Flow:
+    return Flow(
+        Protocol.TCP,
+        ipaddress.ip_address(f"192.0.2.{i}"),
+        1000 + i,
+        ipaddress.ip_address("10.0.0.100"),
+        80,
+        ipaddress.ip_address("10.0.0.21"),
+        80,
+    )
+
+
+def apply(batches: list[Delta], state: set[Flow]) -> set[Flow]:
+    """What a standby does: per batch, deletes first, then upserts."""
+    for b in batches:
+        state = (state - set(b.deletes)) | set(b.upserts)
+    return state
+
+
+def drain(b: Batcher, done: list[Delta]) -> list[Delta]:
+    last = b.take()
+    return [*done, last] if last is not None else done
+
+
+def test_a_delete_after_an_upsert_starts_a_new_batch() -> None:
+    b = Batcher(100)
+    done = b.push(upserts=[flow(1)])
+    done += b.push(deletes=[flow(1)])
+    assert [(d.upserts, d.deletes) for d in done] == [([flow(1)], [])]
+    batches = drain(b, done)
+    assert apply(batches, set()) == set()  # upsert then delete: gone
+
+
+def test_upsert_after_delete_stays_in_one_batch() -> None:
+    b = Batcher(100)
+    done = b.push(deletes=[flow(1)]) + b.push(upserts=[flow(1), flow(2)])
+    assert done == []
+    batches = drain(b, done)
+    assert len(batches) == 1
+    assert apply(batches, {flow(1)}) == {flow(1), flow(2)}
+
+
+def test_limit_splits_in_order() -> None:
+    b = Batcher(4)
+    done = b.push(deletes=[flow(i) for i in range(10, 13)])
+    done += b.push(upserts=[flow(i) for i in range(1, 7)])
+    assert [len(d) for d in done] == [4, 4]
+    assert done[0].deletes == [flow(10), flow(11), flow(12)] and done[0].upserts == [flow(1)]
+    assert done[1].deletes == [] and done[1].upserts == [flow(2), flow(3), flow(4), flow(5)]
+    rest = b.take()
+    assert rest is not None and rest.upserts == [flow(6)]
+    assert b.take() is None and len(b) == 0
+
+
+def test_random_sequences_match_sequential_application() -> None:
+    import random
+
+    rng = random.Random(5)
+    for _ in range(200):
+        b = Batcher(rng.randint(1, 6))
+        want: set[Flow] = set(flow(i) for i in range(3))
+        state = set(want)
+        done: list[Delta] = []
+        for _ in range(rng.randint(1, 12)):
+            fl = [flow(rng.randint(0, 5)) for _ in range(rng.randint(1, 3))]
+            if rng.random() < 0.5:
+                want |= set(fl)
+                done += b.push(upserts=fl)
+            else:
+                want -= set(fl)
+                done += b.push(deletes=fl)
+        assert apply(drain(b, done), state) == want
+
+
+def test_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        Batcher(0)
