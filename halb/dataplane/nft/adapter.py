@@ -1,0 +1,202 @@
+"""The nft dataplane: nftables NAT rules + nf_conntrack flow state.
+
+    dp = NftDataplane.from_config(cfg)            # or NftDataplane(snat={vip: addr})
+    dp.apply(cfg.services())                      # atomic swap of `table inet halb`
+    dp.install_flows(flows)                       # standby: synced flows -> conntrack
+    async for delta in dp.flow_events(): ...      # active: conntrack events -> deltas
+
+One table owned by halb is rendered whole (halb.dataplane.nft.ruleset) and loaded with
+one `nft -f`: the kernel applies it completely or not at all. `netns` runs everything
+in a named network namespace (tests, the lab); the agent leaves it None.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+from halb.config import ClusterConfig, NodeConfig
+from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.nft import nftcmd, ruleset
+from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
+from halb.dataplane.nft.events import FlowEvents
+from halb.dataplane.nft.flows import FlowEntry, FlowMap
+from halb.dataplane.nft.netns import read_sysctl, write_sysctl
+from halb.model import Backend, Flow, IPAddress, Service, ServiceKey
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NftDataplane", "snat_addresses"]
+
+TCP_LOOSE = "net.netfilter.nf_conntrack_tcp_loose"
+
+
+def snat_addresses(cfg: ClusterConfig) -> dict[IPAddress, IPAddress]:
+    """VIP -> its group's floating SNAT address (fullnat), from the config."""
+    out: dict[IPAddress, IPAddress] = {}
+    for g in cfg.vip_groups:
+        if g.nat is not None and g.nat.snat is not None:
+            for vip in g.vips:
+                out[vip.address] = g.nat.snat.ip
+    return out
+
+
+class NftDataplane:
+    """halb.dataplane.base.Dataplane on nftables + conntrack. Blocking; one caller at a
+    time (the agent calls it from a worker thread)."""
+
+    name = "nft"
+
+    def __init__(
+        self,
+        snat: Mapping[IPAddress, IPAddress] | None = None,
+        *,
+        netns: str | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self.netns = netns
+        self.snat: dict[IPAddress, IPAddress] = dict(snat or {})
+        self.services: dict[ServiceKey, Service] = {}
+        self.flowmap = FlowMap((), self.snat)
+        self._shape: str | None = None  # last loaded script without counter values
+        self._rendered: ruleset.Rendered | None = None
+        self.conntrack = Conntrack(netns, timeouts)
+        self.last_install = InstallReport()
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ClusterConfig,
+        node: NodeConfig | None = None,
+        *,
+        netns: str | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> NftDataplane:
+        """The adapter for a node. The floating gateway and SNAT addresses themselves
+        are added by the HA runtime on ``node.backend_interface``; the rules only need
+        the SNAT address of each VIP."""
+        if node is not None and node.backend_interface is None:
+            log.warning("node %s has no backend_interface; NAT modes need one", node.name)
+        return cls(snat_addresses(cfg), netns=netns, timeouts=timeouts)
+
+    # -- rules --------------------------------------------------------------------------
+
+    def apply(self, services: Sequence[Service]) -> ApplyResult:
+        """Replace halb's table so it holds exactly ``services``.
+
+        Raises RenderError (before touching the kernel) or NftError (the kernel kept the
+        previous table) and leaves this object's view unchanged in both cases.
+        """
+        shape = ruleset.render(services, self.snat).script
+        new = {s.key: s for s in services}
+        old = self.services
+        added = tuple(sorted((k for k in new if k not in old), key=str))
+        removed = tuple(sorted((k for k in old if k not in new), key=str))
+        updated = tuple(sorted((k for k in new if k in old and old[k] != new[k]), key=str))
+        if shape == self._shape and nftcmd.table_exists(self.netns):
+            # Same table (e.g. only a backend's MAC changed): nothing to write.
+            self.services = new
+            self.flowmap = FlowMap(services, self.snat)
+            return ApplyResult()
+        # Replacing the table re-creates its counters: carry their values over (packets
+        # counted between this read and the load are lost; a few at most).
+        carry = nftcmd.list_counters(self.netns)
+        rendered = ruleset.render(services, self.snat, carry)
+        nftcmd.load(self.netns, rendered.script)
+        self._ensure_strict_tcp()
+        self._shape = shape
+        self._rendered = rendered
+        self.services = new
+        self.flowmap = FlowMap(services, self.snat)
+        log.info(
+            "nft table loaded: %d services (added %d, removed %d, updated %d)",
+            len(new),
+            len(added),
+            len(removed),
+            len(updated),
+        )
+        return ApplyResult(added=added, removed=removed, updated=updated, writes=1)
+
+    def _ensure_strict_tcp(self) -> None:
+        # With loose tracking a mid-flow TCP packet without state would become a new
+        # connection to whatever backend the scheduler picks (which answers RST). Strict:
+        # it is `ct state invalid`, dropped, and retransmitted until state is synced.
+        if read_sysctl(self.netns, TCP_LOOSE) != "0":
+            write_sysctl(self.netns, TCP_LOOSE, "0")
+            log.info("set %s=0 so mid-flow packets without state are dropped", TCP_LOOSE)
+
+    def counters(self) -> Counters:
+        if self._rendered is None:
+            return Counters()
+        values = nftcmd.list_counters(self.netns)
+        per_service: dict[ServiceKey, Counter] = {}
+        per_backend: dict[tuple[ServiceKey, Backend], Counter] = {}
+        for name, key in self._rendered.service_counters.items():
+            per_service[key] = values.get(name, Counter())
+        for name, pair in self._rendered.backend_counters.items():
+            per_backend[pair] = values.get(name, Counter())
+        return Counters(per_service=per_service, per_backend=per_backend)
+
+    def invalid_dropped(self) -> Counter:
+        """Packets dropped as `ct state invalid` (mid-flow without state)."""
+        return nftcmd.list_counters(self.netns).get(ruleset.INVALID_COUNTER, Counter())
+
+    def set_deadline(self, monotonic_ns: int | None) -> None:
+        # Not implemented yet for nft (would be a set element with a timeout that the
+        # VIP rules require); accepted and ignored as the protocol allows.
+        return None
+
+    # -- flows --------------------------------------------------------------------------
+
+    def dump_flows(self) -> list[Flow]:
+        return [fe.flow for fe in self.conntrack.dump(self.flowmap)]
+
+    def snapshot(self) -> list[Flow]:
+        """halb.sync.server.FlowSource: every current flow."""
+        return self.dump_flows()
+
+    def dump_entries(self) -> list[FlowEntry]:
+        """Flows with their fullnat SNAT binding (address and port)."""
+        return self.conntrack.dump(self.flowmap)
+
+    def install_flows(self, flows: Iterable[Flow | FlowEntry]) -> int:
+        """Create conntrack entries for flows learned from a peer; flows whose service
+        or backend this node does not hold, or that the kernel refuses, are counted in
+        ``last_install.refused`` and skipped. Returns how many entries were written."""
+        self.last_install = self.conntrack.install(flows, self.flowmap)
+        return self.last_install.written
+
+    def delete_flows(self, flows: Iterable[Flow]) -> int:
+        return self.conntrack.delete(flows, self.flowmap)
+
+    def reconcile_flows(self, desired: Iterable[Flow | FlowEntry]) -> ReconcileReport:
+        """Delete halb flows not in ``desired`` and install the missing ones."""
+        return self.conntrack.reconcile(desired, self.flowmap)
+
+    def flow_events(self, rcvbuf: int = 64 << 20) -> FlowEvents:
+        """Conntrack NEW/UPDATE/DESTROY for halb's services as an async iterator of
+        FlowDelta (upsert/delete) and Resync (events were lost: dump in full).
+
+        Subscribe before taking the snapshot (dump_entries) so nothing falls between.
+        Events caused by this adapter's own installs and deletes are skipped.
+        """
+        return FlowEvents(
+            self.netns,
+            lambda: self.flowmap,
+            ignore_portids=frozenset({self.conntrack.portid}),
+            rcvbuf=rcvbuf,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove halb's table. Conntrack entries stay: they belong to live connections
+        and expire by themselves."""
+        try:
+            nftcmd.load(self.netns, ruleset.delete_script())
+            log.info("nft table removed")
+        finally:
+            self.conntrack.close()
+            self._shape = None
+            self._rendered = None
+            self.services = {}

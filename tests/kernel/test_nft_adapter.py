@@ -1,0 +1,209 @@
+"""The nft adapter against the real kernel: NAT and fullnat traffic through a VIP,
+atomic and idempotent applies, counters, dropping mid-flow packets without state."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+
+import pytest
+
+from halb.dataplane.nft import nftcmd
+from halb.dataplane.nft.adapter import NftDataplane
+from halb.dataplane.nft.netns import read_sysctl
+from halb.dataplane.nft.ruleset import RenderError
+from halb.dataplane.nft.topo import BACKENDS, SNAT, VIP, Topology
+from halb.model import Backend, Forwarding, Protocol, Scheduler, Service, ServiceKey
+
+pytestmark = pytest.mark.kernel
+
+CLIENT = "10.98.0.2"
+FULLNAT_VIP = IPv4Address("10.98.0.101")
+
+
+def services(ring: int = 251) -> list[Service]:
+    tcp = tuple(Backend(a, 9000) for a in BACKENDS.values())
+    udp = tuple(Backend(a, 9001) for a in BACKENDS.values())
+    return [
+        Service(ServiceKey(VIP, 9000, Protocol.TCP), Scheduler.MAGLEV, Forwarding.NAT, tcp, ring),
+        Service(ServiceKey(VIP, 9001, Protocol.UDP), Scheduler.RR, Forwarding.NAT, udp),
+        Service(
+            ServiceKey(FULLNAT_VIP, 9000, Protocol.TCP),
+            Scheduler.MAGLEV,
+            Forwarding.FULLNAT,
+            tcp,
+            ring,
+        ),
+        Service(ServiceKey(FULLNAT_VIP, 9001, Protocol.UDP), Scheduler.RR, Forwarding.FULLNAT, udp),
+    ]
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    t = Topology.build(f"halbt-nft-{uuid.uuid4().hex[:6]}")
+    try:
+        t.ip("client", "route", "add", f"{FULLNAT_VIP}/32", "via", "10.98.0.11")
+        yield t
+    finally:
+        t.destroy()
+
+
+@pytest.fixture
+def dp(topo: Topology) -> Iterator[NftDataplane]:
+    topo.exec("lba", "conntrack", "-F", check=False)
+    d = NftDataplane({VIP: SNAT, FULLNAT_VIP: SNAT}, netns=topo.ns("lba"))
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def whoami_tcp(topo: Topology, vip: IPv4Address) -> tuple[str, str]:
+    """(backend name, the client address the backend saw) for a fresh connection."""
+    with topo.tcp_connect() if vip == VIP else _connect(topo, vip) as s:
+        s.sendall(b"WHOAMI\n")
+        name = s.recv(100).decode().strip()
+        return name, s.getsockname()[0]
+
+
+def _connect(topo: Topology, vip: IPv4Address) -> socket.socket:
+    s = topo.client_socket(socket.SOCK_STREAM)
+    s.connect((str(vip), 9000))
+    return s
+
+
+def whoami_udp(topo: Topology, vip: IPv4Address) -> str:
+    with topo.client_socket(socket.SOCK_DGRAM) as s:
+        s.sendto(b"WHOAMI\n", (str(vip), 9001))
+        data, peer = s.recvfrom(100)
+        assert peer == (str(vip), 9001)  # the reply is un-NATed back to the VIP
+        return data.decode().strip()
+
+
+def backend_peers(topo: Topology, be: str, port: int = 9000) -> set[str]:
+    """Remote addresses of established TCP connections on a backend's port."""
+    out = topo.exec(be, "ss", "-Htn", "state", "established", f"( sport = :{port} )")
+    return {line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
+
+
+def test_nat_tcp_and_udp_reach_backends_with_client_address(
+    topo: Topology, dp: NftDataplane
+) -> None:
+    result = dp.apply(services())
+    assert result.writes == 1 and len(result.added) == 4
+    assert read_sysctl(topo.ns("lba"), "net.netfilter.nf_conntrack_tcp_loose") == "0"
+
+    seen = set()
+    for _ in range(12):
+        name, _ = whoami_tcp(topo, VIP)
+        seen.add(name)
+    assert seen <= set(BACKENDS) and len(seen) == 2, seen  # Maglev spreads clients
+
+    # nat keeps the client address: a live connection shows up on its backend from it.
+    with topo.tcp_connect() as s:
+        s.sendall(b"WHOAMI\n")
+        name = s.recv(100).decode().strip()
+        assert CLIENT in backend_peers(topo, name)
+
+    udp = [whoami_udp(topo, VIP) for _ in range(4)]
+    assert set(udp) == set(BACKENDS)  # round robin alternates
+
+
+def test_fullnat_backend_sees_snat_address(topo: Topology, dp: NftDataplane) -> None:
+    dp.apply(services())
+    with _connect(topo, FULLNAT_VIP) as s:
+        s.sendall(b"WHOAMI\n")
+        name = s.recv(100).decode().strip()
+        assert name in BACKENDS
+        peers = backend_peers(topo, name)
+        assert str(SNAT) in peers and CLIENT not in peers
+    assert whoami_udp(topo, FULLNAT_VIP) in BACKENDS
+    flows = dp.dump_entries()
+    full = [fe for fe in flows if fe.flow.vip == FULLNAT_VIP]
+    assert full and all(fe.snat == SNAT for fe in full)
+
+
+def test_apply_is_idempotent_and_counters_move(topo: Topology, dp: NftDataplane) -> None:
+    assert dp.apply(services()).writes == 1
+    before = topo.exec("lba", "nft", "list", "table", "inet", "halb")
+    again = dp.apply(list(reversed(services())))
+    assert again.writes == 0 and not (again.added or again.removed or again.updated)
+    assert topo.exec("lba", "nft", "list", "table", "inet", "halb") == before
+
+    for _ in range(3):
+        whoami_tcp(topo, VIP)
+    c = dp.counters()
+    key = ServiceKey(VIP, 9000, Protocol.TCP)
+    assert c.per_service[key].packets >= 3 * 4  # SYN, ACK, data, FIN at least
+    per_be = [c.per_backend[(key, Backend(a, 9000))].packets for a in BACKENDS.values()]
+    assert sum(per_be) >= 3 * 4
+    assert c.per_service[ServiceKey(FULLNAT_VIP, 9001, Protocol.UDP)].packets == 0
+
+    # A change that reloads the table keeps the counters (carried over).
+    changed = services()
+    changed[1] = Service(changed[1].key, Scheduler.MAGLEV, Forwarding.NAT, changed[1].backends, 251)
+    r = dp.apply(changed)
+    assert r.writes == 1 and r.updated == (changed[1].key,)
+    assert dp.counters().per_service[key].packets >= c.per_service[key].packets
+
+
+def test_rejected_apply_keeps_previous_table(topo: Topology, dp: NftDataplane) -> None:
+    dp.apply(services())
+    before = topo.exec("lba", "nft", "list", "ruleset")
+    bad = services()
+    # Port 70000 renders fine but nft rejects it: the whole transaction must fail.
+    bad[0] = Service(
+        bad[0].key, Scheduler.MAGLEV, Forwarding.NAT, (Backend(BACKENDS["be1"], 70000),), 251
+    )
+    with pytest.raises(nftcmd.NftError):
+        dp.apply(bad)
+    assert topo.exec("lba", "nft", "list", "ruleset") == before
+    assert dp.services[bad[0].key] == services()[0]  # the adapter's view is unchanged
+    assert whoami_tcp(topo, VIP)[0] in BACKENDS  # and traffic still flows
+
+    # A script broken in its last line leaves the table as it was too.
+    rendered = topo.exec("lba", "nft", "list", "table", "inet", "halb")
+    with pytest.raises(nftcmd.NftError):
+        nftcmd.load(
+            topo.ns("lba"),
+            "flush table inet halb\nadd element inet halb services4 { 1.2.3.4 . tcp . 99999 }\n",
+        )
+    assert topo.exec("lba", "nft", "list", "table", "inet", "halb") == rendered
+
+    with pytest.raises(RenderError):
+        dp.apply([*services(), services()[0]])  # duplicate service
+
+
+def test_mid_flow_packet_without_state_is_dropped(topo: Topology, dp: NftDataplane) -> None:
+    dp.apply(services())
+    with topo.tcp_connect() as s:
+        s.sendall(b"WHOAMI\n")
+        assert s.recv(100).decode().strip() in BACKENDS
+        # Forget the connection on the balancer: the next segment is mid-flow.
+        topo.exec("lba", "conntrack", "-F")
+        dropped = dp.invalid_dropped().packets
+        s.sendall(b"WHOAMI\n")
+        s.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            s.recv(100)  # neither an answer from another backend nor a reset
+        assert dp.invalid_dropped().packets > dropped
+        assert dp.dump_flows() == []  # and no new flow was created for it
+
+
+def test_close_removes_table(topo: Topology) -> None:
+    d = NftDataplane({VIP: SNAT}, netns=topo.ns("lba"))
+    d.apply(services()[:2])
+    assert nftcmd.table_exists(topo.ns("lba"))
+    d.close()
+    assert not nftcmd.table_exists(topo.ns("lba"))
+
+
+def test_large_ring_loads(topo: Topology, dp: NftDataplane) -> None:
+    t0 = time.monotonic()
+    dp.apply(services(ring=65537))
+    took = time.monotonic() - t0
+    assert took < 30, took
+    assert whoami_tcp(topo, VIP)[0] in BACKENDS
