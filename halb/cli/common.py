@@ -21,7 +21,7 @@ __all__ = [
     "resolve_config_path",
 ]
 
-LAB_CONFIG = Path("/run/halb-lab/halb.yaml")
+LAB_CONFIG = Path("/run/halb-lab/halb.yaml")  # instance 0; see lab_config_path()
 SYSTEM_CONFIG = Path("/etc/halb/halb.yaml")
 
 # Exit codes: 1 = operation failed, 2 = bad input (usage or config).
@@ -38,8 +38,11 @@ def resolve_config_path(given: str | None) -> Path:
         return Path(env)
     if SYSTEM_CONFIG.exists():
         return SYSTEM_CONFIG
-    if LAB_CONFIG.exists():
-        return LAB_CONFIG
+    from halb.lab.topology import site_from_env
+
+    lab = site_from_env().lab_dir / "halb.yaml"
+    if lab.exists():
+        return lab
     raise click.UsageError(
         "no config: pass --config FILE, set HALB_CONFIG, create /etc/halb/halb.yaml, "
         "or start the lab with `halb lab up`"

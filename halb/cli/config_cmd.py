@@ -39,3 +39,13 @@ def validate(files: tuple[str, ...]) -> None:
             click.echo(f"{prefix}OK")
     if bad:
         raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _register_apply() -> None:
+    # cluster.py talks to etcd; imported here so `config validate` stays light.
+    from halb.cli.cluster import apply
+
+    config_group.add_command(apply)
+
+
+_register_apply()

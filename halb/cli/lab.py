@@ -10,7 +10,7 @@ import click
 from halb.cli.common import echo_json, fail, output_option
 from halb.lab import builder, faults
 from halb.lab.netns import CommandError
-from halb.lab.topology import NS_PREFIX
+from halb.lab.topology import NS_PREFIX, site_from_env
 
 
 @click.group("lab")
@@ -37,11 +37,18 @@ def _progress(msg: str) -> None:
     show_default=True,
     help="Dataplane written into the lab's cluster config.",
 )
-def up(nodes: int, backends: int, dataplane: str) -> None:
-    """Build the lab: namespaces, bridges, etcd, backend servers, and its config."""
+@click.option(
+    "--agents/--no-agents",
+    default=True,
+    show_default=True,
+    help="Start `halb agent` on every balancer (logs in /run/halb-lab/logs).",
+)
+def up(nodes: int, backends: int, dataplane: str, agents: bool) -> None:
+    """Build the lab: namespaces, bridges, etcd, backend servers, its config, and an
+    agent on every balancer node."""
     _require_root()
     try:
-        state = builder.up(nodes, backends, dataplane, progress=_progress)
+        state = builder.up(nodes, backends, dataplane, progress=_progress, agents=agents)
     except (builder.LabError, CommandError, ValueError) as exc:
         fail(str(exc))
         return
@@ -102,7 +109,7 @@ def exec_(name: str, command: tuple[str, ...]) -> None:
     Example: halb lab exec halb-client -- curl -s http://10.99.0.21/
     """
     _require_root()
-    ns = name if name.startswith(NS_PREFIX) else f"{NS_PREFIX}{name}"
+    ns = site_from_env().ns(name)
     from halb.lab.netns import list_namespaces
 
     if ns not in list_namespaces(NS_PREFIX):

@@ -18,15 +18,25 @@ def cli() -> None:
 
 
 # Command registration: one import and one add_command line per module.
+from halb.cli.agent import agent  # noqa: E402
+from halb.cli.backends import backend_group, backends_cmd  # noqa: E402
 from halb.cli.certs import certs_group  # noqa: E402
+from halb.cli.cluster import drain, failover, status, undrain  # noqa: E402
 from halb.cli.config_cmd import config_group  # noqa: E402
 from halb.cli.dataplane import dataplane_group  # noqa: E402
+from halb.cli.flows import flows_cmd  # noqa: E402
 from halb.cli.lab import lab_group  # noqa: E402
 
+cli.add_command(backend_group)
+cli.add_command(backends_cmd)
+cli.add_command(agent)
 cli.add_command(certs_group)
 cli.add_command(config_group)
 cli.add_command(dataplane_group)
+cli.add_command(flows_cmd)
 cli.add_command(lab_group)
+for _cmd in (status, failover, drain, undrain):
+    cli.add_command(_cmd)
 
 
 def main() -> None:

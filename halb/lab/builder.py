@@ -19,19 +19,19 @@ from halb.config import parse_config
 from halb.lab import netns
 from halb.lab.netns import run
 from halb.lab.topology import (
+    BACK,
     BRIDGES,
     ECHO_PORT,
     FRONT,
-    HOST_LINK,
     HTTP_PORT,
-    LAB_DIR,
     NS_PREFIX,
-    SWITCH_NS,
     UDP_PORT,
     Host,
     LabPlan,
+    LabSite,
     lab_config,
     plan,
+    site_from_env,
 )
 
 log = logging.getLogger(__name__)
@@ -71,16 +71,17 @@ def _sysctl(ns: str, key: str, value: str) -> None:
     run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"])
 
 
-def _build_switch() -> None:
-    run(["ip", "netns", "add", SWITCH_NS])
-    _ns_cmd(SWITCH_NS, "link", "set", "lo", "up")
+def _build_switch(sw: str) -> None:
+    run(["ip", "netns", "add", sw])
+    _ns_cmd(sw, "link", "set", "lo", "up")
     for br in BRIDGES.values():
-        _ns_cmd(SWITCH_NS, "link", "add", br, "type", "bridge", "stp_state", "0")
-        _ns_cmd(SWITCH_NS, "link", "set", br, "up")
+        _ns_cmd(sw, "link", "add", br, "type", "bridge", "stp_state", "0")
+        _ns_cmd(sw, "link", "set", br, "up")
 
 
-def _build_host(h: Host) -> None:
+def _build_host(h: Host, site: LabSite) -> None:
     ns = h.namespace
+    sw = site.switch_ns
     run(["ip", "netns", "add", ns])
     _ns_cmd(ns, "link", "set", "lo", "up")
     # Answer only for our own addresses: DSR backends hold the VIP on lo.
@@ -98,10 +99,10 @@ def _build_host(h: Host) -> None:
         run(
             [
                 "ip", "link", "add", "name", lk.ifname, "netns", ns, "address", lk.mac,
-                "type", "veth", "peer", "name", lk.peer, "netns", SWITCH_NS,
+                "type", "veth", "peer", "name", lk.peer, "netns", sw,
             ]
         )  # fmt: skip
-        _ns_cmd(SWITCH_NS, "link", "set", lk.peer, "master", lk.bridge, "up")
+        _ns_cmd(sw, "link", "set", lk.peer, "master", lk.bridge, "up")
         for addr in lk.addresses:
             extra = ["nodad"] if ":" in addr else []
             _ns_cmd(ns, "addr", "add", addr, "dev", lk.ifname, *extra)
@@ -112,9 +113,10 @@ def _build_host(h: Host) -> None:
         # NAT modes: replies from the back address go through the floating gateway.
         back = h.links[1]
         src = back.addresses[0].split("/")[0]
-        _ns_cmd(ns, "rule", "add", "to", "10.99.1.0/24", "lookup", "main", "priority", "50")
+        back_net = f"{site.net(BACK)}.0/24"
+        _ns_cmd(ns, "rule", "add", "to", back_net, "lookup", "main", "priority", "50")
         _ns_cmd(ns, "rule", "add", "from", src, "lookup", "100", "priority", "100")
-        _ns_cmd(ns, "route", "add", "default", "via", "10.99.1.1", "dev", back.ifname,
+        _ns_cmd(ns, "route", "add", "default", "via", f"{site.net(BACK)}.1", "dev", back.ifname,
                 "table", "100", "onlink")  # fmt: skip
     if h.role == "client":
         # Native XDP_TX on veth drops the sender's partial checksum (PLATFORM.md).
@@ -122,15 +124,16 @@ def _build_host(h: Host) -> None:
 
 
 def _build_host_link(p: LabPlan) -> None:
+    link, sw = p.site.host_link, p.site.switch_ns
     run(
         [
-            "ip", "link", "add", "name", HOST_LINK, "type", "veth",
-            "peer", "name", "host-m", "netns", SWITCH_NS,
+            "ip", "link", "add", "name", link, "type", "veth",
+            "peer", "name", "host-m", "netns", sw,
         ]
     )  # fmt: skip
-    _ns_cmd(SWITCH_NS, "link", "set", "host-m", "master", BRIDGES[2], "up")
-    run(["ip", "addr", "add", p.host_address, "dev", HOST_LINK])
-    run(["ip", "link", "set", HOST_LINK, "up"])
+    _ns_cmd(sw, "link", "set", "host-m", "master", BRIDGES[2], "up")
+    run(["ip", "addr", "add", p.host_address, "dev", link])
+    run(["ip", "link", "set", link, "up"])
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
@@ -213,7 +216,8 @@ def status_doc(p: LabPlan, dataplane: str, pids: dict[str, int]) -> dict[str, An
         "etcd": p.etcd_endpoint,
         "dataplane": dataplane,
         "lab_dir": str(p.lab_dir),
-        "switch": SWITCH_NS,
+        "switch": p.site.switch_ns,
+        "instance": p.site.instance,
         "client": host(p.client),
         "nodes": [host(n) for n in p.nodes],
         "backends": [host(b) for b in p.backends],
@@ -225,8 +229,8 @@ def _write_state(p: LabPlan, doc: dict[str, Any]) -> None:
     (p.lab_dir / "state.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
-def load_state(lab_dir: Path = LAB_DIR) -> dict[str, Any] | None:
-    path = lab_dir / "state.json"
+def load_state(site: LabSite | None = None) -> dict[str, Any] | None:
+    path = (site or site_from_env()).lab_dir / "state.json"
     try:
         data: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -234,20 +238,28 @@ def load_state(lab_dir: Path = LAB_DIR) -> dict[str, Any] | None:
     return data
 
 
-def is_up(lab_dir: Path = LAB_DIR) -> bool:
-    return load_state(lab_dir) is not None and SWITCH_NS in netns.list_namespaces(NS_PREFIX)
+def is_up(site: LabSite | None = None) -> bool:
+    site = site or site_from_env()
+    return load_state(site) is not None and site.switch_ns in netns.list_namespaces(NS_PREFIX)
+
+
+def lab_namespaces(site: LabSite) -> list[str]:
+    return [ns for ns in netns.list_namespaces(NS_PREFIX) if site.owns(ns)]
 
 
 def up(
     n_nodes: int = 2,
     n_backends: int = 3,
     dataplane: str = "xdp",
-    lab_dir: Path = LAB_DIR,
+    site: LabSite | None = None,
     progress: Progress = _noop,
+    agents: bool = True,
 ) -> dict[str, Any]:
     """Build the lab; on any failure remove whatever was built and re-raise."""
-    p = plan(n_nodes, n_backends, lab_dir)
-    if netns.list_namespaces(NS_PREFIX) or load_state(lab_dir) is not None:
+    site = site or site_from_env()
+    p = plan(n_nodes, n_backends, site)
+    lab_dir = site.lab_dir
+    if lab_namespaces(site) or load_state(site) is not None:
         raise LabError("a lab is already up (or left over): run `halb lab down` first")
     # Validate the lab's own config before building anything.
     doc = lab_config(p, dataplane)
@@ -256,12 +268,12 @@ def up(
     try:
         for sub in ("logs", "run", "state"):
             (lab_dir / sub).mkdir(parents=True, exist_ok=True)
-        progress(f"switch namespace {SWITCH_NS} with {', '.join(BRIDGES.values())}")
-        _build_switch()
+        progress(f"switch namespace {site.switch_ns} with {', '.join(BRIDGES.values())}")
+        _build_switch(site.switch_ns)
         for h in p.hosts:
             progress(f"namespace {h.namespace} ({', '.join(lk.ifname for lk in h.links)})")
-            _build_host(h)
-        progress(f"host link {HOST_LINK} {p.host_address}")
+            _build_host(h, site)
+        progress(f"host link {site.host_link} {p.host_address}")
         _build_host_link(p)
         p.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         progress(f"etcd on {p.etcd_endpoint}")
@@ -270,24 +282,32 @@ def up(
         _start_backends(p, pids)
         state = status_doc(p, dataplane, pids)
         _write_state(p, state)
+        if agents:
+            progress(f"agents on {', '.join(n.name for n in p.nodes)}")
+            from halb.lab.faults import start_agent
+
+            for n in p.nodes:
+                start_agent(n.namespace, p.config_path, lab_dir)
     except BaseException:
         progress("failed: removing what was built")
-        down(lab_dir, progress=_noop, extra_pids=list(pids.values()))
+        down(site, progress=_noop, extra_pids=list(pids.values()))
         raise
     return state
 
 
 def down(
-    lab_dir: Path = LAB_DIR, progress: Progress = _noop, extra_pids: Sequence[int] = ()
+    site: LabSite | None = None, progress: Progress = _noop, extra_pids: Sequence[int] = ()
 ) -> list[str]:
     """Remove every namespace, process, link and file of the lab. Idempotent; works from
     the state file when there is one and by name prefix when a crash left none."""
+    site = site or site_from_env()
+    lab_dir = site.lab_dir
     removed: list[str] = []
-    state = load_state(lab_dir)
+    state = load_state(site)
     pids: list[int] = list(extra_pids)
     if state is not None:
         pids.extend(int(v) for v in state.get("pids", {}).values())
-    namespaces = netns.list_namespaces(NS_PREFIX)
+    namespaces = lab_namespaces(site)
     for ns in namespaces:
         pids.extend(netns.netns_pids(ns))
     pids.extend(_lab_processes(lab_dir))
@@ -298,10 +318,10 @@ def down(
         progress(f"deleting namespace {ns}")
         run(["ip", "netns", "del", ns], check=False)
         removed.append(ns)
-    if run(["ip", "link", "show", HOST_LINK], check=False):
-        progress(f"deleting link {HOST_LINK}")
-        run(["ip", "link", "del", HOST_LINK], check=False)
-        removed.append(HOST_LINK)
+    if run(["ip", "link", "show", site.host_link], check=False):
+        progress(f"deleting link {site.host_link}")
+        run(["ip", "link", "del", site.host_link], check=False)
+        removed.append(site.host_link)
     if lab_dir.exists():
         progress(f"removing {lab_dir}")
         shutil.rmtree(lab_dir, ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 from halb.lab import netns
 from halb.lab.netns import run
-from halb.lab.topology import LAB_DIR, NS_PREFIX
+from halb.lab.topology import NS_PREFIX, site_from_env
 
 __all__ = ["FAULTS", "FaultError", "agent_pid", "apply_fault", "start_agent", "stop_agent"]
 
@@ -35,11 +35,11 @@ class FaultError(RuntimeError):
 
 
 def _ns(node: str) -> str:
-    return node if node.startswith(NS_PREFIX) else f"{NS_PREFIX}{node}"
+    return site_from_env().ns(node)
 
 
 def _short(node: str) -> str:
-    return node.removeprefix(NS_PREFIX)
+    return node.removeprefix(site_from_env().prefix)
 
 
 def agent_pid(node: str) -> int | None:
@@ -57,15 +57,18 @@ def agent_pid(node: str) -> int | None:
 
 def agent_argv(node: str, config: Path) -> list[str]:
     halb = str(Path(sys.executable).with_name("halb"))
-    return [halb, "agent", "--config", str(config), "--node", _short(node)]
+    # The lab's config has sync.insecure: true, which an agent accepts only when told.
+    return [
+        halb, "agent", "--config", str(config), "--node", _short(node), "--allow-insecure-sync"
+    ]  # fmt: skip
 
 
-def start_agent(node: str, config: Path, lab_dir: Path = LAB_DIR) -> int:
+def start_agent(node: str, config: Path, lab_dir: Path | None = None) -> int:
     from halb.lab.builder import spawn
 
     if (pid := agent_pid(node)) is not None:
         raise FaultError(f"an agent already runs on {_short(node)} (pid {pid})")
-    log = lab_dir / "logs" / f"agent-{_short(node)}.log"
+    log = (lab_dir or config.parent) / "logs" / f"agent-{_short(node)}.log"
     # Append: a restarted agent's log follows the previous run's.
     return spawn(agent_argv(node, config), log, ns=_ns(node), append=True)
 
@@ -100,11 +103,13 @@ def _etcd_heal(ns: str) -> None:
 
 def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
     """Inject ``fault`` on lab node ``node``; returns a line saying what was done."""
-    ns = _ns(node)
+    entry = next((n for n in state["nodes"] if node in (n["name"], n["namespace"])), None)
+    if entry is None:
+        raise FaultError(f"{node} is not a balancer node of the lab")
+    ns = entry["namespace"]
+    node = ns
     if ns not in netns.list_namespaces(NS_PREFIX):
         raise FaultError(f"no lab namespace {ns!r} (is the lab up?)")
-    if _short(node) not in {n["name"] for n in state["nodes"]}:
-        raise FaultError(f"{_short(node)} is not a balancer node of the lab")
     etcd_ip = state["etcd"].split("//", 1)[1].rsplit(":", 1)[0]
     if fault == "kill":
         return f"SIGKILL agent pid {_signal(node, signal.SIGKILL)}"
@@ -127,3 +132,39 @@ def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
         _etcd_heal(ns)
         return f"{ns}: etcd traffic restored"
     raise FaultError(f"unknown fault {fault!r} (one of {', '.join(FAULTS)})")
+
+
+def heal(state: dict[str, Any]) -> list[str]:
+    """Undo every fault: continue stopped agents, links up, etcd restored, agents started.
+    Returns what was done (empty when nothing needed healing)."""
+    done = []
+    config = Path(state["config"])
+    for n in state["nodes"]:
+        ns = n["namespace"]
+        pid = agent_pid(ns)
+        if pid is not None and _stopped(pid):
+            os.kill(pid, signal.SIGCONT)
+            done.append(f"{n['name']}: SIGCONT")
+        if "state DOWN" in run(["ip", "-n", ns, "link", "show", "eth0"]):
+            run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            done.append(f"{n['name']}: eth0 up")
+        if (
+            run(["ip", "netns", "exec", ns, "nft", "list", "tables"], check=False).find(
+                _FAULT_TABLE
+            )
+            >= 0
+        ):
+            _etcd_heal(ns)
+            done.append(f"{n['name']}: etcd restored")
+        if pid is None:
+            start_agent(ns, config)
+            done.append(f"{n['name']}: agent started")
+    return done
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "T"

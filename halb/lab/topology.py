@@ -6,6 +6,8 @@ See docs/lab-layout.md for the picture.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,11 @@ __all__ = [
     "UDP_PORT",
     "Host",
     "LabPlan",
+    "LabSite",
     "Link",
     "lab_config",
     "plan",
+    "site_from_env",
 ]
 
 NS_PREFIX = "halb-"
@@ -39,6 +43,65 @@ BRIDGES = {FRONT: "br-front", BACK: "br-back", MGMT: "br-mgmt"}
 ROLE_CODE = {"client": 1, "lb": 2, "be": 3, "host": 4}
 MAX_NODES = 9
 MAX_BACKENDS = 50
+MAX_INSTANCE = 9
+
+
+@dataclass(frozen=True, slots=True)
+class LabSite:
+    """Which lab: instance 0 is the lab of the README (namespaces halb-*, 10.99.0.0/16,
+    /run/halb-lab); instance N (1-9) is a parallel lab with namespaces halb-N-*,
+    10.(99-N).0.0/16 and /run/halb-lab-N, so several developers or test runs can each
+    have one. Chosen with the HALB_LAB_INSTANCE environment variable."""
+
+    instance: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.instance <= MAX_INSTANCE:
+            raise ValueError(f"lab instance must be 0-{MAX_INSTANCE}, not {self.instance}")
+
+    @property
+    def prefix(self) -> str:
+        return NS_PREFIX if self.instance == 0 else f"{NS_PREFIX}{self.instance}-"
+
+    @property
+    def lab_dir(self) -> Path:
+        return LAB_DIR if self.instance == 0 else Path(f"{LAB_DIR}-{self.instance}")
+
+    @property
+    def switch_ns(self) -> str:
+        return f"{self.prefix}sw"
+
+    @property
+    def host_link(self) -> str:
+        return HOST_LINK if self.instance == 0 else f"{HOST_LINK}{self.instance}"
+
+    @property
+    def octet(self) -> int:
+        return 99 - self.instance
+
+    def net(self, segment: int) -> str:
+        """The first three octets of a segment's IPv4 /24."""
+        return f"10.{self.octet}.{segment}"
+
+    @property
+    def net6(self) -> str:
+        return f"fd{self.octet}::"
+
+    def owns(self, namespace: str) -> bool:
+        if self.instance == 0:
+            return namespace.startswith(NS_PREFIX) and not re.match(r"^halb-\d+-", namespace)
+        return namespace.startswith(self.prefix)
+
+    def ns(self, name: str) -> str:
+        """The namespace of lab host ``name`` (``lb1``, ``client``, or already full)."""
+        return name if self.owns(name) else f"{self.prefix}{name}"
+
+
+def site_from_env() -> LabSite:
+    raw = os.environ.get("HALB_LAB_INSTANCE", "0") or "0"
+    if not raw.isdigit():
+        raise ValueError(f"HALB_LAB_INSTANCE={raw!r}: must be a number 0-{MAX_INSTANCE}")
+    return LabSite(int(raw))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +121,7 @@ class Link:
 
 @dataclass(frozen=True, slots=True)
 class Host:
+    prefix: str
     name: str
     role: str  # client | lb | be
     index: int
@@ -67,7 +131,7 @@ class Host:
 
     @property
     def namespace(self) -> str:
-        return f"{NS_PREFIX}{self.name}"
+        return f"{self.prefix}{self.name}"
 
     def link(self, segment: int) -> Link:
         for lk in self.links:
@@ -89,13 +153,32 @@ class LabPlan:
     client: Host
     nodes: tuple[Host, ...]
     backends: tuple[Host, ...]
-    vip: str = "10.99.0.100"
-    vip6: str = "fd99::100"
-    nat_gateway: str = "10.99.1.1/24"
-    snat: str = "10.99.1.2/24"
-    host_address: str = "10.99.2.1/24"
-    lab_dir: Path = LAB_DIR
+    site: LabSite = LabSite()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vip(self) -> str:
+        return f"{self.site.net(FRONT)}.100"
+
+    @property
+    def vip6(self) -> str:
+        return f"{self.site.net6}100"
+
+    @property
+    def nat_gateway(self) -> str:
+        return f"{self.site.net(BACK)}.1/24"
+
+    @property
+    def snat(self) -> str:
+        return f"{self.site.net(BACK)}.2/24"
+
+    @property
+    def host_address(self) -> str:
+        return f"{self.site.net(MGMT)}.1/24"
+
+    @property
+    def lab_dir(self) -> Path:
+        return self.site.lab_dir
 
     @property
     def hosts(self) -> tuple[Host, ...]:
@@ -103,7 +186,7 @@ class LabPlan:
 
     @property
     def namespaces(self) -> tuple[str, ...]:
-        return (SWITCH_NS, *(h.namespace for h in self.hosts))
+        return (self.site.switch_ns, *(h.namespace for h in self.hosts))
 
     @property
     def etcd_endpoint(self) -> str:
@@ -114,51 +197,56 @@ class LabPlan:
         return self.lab_dir / "halb.yaml"
 
 
-def _mac(segment: int, role: str, index: int) -> str:
-    return f"02:99:{segment:02x}:00:{ROLE_CODE[role]:02x}:{index:02x}"
+def _mac(site: LabSite, segment: int, role: str, index: int) -> str:
+    return f"02:{site.octet:02x}:{segment:02x}:00:{ROLE_CODE[role]:02x}:{index:02x}"
 
 
-def _host(name: str, role: str, index: int, octet: int, segments: tuple[int, ...]) -> Host:
+def _host(
+    site: LabSite,
+    name: str,
+    role: str,
+    index: int,
+    octet: int,
+    segments: tuple[int, ...],
+    loopback: tuple[str, ...] = (),
+) -> Host:
     short = "cl" if role == "client" else name
     suffix = {FRONT: "f", BACK: "b", MGMT: "m"}
     links = []
     for ifindex, seg in enumerate(segments):
-        addrs = [f"10.99.{seg}.{octet}/24"]
+        addrs = [f"{site.net(seg)}.{octet}/24"]
         if seg == FRONT:
-            addrs.append(f"fd99::{octet}/64")
+            addrs.append(f"{site.net6}{octet}/64")
         links.append(
             Link(
                 ifname=f"eth{ifindex}",
                 peer=f"{short}-{suffix[seg]}",
                 segment=seg,
-                mac=_mac(seg, role, index),
+                mac=_mac(site, seg, role, index),
                 addresses=tuple(addrs),
             )
         )
-    return Host(name=name, role=role, index=index, links=tuple(links))
+    return Host(site.prefix, name, role, index, tuple(links), loopback)
 
 
-def plan(n_nodes: int = 2, n_backends: int = 3, lab_dir: Path = LAB_DIR) -> LabPlan:
+def plan(n_nodes: int = 2, n_backends: int = 3, site: LabSite | None = None) -> LabPlan:
+    site = site or LabSite()
     if not 1 <= n_nodes <= MAX_NODES:
         raise ValueError(f"--nodes must be between 1 and {MAX_NODES}, not {n_nodes}")
     if not 1 <= n_backends <= MAX_BACKENDS:
         raise ValueError(f"--backends must be between 1 and {MAX_BACKENDS}, not {n_backends}")
-    client = _host("client", "client", 1, 2, (FRONT,))
+    base = LabPlan(
+        client=_host(site, "client", "client", 1, 2, (FRONT,)), nodes=(), backends=(), site=site
+    )
     nodes = tuple(
-        _host(f"lb{i}", "lb", i, 10 + i, (FRONT, BACK, MGMT)) for i in range(1, n_nodes + 1)
+        _host(site, f"lb{i}", "lb", i, 10 + i, (FRONT, BACK, MGMT)) for i in range(1, n_nodes + 1)
     )
-    base = LabPlan(client=client, nodes=(), backends=(), lab_dir=lab_dir)
+    vips = (f"{base.vip}/32", f"{base.vip6}/128")
     backends = tuple(
-        Host(
-            name=h.name,
-            role=h.role,
-            index=h.index,
-            links=h.links,
-            loopback=(f"{base.vip}/32", f"{base.vip6}/128"),
-        )
-        for h in (_host(f"be{i}", "be", i, 20 + i, (FRONT, BACK)) for i in range(1, n_backends + 1))
+        _host(site, f"be{i}", "be", i, 20 + i, (FRONT, BACK), vips)
+        for i in range(1, n_backends + 1)
     )
-    return LabPlan(client=client, nodes=nodes, backends=backends, lab_dir=lab_dir)
+    return LabPlan(client=base.client, nodes=nodes, backends=backends, site=site)
 
 
 def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
@@ -219,7 +307,9 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
     return {
         "cluster": "lab",
         "etcd": {"endpoints": [p.etcd_endpoint], "lease_ttl": 1.0},
-        "dataplane": {"kind": dataplane, "xdp_mode": "native"},
+        # Generic XDP: on veth, native XDP_TX needs a program on the peer too, and
+        # both measure alike end to end (PLATFORM.md).
+        "dataplane": {"kind": dataplane, "xdp_mode": "generic"},
         "nodes": nodes,
         "vip_groups": [group],
         "sync": {"insecure": True},

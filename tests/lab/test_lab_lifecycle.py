@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from halb.lab import builder
+from halb.lab.topology import site_from_env
+
+SITE = site_from_env()
 
 HALB = [str(Path(sys.executable).with_name("halb"))]
 
@@ -21,7 +24,7 @@ def halb(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def in_client(code: str) -> str:
-    r = halb("lab", "exec", "halb-client", "--", sys.executable, "-c", code)
+    r = halb("lab", "exec", SITE.ns("client"), "--", sys.executable, "-c", code)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -47,7 +50,7 @@ def test_status_json_is_a_stable_interface(lab: dict[str, Any]) -> None:
 
 def test_client_reaches_every_backend_by_http_tcp_and_udp(lab: dict[str, Any]) -> None:
     for b in lab["backends"]:
-        r = halb("lab", "exec", "halb-client", "--", "curl", "-s", "-m", "5",
+        r = halb("lab", "exec", SITE.ns("client"), "--", "curl", "-s", "-m", "5",
                  f"http://{b['address']}/")  # fmt: skip
         assert (r.returncode, r.stdout) == (0, f"{b['name']}\n"), r.stderr
     b = lab["backends"][-1]
@@ -76,7 +79,7 @@ def test_etcd_is_reachable_from_host_and_balancers(lab: dict[str, Any]) -> None:
 def test_exec_in_an_unknown_namespace_fails_clearly(lab: dict[str, Any]) -> None:
     r = halb("lab", "exec", "nosuch", "--", "true")
     assert r.returncode == 2
-    assert "no lab namespace 'halb-nosuch'" in r.stderr
+    assert f"no lab namespace '{SITE.ns('nosuch')}'" in r.stderr
 
 
 def test_up_twice_is_refused_and_keeps_the_running_lab(lab: dict[str, Any]) -> None:
@@ -87,7 +90,7 @@ def test_up_twice_is_refused_and_keeps_the_running_lab(lab: dict[str, Any]) -> N
 
 def _leftovers() -> dict[str, Any]:
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    link = subprocess.run(["ip", "link", "show", "halb-mgmt"], capture_output=True).returncode
+    link = subprocess.run(["ip", "link", "show", SITE.host_link], capture_output=True).returncode
     procs = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -95,13 +98,14 @@ def _leftovers() -> dict[str, Any]:
                 cmd = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"/run/halb-lab" in cmd or b"halb.lab.backend_server" in cmd:
+            # Every lab process names the lab directory (etcd data, config, ready file).
+            if f"{SITE.lab_dir}/".encode() in cmd:
                 procs.append(cmd.replace(b"\0", b" ").decode())
     return {
-        "namespaces": [x.split()[0] for x in ns.splitlines() if x.startswith("halb-")],
+        "namespaces": [x.split()[0] for x in ns.splitlines() if SITE.owns(x.split()[0])],
         "host_link": link == 0,
         "processes": procs,
-        "lab_dir": Path("/run/halb-lab").exists(),
+        "lab_dir": SITE.lab_dir.exists(),
     }
 
 

@@ -1,0 +1,501 @@
+"""`halb agent`: one process per balancer node.
+
+It loads and validates the config (the cluster's revision in etcd wins over the local
+file once one is stored), programs the dataplane with every service (standbys are hot:
+same services, same rings), runs one GroupRuntime per VIP group this node belongs to
+(election, VIP ownership, announcements, sync roles), publishes its status document,
+and applies config revisions as they are stored.
+
+Signals: SIGTERM / SIGINT hand over (remove VIPs, revoke the lease: a standby takes
+over in milliseconds) and exit; SIGHUP re-reads the config file and stores it in etcd
+so every agent applies the same revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aetcd
+
+from halb.agent import etcdio
+from halb.agent.factory import make_dataplane
+from halb.agent.status import GroupStatus, NodeStatus
+from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
+from halb.config import (
+    ClusterConfig,
+    ConfigError,
+    NodeConfig,
+    VipGroupConfig,
+    load_config,
+    parse_config_text,
+)
+from halb.dataplane.base import Dataplane
+from halb.ha.coord import Coordinator, GroupKeys
+from halb.ha.machine import (
+    Action,
+    CampaignWon,
+    Drain,
+    Event,
+    FenceDeadlinePassed,
+    HandoverObserved,
+    LeaderObserved,
+    LeaseLost,
+    Machine,
+    MachineConfig,
+    Shutdown,
+    State,
+    TimerFired,
+    Undrain,
+)
+from halb.ha.runtime import GroupRuntime, SyncRoles
+from halb.net.vip import InterfaceVips, vip_lifetime
+
+__all__ = ["Agent", "AgentError", "describe_cause"]
+
+log = logging.getLogger("halb.agent")
+
+STATUS_INTERVAL = 1.0
+
+
+class AgentError(RuntimeError):
+    """A reason the agent cannot start, already worded for the operator."""
+
+
+def describe_cause(ev: Event) -> str:
+    """Why a state change happened, in words an operator reads in `halb status`."""
+    match ev:
+        case CampaignWon():
+            return "won the election"
+        case LeaderObserved(leader=None):
+            return "leader key gone (leader lease expired or revoked)"
+        case LeaderObserved(leader=leader) if leader is not None:
+            return f"leader is {leader.holder} (term {leader.term})"
+        case FenceDeadlinePassed():
+            return "lease keepalives failed: self-fenced before the lease could expire"
+        case LeaseLost():
+            return "lease lost"
+        case HandoverObserved(handover=h) if h is not None:
+            return f"handover to {h.target} requested ({h.reason})"
+        case Drain():
+            return "node drained"
+        case Undrain():
+            return "node undrained"
+        case Shutdown():
+            return "agent stopping"
+        case TimerFired(timer=t):
+            return f"{t} timer fired"
+    return type(ev).__name__
+
+
+class ObservedMachine(Machine):
+    """A Machine that reports every state or term change with the event that caused it."""
+
+    def __init__(
+        self, cfg: MachineConfig, on_change: Callable[[State, State, Event, Machine], None]
+    ) -> None:
+        super().__init__(cfg)
+        self._on_change = on_change
+
+    def feed(self, ev: Event) -> Sequence[Action]:
+        before_state, before_term = self.st.state, self.st.term
+        actions = super().feed(ev)
+        if self.st.state is not before_state or self.st.term != before_term:
+            self._on_change(before_state, self.st.state, ev, self)
+        return actions
+
+
+@dataclass
+class _Group:
+    cfg: VipGroupConfig
+    runtime: GroupRuntime
+    status: GroupStatus
+    previous_leader: str | None = None
+
+
+class Agent:
+    def __init__(
+        self,
+        config_path: Path,
+        node: str,
+        sync: SyncRoles | None = None,
+        *,
+        sync_factory: SyncFactory | None = None,
+    ) -> None:
+        """sync_factory builds the sync roles once the config and dataplane are known
+        (halb.agent.syncroles.make_sync_roles); neither given: no flow sync."""
+        self.config_path = config_path
+        self.node_name = node
+        self.sync = sync
+        self.sync_factory = sync_factory
+        self.cfg: ClusterConfig | None = None
+        self.node: NodeConfig | None = None
+        self.config_revision = 0
+        self.rejected_configs = 0
+        self.dataplane: Dataplane | None = None
+        self.groups: dict[str, _Group] = {}
+        self.started = time.time()
+        self.last_failover: dict[str, Any] | None = None
+        self._status_dirty = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def _load_local(self) -> ClusterConfig:
+        cfg = load_config(self.config_path)
+        self._node_of(cfg)
+        return cfg
+
+    def _node_of(self, cfg: ClusterConfig) -> NodeConfig:
+        try:
+            return cfg.node(self.node_name)
+        except KeyError:
+            raise AgentError(
+                f"node {self.node_name!r} is not defined in the config's nodes "
+                f"({', '.join(n.name for n in cfg.nodes)})"
+            ) from None
+
+    async def _stored_config(self, client: aetcd.Client, cfg: ClusterConfig) -> None:
+        """Adopt the cluster's stored config revision if there is a valid one."""
+        try:
+            stored = await asyncio.wait_for(
+                etcdio.read_config(client, etcdio.keys_of(cfg)), cfg.etcd.dial_timeout
+            )
+        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+            log.warning(
+                "cannot read the stored config from etcd (%s); using %s", exc, self.config_path
+            )
+            return
+        if stored is None:
+            log.info("no config stored in etcd yet; using %s", self.config_path)
+            return
+        try:
+            new = parse_config_text(stored.text, "etcd")
+            self._node_of(new)
+        except (ConfigError, AgentError) as exc:
+            self.rejected_configs += 1
+            log.error(
+                "stored config revision %d rejected, using %s: %s",
+                stored.revision,
+                self.config_path,
+                exc,
+            )
+            return
+        log.info("using cluster config revision %d from etcd", stored.revision)
+        self.cfg, self.config_revision = new, stored.revision
+
+    # -- status --------------------------------------------------------------------------
+
+    def _on_change(self, group: str, old: State, new: State, ev: Event, m: Machine) -> None:
+        g = self.groups.get(group)
+        if g is None:
+            return
+        cause = describe_cause(ev)
+        g.status.state = new.value
+        g.status.term = str(m.st.term) if m.st.term else None
+        g.status.since = time.time()
+        g.status.cause = cause
+        leader = m.st.leader
+        if new is State.ACTIVE and old is not State.ACTIVE:
+            self.last_failover = {
+                "time": time.time(),
+                "group": group,
+                "from": g.previous_leader,
+                "to": self.node_name,
+                "cause": cause,
+            }
+        if leader is not None:
+            g.status.leader = leader.holder
+            if leader.holder != self.node_name:
+                g.previous_leader = leader.holder
+        elif new is State.ACTIVE:
+            g.status.leader = self.node_name
+        log.info("group %s: %s -> %s: %s", group, old.value, new.value, cause)
+        self._status_dirty.set()
+
+    def _status(self) -> NodeStatus:
+        assert self.cfg is not None
+        for g in self.groups.values():
+            g.status.vips = [str(v.address) for v in g.cfg.vips]
+        return NodeStatus(
+            node=self.node_name,
+            pid=os.getpid(),
+            started=self.started,
+            dataplane=self.cfg.dataplane.kind.value,
+            config_revision=self.config_revision,
+            groups={name: g.status for name, g in self.groups.items()},
+            last_failover=self.last_failover,
+            sync={**sync_stats(self.sync), "rejected_configs": self.rejected_configs},
+            updated=time.time(),
+        )
+
+    async def _publish_status(self, client: aetcd.Client) -> None:
+        """Keep our status document in etcd, on a lease of our own, so it vanishes
+        with us. Errors are logged and retried: status never takes ownership down."""
+        assert self.cfg is not None
+        keys = etcdio.keys_of(self.cfg)
+        ttl = max(2, int(self.cfg.etcd.lease_ttl * 3))
+        lease: Any = None
+        while True:
+            try:
+                if lease is None:
+                    lease = await client.lease(ttl)
+                else:
+                    reply = await lease.refresh()
+                    if int(getattr(reply, "TTL", 0)) <= 0:  # expired while we were away
+                        lease = await client.lease(ttl)
+                await client.put(keys.status(self.node_name), self._status().to_json(), lease=lease)
+            except (TimeoutError, aetcd.ClientError, OSError) as exc:
+                log.debug("status publish failed: %s", exc)
+                lease = None
+            except Exception:
+                # Status is for people; it must never take VIP ownership down with it.
+                log.exception("status publish failed unexpectedly")
+                lease = None
+            self._status_dirty.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status_dirty.wait(), STATUS_INTERVAL)
+
+    # -- config reload -------------------------------------------------------------------
+
+    async def _follow_config(self, client: aetcd.Client) -> None:
+        assert self.cfg is not None
+        async for stored in etcdio.watch_config(client, etcdio.keys_of(self.cfg)):
+            if stored.revision <= self.config_revision:
+                continue
+            try:
+                new = parse_config_text(stored.text, "etcd")
+                self._node_of(new)
+            except (ConfigError, AgentError) as exc:
+                self.rejected_configs += 1
+                log.error(
+                    "config revision %d rejected, keeping revision %d: %s",
+                    stored.revision,
+                    self.config_revision,
+                    exc,
+                )
+                self._status_dirty.set()
+                continue
+            await self._apply_config(new, stored.revision)
+
+    async def _apply_config(self, new: ClusterConfig, revision: int) -> None:
+        old = self.cfg
+        assert old is not None and self.dataplane is not None
+        if (old.etcd, old.dataplane, old.cluster) != (new.etcd, new.dataplane, new.cluster):
+            log.warning(
+                "config revision %d changes etcd, dataplane or cluster settings: "
+                "they take effect when the agent restarts",
+                revision,
+            )
+        result = await asyncio.to_thread(self.dataplane.apply, new.services())
+        sync_update_config(self.sync, new)  # flows to new backends are accepted from now
+        log.info(
+            "config revision %d applied: %d services added, %d removed, %d updated, "
+            "%d dataplane writes",
+            revision,
+            len(result.added),
+            len(result.removed),
+            len(result.updated),
+            result.writes,
+        )
+        for gcfg in new.vip_groups:
+            g = self.groups.get(gcfg.name)
+            if g is None:
+                continue
+            old_vips = [v.address for v in g.cfg.vips]
+            new_vips = [v.address for v in gcfg.vips]
+            g.cfg = gcfg
+            if old_vips != new_vips:
+                await self._update_vips(g, old_vips, new_vips)
+            self._update_election(g)
+        self.cfg, self.config_revision = new, revision
+        self._status_dirty.set()
+
+    def _update_election(self, g: _Group) -> None:
+        """Preemption settings and announce cadence take effect at once."""
+        rt = g.runtime
+        mc = rt.machine.cfg
+        new = replace(mc, preempt=g.cfg.preempt, preempt_delay=g.cfg.preempt_delay)
+        rt.announce_count = g.cfg.announce.count
+        rt.announce_interval = g.cfg.announce.interval
+        if new != mc:
+            rt.machine.cfg = new
+            log.info(
+                "group %s: preempt=%s preempt_delay=%gs", g.cfg.name, new.preempt, new.preempt_delay
+            )
+            # Re-present the current leader so a standby re-decides whether to preempt.
+            rt.emit(LeaderObserved(rt.machine.st.leader))
+
+    async def _update_vips(self, g: _Group, old: list[Any], new: list[Any]) -> None:
+        rt = g.runtime
+        rt.addresses[:] = new
+        term = rt.machine.term
+        if term is None:
+            return
+        # Active: follow the change now, checking the term before each add.
+        for vip in new:
+            if vip not in old and rt.machine.holds(term):
+                await rt.vips.add(vip, rt.lifetime)
+                rt.vips.announce(vip)
+        for vip in old:
+            if vip not in new:
+                await rt.vips.remove(vip)
+
+    async def _reload_file(self, client: aetcd.Client) -> None:
+        """SIGHUP: validate the file and store it, so every agent applies it."""
+        try:
+            text = self.config_path.read_text()
+            new = parse_config_text(text, str(self.config_path))
+            self._node_of(new)
+        except (OSError, ConfigError, AgentError) as exc:
+            self.rejected_configs += 1
+            log.error("SIGHUP: %s rejected, the running config stays: %s", self.config_path, exc)
+            return
+        try:
+            rev = await etcdio.publish_config(client, new, text)
+            log.info("SIGHUP: stored %s as config revision %d", self.config_path, rev)
+        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+            log.error("SIGHUP: cannot store the config in etcd (%s); applying locally", exc)
+            await self._apply_config(new, self.config_revision)
+
+    # -- main ----------------------------------------------------------------------------
+
+    def _make_group(self, g: VipGroupConfig, port: InterfaceVips, client: aetcd.Client) -> _Group:
+        cfg, node, dp = self.cfg, self.node, self.dataplane
+        assert cfg is not None and node is not None and dp is not None
+        members = sorted(cfg.group_nodes(g), key=lambda n: -n.priority)
+        rank = [n.name for n in members].index(node.name)
+        status = GroupStatus()
+        machine = ObservedMachine(
+            MachineConfig(
+                node=node.name,
+                priority=node.priority,
+                preempt=g.preempt,
+                preempt_delay=g.preempt_delay,
+                # Lower-priority nodes wait a little before campaigning for a vacant
+                # group, so the best standby usually wins without a later preemption.
+                campaign_delay=0.05 * rank,
+            ),
+            lambda old, new, ev, m: self._on_change(g.name, old, new, ev, m),
+        )
+        rt = GroupRuntime(
+            machine,
+            None,
+            port,
+            addresses=[v.address for v in g.vips],
+            announce_count=g.announce.count,
+            announce_interval=g.announce.interval,
+            sync=self.sync,
+            dataplane=dp,
+            name=g.name,
+        )
+        coord = Coordinator(
+            client,
+            GroupKeys(cfg.etcd.prefix, cfg.cluster, g.name),
+            node.name,
+            node.priority,
+            ttl=cfg.etcd.lease_ttl,
+            emit=rt.emit,
+            state_dir=Path(cfg.state_dir) / node.name,
+        )
+        rt.coord = coord
+        rt.lifetime = vip_lifetime(coord.ttl, coord.fence_margin)
+        return _Group(g, rt, status)
+
+    async def run(self) -> None:
+        self.cfg = self._load_local()
+        client = etcdio.connect(self.cfg)
+        try:
+            await self._stored_config(client, self.cfg)
+            self.node = self._node_of(self.cfg)
+            log.info(
+                "agent %s starting: cluster %s, dataplane %s on %s, etcd %s",
+                self.node_name,
+                self.cfg.cluster,
+                self.cfg.dataplane.kind.value,
+                self.node.interface,
+                ", ".join(self.cfg.etcd.endpoints),
+            )
+            (Path(self.cfg.state_dir) / self.node.name).mkdir(parents=True, exist_ok=True)
+            self.dataplane = await asyncio.to_thread(make_dataplane, self.cfg, self.node)
+            try:
+                result = await asyncio.to_thread(self.dataplane.apply, self.cfg.services())
+                log.info(
+                    "dataplane %s programmed: %d services, %d writes",
+                    self.dataplane.name,
+                    len(result.added),
+                    result.writes,
+                )
+                if self.sync is None and self.sync_factory is not None:
+                    self.sync = self.sync_factory(self.cfg, self.node_name, self.dataplane)
+                tune_gc()
+                await self._run_groups(client)
+            finally:
+                await asyncio.to_thread(self.dataplane.close)
+        finally:
+            await client.close()
+        log.info("agent %s stopped", self.node_name)
+
+    async def _run_groups(self, client: aetcd.Client) -> None:
+        cfg, node = self.cfg, self.node
+        assert cfg is not None and node is not None
+        loop = asyncio.get_running_loop()
+        hup = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        mine = [g for g in cfg.vip_groups if node.name in {n.name for n in cfg.group_nodes(g)}]
+        async with InterfaceVips(node.interface) as port:
+            for g in mine:
+                self.groups[g.name] = self._make_group(g, port, client)
+            await self._reconcile(port)
+            async with asyncio.TaskGroup() as tg:
+                runs = [
+                    tg.create_task(g.runtime.run(), name=f"group-{name}")
+                    for name, g in self.groups.items()
+                ]
+                aux = [
+                    tg.create_task(self._publish_status(client), name="status"),
+                    tg.create_task(self._follow_config(client), name="config"),
+                    tg.create_task(self._on_hup(hup, client), name="sighup"),
+                ]
+                await self._stop.wait()
+                log.info("stopping: handing over every group this node holds")
+                for grp in self.groups.values():
+                    await grp.runtime.stop(handoff=True)
+                await asyncio.wait(runs)
+                for t in aux:
+                    t.cancel()
+            # Our status goes with us at once rather than at its lease's expiry.
+            with contextlib.suppress(TimeoutError, aetcd.ClientError, OSError):
+                await asyncio.wait_for(
+                    client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0
+                )
+
+    async def _on_hup(self, hup: asyncio.Event, client: aetcd.Client) -> None:
+        while True:
+            await hup.wait()
+            hup.clear()
+            await self._reload_file(client)
+
+    async def _reconcile(self, port: InterfaceVips) -> None:
+        """Start-up: remove configured VIPs this node has no term for (left by a crash).
+        A group whose lease may be resumed keeps them: if the lease is alive the term
+        continues without a gap; if not, their kernel lifetime withdraws them."""
+        for name, g in self.groups.items():
+            coord = g.runtime.coord
+            lease_file = coord.lease_file if isinstance(coord, Coordinator) else None
+            if lease_file is not None and lease_file.exists():
+                log.info("group %s: a stored lease may be resumed; VIPs left in place", name)
+                continue
+            removed = await port.addresses.reconcile([v.address for v in g.cfg.vips])
+            for vip in removed:
+                log.warning("group %s: removed VIP %s left without a term (crash?)", name, vip)

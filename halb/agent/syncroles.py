@@ -1,0 +1,362 @@
+"""The agent's FlowSync roles: the server while this node holds a term, the client
+while another node does (halb.ha.runtime.SyncRoles).
+
+serve(term): a FlowSyncServer on this node's sync_address for that term, fed by a
+live flow source of the dataplane (snapshots on demand, deltas pushed as they are
+learned). follow(leader): a FlowSyncClient against the leader's sync_address that
+writes into this node's dataplane; on cancellation it returns only once the write in
+progress has landed (state before address: the runtime awaits it before adding VIPs).
+
+Neither role ever raises into the term: a sync failure is logged and retried, because
+losing flow sync must not take VIP ownership down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Protocol, runtime_checkable
+
+from halb.config import ClusterConfig
+from halb.dataplane.base import Dataplane
+from halb.ha.machine import Leader
+from halb.ha.runtime import SyncRoles
+from halb.model import Flow, Term
+from halb.sync.client import ClientOptions, FlowSyncClient
+from halb.sync.server import FlowSource, FlowSyncServer, ServerOptions
+from halb.sync.tls import InsecureNotAllowed, SyncSecurity
+
+__all__ = [
+    "AgentSyncRoles",
+    "DumpScanSource",
+    "LiveFlowSource",
+    "SyncFactory",
+    "SyncSetupError",
+    "default_source_factory",
+    "make_sync_roles",
+    "sync_stats",
+    "sync_update_config",
+    "tune_gc",
+]
+
+log = logging.getLogger(__name__)
+
+Push = Callable[[list[Flow], list[Flow]], None]
+SyncFactory = Callable[[ClusterConfig, str, Dataplane], SyncRoles]
+
+RETRY_INITIAL = 0.2
+RETRY_MAX = 5.0
+
+
+@runtime_checkable
+class LiveFlowSource(FlowSource, Protocol):
+    """A dataplane's flows as FlowSync needs them on the active node.
+
+    snapshot() (worker thread) returns every current flow; run(push) learns changes
+    until cancelled and reports each change set with push(upserts, deletes) on the
+    event-loop thread (upserts and deletes of one call disjoint). XDP: scans of its
+    flow map (halb.dataplane.xdp.flowsource); nft: conntrack events.
+    """
+
+    async def run(self, push: Push) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class DumpScanSource:
+    """Any Dataplane: diff consecutive dump_flows(). Hashes every Flow on every scan,
+    so it is for small tables (tests, FakeDataplane); real adapters bring their own."""
+
+    def __init__(self, dataplane: Dataplane, interval: float = 0.05) -> None:
+        self._dp = dataplane
+        self.interval = interval
+        self._flows: set[Flow] = set()
+
+    def snapshot(self) -> list[Flow]:
+        return self._dp.dump_flows()
+
+    async def run(self, push: Push) -> None:
+        while True:
+            cur = set(await asyncio.to_thread(self._dp.dump_flows))
+            ups, dels = list(cur - self._flows), list(self._flows - cur)
+            self._flows = cur
+            if ups or dels:
+                # A flow that changed backend is a delete of the old and an upsert of
+                # the new: push the deletes first, separately, to keep that order.
+                if dels:
+                    push([], dels)
+                if ups:
+                    push(ups, [])
+            await asyncio.sleep(self.interval)
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"entries": len(self._flows)}
+
+
+def default_source_factory(dataplane: Dataplane) -> Callable[[], LiveFlowSource]:
+    """The best flow source this dataplane offers."""
+    from halb.dataplane.xdp.adapter import XdpDataplane
+
+    if isinstance(dataplane, XdpDataplane):
+        from halb.dataplane.xdp.flowsource import XdpFlowSource
+
+        return lambda: XdpFlowSource.from_dataplane(dataplane)
+    # An adapter with a source of its own (nft: conntrack events) offers flow_source().
+    make = getattr(dataplane, "flow_source", None)
+    if callable(make):
+        return lambda: make()
+    return lambda: DumpScanSource(dataplane)
+
+
+class AgentSyncRoles:
+    """One per agent; shared by its VIP groups (one server, since one sync_address)."""
+
+    def __init__(
+        self,
+        *,
+        config: ClusterConfig,
+        node: str,
+        dataplane: Dataplane,
+        security: SyncSecurity,
+        source_factory: Callable[[], LiveFlowSource] | None = None,
+        server_options: ServerOptions | None = None,
+        client_options: ClientOptions | None = None,
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.dataplane = dataplane
+        self.security = security
+        self._source_factory = source_factory or default_source_factory(dataplane)
+        self._server_options = server_options
+        self._client_options = client_options
+        self._server: FlowSyncServer | None = None
+        self._source: LiveFlowSource | None = None
+        self._clients: dict[str, FlowSyncClient] = {}  # leader node -> client
+        self._last_server: dict[str, Any] = {}
+        self._last_client: dict[str, Any] = {}
+
+    def update_config(self, config: ClusterConfig) -> None:
+        """A new config revision: the clients validate flows against its services."""
+        self.config = config
+        for c in self._clients.values():
+            c.update_config(config)
+
+    # -- the active's role -----------------------------------------------------------
+
+    async def serve(self, term: Term) -> None:
+        if self._server is not None:
+            # Another group's term already serves every flow of this dataplane.
+            log.warning("flow sync: a server for term %s already runs on this node; term %s "
+                        "shares it", self._server.term, term)  # fmt: skip
+            await asyncio.Event().wait()
+        delay = RETRY_INITIAL
+        while True:
+            try:
+                await self._serve_once(term)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("flow sync server for term %s failed (%s); retrying in %.1f s",
+                          term, exc, delay, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _serve_once(self, term: Term) -> None:
+        address = self.config.node(self.node).sync_address
+        source = await asyncio.to_thread(self._source_factory)
+        server = FlowSyncServer(
+            source,
+            term=term,
+            security=self.security,
+            address=str(address),
+            options=self._server_options,
+        )
+        try:
+            await server.start()
+            self._server, self._source = server, source
+            await source.run(server.push)
+            raise RuntimeError("the flow source stopped")
+        finally:
+            self._last_server = self._server_stats()
+            self._server = self._source = None
+            # Shielded: the term is over either way; the port must be free for the next.
+            await asyncio.shield(server.stop())
+            source.close()
+
+    # -- a standby's role ------------------------------------------------------------
+
+    async def follow(self, leader: Leader) -> None:
+        if leader.holder == self.node:
+            await asyncio.Event().wait()
+        try:
+            self.config.node(leader.holder)
+        except KeyError:
+            log.error("flow sync: leader %s is not a node of the config; not following it",
+                      leader.holder)  # fmt: skip
+            await asyncio.Event().wait()
+        client = FlowSyncClient(
+            config=self.config,
+            node=self.node,
+            peer=leader.holder,
+            dataplane=self.dataplane,
+            security=self.security,
+            known_term=leader.term,
+            options=self._client_options,
+        )
+        self._clients[leader.holder] = client
+        log.info("flow sync: following %s (term %s) at %s", leader.holder, leader.term,
+                 self.config.node(leader.holder).sync_address)  # fmt: skip
+        client.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # Not shielded: the runtime cancels once and waits for this to return, and
+            # the client's stop() waits for the dataplane write in progress.
+            t0 = time.monotonic()
+            await client.stop()
+            self._last_client = _client_doc(client)
+            if self._clients.get(leader.holder) is client:
+                del self._clients[leader.holder]
+            st = client.stats()
+            log.info("flow sync: stopped following %s after %d flows installed (%d held, "
+                     "synced=%s); dataplane writes settled in %.1f ms", leader.holder,
+                     st.entries_installed, st.flows, st.synced,
+                     (time.monotonic() - t0) * 1e3)  # fmt: skip
+
+    # -- status ----------------------------------------------------------------------
+
+    def _server_stats(self) -> dict[str, Any]:
+        server = self._server
+        if server is None:
+            return {}
+        st = server.stats()
+        peers: list[dict[str, Any]] = [
+            {
+                "node": p.node,
+                "state": p.state,
+                "lag_sequence": p.lag_sequence,
+                "lag_ms": round(p.lag_seconds * 1e3, 1),
+                "entries_sent": p.entries_sent,
+                "snapshots": p.snapshots,
+            }
+            for p in st.peers
+        ]
+        doc: dict[str, Any] = {
+            "role": "server",
+            "connected_peers": len(st.peers),
+            "lag_ms": max((round(p.lag_seconds * 1e3, 1) for p in st.peers), default=0.0),
+            "entries_synced": st.entries_published,
+            "last_resync": st.last_resync,
+            "dropped": sum(st.refused.values()),
+        }
+        detail: dict[str, Any] = {
+            "term": str(st.term),
+            "address": st.address,
+            "snapshots_sent": st.snapshots_sent,
+            "resumes": st.resumes,
+            "backlog_entries": st.backlog_entries,
+            "peers": peers,
+            "refused": dict(st.refused),
+        }
+        stats = getattr(self._source, "stats", None)
+        if callable(stats):
+            src = stats()
+            src_doc = src if isinstance(src, dict) else asdict(src)
+            doc["flows"] = src_doc.get("entries")
+            if "last_scan_seconds" in src_doc:
+                doc["scan_ms"] = round(src_doc["last_scan_seconds"] * 1e3, 1)
+            detail["source"] = src_doc
+        doc["detail"] = detail
+        return doc
+
+    def stats(self) -> dict[str, Any]:
+        """The status document's ``sync`` field: scalars first (`halb status` prints
+        those), details in nested values (for --output json)."""
+        if self._server is not None:
+            return self._server_stats()
+        if self._clients:
+            return _client_doc(next(iter(self._clients.values())))
+        last = self._last_client or self._last_server
+        return {"role": "idle", **({"previous": last} if last else {})}
+
+
+def _client_doc(client: FlowSyncClient) -> dict[str, Any]:
+    st = client.stats()
+    age = st.last_message_age
+    return {
+        "role": "client",
+        "peer": st.peer,
+        "synced": st.synced,
+        "connected_peers": 1 if st.connected else 0,
+        "lag_sequence": st.lag_sequence,
+        "flows": st.flows,
+        "entries_synced": st.entries_installed,
+        "last_resync": st.last_resync,
+        "dropped": sum(st.dropped.values()),
+        "detail": {
+            "connected": st.connected,
+            "last_message_ms": None if age is None else round(age * 1e3, 1),
+            "entries_deleted": st.entries_deleted,
+            "snapshots": st.snapshots,
+            "resumes": st.resumes,
+            "reconnects": st.reconnects,
+            "stale_term_streams": st.stale_term_streams,
+            "stream_term": None if st.stream_term is None else str(st.stream_term),
+            "last_error": st.last_error,
+            "drops": dict(st.dropped),
+        },
+    }
+
+
+class SyncSetupError(RuntimeError):
+    """Flow sync cannot be set up as configured; worded for the operator."""
+
+
+def make_sync_roles(
+    cfg: ClusterConfig, node: str, dataplane: Dataplane, *, allow_insecure: bool = False
+) -> AgentSyncRoles:
+    """The agent's SyncFactory (bind allow_insecure with functools.partial)."""
+    try:
+        security = SyncSecurity.from_config(cfg, node, allow_insecure=allow_insecure)
+    except InsecureNotAllowed as exc:
+        raise SyncSetupError(
+            f"{exc} (halb agent --allow-insecure-sync; or --no-sync to run without flow sync)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise SyncSetupError(f"flow sync TLS: {exc}") from None
+    return AgentSyncRoles(config=cfg, node=node, dataplane=dataplane, security=security)
+
+
+def sync_stats(sync: SyncRoles | None) -> dict[str, Any]:
+    """What the status document's ``sync`` field shows for these roles."""
+    if sync is None:
+        return {"role": "disabled"}
+    stats = getattr(sync, "stats", None)
+    return dict(stats()) if callable(stats) else {}
+
+
+def sync_update_config(sync: SyncRoles | None, cfg: ClusterConfig) -> None:
+    update = getattr(sync, "update_config", None)
+    if callable(update):
+        update(cfg)
+
+
+def tune_gc() -> None:
+    """The agent's GC policy, called once start-up is done.
+
+    Full collections walk every tracked object; with a large flow table (the sync
+    client's bookkeeping, batches in flight) they pause the loop for tens of ms and
+    show up as sync lag. Freezing moves everything allocated so far (modules, config,
+    gRPC and etcd stubs) out of the collector's sight, and a larger first threshold
+    makes young collections rarer; reference cycles are rare in this code.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)

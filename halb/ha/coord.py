@@ -1,0 +1,611 @@
+"""etcd adapter for one VIP group on one node: lease, campaign, watch -> machine events.
+
+Keys (``P`` = ``<etcd.prefix>/<cluster>``)::
+
+    P/groups/<group>/leader    {"node": "lb1", "priority": 200, "lease": "<hex>"}
+                               created only if absent (create-revision == 0), on the
+                               node's lease. Term = (kv.lease, kv.create_revision).
+    P/groups/<group>/handover  {"target": "lb2", "term": "<lease hex>@<rev>" | null,
+                               "reason": "preempt" | "planned", "by": "lb1"}
+                               Asks the leader of that term to hand over to target.
+                               Written by a preempting node on its own lease (gone if
+                               it dies), or by the CLI without a lease; whoever wins
+                               the next term deletes it.
+    P/drain/<node>             present = the node is drained (value: free text reason).
+
+Every node holds one lease per group (so resigning one group revokes only that group's
+key) and keeps it alive every ``keepalive_interval`` (TTL/4 by default). The fence
+deadline is ``send time of the last successful keepalive + TTL - fence_margin``:
+etcd renewed the lease no earlier than we sent the request, so the lease cannot expire
+on the etcd side before ``last_ok + TTL``; dropping the VIP at the deadline leaves
+``fence_margin`` seconds of safety. ``FenceDeadlinePassed`` is emitted once per lease,
+after which this coordinator abandons the lease and grants a new one as soon as etcd
+answers again.
+
+aetcd's watch ends with ConnectionFailedError when etcd restarts and is not re-created
+(PLATFORM.md): the watch loop re-reads the keys (emitting the current view, which the
+machine takes idempotently), then re-creates the watch from the read revision + 1, with
+exponential backoff between attempts.
+
+Lease resume: with a ``state_dir`` the lease id is stored in
+``<state_dir>/lease-<cluster>-<group>``; at start-up a stored lease that LeaseTimeToLive
+still reports alive is resumed (``LeaseGranted(resumed=True)``) instead of granting a
+new one, so an agent restarted within the TTL keeps its term.
+
+Usage (the runtime does this)::
+
+    client = open_client(cfg.etcd.endpoints[0])
+    coord = Coordinator(client, GroupKeys(prefix, cluster, group), node, priority,
+                        ttl=2, emit=queue.put_nowait, state_dir=Path(cfg.state_dir))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(coord.run())
+        ...   # machine actions call coord.campaign / resign / request_handover / ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import aetcd
+
+from halb.ha.clock import Clock, MonotonicClock
+from halb.ha.machine import (
+    CampaignLost,
+    CampaignWon,
+    Drain,
+    Event,
+    FenceDeadlinePassed,
+    Handover,
+    HandoverObserved,
+    KeepaliveOk,
+    Leader,
+    LeaderObserved,
+    LeaseGranted,
+    LeaseLost,
+    Undrain,
+)
+from halb.model import Term
+
+__all__ = [
+    "Backoff",
+    "Coordinator",
+    "GroupKeys",
+    "clear_drain",
+    "close_client",
+    "open_client",
+    "parse_handover",
+    "parse_leader",
+    "request_handover",
+    "set_drain",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors that mean "etcd did not answer as hoped, try again later".
+_RETRY = (aetcd.ClientError, asyncio.TimeoutError, OSError)
+
+
+def open_client(endpoint: str, *, timeout: float = 2.0) -> aetcd.Client:
+    """An aetcd client for ``http://host:port`` that reconnects quickly after etcd
+    restarts (gRPC's default reconnect backoff starts at 1 s and grows to 120 s)."""
+    url = urlparse(endpoint)
+    if url.scheme != "http" or url.hostname is None:
+        raise ValueError(f"{endpoint!r}: only http://host:port is supported by aetcd 1.0")
+    return aetcd.Client(
+        host=url.hostname,
+        port=url.port or 2379,
+        timeout=timeout,
+        options={
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 1000,
+        },
+    )
+
+
+async def close_client(client: aetcd.Client, timeout: float = 3.0) -> None:
+    """Close an aetcd client, bounded: its watcher's shutdown puts into a bounded
+    request queue that nobody drains once the stream is dead, and can block forever."""
+    try:
+        await asyncio.wait_for(client.close(), timeout)
+    except (TimeoutError, aetcd.ClientError) as exc:
+        log.warning("etcd client did not close cleanly: %s", exc or type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupKeys:
+    prefix: str
+    cluster: str
+    group: str
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix.rstrip('/')}/{self.cluster}"
+
+    @property
+    def group_prefix(self) -> bytes:
+        return f"{self.base}/groups/{self.group}/".encode()
+
+    @property
+    def leader(self) -> bytes:
+        return self.group_prefix + b"leader"
+
+    @property
+    def handover(self) -> bytes:
+        return self.group_prefix + b"handover"
+
+    def drain(self, node: str) -> bytes:
+        return f"{self.base}/drain/{node}".encode()
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.1 s doubling to ``cap``."""
+
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
+        self.first = first
+        self.cap = cap
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay * random.uniform(0.8, 1.0)
+
+
+def _term_str(term: Term) -> str:
+    return f"{term.lease_id:x}@{term.revision}"
+
+
+def _parse_term(text: Any) -> Term | None:
+    if not isinstance(text, str) or "@" not in text:
+        return None
+    lease, _, rev = text.partition("@")
+    try:
+        return Term(int(lease, 16), int(rev))
+    except ValueError:
+        return None
+
+
+def parse_leader(value: bytes, lease: int, create_revision: int) -> Leader:
+    """The leader key's value; the term comes from the key's metadata, not the value."""
+    try:
+        data = json.loads(value)
+        holder, priority = str(data["node"]), int(data["priority"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("leader key holds unreadable value %r; treating holder as unknown", value)
+        holder, priority = "?", 0
+    return Leader(holder, priority, Term(lease, create_revision))
+
+
+def parse_handover(value: bytes) -> Handover | None:
+    try:
+        data = json.loads(value)
+        return Handover(
+            str(data["target"]), _parse_term(data.get("term")), str(data.get("reason", ""))
+        )
+    except (ValueError, KeyError, TypeError):
+        log.warning("handover key holds unreadable value %r; ignoring it", value)
+        return None
+
+
+def _handover_value(target: str, term: Term | None, reason: str, by: str) -> bytes:
+    return json.dumps(
+        {
+            "target": target,
+            "term": _term_str(term) if term else None,
+            "reason": reason,
+            "by": by,
+        }
+    ).encode()
+
+
+async def request_handover(
+    client: aetcd.Client, keys: GroupKeys, target: str, *, term: Term | None = None
+) -> None:
+    """Planned failover (CLI): ask the current leader to hand the group to ``target``."""
+    await client.put(keys.handover, _handover_value(target, term, "planned", "cli"))
+
+
+async def set_drain(client: aetcd.Client, keys: GroupKeys, node: str, reason: str = "") -> None:
+    await client.put(keys.drain(node), reason.encode())
+
+
+async def clear_drain(client: aetcd.Client, keys: GroupKeys, node: str) -> None:
+    await client.delete(keys.drain(node))
+
+
+class Coordinator:
+    """Turns etcd into machine events for one (node, group); runs machine requests.
+
+    ``emit`` is called from the event loop with each event, in order; it must not block
+    (a ``Queue.put_nowait`` is the intended use). Methods other than ``run`` are the
+    machine's actions; they return once done or once they no longer matter (the lease
+    they were about has gone), and report outcomes as events.
+    """
+
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: GroupKeys,
+        node: str,
+        priority: int,
+        *,
+        ttl: float,
+        emit: Callable[[Event], None],
+        clock: Clock | None = None,
+        keepalive_interval: float | None = None,
+        fence_margin: float | None = None,
+        rpc_timeout: float | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.node = node
+        self.priority = priority
+        # etcd lease TTLs are whole seconds.
+        self.ttl = max(1, math.ceil(ttl))
+        self.emit = emit
+        self.clock = clock or MonotonicClock()
+        self.keepalive_interval = keepalive_interval or self.ttl / 4
+        self.fence_margin = fence_margin if fence_margin is not None else 0.3 * self.ttl
+        self.rpc_timeout = rpc_timeout or max(0.2, self.keepalive_interval)
+        self.state_dir = state_dir
+        self._lease: int | None = None
+        self._granted_ttl = self.ttl
+        self.last_keepalive_ok: float | None = None
+        # etcd revision of the newest leader/handover view emitted (reads and watch).
+        self._view_revision = 0
+
+    # -- observable state ----------------------------------------------------------------
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease
+
+    @property
+    def fence_deadline(self) -> float | None:
+        """Clock time by which a keepalive must succeed, or the VIP must go."""
+        if self._lease is None or self.last_keepalive_ok is None:
+            return None
+        return self.last_keepalive_ok + self._granted_ttl - self.fence_margin
+
+    @property
+    def lease_file(self) -> Path | None:
+        if self.state_dir is None:
+            return None
+        return self.state_dir / f"lease-{self.keys.cluster}-{self.keys.group}"
+
+    # -- main loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep a lease, watch the group's keys, fence: until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._lease_loop(), name=f"lease-{self.keys.group}")
+            tg.create_task(self._fence_loop(), name=f"fence-{self.keys.group}")
+            tg.create_task(self._watch_loop(), name=f"watch-{self.keys.group}")
+
+    async def _rpc(self, call: Awaitable[T]) -> T:
+        return await asyncio.wait_for(call, self.rpc_timeout)
+
+    # -- lease -----------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        backoff = Backoff()
+        failing = False
+        while True:
+            if self._lease is None:
+                lease, last_ok, resumed = await self._acquire(backoff)
+                self._lease = lease
+                self.last_keepalive_ok = last_ok
+                self.emit(LeaseGranted(lease, resumed=resumed))
+                await self._reread()
+                continue
+            lease = self._lease
+            sent = self.clock.now()
+            try:
+                reply = await self._rpc(self.client.refresh_lease(lease))
+            except _RETRY as exc:
+                if not failing:
+                    log.warning("keepalive of lease %x failed: %s", lease, exc or type(exc))
+                failing = True
+                await self.clock.sleep(min(self.keepalive_interval, 0.1))
+                continue
+            if self._lease != lease:
+                continue  # resigned or fenced meanwhile
+            if reply is None or reply.TTL <= 0:
+                log.warning("lease %x is gone on the etcd side", lease)
+                self._drop_lease()
+                self.emit(LeaseLost(lease))
+                continue
+            if failing:
+                log.info("keepalive of lease %x works again", lease)
+                failing = False
+            self.last_keepalive_ok = sent
+            self.emit(KeepaliveOk(lease))
+            await self.clock.sleep(self.keepalive_interval)
+
+    async def _acquire(self, backoff: Backoff) -> tuple[int, float, bool]:
+        """A lease, the send time of the request that proved it alive (etcd started or
+        renewed its TTL no earlier), and whether it was resumed."""
+        resumed = await self._try_resume()
+        if resumed is not None:
+            return (*resumed, True)
+        backoff.reset()
+        while True:
+            sent = self.clock.now()
+            try:
+                lease = await self._rpc(self.client.lease(self.ttl))
+            except _RETRY as exc:
+                delay = backoff.next()
+                log.warning("lease grant failed (%s); retrying in %.2fs", exc, delay)
+                await self.clock.sleep(delay)
+                continue
+            self._granted_ttl = int(lease.ttl) or self.ttl
+            log.info("granted lease %x ttl %ss for group %s", lease.id, lease.ttl, self.keys.group)
+            self._store_lease(lease.id)
+            return int(lease.id), sent, False
+
+    async def _try_resume(self) -> tuple[int, float] | None:
+        path = self.lease_file
+        if path is None or not path.exists():
+            return None
+        try:
+            lease = int(path.read_text().strip(), 16)
+        except (OSError, ValueError):
+            return None
+        try:
+            info = await self._rpc(self.client.get_lease_info(lease, keys=False))
+            ttl = int(info.TTL)
+        except _RETRY as exc:
+            log.info("cannot check stored lease %x (%s); granting a new one", lease, exc)
+            return None
+        if ttl <= 0:
+            log.info("stored lease %x has expired; granting a new one", lease)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        self._granted_ttl = int(info.grantedTTL) or self.ttl
+        # TimeToLive is whole seconds: renew it now so the fence deadline is exact.
+        sent = self.clock.now()
+        try:
+            reply = await self._rpc(self.client.refresh_lease(lease))
+        except _RETRY as exc:
+            log.info("cannot renew stored lease %x (%s); granting a new one", lease, exc)
+            return None
+        if reply is None or reply.TTL <= 0:
+            return None
+        log.info("resumed lease %x (%ss were left)", lease, ttl)
+        return lease, sent
+
+    def _store_lease(self, lease: int) -> None:
+        path = self.lease_file
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(f"{lease:x}\n")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot store lease id in %s: %s", path, exc)
+
+    def _drop_lease(self) -> None:
+        self._lease = None
+        self.last_keepalive_ok = None
+        path = self.lease_file
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def _fence_loop(self) -> None:
+        while True:
+            lease, deadline = self._lease, self.fence_deadline
+            if lease is None or deadline is None:
+                await self.clock.sleep(min(0.05, self.keepalive_interval))
+                continue
+            remaining = deadline - self.clock.now()
+            if remaining > 0:
+                await self.clock.sleep(remaining)
+                continue
+            log.error(
+                "no keepalive of lease %x for %.2fs (ttl %ss, margin %.2fs): fencing",
+                lease,
+                self.clock.now() - (self.last_keepalive_ok or 0.0),
+                self._granted_ttl,
+                self.fence_margin,
+            )
+            self._drop_lease()
+            self.emit(FenceDeadlinePassed(lease))
+
+    # -- machine actions -------------------------------------------------------------------
+
+    async def campaign(self, lease: int) -> None:
+        """Create the leader key on ``lease`` if absent; emit CampaignWon / CampaignLost."""
+        value = json.dumps(
+            {"node": self.node, "priority": self.priority, "lease": f"{lease:x}"}
+        ).encode()
+        tx = self.client.transactions
+        backoff = Backoff()
+        while self._lease == lease:
+            try:
+                ok, responses = await self._rpc(
+                    self.client.transaction(
+                        compare=[tx.create(self.keys.leader) == 0],
+                        success=[tx.put(self.keys.leader, value, lease=lease)],
+                        failure=[tx.get(self.keys.leader)],
+                    )
+                )
+            except aetcd.ClientError as exc:
+                if "lease not found" in str(exc):
+                    log.warning("campaign: lease %x is gone", lease)
+                    if self._lease == lease:
+                        self._drop_lease()
+                        self.emit(LeaseLost(lease))
+                    return
+                await self.clock.sleep(backoff.next())
+                continue
+            except _RETRY:
+                await self.clock.sleep(backoff.next())
+                continue
+            if ok:
+                term = Term(lease, int(responses[0].response_put.header.revision))
+                log.info("%s won group %s, term %s", self.node, self.keys.group, term)
+                self.emit(CampaignWon(term))
+            else:
+                found = responses[0] if responses else []
+                leader = None
+                if found:
+                    kv = found[0][1]
+                    leader = parse_leader(kv.value, kv.lease, kv.create_revision)
+                log.info("%s lost the campaign for %s to %s", self.node, self.keys.group, leader)
+                self.emit(CampaignLost(leader))
+            return
+
+    async def resign(self, lease: int) -> None:
+        """Revoke ``lease`` (the leader key and handover requests on it go with it).
+
+        If it is the coordinator's current lease, a new one is granted afterwards. When
+        etcd does not answer, retries until the lease would have expired anyway."""
+        if self._lease == lease:
+            self._drop_lease()
+        give_up = self.clock.now() + self._granted_ttl + 1.0
+        backoff = Backoff()
+        while True:
+            try:
+                await self._rpc(self.client.revoke_lease(lease))
+                log.info("revoked lease %x", lease)
+                return
+            except aetcd.ClientError as exc:
+                if "not found" in str(exc):
+                    return  # already expired or revoked
+                err: BaseException = exc
+            except _RETRY as exc:
+                err = exc
+            if self.clock.now() > give_up:
+                log.warning("could not revoke lease %x (%s); it has expired by now", lease, err)
+                return
+            await self.clock.sleep(backoff.next())
+
+    async def request_handover(self, target: str, term: Term, reason: str = "preempt") -> None:
+        """Ask the leader of ``term`` to hand over to ``target``; the request lives on
+        our lease, so it vanishes if we die before it is served."""
+        lease = self._lease
+        if lease is None:
+            return
+        value = _handover_value(target, term, reason, self.node)
+        try:
+            await self._rpc(self.client.put(self.keys.handover, value, lease=lease))
+            log.info("asked the leader of term %s to hand %s to %s", term, self.keys.group, target)
+        except _RETRY as exc:
+            # The machine re-arms the preempt timer, so the request will be repeated.
+            log.warning("handover request failed: %s", exc)
+
+    async def clear_handover(self) -> None:
+        try:
+            await self._rpc(self.client.delete(self.keys.handover))
+        except _RETRY as exc:
+            log.warning("could not delete the handover request: %s", exc)
+
+    # -- watch -----------------------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await self._read_and_watch(backoff)
+            except _RETRY as exc:
+                delay = backoff.next()
+                log.warning(
+                    "watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay
+                )
+                await self.clock.sleep(delay)
+
+    async def _read_and_watch(self, backoff: Backoff) -> None:
+        group = await self._rpc(self.client.get_prefix(self.keys.group_prefix))
+        revision = int(group.header.revision)
+        drain_key = self.keys.drain(self.node)
+        drained = await self._rpc(self.client.get(drain_key))
+        self._emit_group_view(group)
+        self.emit(Drain() if drained is not None else Undrain())
+
+        start = revision + 1
+        watches = [
+            await self._rpc(self.client.watch_prefix(self.keys.group_prefix, start_revision=start)),
+            await self._rpc(self.client.watch(drain_key, start_revision=start)),
+        ]
+        backoff.reset()
+        pumps = [asyncio.create_task(self._pump(w)) for w in watches]
+        try:
+            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # raises the watch's error
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for w in watches:
+                with contextlib.suppress(*_RETRY):
+                    await asyncio.wait_for(w.cancel(), 1.0)
+
+    def _emit_group_view(self, group: Any) -> None:
+        revision = int(group.header.revision)
+        if revision < self._view_revision:
+            return  # the watch already delivered something newer
+        self._view_revision = revision
+        kvs = {bytes(kv.key): kv for kv in group}
+        leader_kv = kvs.get(self.keys.leader)
+        handover_kv = kvs.get(self.keys.handover)
+        leader = (
+            parse_leader(leader_kv.value, leader_kv.lease, leader_kv.create_revision)
+            if leader_kv
+            else None
+        )
+        self.emit(LeaderObserved(leader))
+        self.emit(HandoverObserved(parse_handover(handover_kv.value) if handover_kv else None))
+
+    async def _reread(self) -> None:
+        """Re-read the group's keys (after a new lease: the machine forgot its view)."""
+        try:
+            group = await self._rpc(self.client.get_prefix(self.keys.group_prefix))
+        except _RETRY as exc:
+            log.info(
+                "re-read of group %s failed (%s); the watch will catch up", self.keys.group, exc
+            )
+            return
+        self._emit_group_view(group)
+
+    async def _pump(self, watch: aetcd.Watch) -> None:
+        async for ev in watch:
+            key = bytes(ev.kv.key)
+            put = ev.kind == aetcd.EventKind.PUT
+            revision = int(ev.kv.mod_revision)
+            if revision < self._view_revision:
+                continue  # older than a read already emitted
+            if key in (self.keys.leader, self.keys.handover):
+                self._view_revision = revision
+            if key == self.keys.leader:
+                leader = (
+                    parse_leader(ev.kv.value, ev.kv.lease, ev.kv.create_revision) if put else None
+                )
+                self.emit(LeaderObserved(leader))
+            elif key == self.keys.handover:
+                self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
+            elif key == self.keys.drain(self.node):
+                self.emit(Drain() if put else Undrain())
+        # The iterator ending without an error means the watch was cancelled server-side.
+        raise aetcd.ConnectionFailedError("watch ended")

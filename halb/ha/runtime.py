@@ -1,0 +1,364 @@
+"""Runs one VIP group on one node: coordinator events -> machine -> actions.
+
+One asyncio task per *term*: when the machine enters ACTIVE(term) the runtime starts
+a task that adds the VIPs (with a kernel lifetime), runs the sync-server role and
+announces the VIPs ``announce.count`` times every ``announce.interval`` seconds,
+re-checking that the machine still holds the term before every add and every send.
+Leaving the term cancels that task; its ``finally`` removes the VIPs (or, on a restart
+in place, leaves them to their lifetime). Nothing else ever adds a VIP.
+
+Everything with I/O is injected, so the runtime is unit-tested with fakes and
+integration-tested with real etcd and a real namespace:
+
+- ``coord``: halb.ha.coord.Coordinator (or a fake with the same methods).
+- ``vips``: a VipPort, e.g. halb.net.vip.InterfaceVips.
+- ``sync``: SyncRoles, whose ``serve(term)`` / ``follow(leader)`` run until cancelled
+  (a follower's cancellation must return only once its flows are in the dataplane:
+  the runtime awaits it before adding VIPs).
+- ``dataplane``: its dead-man switch is armed to the fence deadline on every keepalive.
+
+Usage (the agent, one per VIP group)::
+
+    async with InterfaceVips(node.interface) as port:
+        rt = GroupRuntime(machine, coord=None, vips=port, addresses=[...],
+                          announce_count=3, announce_interval=0.2, lifetime=1)
+        rt.coord = Coordinator(client, keys, node, prio, ttl=2, emit=rt.emit)
+        task = asyncio.create_task(rt.run())
+        ...
+        await rt.stop(handoff=True)   # on SIGTERM; run() returns after cleanup
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol
+
+from halb.dataplane.base import Dataplane
+from halb.ha.clock import Clock, MonotonicClock
+from halb.ha.machine import (
+    Action,
+    AddVips,
+    ArmTimer,
+    Campaign,
+    CancelTimer,
+    ClearHandover,
+    DetachVips,
+    Event,
+    Leader,
+    Machine,
+    RefreshVips,
+    RemoveVips,
+    RequestHandover,
+    Resign,
+    Shutdown,
+    StartAnnouncing,
+    StartSyncClient,
+    StartSyncServer,
+    State,
+    StopSyncClient,
+    StopSyncServer,
+    Timer,
+    TimerFired,
+)
+from halb.model import IPAddress, Term
+
+__all__ = ["CoordPort", "GroupRuntime", "SyncRoles", "VipPort"]
+
+log = logging.getLogger(__name__)
+
+
+class VipPort(Protocol):
+    async def add(self, vip: IPAddress, lifetime: int | None) -> None: ...
+
+    async def remove(self, vip: IPAddress) -> bool: ...
+
+    def announce(self, vip: IPAddress) -> int: ...
+
+
+class CoordPort(Protocol):
+    @property
+    def fence_deadline(self) -> float | None: ...
+
+    async def run(self) -> None: ...
+
+    async def campaign(self, lease: int) -> None: ...
+
+    async def resign(self, lease: int) -> None: ...
+
+    async def request_handover(self, target: str, term: Term, reason: str = ...) -> None: ...
+
+    async def clear_handover(self) -> None: ...
+
+
+class SyncRoles(Protocol):
+    async def serve(self, term: Term) -> None:
+        """Run the sync server for ``term`` until cancelled."""
+        ...
+
+    async def follow(self, leader: Leader) -> None:
+        """Run the sync client against ``leader`` until cancelled; on cancellation,
+        return only once every received flow is in the dataplane."""
+        ...
+
+
+class _TermTask:
+    def __init__(self, term: Term) -> None:
+        self.term = term
+        self.serve = False
+        self.announce = False
+        self.keep_vips = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class GroupRuntime:
+    def __init__(
+        self,
+        machine: Machine,
+        coord: CoordPort | None,
+        vips: VipPort,
+        *,
+        addresses: Sequence[IPAddress],
+        announce_count: int = 3,
+        announce_interval: float = 0.2,
+        lifetime: int | None = None,
+        clock: Clock | None = None,
+        sync: SyncRoles | None = None,
+        dataplane: Dataplane | None = None,
+        name: str = "group",
+    ) -> None:
+        self.machine = machine
+        self.coord = coord
+        self.vips = vips
+        self.addresses = list(addresses)
+        self.announce_count = announce_count
+        self.announce_interval = announce_interval
+        self.lifetime = lifetime
+        self.clock = clock or MonotonicClock()
+        self.sync = sync
+        self.dataplane = dataplane
+        self.name = name
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.announcements = 0  # rounds sent, for tests and metrics
+        self._term: _TermTask | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._timers: dict[Timer, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._state_changed = asyncio.Condition()
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def emit(self, ev: Event) -> None:
+        """Queue an event (the coordinator's ``emit``); never blocks."""
+        self.events.put_nowait(ev)
+
+    async def stop(self, *, handoff: bool = True) -> None:
+        """SIGTERM: hand off (or detach for a restart in place); ``run`` then returns."""
+        self.emit(Shutdown(handoff=handoff))
+
+    async def wait_for(self, state: State, timeout: float) -> None:
+        """Wait until the machine is in ``state`` (tests, drills)."""
+        async with asyncio.timeout(timeout), self._state_changed:
+            await self._state_changed.wait_for(lambda: self.machine.state is state)
+
+    # -- main loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        assert self.coord is not None, "set runtime.coord before run()"
+        coord_task = asyncio.create_task(self.coord.run(), name=f"coord-{self.name}")
+        try:
+            while True:
+                get = asyncio.ensure_future(self.events.get())
+                done, _ = await asyncio.wait({get, coord_task}, return_when="FIRST_COMPLETED")
+                if get not in done:
+                    get.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await get
+                    coord_task.result()  # raises what killed the coordinator
+                    raise RuntimeError("coordinator stopped")
+                await self._handle(get.result())
+                if self.machine.state is State.STOPPING:
+                    break
+            # Let the last resign reach etcd, bounded.
+            if self._background:
+                await asyncio.wait(self._background, timeout=2.0)
+        finally:
+            coord_task.cancel()
+            await self._cleanup()
+            with contextlib.suppress(asyncio.CancelledError):
+                await coord_task
+
+    async def _handle(self, ev: Event) -> None:
+        before = self.machine.st
+        actions = self.machine.feed(ev)
+        after = self.machine.st
+        if before.state is not after.state or before.term != after.term:
+            log.info(
+                "%s: %s -> %s on %s (term %s)",
+                self.name,
+                before.state,
+                after.state,
+                type(ev).__name__,
+                after.term,
+            )
+        for action in actions:
+            await self._do(action)
+        async with self._state_changed:
+            self._state_changed.notify_all()
+
+    async def _do(self, a: Action) -> None:
+        match a:
+            case AddVips(term=term):
+                await self._end_term()
+                self._term = _TermTask(term)
+                self._term.task = asyncio.create_task(self._run_term(self._term))
+            case StartSyncServer(term=term):
+                if self._term and self._term.term == term:
+                    self._term.serve = True
+            case StartAnnouncing(term=term):
+                if self._term and self._term.term == term:
+                    self._term.announce = True
+            case RefreshVips(term=term):
+                await self._refresh(term)
+            case RemoveVips(term=term) | DetachVips(term=term):
+                if self._term and self._term.term == term:
+                    self._term.keep_vips = isinstance(a, DetachVips)
+                    await self._end_term()
+            case StopSyncServer():
+                pass  # the server runs inside the term task and ended with it
+            case StartSyncClient(leader=leader):
+                await self._stop_follow()
+                if self.sync is not None:
+                    self._follow = asyncio.create_task(self.sync.follow(leader))
+            case StopSyncClient():
+                await self._stop_follow()
+            case Campaign(lease_id=lease):
+                self._spawn(self._coord().campaign(lease))
+            case Resign(lease_id=lease):
+                self._spawn(self._coord().resign(lease))
+            case RequestHandover(target=target, term=term, reason=reason):
+                self._spawn(self._coord().request_handover(target, term, reason))
+            case ClearHandover():
+                self._spawn(self._coord().clear_handover())
+            case ArmTimer(timer=kind, delay=delay, token=token):
+                self._cancel_timer(kind)
+                self._timers[kind] = asyncio.create_task(self._timer(kind, delay, token))
+            case CancelTimer(timer=kind):
+                self._cancel_timer(kind)
+
+    def _coord(self) -> CoordPort:
+        assert self.coord is not None
+        return self.coord
+
+    # -- the term task -------------------------------------------------------------------
+
+    async def _run_term(self, tt: _TermTask) -> None:
+        term = tt.term
+        added: list[IPAddress] = []
+        try:
+            for vip in self.addresses:
+                if not self.machine.holds(term):
+                    return
+                await self.vips.add(vip, self.lifetime)
+                added.append(vip)
+            self._arm_deadline()
+            log.info("%s: term %s holds %s", self.name, term, ", ".join(map(str, added)))
+            async with asyncio.TaskGroup() as tg:
+                if tt.serve and self.sync is not None:
+                    tg.create_task(self.sync.serve(term))
+                if tt.announce:
+                    tg.create_task(self._announce(term))
+            # The term lasts until the machine ends it (cancellation).
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: term %s task failed", self.name, term)
+        finally:
+            if not tt.keep_vips:
+                for vip in added:
+                    try:
+                        await self.vips.remove(vip)
+                    except Exception:
+                        log.exception("%s: could not remove VIP %s", self.name, vip)
+                log.info("%s: term %s over, VIPs removed", self.name, term)
+            else:
+                log.info("%s: term %s detached, VIPs left to their lifetime", self.name, term)
+
+    async def _announce(self, term: Term) -> None:
+        for i in range(self.announce_count):
+            if not self.machine.holds(term):
+                log.info("%s: lost term %s, announcements stop", self.name, term)
+                return
+            for vip in self.addresses:
+                self.vips.announce(vip)
+            self.announcements += 1
+            if i + 1 < self.announce_count:
+                await self.clock.sleep(self.announce_interval)
+
+    async def _refresh(self, term: Term) -> None:
+        tt = self._term
+        if tt is None or tt.term != term or tt.task is None or tt.task.done():
+            return
+        if not self.machine.holds(term):
+            return
+        if self.lifetime is not None:
+            for vip in self.addresses:
+                await self.vips.add(vip, self.lifetime)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if self.dataplane is None or self.coord is None:
+            return
+        deadline = self.coord.fence_deadline
+        if deadline is not None:
+            self.dataplane.set_deadline(int(deadline * 1e9))
+
+    async def _end_term(self) -> None:
+        tt, self._term = self._term, None
+        if tt is None or tt.task is None:
+            return
+        tt.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tt.task
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _stop_follow(self) -> None:
+        task, self._follow = self._follow, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: coordinator action failed", self.name, exc_info=task.exception())
+
+    async def _timer(self, kind: Timer, delay: float, token: int) -> None:
+        await self.clock.sleep(delay)
+        self._timers.pop(kind, None)
+        self.emit(TimerFired(kind, token))
+
+    def _cancel_timer(self, kind: Timer) -> None:
+        task = self._timers.pop(kind, None)
+        if task is not None:
+            task.cancel()
+
+    async def _cleanup(self) -> None:
+        for t in list(self._timers.values()) + list(self._background):
+            t.cancel()
+        pending = list(self._timers.values()) + list(self._background)
+        self._timers.clear()
+        await self._end_term()
+        await self._stop_follow()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
