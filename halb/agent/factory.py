@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ipaddress import IPv6Address
-from pathlib import Path
 
 from halb.config import ClusterConfig, NodeConfig
 from halb.dataplane.base import Dataplane
@@ -19,7 +18,7 @@ class DataplaneUnavailable(RuntimeError):
 def make_dataplane(cfg: ClusterConfig, node: NodeConfig) -> Dataplane:
     kind = cfg.dataplane.kind
     if kind is DataplaneKind.XDP:
-        from halb.dataplane.xdp.adapter import XdpDataplane
+        from halb.dataplane.xdp.adapter import XdpDataplane, default_pin_dir
 
         v6 = [
             n.address.ip
@@ -30,7 +29,7 @@ def make_dataplane(cfg: ClusterConfig, node: NodeConfig) -> Dataplane:
             node.interface,
             node.address.ip,
             cfg.dataplane.xdp_mode,
-            pin_dir=Path("/run/halb/bpffs") / cfg.cluster / node.name,
+            pin_dir=default_pin_dir(cfg.cluster, node.name),
             node_address6=v6[0] if v6 else None,
         )
     if kind is DataplaneKind.NFT:
@@ -39,4 +38,8 @@ def make_dataplane(cfg: ClusterConfig, node: NodeConfig) -> Dataplane:
         except ImportError as exc:
             raise DataplaneUnavailable(f"the nft dataplane is not available: {exc}") from exc
         return NftDataplane.from_config(cfg, node)
+    if kind is DataplaneKind.IPVS:
+        from halb.dataplane.ipvs.adapter import IpvsDataplane
+
+        return IpvsDataplane()
     raise DataplaneUnavailable(f"the {kind.value} dataplane is not available on this build")

@@ -28,8 +28,10 @@ import aetcd
 
 from halb.agent import etcdio
 from halb.agent.factory import make_dataplane
+from halb.agent.health import HealthRole, TermRoles
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
+from halb.checks.view import HealthView
 from halb.config import (
     ClusterConfig,
     ConfigError,
@@ -38,7 +40,7 @@ from halb.config import (
     load_config,
     parse_config_text,
 )
-from halb.dataplane.base import Dataplane
+from halb.dataplane.base import ApplyResult, Dataplane
 from halb.ha.coord import Coordinator, GroupKeys
 from halb.ha.machine import (
     Action,
@@ -144,8 +146,11 @@ class Agent:
         self.groups: dict[str, _Group] = {}
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
+        self.health: HealthRole | None = None
         self._status_dirty = asyncio.Event()
         self._stop = asyncio.Event()
+        # Config reloads and health views both reprogram the dataplane: one at a time.
+        self._apply_lock = asyncio.Lock()
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -295,7 +300,12 @@ class Agent:
                 "they take effect when the agent restarts",
                 revision,
             )
-        result = await asyncio.to_thread(self.dataplane.apply, new.services())
+        # From here on every reprogramming (a health view arriving too) uses the new
+        # config; the revision is reported once everything below is done.
+        self.cfg = new
+        if self.health is not None:
+            await self.health.reconfigure(new)
+        result = await self._program(new)
         sync_update_config(self.sync, new)  # flows to new backends are accepted from now
         log.info(
             "config revision %d applied: %d services added, %d removed, %d updated, "
@@ -316,7 +326,7 @@ class Agent:
             if old_vips != new_vips:
                 await self._update_vips(g, old_vips, new_vips)
             self._update_election(g)
-        self.cfg, self.config_revision = new, revision
+        self.config_revision = revision
         self._status_dirty.set()
 
     def _update_election(self, g: _Group) -> None:
@@ -373,6 +383,7 @@ class Agent:
         assert cfg is not None and node is not None and dp is not None
         members = sorted(cfg.group_nodes(g), key=lambda n: -n.priority)
         rank = [n.name for n in members].index(node.name)
+        keys = GroupKeys(cfg.etcd.prefix, cfg.cluster, g.name)
         status = GroupStatus()
         machine = ObservedMachine(
             MachineConfig(
@@ -393,13 +404,18 @@ class Agent:
             addresses=[v.address for v in g.vips],
             announce_count=g.announce.count,
             announce_interval=g.announce.interval,
-            sync=self.sync,
+            # The first group's active node also publishes the cluster's health view.
+            sync=(
+                TermRoles(self.sync, self.health, keys.leader)
+                if self.health is not None and g is cfg.vip_groups[0]
+                else self.sync
+            ),
             dataplane=dp,
             name=g.name,
         )
         coord = Coordinator(
             client,
-            GroupKeys(cfg.etcd.prefix, cfg.cluster, g.name),
+            keys,
             node.name,
             node.priority,
             ttl=cfg.etcd.lease_ttl,
@@ -437,6 +453,10 @@ class Agent:
                 if self.sync is None and self.sync_factory is not None:
                     self.sync = self.sync_factory(self.cfg, self.node_name, self.dataplane)
                 tune_gc()
+                self.health = HealthRole(self.cfg, self.node_name, client, self._on_view)
+                await self.health.seed()
+                if self.health.view is not None:
+                    await self._program(self.cfg)
                 await self._run_groups(client)
             finally:
                 await asyncio.to_thread(self.dataplane.close)
@@ -464,6 +484,7 @@ class Agent:
                 ]
                 aux = [
                     tg.create_task(self._publish_status(client), name="status"),
+                    tg.create_task(self._run_health(), name="health"),
                     tg.create_task(self._follow_config(client), name="config"),
                     tg.create_task(self._on_hup(hup, client), name="sighup"),
                 ]
@@ -479,6 +500,33 @@ class Agent:
                 await asyncio.wait_for(
                     client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0
                 )
+
+    async def _program(self, cfg: ClusterConfig) -> ApplyResult:
+        """Make the dataplane hold cfg's services under the current health view."""
+        assert self.dataplane is not None
+        services = self.health.services(cfg) if self.health is not None else cfg.services()
+        async with self._apply_lock:
+            return await asyncio.to_thread(self.dataplane.apply, services)
+
+    async def _on_view(self, view: HealthView) -> None:
+        assert self.cfg is not None
+        result = await self._program(self.cfg)
+        log.info(
+            "health view r%d applied: %d services updated, %d dataplane writes",
+            view.revision,
+            len(result.updated),
+            result.writes,
+        )
+        self._status_dirty.set()
+
+    async def _run_health(self) -> None:
+        assert self.health is not None
+        try:
+            await self.health.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("backend health stopped; the dataplane keeps its last view")
 
     async def _on_hup(self, hup: asyncio.Event, client: aetcd.Client) -> None:
         while True:

@@ -31,7 +31,7 @@ def dataplane_group() -> None:
 def show(pin_dir: Path | None, node: str | None, config_path: str | None, output: str) -> None:
     """VIPs and services, each backend's share of the Maglev ring, flows and counters.
 
-    Reads the maps the agent pinned, in --pin-dir or in /run/halb/bpffs/NODE for --node
+    Reads the maps the agent pinned, in --pin-dir or in /run/halb/bpffs/CLUSTER/NODE for --node
     (checked against the config).
     """
     from halb.dataplane.xdp.adapter import default_pin_dir
@@ -47,7 +47,7 @@ def show(pin_dir: Path | None, node: str | None, config_path: str | None, output
             fail(str(exc.args[0]), 2)
         if cfg.dataplane.kind != "xdp":
             fail(f"the cluster uses the {cfg.dataplane.kind} dataplane, not xdp", 2)
-        pin_dir = default_pin_dir(node)
+        pin_dir = default_pin_dir(cfg.cluster, node)
     assert pin_dir is not None
     try:
         report = read_pinned(pin_dir)

@@ -131,13 +131,14 @@ def _require_root() -> None:
 @click.argument("node")
 @click.argument("fault", type=click.Choice(faults.FAULTS))
 def fault(node: str, fault: str) -> None:
-    """Inject FAULT on balancer NODE (lb1, lb2, ...).
+    """Inject FAULT on balancer NODE (lb1, lb2, ...) or backend NODE (be1, ...).
 
     \b
-    kill, stop, cont, term   SIGKILL / SIGSTOP / SIGCONT / SIGTERM the agent
-    start                    start the agent again (after kill or term)
-    link-down, link-up       the node's front interface (eth0)
-    etcd-cut, etcd-heal      drop / restore the node's traffic to etcd only
+    kill, stop, cont, term     SIGKILL / SIGSTOP / SIGCONT / SIGTERM the agent
+    start                      start the agent again (after kill or term)
+    link-down, link-up         the node's front interface (eth0)
+    etcd-cut, etcd-heal        drop / restore the node's traffic to etcd only
+    server-stop, server-start  a backend's TCP/HTTP/UDP server (health checks fail)
     """
     _require_root()
     state = builder.load_state()

@@ -259,7 +259,7 @@ class GroupRuntime:
         added: list[IPAddress] = []
         try:
             for vip in self.addresses:
-                if not self.machine.holds(term):
+                if not self._owns(term):
                     return
                 await self.vips.add(vip, self.lifetime)
                 added.append(vip)
@@ -289,7 +289,7 @@ class GroupRuntime:
 
     async def _announce(self, term: Term) -> None:
         for i in range(self.announce_count):
-            if not self.machine.holds(term):
+            if not self._owns(term):
                 log.info("%s: lost term %s, announcements stop", self.name, term)
                 return
             for vip in self.addresses:
@@ -302,12 +302,22 @@ class GroupRuntime:
         tt = self._term
         if tt is None or tt.term != term or tt.task is None or tt.task.done():
             return
-        if not self.machine.holds(term):
+        if not self._owns(term):
             return
         if self.lifetime is not None:
             for vip in self.addresses:
                 await self.vips.add(vip, self.lifetime)
         self._arm_deadline()
+
+    def _owns(self, term: Term) -> bool:
+        """Holding the term *and* inside the fence deadline. A process frozen past its
+        deadline (SIGSTOP, a stalled host) resumes before its machine has been told the
+        term is over: it must not announce or re-add a VIP on the strength of that
+        stale belief."""
+        if not self.machine.holds(term):
+            return False
+        deadline = self.coord.fence_deadline if self.coord is not None else None
+        return deadline is None or self.clock.now() < deadline
 
     def _arm_deadline(self) -> None:
         if self.dataplane is None or self.coord is None:

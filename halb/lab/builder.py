@@ -172,19 +172,28 @@ def _start_etcd(p: LabPlan, pids: dict[str, int]) -> None:
     _wait("etcd to become healthy", lambda: _etcd_healthy(p.etcd_endpoint), 20)
 
 
+def backend_argv(name: str, lab_dir: Path) -> list[str]:
+    ready = lab_dir / "run" / f"{name}.ready"
+    return [
+        sys.executable, "-m", "halb.lab.backend_server", name,
+        "--echo-port", str(ECHO_PORT), "--http-port", str(HTTP_PORT),
+        "--udp-port", str(UDP_PORT), "--ready-file", str(ready),
+    ]  # fmt: skip
+
+
+def start_backend(name: str, namespace: str, lab_dir: Path) -> int:
+    """Start one backend server and wait until it serves; returns its pid."""
+    ready = lab_dir / "run" / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    pid = spawn(backend_argv(name, lab_dir), lab_dir / "logs" / f"{name}.log", ns=namespace,
+                append=True)  # fmt: skip
+    _wait(f"the server on {name}", ready.exists, 20)
+    return pid
+
+
 def _start_backends(p: LabPlan, pids: dict[str, int]) -> None:
     for b in p.backends:
-        ready = p.lab_dir / "run" / f"{b.name}.ready"
-        ready.unlink(missing_ok=True)
-        argv = [
-            sys.executable, "-m", "halb.lab.backend_server", b.name,
-            "--echo-port", str(ECHO_PORT), "--http-port", str(HTTP_PORT),
-            "--udp-port", str(UDP_PORT), "--ready-file", str(ready),
-        ]  # fmt: skip
-        pids[b.name] = spawn(argv, p.lab_dir / "logs" / f"{b.name}.log", ns=b.namespace)
-    for b in p.backends:
-        ready = p.lab_dir / "run" / f"{b.name}.ready"
-        _wait(f"the server on {b.name}", ready.exists, 20)
+        pids[b.name] = start_backend(b.name, b.namespace, p.lab_dir)
 
 
 def status_doc(p: LabPlan, dataplane: str, pids: dict[str, int]) -> dict[str, Any]:

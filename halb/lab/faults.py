@@ -103,6 +103,10 @@ def _etcd_heal(ns: str) -> None:
 
 def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
     """Inject ``fault`` on lab node ``node``; returns a line saying what was done."""
+    if fault == "server-stop":
+        return stop_backend(node, state)
+    if fault == "server-start":
+        return start_backend(node, state)
     entry = next((n for n in state["nodes"] if node in (n["name"], n["namespace"])), None)
     if entry is None:
         raise FaultError(f"{node} is not a balancer node of the lab")
@@ -168,3 +172,43 @@ def _stopped(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] == "T"
+
+
+def _backend(name: str, state: dict[str, Any]) -> dict[str, Any]:
+    backends: list[dict[str, Any]] = state["backends"]
+    entry = next((b for b in backends if name in (b["name"], b["namespace"])), None)
+    if entry is None:
+        raise FaultError(f"{name} is not a backend of the lab")
+    return entry
+
+
+def server_pid(name: str, state: dict[str, Any]) -> int | None:
+    """The pid of the backend server running in backend ``name``'s namespace."""
+    ns = _backend(name, state)["namespace"]
+    for pid in netns.netns_pids(ns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"halb.lab.backend_server" in argv and netns.pid_alive(pid):
+            return pid
+    return None
+
+
+def stop_backend(name: str, state: dict[str, Any]) -> str:
+    """Stop a backend's server (its health checks start failing)."""
+    pid = server_pid(name, state)
+    if pid is None:
+        raise FaultError(f"no server runs on {name}")
+    netns.kill_pids([pid])
+    return f"stopped the server on {name} (pid {pid})"
+
+
+def start_backend(name: str, state: dict[str, Any]) -> str:
+    from halb.lab.builder import start_backend as spawn_backend
+
+    entry = _backend(name, state)
+    if (pid := server_pid(name, state)) is not None:
+        raise FaultError(f"a server already runs on {name} (pid {pid})")
+    pid = spawn_backend(entry["name"], entry["namespace"], Path(state["lab_dir"]))
+    return f"started the server on {name} (pid {pid})"

@@ -305,7 +305,8 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
     if nat:
         group["nat"] = {"gateway": p.nat_gateway, "snat": p.snat}
     return {
-        "cluster": "lab",
+        # Distinct per instance: pinned maps live under /run/halb/bpffs/<cluster>/<node>.
+        "cluster": "lab" if p.site.instance == 0 else f"lab{p.site.instance}",
         "etcd": {"endpoints": [p.etcd_endpoint], "lease_ttl": 1.0},
         # Generic XDP: on veth, native XDP_TX needs a program on the peer too, and
         # both measure alike end to end (PLATFORM.md).

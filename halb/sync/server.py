@@ -200,7 +200,9 @@ class FlowSyncServer:
         )
         return int(port)
 
-    async def stop(self, grace: float | None = 0.5) -> None:
+    async def stop(self, grace: float | None = 0.0) -> None:
+        # No grace by default: a standby's stream never ends by itself, so any grace is
+        # waited out in full, and the term (with its VIP removal and hand-over) waits too.
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None

@@ -222,3 +222,23 @@ def test_cli_show_reads_the_pinned_maps(topo: Topo, dp: XdpDataplane) -> None:
     table = CliRunner().invoke(cli, ["dataplane", "show", "--pin-dir", str(topo.pin_dir)])
     assert table.exit_code == 0
     assert "10.77.0.5:80" in table.output
+
+
+def test_show_reads_each_ring_exactly(topo: Topo, dp: XdpDataplane) -> None:
+    """Every slot of a service's ring region belongs to that service (the batch read
+    starts at the region's first slot, not one past it)."""
+    from halb.dataplane.xdp.inspect import read_pinned
+    from halb.lb.maglev import build_table
+
+    dp.apply([svc(WEB, B2, B3), svc(DNS, B4, ring=1009)])
+    report = read_pinned(topo.pin_dir)
+    by_service = {s["service"]: s for s in report["services"]}
+    web = by_service["10.77.0.100:80/tcp"]
+    dns = by_service["10.77.0.100:53/udp"]
+    assert {b["backend"] for b in web["backends"]} == {str(B2), str(B3)}
+    assert {b["backend"] for b in dns["backends"]} == {str(B4)}
+    table = build_table({str(B2): 1, str(B3): 1}, 1009)
+    counts = {str(B2): 0, str(B3): 0}
+    for name in table.mapped(lambda n: n):
+        counts[name] += 1
+    assert {b["backend"]: b["slots"] for b in web["backends"]} == counts

@@ -112,13 +112,18 @@ def test_sigkill_of_the_active_moves_the_vip_and_lb1_preempts_back(ha: dict[str,
     assert not has_vip("lb2")
 
 
-def test_preempt_false_keeps_the_lower_priority_leader(ha: dict[str, Any]) -> None:
-    doc = yaml.safe_load(Path(ha["config"]).read_text())
+def no_preempt(lab: dict[str, Any]) -> None:
+    """Store the lab config with preempt: false (the ha fixture restores it)."""
+    doc = yaml.safe_load(Path(lab["config"]).read_text())
     doc["vip_groups"][0]["preempt"] = False
-    new = Path(ha["lab_dir"]) / "no-preempt.yaml"
+    new = Path(lab["lab_dir"]) / "no-preempt.yaml"
     new.write_text(yaml.safe_dump(doc, sort_keys=False))
     r = halb("config", "apply", str(new))
     assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_preempt_false_keeps_the_lower_priority_leader(ha: dict[str, Any]) -> None:
+    no_preempt(ha)
     faults.apply_fault("lb1", "kill", ha)
     wait_until("lb2 to lead", lambda: leader(ha["config"]) == "lb2", 10)
     faults.apply_fault("lb1", "start", ha)
@@ -139,7 +144,12 @@ def test_frozen_leader_is_replaced_and_sends_no_arp_after_it_resumes(
 ) -> None:
     lb1_mac = next(n["mac"] for n in ha["nodes"] if n["name"] == "lb1")
     lb2_mac = next(n["mac"] for n in ha["nodes"] if n["name"] == "lb2")
+    # Freeze lb1 in the middle of its announcements (3 every 0.1 s after it wins):
+    # resumed, it must not finish them on the strength of a term it no longer holds.
+    no_preempt(ha)
+    assert halb("failover", "--to", "lb2").returncode == 0
     with ArpCapture() as cap:
+        assert halb("failover", "--to", "lb1").returncode == 0
         faults.apply_fault("lb1", "stop", ha)
         wait_until("lb2 to lead", lambda: leader(ha["config"]) == "lb2", 10)
         wait_until("the service through lb2", reaches_service, 10)
@@ -151,6 +161,7 @@ def test_frozen_leader_is_replaced_and_sends_no_arp_after_it_resumes(
         assert leader(ha["config"]) == "lb2"
     claims = cap.announcements(VIP)
     assert any(f.src_mac == lb2_mac for f in claims), "lb2 never announced the VIP"
+    assert any(f.src_mac == lb1_mac for f in claims), "lb1 never announced the VIP"
     late = [f for f in claims if f.src_mac == lb1_mac and f.time > resumed]
     assert late == [], f"resumed lb1 claimed the VIP: {late}"
 
@@ -171,11 +182,14 @@ def test_etcd_cut_active_drops_the_vip_before_the_standby_adds_it(ha: dict[str, 
 
 
 def test_planned_failover_via_cli(ha: dict[str, Any]) -> None:
+    # With preemption on, lb1 would take the group back after its hold-down.
+    no_preempt(ha)
     r = halb("failover", "--to", "lb2")
     assert r.returncode == 0, r.stderr
     m = re.search(r"lab: lb1 -> lb2 in (\d+) ms", r.stdout)
     assert m, r.stdout
     print(f"planned failover: {m.group(1)} ms")
+    assert int(m.group(1)) < 1000
     assert leader(ha["config"]) == "lb2"
     wait_until("lb2 to own the VIP", lambda: has_vip("lb2"), 5)
     assert not has_vip("lb1")

@@ -70,9 +70,11 @@ class XdpDataplaneError(ValueError):
     pass
 
 
-def default_pin_dir(node: str) -> Path:
-    """Where the agent of ``node`` pins its maps (and where `halb dataplane show` looks)."""
-    return Path("/run/halb/bpffs") / node
+def default_pin_dir(cluster: str, node: str) -> Path:
+    """Where the agent of ``node`` pins its maps (and where `halb dataplane show` and
+    `halb flows` look). The cluster is part of it: two lab instances on one machine
+    both have a node lb1."""
+    return Path("/run/halb/bpffs") / cluster / node
 
 
 def net16(port: int) -> int:

@@ -5,6 +5,7 @@ Only reads; works from any process that can open the pins (no adapter state need
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections import Counter as Tally
 from pathlib import Path
@@ -37,6 +38,13 @@ def _host(addr: Any) -> str:
     return f"[{addr}]" if addr.version == 6 else str(addr)
 
 
+def _ring_digest(ring: array[int], names: dict[int, str]) -> str:
+    h = hashlib.sha256()
+    for bid in ring:
+        h.update(names.get(bid, "-").encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
 def read_pinned(pin_dir: Path) -> dict[str, Any]:
     """Services with ring shares per backend, counters, flow count, deadline."""
     maps = open_pinned_maps(pin_dir)
@@ -53,6 +61,7 @@ def read_pinned(pin_dir: Path) -> dict[str, Any]:
             ring.frombytes(maps["ring"].read_array(info.index * stride, info.ring_size))
             slots = Tally(ring)
             backends = []
+            names: dict[int, str] = {}
             for bid, n in sorted(slots.items(), key=lambda kv: -kv[1]):
                 row = maps["backends"].lookup(bid)
                 entry: dict[str, Any] = {"backend": None, "id": None, "mac": None}
@@ -63,6 +72,7 @@ def read_pinned(pin_dir: Path) -> dict[str, Any]:
                     if row.flags & BACKEND_F_VALID:
                         addr = addr_from_words(row.addr, row.family)
                         entry["backend"] = f"{_host(addr)}:{row.port}"
+                        names[bid] = entry["backend"]
                         entry["mac"] = mac_from_bytes(row.mac)
                 entry.update(
                     slots=n,
@@ -78,6 +88,9 @@ def read_pinned(pin_dir: Path) -> dict[str, Any]:
                     "index": info.index,
                     "forwarding": "tunnel" if info.flags & SVC_F_TUNNEL else "dsr",
                     "ring_size": info.ring_size,
+                    # Backend ids differ between nodes; the digest of the slot -> backend
+                    # address sequence does not, so rings compare across nodes.
+                    "ring_digest": _ring_digest(ring, names),
                     "packets": packets,
                     "bytes": nbytes,
                     "backends": backends,

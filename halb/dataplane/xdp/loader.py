@@ -198,8 +198,11 @@ class BpfMap:
         chunk = min(max(count, 1), _BATCH * 4)
         kbuf = ctypes.create_string_buffer(4 * chunk)
         vbuf = ctypes.create_string_buffer(vsize * chunk)
-        token_in = ctypes.c_uint32(start)  # for arrays the batch token is the next index
+        # The kernel resumes a batch *after* the key in in_batch (map_get_next_key), so
+        # to start at `start` pass start - 1, or no token at all for index 0.
+        token_in = ctypes.c_uint32(max(start - 1, 0))
         token_out = ctypes.c_uint32(0)
+        first = start > 0
         opts = lb.BpfMapBatchOpts(sz=ctypes.sizeof(lb.BpfMapBatchOpts))
         parts: list[bytes] = []
         left = count
@@ -207,7 +210,7 @@ class BpfMap:
             n = ctypes.c_uint32(min(chunk, left))
             ret = lb.lib.bpf_map_lookup_batch(
                 self.fd,
-                ctypes.byref(token_in),
+                ctypes.byref(token_in) if first else None,
                 ctypes.byref(token_out),
                 kbuf,
                 vbuf,
@@ -221,6 +224,7 @@ class BpfMap:
             if ret == -2 or n.value == 0:
                 break
             token_in.value = token_out.value
+            first = True
         return b"".join(parts)
 
     def close(self) -> None:
