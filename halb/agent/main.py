@@ -29,6 +29,7 @@ import aetcd
 from halb.agent import etcdio
 from halb.agent.factory import make_dataplane
 from halb.agent.health import HealthRole, TermRoles
+from halb.agent.linkwatch import watch_link
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
 from halb.checks.view import HealthView
@@ -121,6 +122,8 @@ class _Group:
     runtime: GroupRuntime
     status: GroupStatus
     previous_leader: str | None = None
+    # The drain key's state, apart from a drain the agent applies itself (link down).
+    operator_drained: bool = False
 
 
 class Agent:
@@ -147,6 +150,7 @@ class Agent:
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
         self.health: HealthRole | None = None
+        self.link_down = False
         self._status_dirty = asyncio.Event()
         self._stop = asyncio.Event()
         # Config reloads and health views both reprogram the dataplane: one at a time.
@@ -204,6 +208,8 @@ class Agent:
         if g is None:
             return
         cause = describe_cause(ev)
+        if isinstance(ev, Drain) and self.link_down and self.node is not None:
+            cause = f"interface {self.node.interface} down"
         g.status.state = new.value
         g.status.term = str(m.st.term) if m.st.term else None
         g.status.since = time.time()
@@ -225,6 +231,27 @@ class Agent:
             g.status.leader = self.node_name
         log.info("group %s: %s -> %s: %s", group, old.value, new.value, cause)
         self._status_dirty.set()
+
+    def _from_coord(self, group: str, ev: Event) -> None:
+        """Coordinator events, with the operator's drain combined with the link's."""
+        g = self.groups.get(group)
+        if g is None:
+            return
+        if isinstance(ev, Drain):
+            g.operator_drained = True
+        elif isinstance(ev, Undrain):
+            g.operator_drained = False
+            if self.link_down:
+                return  # still drained: the interface is down
+        g.runtime.emit(ev)
+
+    def _on_link(self, up: bool) -> None:
+        self.link_down = not up
+        for g in self.groups.values():
+            if not up:
+                g.runtime.emit(Drain())
+            elif not g.operator_drained:
+                g.runtime.emit(Undrain())
 
     def _status(self) -> NodeStatus:
         assert self.cfg is not None
@@ -419,7 +446,7 @@ class Agent:
             node.name,
             node.priority,
             ttl=cfg.etcd.lease_ttl,
-            emit=rt.emit,
+            emit=lambda ev: self._from_coord(g.name, ev),
             state_dir=Path(cfg.state_dir) / node.name,
         )
         rt.coord = coord
@@ -485,6 +512,7 @@ class Agent:
                 aux = [
                     tg.create_task(self._publish_status(client), name="status"),
                     tg.create_task(self._run_health(), name="health"),
+                    tg.create_task(watch_link(node.interface, self._on_link), name="link"),
                     tg.create_task(self._follow_config(client), name="config"),
                     tg.create_task(self._on_hup(hup, client), name="sighup"),
                 ]

@@ -25,13 +25,18 @@ VIP = f"{SITE.net(0)}.100"
 
 
 def halb(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HALB, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)  # fmt: skip
+    return subprocess.run(
+        [HALB, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def has_vip(node: str) -> bool:
-    out = subprocess.run(["ip", "-n", SITE.ns(node), "-br", "addr", "show", "eth0"],
-                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    out = subprocess.run(
+        ["ip", "-n", SITE.ns(node), "-br", "addr", "show", "eth0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     return f"{VIP}/32" in out
 
 
@@ -266,3 +271,20 @@ def test_three_agents_elect_by_priority_and_survive_two_kills(lab3: dict[str, An
     faults.apply_fault("lb2", "kill", lab3)
     wait_until("lb3 to lead", lambda: leader(cfg) == "lb3", 10)
     wait_until("the service through lb3", lambda: has_vip("lb3") and reaches_service(), 10)
+
+
+def test_link_down_on_the_active_hands_over_and_link_up_takes_it_back(
+    ha: dict[str, Any],
+) -> None:
+    t0 = time.monotonic()
+    faults.apply_fault("lb1", "link-down", ha)
+    wait_until("lb2 to own the VIP", lambda: has_vip("lb2"), 5)
+    wait_until("the service through lb2", reaches_service, 5)
+    print(f"link-down: service through lb2 after {time.monotonic() - t0:.2f}s")
+    assert leader(ha["config"]) == "lb2"
+    node = next(n for n in cluster_status(ha["config"])["nodes"] if n["name"] == "lb1")
+    assert node["groups"]["lab"]["cause"] == "interface eth0 down"
+    time.sleep(2.5)  # past the hold-down: a node with its link down never campaigns
+    assert leader(ha["config"]) == "lb2"
+    faults.apply_fault("lb1", "link-up", ha)
+    wait_until("lb1 to take the group back", lambda: leader(ha["config"]) == "lb1", 15)

@@ -62,8 +62,13 @@ def halb(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def in_client(code: str, *args: str) -> list[str]:
-    r = subprocess.run(["ip", "netns", "exec", SITE.ns("client"), sys.executable, "-c", code,
-                        *args], capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    r = subprocess.run(
+        ["ip", "netns", "exec", SITE.ns("client"), sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.split()
 
@@ -78,10 +83,21 @@ def spread(n: int = 40) -> dict[str, int]:
 class Holder:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", SITE.ns("client"), sys.executable, "-c", HOLDER, VIP,
-             str(ECHO)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                "ip",
+                "netns",
+                "exec",
+                SITE.ns("client"),
+                sys.executable,
+                "-c",
+                HOLDER,
+                VIP,
+                str(ECHO),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         self.backend = self.proc.stdout.readline().strip()
 
@@ -208,8 +224,11 @@ def test_sorry_backend_takes_new_flows_when_all_are_down(hl: dict[str, Any]) -> 
     assert set(spread(20)) <= {"be1", "be2"}
     faults.stop_backend("be1", hl)
     faults.stop_backend("be2", hl)
-    wait_until("the sorry backend to take the ring",
-               lambda: set(echo_ring(hl)) == {f"{sorry['address']}:{ECHO}"}, DOWN_WITHIN + 3)  # fmt: skip
+    wait_until(
+        "the sorry backend to take the ring",
+        lambda: set(echo_ring(hl)) == {f"{sorry['address']}:{ECHO}"},
+        DOWN_WITHIN + 3,
+    )
     assert set(spread(20)) == {"be3"}
 
 
