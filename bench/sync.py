@@ -13,14 +13,23 @@ core and GIL, as on two nodes) run the real server and client. Measured:
 Every figure is printed beside its ratio to the baseline measured in the same run.
 Targets from the issue: >= 200k entries/s, p99 lag <= 20 ms, 1M flows in <= 10 s.
 
+With --xdp (root), the same three again with real XDP flow maps at both ends, each
+XdpDataplane attached (generic mode) to a veth in a namespace of its own: flows are
+written into the active's map (as its program would), learned by XdpFlowSource scans,
+streamed, and installed into the standby's map. Printed beside the FakeDataplane
+figures of the same run.
+
     .venv/bin/python bench/sync.py                  # full run (1M-flow resync)
     .venv/bin/python bench/sync.py --resync-flows 200000   # scaled down, extrapolated
+    .venv/bin/python bench/sync.py --resync-flows 100000 --xdp   # plus the XDP-map ends
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -37,8 +46,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halb.config import ClusterConfig, parse_config
-from halb.model import Flow, Protocol, Term
+from halb.config import ClusterConfig, TlsFiles, parse_config
+from halb.dataplane.xdp.adapter import XdpDataplane
+from halb.model import Flow, Protocol, Service, Term
 from halb.sync import certs, codec
 from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.server import FlowSyncServer, ServerOptions
@@ -99,6 +109,50 @@ def flow(i: int) -> Flow:
     )
 
 
+def xdp_services() -> list[Service]:
+    """The bench config's services with backend MACs (no neighbour resolution)."""
+    return [
+        dataclasses.replace(
+            svc,
+            backends=tuple(
+                dataclasses.replace(b, mac=f"02:00:00:00:00:{i + 1:02x}")
+                for i, b in enumerate(svc.backends)
+            ),
+        )
+        for svc in parse_config(CONFIG).services()
+    ]
+
+
+def xdp_dataplane(ns: str, address: str) -> XdpDataplane:
+    """An XdpDataplane on veth0 of namespace ns (made by XdpNamespaces)."""
+    dp = XdpDataplane("veth0", ipaddress.ip_address(address), "generic", None, ns)
+    dp.apply(xdp_services())
+    return dp
+
+
+class XdpNamespaces:
+    """Two namespaces, each with a veth pair, for the active's and standby's maps."""
+
+    def __init__(self) -> None:
+        self.names = [f"halbt-bsync-{os.getpid()}-{side}" for side in ("a", "b")]
+
+    def __enter__(self) -> list[str]:
+        try:
+            for ns in self.names:
+                subprocess.run(["ip", "netns", "add", ns], check=True)
+                subprocess.run(["ip", "-n", ns, "link", "add", "veth0", "type", "veth",
+                                "peer", "name", "veth1"], check=True)  # fmt: skip
+                subprocess.run(["ip", "-n", ns, "link", "set", "veth0", "up"], check=True)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.names
+
+    def __exit__(self, *exc: object) -> None:
+        for ns in self.names:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
 def flow_id(f: Flow) -> int:
     return int(f.src) - 0x64400000
 
@@ -143,12 +197,41 @@ class NullSink(TimedSink):
         return len(flows)
 
 
+class XdpSink(TimedSink):
+    """A real XdpDataplane (in namespace ``ns``) that records install times."""
+
+    def __init__(self, ns: str) -> None:
+        super().__init__()
+        self.dp = xdp_dataplane(ns, "10.0.0.12")
+
+    def install_flows(self, flows: Iterable[Flow]) -> int:
+        flows = list(flows)
+        n = self.dp.install_flows(flows)
+        if self.record:
+            now = time.monotonic()
+            for f in flows:
+                self.times[flow_id(f)] = now
+        return n
+
+    def delete_flows(self, flows: Iterable[Flow]) -> int:
+        return self.dp.delete_flows(flows)
+
+    def close(self) -> None:
+        self.dp.close()
+
+
 async def standby(target: str, pki: str, sink_kind: str) -> None:
-    make_sink = NullSink if sink_kind == "null" else TimedSink
+    kind, _, ns = sink_kind.partition(":")
+    sinks: list[TimedSink] = []
+
+    def make_sink() -> TimedSink:
+        for old in sinks:
+            old.close()  # one XDP program per veth
+        sinks[:] = [XdpSink(ns) if kind == "xdp" else NullSink() if kind == "null" else TimedSink()]
+        return sinks[0]
+
     cfg = parse_config(CONFIG)
-    files = certs.TlsFiles(
-        ca=f"{pki}/ca.pem", cert=f"{pki}/{{node}}.pem", key=f"{pki}/{{node}}-key.pem"
-    )
+    files = TlsFiles(ca=f"{pki}/ca.pem", cert=f"{pki}/{{node}}.pem", key=f"{pki}/{{node}}-key.pem")
     sec = SyncSecurity.from_files(files, "lb2", NODES)
     opts = ClientOptions(heartbeat_timeout=30.0)  # a 1M snapshot has long gaps on 2 cores
 
@@ -201,6 +284,8 @@ async def standby(target: str, pki: str, sink_kind: str) -> None:
         elif cmd == "quit":
             break
     await client.stop()
+    for old in sinks:
+        old.close()
 
 
 # --- the active (this process) ---------------------------------------------------
@@ -453,8 +538,112 @@ async def active(args: argparse.Namespace) -> None:
         finally:
             child.close()
             await server.stop(0)
+        if args.xdp:
+            results["xdp"] = await xdp_section(args, sec, pki, results)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+async def xdp_written(server: FlowSyncServer, source: Any, total: int) -> None:
+    """Wait until the scans have published ``total`` upserts and the standby acked."""
+    deadline = time.monotonic() + 300
+    while source.stats().upserts < total:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the scans did not see every written flow")
+        await asyncio.sleep(0.001)
+    server.flush()  # the last partial batch counts in head_sequence only once published
+    await wait_acked(server)
+
+
+async def xdp_section(
+    args: argparse.Namespace, sec: SyncSecurity, pki: str, fake: dict[str, Any]
+) -> dict[str, Any]:
+    """Throughput, lag and resync again, active's XDP map -> standby's XDP map."""
+    from halb.dataplane.xdp.flowsource import XdpFlowSource
+
+    out: dict[str, Any] = {}
+    with XdpNamespaces() as (ns_a, ns_b):
+        dp = await asyncio.to_thread(xdp_dataplane, ns_a, "10.0.0.11")
+        source = XdpFlowSource.from_dataplane(dp)
+        opts = ServerOptions(batch_size=args.batch_sizes[-1])
+        server = FlowSyncServer(source, term=TERM, security=sec, address="127.0.0.1:0",
+                                options=opts)  # fmt: skip
+        port = await server.start()
+        scans = asyncio.create_task(source.run(server.push))
+        child = Child(f"127.0.0.1:{port}", pki, args.gc, f"xdp:{ns_b}")
+        written = 0
+        try:
+            await child.ask("start")
+            print(f"# XDP map ends (generic XDP on veth, map capacity "
+                  f"{dp._maps['flows'].max_entries:,}); FakeDataplane figures above")  # fmt: skip
+
+            # throughput: args.xdp_flows written at once, until installed on the standby
+            n = args.xdp_flows
+            flows = [flow(i) for i in range(n)]
+            t0 = time.monotonic()
+            for i in range(0, n, 4096):
+                await asyncio.to_thread(dp.install_flows, flows[i : i + 4096])
+            await xdp_written(server, source, n)
+            rate = n / (time.monotonic() - t0)
+            written = n
+            ref = max(fake["throughput"][args.batch_sizes[-1]])
+            st = source.stats()
+            print(f"xdp throughput {n:,} flows: {rate:,.0f} entries/s ({rate / ref:.2f}x the "
+                  f"FakeDataplane run at batch {args.batch_sizes[-1]}); last scan of "
+                  f"{st.entries:,} entries {st.last_scan_seconds * 1e3:.1f} ms, "
+                  f"max {st.max_scan_seconds * 1e3:.1f} ms")  # fmt: skip
+            out["throughput"] = rate
+
+            # lag: args.xdp_rate new flows/s written into the map, for lag_seconds
+            await child.ask("record on")
+            wrote: dict[int, float] = {}
+            per_tick, tick = max(1, round(args.xdp_rate * 0.001)), 0.001
+            t_start = next_tick = time.monotonic()
+            i = written
+            while time.monotonic() - t_start < args.lag_seconds:
+                batch = [flow(j) for j in range(i, i + per_tick)]
+                dp.install_flows(batch)
+                now = time.monotonic()
+                wrote.update((j, now) for j in range(i, i + per_tick))
+                i += per_tick
+                next_tick += tick
+                await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            written = i
+            await xdp_written(server, source, written)
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                await child.ask(f"dump {tmp.name}")
+                got = {int(k): v for k, v in json.loads(Path(tmp.name).read_text()).items()}
+            await child.ask("record off")
+            lags = [(got[k] - t) * 1000 for k, t in wrote.items() if k in got]
+            achieved = len(wrote) / args.lag_seconds
+            st = source.stats()
+            fl = fake["lag"]
+            print(f"xdp lag at {achieved:,.0f} new flows/s, map growing to {st.entries:,}: "
+                  f"p50 {pct(lags, 50):.1f} ms, p99 {pct(lags, 99):.1f} ms, max "
+                  f"{max(lags):.1f} ms (FakeDataplane push: p50 {fl['p50_ms']:.2f}, "
+                  f"p99 {fl['p99_ms']:.2f} ms); scan interval now "
+                  f"{st.interval * 1e3:.0f} ms, last scan {st.last_scan_seconds * 1e3:.1f} "
+                  f"ms; {len(wrote) - len(lags)} unmatched")  # fmt: skip
+            out["lag"] = {"rate": achieved, "p50_ms": pct(lags, 50), "p99_ms": pct(lags, 99),
+                          "max_ms": max(lags), "entries": st.entries}  # fmt: skip
+
+            # resync: a fresh standby (fresh map) subscribes to the active's map
+            r = await child.ask("resync")
+            per_s = r["flows"] / r["seconds"]
+            fr = fake["resync"]
+            fake_per_s = fr["flows"] / fr["seconds"]
+            print(f"xdp resync {r['flows']:,} flows: {r['seconds']:.2f} s = {per_s:,.0f} "
+                  f"entries/s ({per_s / fake_per_s:.2f}x the FakeDataplane resync)")  # fmt: skip
+            out["resync"] = {"flows": r["flows"], "seconds": r["seconds"]}
+        finally:
+            child.close()
+            scans.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scans
+            await server.stop(0)
+            source.close()
+            dp.close()
+    return out
 
 
 def main() -> None:
@@ -479,14 +668,19 @@ def main() -> None:
     )
     p.add_argument(
         "--sink",
-        choices=["fake", "null"],
         default="fake",
-        help="standby dataplane: FakeDataplane, or a counter that stores nothing",
+        help="standby dataplane: 'fake' (FakeDataplane) or 'null' (a counter that stores\n"
+        "nothing); the XDP runs give their child 'xdp:NAMESPACE'",
     )
+    p.add_argument("--xdp", action="store_true", help="also run with XDP maps at both ends")
+    p.add_argument("--xdp-flows", type=int, default=100_000, help="flows per XDP throughput run")
+    p.add_argument("--xdp-rate", type=int, default=5_000, help="new flows/s in the XDP lag run")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--standby", help=argparse.SUPPRESS)
     p.add_argument("--pki", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.sink not in ("fake", "null") and not args.sink.startswith("xdp:"):
+        p.error(f"--sink {args.sink!r}: fake or null")
     if args.gc == "tuned":
         gc.freeze()
         gc.set_threshold(50_000, 50, 1000)

@@ -96,7 +96,7 @@ class Service:
     sorry: tuple[Backend, ...] = field(default=())
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
     """One connection as seen by a dataplane: client 5-tuple and chosen backend."""
 
@@ -107,6 +107,18 @@ class Flow:
     vport: int
     backend: IPAddress
     bport: int
+
+    def sort_key(self) -> tuple[object, ...]:
+        # IPv4Address and IPv6Address do not compare with each other: order by family.
+        return (
+            self.protocol.value,
+            self.src.version, self.src, self.sport,
+            self.vip.version, self.vip, self.vport,
+            self.backend.version, self.backend, self.bport,
+        )  # fmt: skip
+
+    def __lt__(self, other: Flow) -> bool:
+        return self.sort_key() < other.sort_key()
 
     @property
     def service(self) -> ServiceKey:

@@ -28,8 +28,10 @@ import aetcd
 
 from halb.agent import etcdio
 from halb.agent.factory import make_dataplane
+from halb.agent.floating import FloatingVips
 from halb.agent.health import HealthRole, TermRoles
 from halb.agent.linkwatch import watch_link
+from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
 from halb.checks.view import HealthView
@@ -59,7 +61,7 @@ from halb.ha.machine import (
     TimerFired,
     Undrain,
 )
-from halb.ha.runtime import GroupRuntime, SyncRoles
+from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
 from halb.net.vip import InterfaceVips, vip_lifetime
 
 __all__ = ["Agent", "AgentError", "describe_cause"]
@@ -150,6 +152,7 @@ class Agent:
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
         self.health: HealthRole | None = None
+        self.metrics = AgentMetrics(node)
         self.link_down = False
         self._status_dirty = asyncio.Event()
         self._stop = asyncio.Event()
@@ -229,6 +232,8 @@ class Agent:
                 g.previous_leader = leader.holder
         elif new is State.ACTIVE:
             g.status.leader = self.node_name
+        self.metrics.record_transition(group, old.value, new.value, cause)
+        self.metrics.update_group(group, new.value, m.st.term, g.status.leader)
         log.info("group %s: %s -> %s: %s", group, old.value, new.value, cause)
         self._status_dirty.set()
 
@@ -405,7 +410,7 @@ class Agent:
 
     # -- main ----------------------------------------------------------------------------
 
-    def _make_group(self, g: VipGroupConfig, port: InterfaceVips, client: aetcd.Client) -> _Group:
+    def _make_group(self, g: VipGroupConfig, port: VipPort, client: aetcd.Client) -> _Group:
         cfg, node, dp = self.cfg, self.node, self.dataplane
         assert cfg is not None and node is not None and dp is not None
         members = sorted(cfg.group_nodes(g), key=lambda n: -n.priority)
@@ -500,9 +505,13 @@ class Agent:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
         mine = [g for g in cfg.vip_groups if node.name in {n.name for n in cfg.group_nodes(g)}]
-        async with InterfaceVips(node.interface) as port:
+        async with (
+            InterfaceVips(node.interface) as port,
+            # NAT modes: the groups' floating addresses follow their VIPs.
+            FloatingVips.for_node(port, node, lambda: self.cfg) as vips,
+        ):
             for g in mine:
-                self.groups[g.name] = self._make_group(g, port, client)
+                self.groups[g.name] = self._make_group(g, vips, client)
             await self._reconcile(port)
             async with asyncio.TaskGroup() as tg:
                 runs = [
@@ -513,6 +522,7 @@ class Agent:
                     tg.create_task(self._publish_status(client), name="status"),
                     tg.create_task(self._run_health(), name="health"),
                     tg.create_task(watch_link(node.interface, self._on_link), name="link"),
+                    tg.create_task(self._feed_metrics(), name="metrics"),
                     tg.create_task(self._follow_config(client), name="config"),
                     tg.create_task(self._on_hup(hup, client), name="sighup"),
                 ]
@@ -538,6 +548,7 @@ class Agent:
 
     async def _on_view(self, view: HealthView) -> None:
         assert self.cfg is not None
+        self.metrics.update_backends(view)
         result = await self._program(self.cfg)
         log.info(
             "health view r%d applied: %d services updated, %d dataplane writes",
@@ -546,6 +557,32 @@ class Agent:
             result.writes,
         )
         self._status_dirty.set()
+
+    async def _feed_metrics(self) -> None:
+        """Keep the Prometheus view current; never lets a failure stop the agent."""
+        assert self.dataplane is not None and self.cfg is not None and self.node is not None
+        self.metrics.cluster, self.metrics.dataplane = self.cfg.cluster, self.dataplane.name
+        if self.node.metrics_address:
+            try:
+                self.metrics.start(self.node.metrics_address)
+                log.info("metrics on http://%s/metrics", self.node.metrics_address)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", self.node.metrics_address, exc)
+        try:
+            while True:
+                try:
+                    stats = sync_stats(self.sync)
+                    self.metrics.update_sync(stats)
+                    self.metrics.update_config(self.config_revision, self.rejected_configs)
+                    counters = await asyncio.to_thread(self.dataplane.counters)
+                    self.metrics.update_counters(counters)
+                    if isinstance(stats.get("flows"), int):
+                        self.metrics.update_flows(stats["flows"])
+                except Exception:
+                    log.exception("metrics update failed")
+                await asyncio.sleep(1.0)
+        finally:
+            self.metrics.stop()
 
     async def _run_health(self) -> None:
         assert self.health is not None

@@ -40,7 +40,8 @@ def read_node_flows(cfg: ClusterConfig, node: str) -> list[Flow]:
 
     source = XdpFlowSource.from_pins(pin_dir(cfg, node))
     try:
-        return sorted(source.snapshot())
+        # By family first: IPv4 and IPv6 addresses do not compare.
+        return sorted(source.snapshot(), key=lambda f: (f.src.version, f))
     finally:
         source.close()
 

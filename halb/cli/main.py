@@ -24,6 +24,7 @@ from halb.cli.certs import certs_group  # noqa: E402
 from halb.cli.cluster import drain, failover, status, undrain  # noqa: E402
 from halb.cli.config_cmd import config_group  # noqa: E402
 from halb.cli.dataplane import dataplane_group  # noqa: E402
+from halb.cli.drill import drill  # noqa: E402
 from halb.cli.flows import flows_cmd  # noqa: E402
 from halb.cli.lab import lab_group  # noqa: E402
 
@@ -33,6 +34,7 @@ cli.add_command(agent)
 cli.add_command(certs_group)
 cli.add_command(config_group)
 cli.add_command(dataplane_group)
+cli.add_command(drill)
 cli.add_command(flows_cmd)
 cli.add_command(lab_group)
 for _cmd in (status, failover, drain, undrain):

@@ -340,8 +340,13 @@ class GroupRuntime:
         task, self._follow = self._follow, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                # Sync is a helper of the term, never a reason to lose the election.
+                log.exception("%s: the sync client failed", self.name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

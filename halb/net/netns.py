@@ -18,7 +18,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
-__all__ = ["entered", "run_in_netns", "setns"]
+__all__ = ["entered", "in_netns", "run_in_netns", "setns"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,30 @@ def setns(name: str) -> None:
             raise OSError(err, f"setns({name}): {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """``fn()`` inside ``netns`` (here when None) on a throwaway thread; its exception
+    is re-raised in the caller. The thread ends after fn, so no pooled thread is ever
+    left in another namespace; a socket fn creates stays in ``netns`` for its life."""
+    if netns is None:
+        return fn()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            setns(netns)
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=run, name=f"netns-{netns}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 @contextlib.contextmanager

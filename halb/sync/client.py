@@ -17,7 +17,6 @@ promoted node that awaits stop() knows every flow it received is in its dataplan
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -172,8 +171,12 @@ class FlowSyncClient:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("flow sync with %s ended with an error", self._peer)
         await self.drain()
 
     async def drain(self) -> None:
@@ -197,6 +200,13 @@ class FlowSyncClient:
                     self._session = 0
             except grpc.aio.AioRpcError as exc:
                 why, now = f"{exc.code().name}: {exc.details()}", False
+            except asyncio.InvalidStateError:
+                # An ack written after the active ended the RPC: the stream is over.
+                why, now = "the active ended the stream", False
+            except Exception as exc:
+                # A sync failure must never take the agent (and the election) with it.
+                log.exception("flow sync with %s failed unexpectedly", self._peer)
+                why, now = f"unexpected error: {exc!r}", False
             finally:
                 # A stream that got in sync proves the peer works: restart the backoff.
                 progressed = self._in_sync

@@ -1,4 +1,4 @@
-"""The XDP dataplane's flow source for FlowSync: batch scans of the pinned flow map.
+"""The XDP dataplane's flow source for FlowSync: batch scans of its flow map.
 
 The BPF program records every new flow in its LRU hash map and says nothing about it.
 The active therefore scans the map every ``interval`` seconds and diffs consecutive
@@ -7,8 +7,9 @@ backend) are deletes. Why scans and not a ring buffer event from the program: se
 halb/dataplane/xdp/README.md (measured there).
 
 The diff works on raw map records (40-byte key + 8-byte value) as bytes, so unchanged
-flows cost a slice and a set lookup in C, never a Flow (hashing a Flow is ~1.5 µs).
-Only changed records are translated, with the backend map read at that moment.
+flows cost a slice and a dict probe, never a Flow (hashing a Flow is ~1.5 µs). Only
+changed records are translated, with the backend map read at that moment. The pause
+between scans grows with their cost so scanning takes at most ``cpu_share`` of a core.
 
 Thread rules: scan() and snapshot() run in worker threads and only read the maps;
 ``run()`` swaps the scan state and pushes on the event loop thread, so a snapshot taken
@@ -311,8 +312,8 @@ class XdpFlowSource:
             d = await asyncio.to_thread(self.scan)
             self.accept(d)
             if d.upserts or d.deletes:
-                # Deletes first: a key that was deleted and re-created in one interval
-                # appears as an upsert only, never both (the diff is per key).
+                # Disjoint, as push() requires: the diff is per key, so a flow deleted
+                # and re-created within one interval is an upsert only.
                 push(d.upserts, d.deletes)
                 log.debug("flow scan: %d new or changed, %d gone, %d entries, %.1f ms",
                           len(d.upserts), len(d.deletes), len(d.records),

@@ -1,0 +1,1 @@
+"""Failover drills: traffic, faults, measurement, reports."""

@@ -1,0 +1,257 @@
+"""XdpFlowSource against a real XdpDataplane: scans of the pinned flow map become the
+upserts and deletes FlowSync pushes, and its snapshot is a dump."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from ipaddress import IPv4Address, ip_address
+from pathlib import Path
+
+import pytest
+import yaml
+
+from halb.agent.syncroles import LiveFlowSource, default_source_factory
+from halb.dataplane.xdp.adapter import XdpDataplane
+from halb.dataplane.xdp.flowsource import XdpFlowSource
+from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
+
+pytestmark = pytest.mark.kernel
+
+VIP = ip_address("10.78.0.100")
+BACKENDS = tuple(
+    Backend(ip_address(f"10.78.0.{10 + i}"), 80, mac=f"02:78:00:00:00:{10 + i:02x}")
+    for i in range(4)
+)
+WEB = ServiceKey(VIP, 80, Protocol.TCP)
+BPFFS_ROOT = Path("/run/halb/bpffs")
+
+
+def flows(n: int, base: int = 0x0A4E0900, backend: int | None = None) -> list[Flow]:
+    return [
+        Flow(
+            Protocol.TCP,
+            IPv4Address(base + i // 50000),
+            1024 + i % 50000,
+            VIP,
+            80,
+            BACKENDS[i % 4 if backend is None else backend].address,
+            80,
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def dp() -> Iterator[XdpDataplane]:
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    ns = f"halbt-fsrc-{tag}"
+    pin_dir = Path("/run/halb/bpffs") / f"halbt-fsrc-{tag}"
+    d: XdpDataplane | None = None
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"],
+            check=True,
+        )
+        subprocess.run(["ip", "-n", ns, "link", "set", "veth0", "up"], check=True)
+        d = XdpDataplane("veth0", ip_address("10.78.0.1"), "generic", pin_dir, ns)
+        d.apply([Service(WEB, Scheduler.MAGLEV, Forwarding.DSR, BACKENDS, ring_size=1009)])
+        yield d
+    finally:
+        if d is not None:
+            d.close()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def src(dp: XdpDataplane) -> Iterator[XdpFlowSource]:
+    s = XdpFlowSource.from_dataplane(dp)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def scan(src: XdpFlowSource) -> tuple[list[Flow], list[Flow]]:
+    d = src.scan()
+    src.accept(d)
+    return sorted(d.upserts), sorted(d.deletes)
+
+
+def test_the_agent_picks_the_map_scanning_source(dp: XdpDataplane) -> None:
+    source = default_source_factory(dp)()
+    try:
+        assert isinstance(source, XdpFlowSource)
+        assert isinstance(source, LiveFlowSource)
+    finally:
+        source.close()
+
+
+def test_scans_report_new_changed_and_gone_flows(dp: XdpDataplane, src: XdpFlowSource) -> None:
+    assert scan(src) == ([], [])
+    first = flows(1000)
+    assert dp.install_flows(first) == 1000
+    assert scan(src) == (sorted(first), [])
+    assert scan(src) == ([], [])  # nothing changed: nothing pushed
+
+    # A flow moved to another backend (the program re-routes a flow whose backend left)
+    # is an upsert with the new backend.
+    moved = [Flow(f.protocol, f.src, f.sport, f.vip, f.vport, BACKENDS[3].address, 80)
+             for f in first[:10] if f.backend != BACKENDS[3].address]  # fmt: skip
+    dp.install_flows(moved)
+    more = flows(5, base=0x0A4E0A00)
+    dp.install_flows(more)
+    ended = first[500:520]
+    dp.delete_flows(ended)
+    ups, dels = scan(src)
+    assert ups == sorted(moved + more)
+    assert dels == sorted(ended)  # deletes carry the backend they had
+    st = src.stats()
+    assert st.entries == 1000 + 5 - 20
+    assert st.upserts == 1000 + len(moved) + 5 and st.deletes == 20
+
+
+def test_snapshot_is_a_dump(dp: XdpDataplane, src: XdpFlowSource) -> None:
+    dp.install_flows(flows(3000))
+    assert sorted(src.snapshot()) == dp.dump_flows()
+    # The same through the pins, as another process (the CLI) reads them.
+    assert dp.pin_dir is not None
+    pinned = XdpFlowSource.from_pins(dp.pin_dir)
+    try:
+        assert sorted(pinned.snapshot()) == dp.dump_flows()
+    finally:
+        pinned.close()
+
+
+def test_deletes_of_a_freed_backend_keep_their_backend(
+    dp: XdpDataplane, src: XdpFlowSource
+) -> None:
+    on_b0 = flows(8, backend=0)
+    dp.install_flows(on_b0)
+    scan(src)
+    # Removing the backend frees its id and deletes its flows in the same apply.
+    dp.apply([Service(WEB, Scheduler.MAGLEV, Forwarding.DSR, BACKENDS[1:], ring_size=1009)])
+    ups, dels = scan(src)
+    assert ups == [] and dels == sorted(on_b0)
+
+
+def test_run_pushes_each_diff_once(dp: XdpDataplane, src: XdpFlowSource) -> None:
+    pushed: list[tuple[list[Flow], list[Flow]]] = []
+    batch = flows(200)
+
+    async def main() -> None:
+        task = asyncio.create_task(src.run(lambda u, d: pushed.append((u, d))))
+        try:
+            await asyncio.to_thread(dp.install_flows, batch)
+            async with asyncio.timeout(5):
+                while sum(len(u) for u, _ in pushed) < 200:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # several more scans: nothing new to push
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    assert sorted(f for u, _ in pushed for f in u) == sorted(batch)
+    assert all(not d for _, d in pushed)
+
+
+def test_cli_lists_the_flows_of_a_node_from_its_pins(tmp_path: Path) -> None:
+    """`halb flows` reads /run/halb/bpffs/CLUSTER/NODE, where the agent pins."""
+    from click.testing import CliRunner
+
+    from halb.cli.flows import flows_cmd, pin_dir
+
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    cluster, ns = f"halbt-fcli-{tag}", f"halbt-fcli-{tag}"
+    cfg_file = tmp_path / "halb.yaml"
+    node = {"interface": "veth0", "sync_address": "127.0.0.1:7700"}
+    backend = {"address": "10.78.0.10", "mac": "02:78:00:00:00:0a"}
+    doc = {
+        "cluster": cluster,
+        "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
+        "dataplane": {"kind": "xdp"},
+        "nodes": [
+            {"name": "lb1", "address": "10.78.0.1/24", "priority": 200, **node},
+            {"name": "lb2", "address": "10.78.0.2/24", "priority": 100, **node},
+        ],
+        "vip_groups": [
+            {
+                "name": "g",
+                "vips": [
+                    {
+                        "address": "10.78.0.100",
+                        "services": [{"port": 80, "forwarding": "dsr", "backends": [backend]}],
+                    }
+                ],
+            }
+        ],
+        "sync": {"insecure": True},
+        "admin": {"insecure": True},
+    }
+    cfg_file.write_text(yaml.safe_dump(doc))
+    from halb.config import load_config
+
+    cfg = load_config(cfg_file)
+    d: XdpDataplane | None = None
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"],
+            check=True,
+        )
+        subprocess.run(["ip", "-n", ns, "link", "set", "veth0", "up"], check=True)
+        d = XdpDataplane("veth0", ip_address("10.78.0.1"), "generic", pin_dir(cfg, "lb1"), ns)
+        d.apply(cfg.services())
+        held = flows(3, backend=0)
+        assert d.install_flows(held) == 3
+
+        result = CliRunner().invoke(
+            flows_cmd, ["--config", str(cfg_file), "--vip", "10.78.0.100", "--output", "json"]
+        )
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.output)["nodes"]
+        assert doc["lb1"]["count"] == 3
+        assert doc["lb1"]["flows"][0] == {
+            "protocol": "tcp",
+            "client": f"{held[0].src}:{held[0].sport}",
+            "service": "10.78.0.100:80",
+            "backend": "10.78.0.10:80",
+        }
+        assert doc["lb2"]["available"] is False  # no agent of lb2 here
+
+        text = CliRunner().invoke(flows_cmd, ["--config", str(cfg_file), "--node", "lb1"])
+        assert text.exit_code == 0 and "lb1: 3 flows" in text.output
+    finally:
+        if d is not None:
+            d.close()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        shutil.rmtree(BPFFS_ROOT / cluster, ignore_errors=True)
+
+
+def test_ipv6_flows_are_translated(dp: XdpDataplane, src: XdpFlowSource) -> None:
+    vip6 = ip_address("fd78::100")
+    b6 = Backend(ip_address("fd78::10"), 80, mac="02:78:00:00:00:20")
+    web6 = ServiceKey(vip6, 80, Protocol.TCP)
+    dp.apply(
+        [
+            Service(WEB, Scheduler.MAGLEV, Forwarding.DSR, BACKENDS, ring_size=1009),
+            Service(web6, Scheduler.MAGLEV, Forwarding.DSR, (b6,), ring_size=1009),
+        ]
+    )
+    f6 = Flow(Protocol.TCP, ip_address("fd78::9:1"), 40000, vip6, 80, b6.address, 80)
+    f4 = flows(1)[0]
+    assert dp.install_flows([f6, f4]) == 2
+    d = src.scan()
+    src.accept(d)
+    assert set(d.upserts) == {f4, f6} and d.deletes == []  # (v4 and v6 do not sort)
+    dp.delete_flows([f6])
+    assert scan(src) == ([], [f6])
