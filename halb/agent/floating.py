@@ -38,9 +38,7 @@ def floating_addresses(cfg: ClusterConfig) -> dict[IPAddress, tuple[IPAddress, .
     for g in cfg.vip_groups:
         if g.nat is None:
             continue
-        addrs = tuple(
-            dict.fromkeys(a.ip for a in (g.nat.gateway, g.nat.snat) if a is not None)
-        )
+        addrs = tuple(dict.fromkeys(a.ip for a in (g.nat.gateway, g.nat.snat) if a is not None))
         for vip in g.vips:
             out[vip.address] = addrs
     return out
