@@ -386,6 +386,15 @@ def _is_prime(n: int) -> bool:
 
 def _semantic(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     kind = cfg.dataplane.kind
+    for i, ep in enumerate(cfg.etcd.endpoints):
+        if ep.startswith("https://"):
+            yield ConfigIssue(
+                f"etcd.endpoints[{i}]",
+                f"{ep!r}: TLS to etcd is not supported yet (the etcd client, aetcd 1.0, has "
+                "none); use http:// on a trusted management network",
+            )
+    if cfg.etcd.tls is not None:
+        yield ConfigIssue("etcd.tls", "TLS to etcd is not supported yet (aetcd 1.0 has none)")
     if cfg.etcd.lease_ttl < MIN_LEASE_TTL:
         yield ConfigIssue(
             "etcd.lease_ttl",

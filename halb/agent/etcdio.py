@@ -14,7 +14,7 @@ import aetcd
 
 from halb.agent.keys import ClusterKeys
 from halb.agent.status import LeaderInfo, NodeStatus, parse_status
-from halb.config import ClusterConfig, parse_config_text
+from halb.config import ClusterConfig, ConfigError, ConfigIssue, parse_config_text
 from halb.ha.coord import GroupKeys, open_client, parse_leader
 
 __all__ = [
@@ -28,7 +28,19 @@ __all__ = [
 
 
 def connect(cfg: ClusterConfig) -> aetcd.Client:
-    return open_client(cfg.etcd.endpoints[0], timeout=cfg.etcd.dial_timeout)
+    endpoint = cfg.etcd.endpoints[0]
+    if not endpoint.startswith("http://") or cfg.etcd.tls is not None:
+        # aetcd 1.0 has no TLS: refuse rather than silently talk plaintext.
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "etcd.endpoints[0]" if not endpoint.startswith("http://") else "etcd.tls",
+                    "TLS to etcd is not supported by this build's etcd client (aetcd 1.0); "
+                    "use http:// endpoints on a trusted management network",
+                )
+            ]
+        )
+    return open_client(endpoint, timeout=cfg.etcd.dial_timeout)
 
 
 def keys_of(cfg: ClusterConfig) -> ClusterKeys:

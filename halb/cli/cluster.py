@@ -40,6 +40,10 @@ def _run(cfg: ClusterConfig, work: Callable[[aetcd.Client], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(main())
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(f"error: {issue}", err=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     except (TimeoutError, aetcd.ClientError, OSError) as exc:
         fail(f"etcd at {', '.join(cfg.etcd.endpoints)} did not answer: {exc}")
         raise AssertionError("unreachable") from None
