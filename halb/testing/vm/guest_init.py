@@ -40,6 +40,12 @@ mount -t tmpfs tmpfs /host/var/tmp
 mkdir -p $R
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results $R \
   || fail "cannot mount the results share"
+if [ -f $R/project-path ]; then
+  P=$(cat $R/project-path)
+  mkdir -p /host$P
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro project /host$P \
+    || fail "cannot mount the project share at $P"
+fi
 ip link set lo up
 echo "$(cut -d' ' -f1 /proc/uptime)" > $R/started
 echo "halb-vm: running run.sh at $(cut -d' ' -f1 /proc/uptime) s"

@@ -24,6 +24,9 @@ from pathlib import Path
 from halb.testing.vm.guest_init import GUEST_RESULTS
 from halb.testing.vm.image import VmImage
 
+# The checkout this module runs from (halb/testing/vm/qemu.py -> the project root).
+PROJECT = Path(__file__).resolve().parents[3]
+
 __all__ = ["GUEST_RESULTS", "GuestRun", "VmError", "qemu_binary", "run_in_vm"]
 
 QEMU = "qemu-system-x86_64"
@@ -87,6 +90,11 @@ def qemu_argv(image: VmImage, results: Path, *, memory_mb: int, cpus: int, accel
         "-virtfs",
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
+        # The project again, on its own: the guest mounts tmpfs over /tmp and /run, which
+        # would hide a checkout that lives there (CI clones anywhere).
+        "-virtfs",
+        f"local,path={PROJECT},mount_tag=project,security_model=none,readonly=on,"
+        "multidevs=remap",
     ]  # fmt: skip
 
 
@@ -106,6 +114,7 @@ def run_in_vm(
     for stale in ("exit-code", "output.log", "console.log", "started", "finished"):
         (results / stale).unlink(missing_ok=True)
     (results / "run.sh").write_text(script)
+    (results / "project-path").write_text(str(PROJECT))
     argv = qemu_argv(image, results, memory_mb=memory_mb, cpus=cpus, accel=accel)
     started = time.monotonic()
     timed_out = False
