@@ -263,6 +263,19 @@ class VipGroupConfig(_Model):
     vips: list[VipConfig] = Field(min_length=1)
 
 
+class DampingConfig(_Model):
+    """A backend whose verdict changes more than ``max_changes`` times within ``window``
+    seconds is held down for ``hold`` seconds (0 changes disables damping)."""
+
+    max_changes: int = Field(default=4, ge=0, le=1000)
+    window: Seconds = 60.0
+    hold: float = Field(default=120.0, ge=0)
+
+
+class HealthConfig(_Model):
+    damping: DampingConfig = DampingConfig()
+
+
 class ServiceTlsConfig(_Model):
     tls: TlsFiles | None = None
     insecure: bool = False
@@ -276,6 +289,7 @@ class ClusterConfig(_Model):
     vip_groups: list[VipGroupConfig] = Field(min_length=1)
     sync: ServiceTlsConfig = ServiceTlsConfig()
     admin: ServiceTlsConfig = ServiceTlsConfig()
+    health: HealthConfig = HealthConfig()
     state_dir: str = "/var/lib/halb"
 
     # -- lookups used by the agent and planning -----------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import aetcd
 
@@ -26,6 +26,7 @@ from halb.checks.publish import (
     watch_views,
 )
 from halb.checks.scheduler import CheckScheduler
+from halb.checks.state import BackendHealth, Damping
 from halb.checks.view import HealthView, ViewError, effective_services, states_from_view
 from halb.config import ClusterConfig
 from halb.ha.machine import Leader
@@ -51,10 +52,21 @@ class HealthRole:
         self.keys = HealthKeys.from_config(cfg)
         self.on_view = on_view
         self.view: HealthView | None = None
-        self.scheduler = CheckScheduler(targets_from_config(cfg))
+        self.scheduler = self._scheduler(cfg)
         self._sched_task: asyncio.Task[None] | None = None
         # Set when a reload replaced the scheduler, so the publisher follows the new one.
         self._replaced = asyncio.Event()
+
+    @staticmethod
+    def _scheduler(
+        cfg: ClusterConfig, states: Mapping[str, BackendHealth] | None = None
+    ) -> CheckScheduler:
+        d = cfg.health.damping
+        return CheckScheduler(
+            targets_from_config(cfg),
+            damping=Damping(d.max_changes, d.window, d.hold),
+            initial_states=states,
+        )
 
     def services(self, cfg: ClusterConfig | None = None) -> list[Service]:
         """What the dataplane must hold: the config's services under the current view."""
@@ -69,9 +81,7 @@ class HealthRole:
             return
         if view is not None:
             self.view = view
-            self.scheduler = CheckScheduler(
-                targets_from_config(self.cfg), initial_states=states_from_view(view)
-            )
+            self.scheduler = self._scheduler(self.cfg, states_from_view(view))
             log.info("starting from published health view r%d", view.revision)
 
     async def run(self) -> None:
@@ -108,7 +118,7 @@ class HealthRole:
         self.cfg = cfg
         old = self.scheduler.states()
         await self._stop_scheduler()
-        self.scheduler = CheckScheduler(targets_from_config(cfg), initial_states=old)
+        self.scheduler = self._scheduler(cfg, old)
         self._start_scheduler()
         self._replaced.set()
 

@@ -53,7 +53,8 @@ def up(nodes: int, backends: int, dataplane: str, agents: bool) -> None:
         fail(str(exc))
         return
     click.echo(f"lab is up: VIP {state['vip']}, config {state['config']}, etcd {state['etcd']}")
-    click.echo("try: halb lab status; halb lab exec halb-client -- curl -s http://10.99.0.21/")
+    client = state["client"]["namespace"]
+    click.echo(f"try: halb lab status; halb lab exec {client} -- curl -s http://{state['vip']}/")
 
 
 @lab_group.command("down")

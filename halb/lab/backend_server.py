@@ -3,9 +3,11 @@
 Run inside a backend namespace: ``python -m halb.lab.backend_server NAME``.
 
 - TCP echo: echoes bytes; a line ``WHOAMI`` is answered with ``NAME\\n`` instead, so a
-  test can ask which backend a long-lived connection landed on.
-- UDP echo: echoes datagrams (``WHOAMI`` likewise). Replies leave from the address the
-  datagram was sent to (IP_PKTINFO), so DSR replies carry the VIP as source.
+  test can ask which backend a long-lived connection landed on, and a line ``WHOIS``
+  with ``ADDRESS PORT\\n`` of the peer as this backend sees it (the client under nat,
+  the balancer's floating SNAT address under fullnat).
+- UDP echo: echoes datagrams (``WHOAMI`` and ``WHOIS`` likewise). Replies leave from
+  the address the datagram was sent to (IP_PKTINFO), so DSR replies carry the VIP as source.
 - HTTP: any GET returns ``NAME\\n``.
 
 TCP replies naturally leave from the VIP because the socket is bound to the wildcard
@@ -26,9 +28,20 @@ from pathlib import Path
 log = logging.getLogger("halb.lab.backend")
 
 WHOAMI = b"WHOAMI\n"
+WHOIS = b"WHOIS\n"
+COMMANDS = (WHOAMI, WHOIS)
+
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+
+
+def answer(cmd: bytes, name: bytes, peer: tuple[str, int] | None) -> bytes:
+    """The reply to a command line (WHOAMI: our name; WHOIS: the peer we see)."""
+    if cmd == WHOIS:
+        host, port = peer[:2] if peer else ("?", 0)
+        return f"{host} {port}\n".encode()
+    return name + b"\n"
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -43,16 +56,17 @@ class EchoProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
-        # WHOAMI is only recognised at the start of a line chunk; everything else echoes.
-        if data == WHOAMI or (self.pending + data) == WHOAMI:
+        # Commands are only recognised at the start of a line chunk; the rest echoes.
+        line = self.pending + data
+        if line in COMMANDS:
             self.pending = b""
-            self.transport.write(self.name + b"\n")
+            self.transport.write(answer(line, self.name, self.transport.get_extra_info("peername")))
             return
-        if WHOAMI.startswith(self.pending + data):
-            self.pending += data
+        if any(c.startswith(line) for c in COMMANDS):
+            self.pending = line
             return
-        out, self.pending = self.pending + data, b""
-        self.transport.write(out)
+        self.pending = b""
+        self.transport.write(line)
 
 
 async def handle_http(
@@ -106,7 +120,7 @@ def _udp_reply(s: socket.socket, name: bytes) -> None:
         data, anc, _flags, peer = s.recvmsg(65535, socket.CMSG_SPACE(64))
     except BlockingIOError:
         return
-    reply = name + b"\n" if data == WHOAMI else data
+    reply = answer(data, name, peer) if data in COMMANDS else data
     cmsgs = []
     for level, kind, cdata in anc:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO:

@@ -249,6 +249,14 @@ def plan(n_nodes: int = 2, n_backends: int = 3, site: LabSite | None = None) -> 
     return LabPlan(client=base.client, nodes=nodes, backends=backends, site=site)
 
 
+def _prime_above(n: int) -> int:
+    """The smallest prime above ``n`` (a valid Maglev ring size for n / 100 backends)."""
+    k = n + 1
+    while any(k % d == 0 for d in range(2, int(k**0.5) + 1)):
+        k += 1
+    return k
+
+
 def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
     """The cluster config document for the lab (validated by the caller)."""
     nat = dataplane == "nft"
@@ -281,11 +289,15 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
         mode, seg = "nat", BACK
     else:
         mode, seg = "dsr", FRONT
+    # nft: every nft command loads the whole table, Maglev maps included (seconds with
+    # the default 65537 slots per service), so the lab keeps its rings small.
+    ring = {"ring_size": _prime_above(100 * len(p.backends))} if nat else {}
     services = [
         {
             "port": port,
             "protocol": proto,
             "forwarding": mode,
+            **ring,
             "backends": backends(seg),
             "health_check": {"type": check, **({"payload": "WHOAMI\n"} if proto == "udp" else {})},
         }
@@ -313,6 +325,8 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
         "dataplane": {"kind": dataplane, "xdp_mode": "generic"},
         "nodes": nodes,
         "vip_groups": [group],
+        # The lab exists to break backends on purpose: damp only real flapping.
+        "health": {"damping": {"max_changes": 20, "window": 60.0, "hold": 10.0}},
         "sync": {"insecure": True},
         "admin": {"insecure": True},
         "state_dir": str(p.lab_dir / "state"),

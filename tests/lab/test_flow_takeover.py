@@ -22,266 +22,24 @@ tests/kernel/test_sync_grpc.py::test_stream_from_an_older_term_is_ignored_and_co
 from __future__ import annotations
 
 import contextlib
-import json
-import queue
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import yaml
 
 from halb.lab import faults
-from halb.lab.builder import spawn
-from halb.lab.observe import cluster_status, wait_until
+from halb.lab.agents import active as _active
+from halb.lab.agents import apply_config as _apply
+from halb.lab.agents import cli_flows as _cli_flows
+from halb.lab.agents import node_status as _node
+from halb.lab.agents import restart_agents as _restart_agents
+from halb.lab.holders import CONNECTIONS, Client
+from halb.lab.observe import wait_until
 
 pytestmark = pytest.mark.lab
-
-CONNECTIONS = 50
-HALB = str(Path(sys.executable).with_name("halb"))
-
-# Runs in halb-client: python -c CLIENT VIP PORT N. Commands on stdin, one per line:
-# "whoami TAG" (every connection asks which backend serves it), "stop" (report).
-# stdout: one JSON line per command answered, the last one the report.
-CLIENT = r"""
-import asyncio, json, sys, time
-
-VIP, PORT, N = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-STALL = 20.0  # no echo for this long: the connection is declared dead
-
-# asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-# races with its result, and a connection would then never stop.
-async def line(r, timeout):
-    async with asyncio.timeout(timeout):
-        return await r.readline()
-
-class Conn:
-    def __init__(self, i):
-        self.i, self.backends, self.errors, self.echoes = i, {}, [], 0
-        self.asks, self.pending, self.stop = asyncio.Queue(), None, False
-
-    async def run(self, ready):
-        try:
-            async with asyncio.timeout(10):
-                r, w = await asyncio.open_connection(VIP, PORT)
-        except Exception as e:
-            self.errors.append(f"connect: {e!r}"); ready.release(); return
-        try:
-            w.write(b"WHOAMI\n"); await w.drain()
-            self.backends["start"] = (await line(r, 10)).decode().strip()
-            ready.release()
-            seq = 0
-            while not self.stop:
-                if not self.asks.empty():
-                    tag, self.pending = self.asks.get_nowait()
-                    w.write(b"WHOAMI\n"); await w.drain()
-                    self.backends[tag] = (await line(r, STALL)).decode().strip()
-                    self.pending.release()
-                    self.pending = None
-                seq += 1
-                sent = f"conn {self.i} seq {seq}\n".encode()
-                w.write(sent); await w.drain()
-                got = await line(r, STALL)
-                if got != sent:
-                    raise ConnectionError(f"echo {got!r} for {sent!r}")
-                self.echoes += 1
-                await asyncio.sleep(0.01)
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:
-            self.errors.append(f"{time.time():.3f} {type(e).__name__}: {e}")
-            ready.release()
-            if self.pending is not None:
-                self.pending.release()
-            while not self.asks.empty():
-                self.asks.get_nowait()[1].release()
-        finally:
-            w.close()
-
-async def main():
-    conns = [Conn(i) for i in range(N)]
-    ready = asyncio.Semaphore(0)
-    tasks = [asyncio.create_task(c.run(ready)) for c in conns]
-    for _ in conns:
-        await ready.acquire()
-    print(json.dumps({"ready": {c.i: c.backends.get("start") for c in conns}}), flush=True)
-    while True:
-        cmd = (await asyncio.to_thread(sys.stdin.readline)).split()
-        if not cmd or cmd[0] == "stop":
-            break
-        done = asyncio.Semaphore(0)
-        live = [c for c in conns if not c.errors]
-        for c in live:
-            c.asks.put_nowait((cmd[1], done))
-        async with asyncio.timeout(60):
-            for _ in live:
-                await done.acquire()
-        print(json.dumps({"whoami": cmd[1]}), flush=True)
-    for c, t in zip(conns, tasks):
-        c.stop = True
-        t.cancel()
-    await asyncio.wait(tasks, timeout=30)
-    print(json.dumps({"report": [
-        {"i": c.i, "backends": c.backends, "errors": c.errors, "echoes": c.echoes}
-        for c in conns]}), flush=True)
-
-asyncio.run(main())
-"""
-
-
-class Client:
-    """The connection client running in the lab's client namespace."""
-
-    def __init__(self, lab: dict[str, Any]) -> None:
-        ns = lab["client"]["namespace"]
-        argv = [sys.executable, "-c", CLIENT, lab["vip"], str(lab["echo_port"]), str(CONNECTIONS)]
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        # Reader threads: a pipe that is not drained can block the client, and select()
-        # on a buffered file misses lines already in its buffer.
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put)).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append)).start()
-
-    @staticmethod
-    def _pump(pipe: IO[str] | None, put: Callable[[str], None]) -> None:
-        assert pipe is not None
-        with pipe:
-            for line in pipe:
-                put(line)
-        put("")
-
-    def read(self, timeout: float) -> dict[str, Any]:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(
-                f"the connection client said nothing for {timeout:g} s: {''.join(self.stderr)}"
-            ) from None
-        if not line:
-            self.proc.wait(5)
-            raise RuntimeError(f"the connection client exited: {''.join(self.stderr)}")
-        doc: dict[str, Any] = json.loads(line)
-        return doc
-
-    def send(self, cmd: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def whoami(self, tag: str) -> None:
-        self.send(f"whoami {tag}")
-        assert self.read(90) == {"whoami": tag}
-
-    def report(self) -> list[dict[str, Any]]:
-        self.send("stop")
-        doc = self.read(30)
-        self.proc.wait(10)
-        report: list[dict[str, Any]] = doc["report"]
-        return report
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-
-
-# -- the lab ------------------------------------------------------------------------------
-
-
-def _status(lab: dict[str, Any]) -> dict[str, Any]:
-    return cluster_status(lab["config"])
-
-
-def _active(lab: dict[str, Any]) -> str | None:
-    groups = _status(lab)["groups"]
-    return groups[0]["active"] if groups else None
-
-
-def _node(lab: dict[str, Any], name: str) -> dict[str, Any]:
-    nodes = _status(lab)["nodes"]
-    return next(n for n in nodes if n["name"] == name)
-
-
-def _apply(lab: dict[str, Any], doc: dict[str, Any]) -> None:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(doc, f, sort_keys=False)
-    try:
-        subprocess.run(
-            [HALB, "config", "apply", "--config", lab["config"], f.name, "--timeout", "30"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        Path(f.name).unlink()
-
-
-def _start_agents(lab: dict[str, Any], extra: list[str]) -> None:
-    for n in lab["nodes"]:
-        argv = faults.agent_argv(n["name"], Path(lab["config"])) + extra
-        log = Path(lab["lab_dir"]) / "logs" / f"agent-{n['name']}.log"
-        spawn(argv, log, ns=n["namespace"], append=True)
-
-
-def _stop_agents(lab: dict[str, Any]) -> None:
-    for n in lab["nodes"]:
-        name = n["name"]
-        if faults.agent_pid(name) is not None:
-            faults.apply_fault(name, "term", lab)
-            wait_until(f"agent on {name} to exit", lambda: faults.agent_pid(name) is None, 15)  # noqa: B023
-
-
-def _agents_run(lab: dict[str, Any], flag: str | None) -> bool:
-    """Every agent is up and (flag None) runs without, or (flag) with, that flag."""
-    for n in lab["nodes"]:
-        pid = faults.agent_pid(n["name"])
-        if pid is None:
-            return False
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if (b"--no-sync" in argv) != (flag == "--no-sync"):
-            return False
-    return True
-
-
-def _restart_agents(lab: dict[str, Any], extra: list[str]) -> None:
-    if _agents_run(lab, extra[0] if extra else None):
-        _wait_settled(lab, sync=not extra)
-        return
-    _stop_agents(lab)
-    _start_agents(lab, extra)
-    _wait_settled(lab, sync=not extra)
-
-
-def _wait_settled(lab: dict[str, Any], sync: bool) -> None:
-    """lb1 active, every node alive; with sync, the standbys in sync with it."""
-    first = lab["nodes"][0]["name"]
-
-    def settled() -> bool:
-        st = _status(lab)
-        if not st["groups"] or st["groups"][0]["active"] != first:
-            return False
-        nodes = st["nodes"]
-        if not all(n["alive"] for n in nodes):
-            return False
-        if sync:
-            return all(n["sync"].get("synced") for n in nodes if n["name"] != first)
-        return True
-
-    wait_until(f"{first} active with every agent up", settled, 60, every=0.2)
 
 
 @pytest.fixture
@@ -340,21 +98,6 @@ def _agent_logs(lab: dict[str, Any]) -> str:
         lines = [ln for ln in path.read_text().splitlines() if any(k in ln for k in keep)]
         out.append(f"--- {path}\n" + "\n".join(lines[-25:]))
     return "\n".join(out)
-
-
-def _cli_flows(lab: dict[str, Any]) -> dict[str, int]:
-    """`halb flows --vip VIP --output json`: per node, the flows from this lab's client."""
-    out = subprocess.run(
-        [HALB, "flows", "--config", lab["config"], "--vip", lab["vip"], "--output", "json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    client = lab["client"]["address"] + ":"
-    return {
-        name: sum(f["client"].startswith(client) for f in doc.get("flows", []))
-        for name, doc in json.loads(out)["nodes"].items()
-    }
 
 
 @contextlib.contextmanager

@@ -154,7 +154,7 @@ def hl(lab: dict[str, Any]) -> Iterator[dict[str, Any]]:
     original = Path(lab["config"]).read_text()
     faults.heal(lab)
     wait_until("lb1 to lead", lambda: leader(lab["config"]) == "lb1", 20)
-    wait_until("every backend up in the view", lambda: all_up(lab), 20)
+    all_up(lab)
     yield lab
     for b in lab["backends"]:
         if faults.server_pid(b["name"], lab) is None:
@@ -162,16 +162,29 @@ def hl(lab: dict[str, Any]) -> Iterator[dict[str, Any]]:
         halb("backend", "undrain", f"{VIP}:{ECHO}", f"{b['address']}:{ECHO}")
     Path(lab["config"]).write_text(original)
     assert halb("config", "apply", lab["config"]).returncode == 0
-    wait_until("every backend up again", lambda: all_up(lab), 20)
+    all_up(lab)
 
 
-def all_up(lab: dict[str, Any]) -> bool:
+def not_up(lab: dict[str, Any]) -> list[str]:
+    """The backends of the published view that are not up (or drained), with why."""
     r = halb("backends", "--output", "json")
     if r.returncode != 0:
-        return False
-    doc = json.loads(r.stdout)
-    rows = doc.get("backends", doc) if isinstance(doc, dict) else doc
-    return bool(rows) and all(row["state"] == "up" and not row.get("drain") for row in rows)
+        return [f"halb backends failed: {r.stderr.strip()}"]
+    rows = json.loads(r.stdout)["backends"]
+    bad = [
+        f"{row['key']}: {row['state']} ({row['reason']}) drain={row.get('drain')}"
+        for row in rows
+        if row["state"] != "up" or row.get("drain")
+    ]
+    return bad if rows else ["no backends in the view"]
+
+
+def all_up(lab: dict[str, Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while bad := not_up(lab):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"backends not up after {timeout:g}s: {bad}")
+        time.sleep(0.2)
 
 
 def test_a_failed_backend_leaves_every_ring_and_comes_back(hl: dict[str, Any]) -> None:

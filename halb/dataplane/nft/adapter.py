@@ -13,6 +13,8 @@ in a named network namespace (tests, the lab); the agent leaves it None.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from halb.config import ClusterConfig, NodeConfig
@@ -22,6 +24,7 @@ from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileRepo
 from halb.dataplane.nft.events import FlowEvents
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
+from halb.dataplane.nft.source import NftFlowSource
 from halb.model import Backend, Flow, IPAddress, Service, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,16 @@ log = logging.getLogger(__name__)
 __all__ = ["NftDataplane", "snat_addresses"]
 
 TCP_LOOSE = "net.netfilter.nf_conntrack_tcp_loose"
+# A balancer forwards: without this nothing reaches a backend. Strict reverse-path
+# filtering drops client packets whose route back leaves by another interface (common
+# on multi-homed balancers); loose mode (2) keeps the spoofing check without that.
+COUNTER_MIN_INTERVAL = 1.0  # seconds
+FORWARD4 = "net.ipv4.ip_forward"
+FORWARD6 = "net.ipv6.conf.all.forwarding"
+RP_FILTER = "net.ipv4.conf.all.rp_filter"
+# Conntrack events feed the flow source: 0 (off) is turned on; 2 (on while someone
+# listens) is fine as it is.
+CT_EVENTS = "net.netfilter.nf_conntrack_events"
 
 
 def snat_addresses(cfg: ClusterConfig) -> dict[IPAddress, IPAddress]:
@@ -60,7 +73,12 @@ class NftDataplane:
         self.flowmap = FlowMap((), self.snat)
         self._shape: str | None = None  # last loaded script without counter values
         self._rendered: ruleset.Rendered | None = None
+        self._counter_cache: tuple[float, dict[str, Counter]] | None = None  # (until, values)
         self.conntrack = Conntrack(netns, timeouts)
+        # The agent reaches the conntrack socket from several worker threads (sync
+        # snapshots, the flow source's reconcile, a sync client's installs): a second
+        # dump on a socket with one in flight fails with EBUSY.
+        self._ct_lock = threading.Lock()
         self.last_install = InstallReport()
 
     @classmethod
@@ -93,17 +111,20 @@ class NftDataplane:
         added = tuple(sorted((k for k in new if k not in old), key=str))
         removed = tuple(sorted((k for k in old if k not in new), key=str))
         updated = tuple(sorted((k for k in new if k in old and old[k] != new[k]), key=str))
-        if shape == self._shape and nftcmd.table_exists(self.netns):
-            # Same table (e.g. only a backend's MAC changed): nothing to write.
+        if shape == self._shape:
+            # Same table (e.g. only a backend's MAC or health flag changed): nothing to
+            # write. Not re-checked with `nft list`: with Maglev rings every nft command
+            # fetches the whole table (seconds at 65537 slots per service).
             self.services = new
             self.flowmap = FlowMap(services, self.snat)
             return ApplyResult()
         # Replacing the table re-creates its counters: carry their values over (packets
         # counted between this read and the load are lost; a few at most).
         carry = nftcmd.list_counters(self.netns)
+        self._counter_cache = None
         rendered = ruleset.render(services, self.snat, carry)
         nftcmd.load(self.netns, rendered.script)
-        self._ensure_strict_tcp()
+        self._ensure_sysctls(services)
         self._shape = shape
         self._rendered = rendered
         self.services = new
@@ -117,18 +138,47 @@ class NftDataplane:
         )
         return ApplyResult(added=added, removed=removed, updated=updated, writes=1)
 
-    def _ensure_strict_tcp(self) -> None:
-        # With loose tracking a mid-flow TCP packet without state would become a new
-        # connection to whatever backend the scheduler picks (which answers RST). Strict:
-        # it is `ct state invalid`, dropped, and retransmitted until state is synced.
-        if read_sysctl(self.netns, TCP_LOOSE) != "0":
-            write_sysctl(self.netns, TCP_LOOSE, "0")
-            log.info("set %s=0 so mid-flow packets without state are dropped", TCP_LOOSE)
+    def _ensure_sysctls(self, services: Sequence[Service]) -> None:
+        """What a balancer needs from the kernel, set by the adapter itself (never
+        only by a lab or an installer)."""
+        want = {
+            # With loose tracking a mid-flow TCP packet without state would become a new
+            # connection to whatever backend the scheduler picks (which answers RST).
+            # Strict: it is `ct state invalid`, dropped, and retransmitted until state
+            # is synced.
+            TCP_LOOSE: "0",
+            FORWARD4: "1",
+        }
+        if any(s.key.vip.version == 6 for s in services):
+            want[FORWARD6] = "1"
+        for key, value in want.items():
+            if read_sysctl(self.netns, key) != value:
+                write_sysctl(self.netns, key, value)
+                log.info("set %s=%s", key, value)
+        if read_sysctl(self.netns, CT_EVENTS) == "0":
+            write_sysctl(self.netns, CT_EVENTS, "1")
+            log.info("set %s=1: flow sync follows conntrack events", CT_EVENTS)
+        if read_sysctl(self.netns, RP_FILTER) == "1":
+            write_sysctl(self.netns, RP_FILTER, "2")
+            log.info("set %s=2 (loose): strict filtering can drop balanced traffic", RP_FILTER)
+
+    def _counter_values(self) -> dict[str, Counter]:
+        """Counter values, re-read at most every COUNTER_MIN_INTERVAL or 10 times the
+        last read's cost: an nft command loads the whole table, rings included, so a
+        metrics loop reading every second would keep a core busy."""
+        now = time.monotonic()
+        cached = self._counter_cache
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        values = nftcmd.list_counters(self.netns)
+        cost = time.monotonic() - now
+        self._counter_cache = (now + max(COUNTER_MIN_INTERVAL, 10 * cost), values)
+        return values
 
     def counters(self) -> Counters:
         if self._rendered is None:
             return Counters()
-        values = nftcmd.list_counters(self.netns)
+        values = self._counter_values()
         per_service: dict[ServiceKey, Counter] = {}
         per_backend: dict[tuple[ServiceKey, Backend], Counter] = {}
         for name, key in self._rendered.service_counters.items():
@@ -149,7 +199,7 @@ class NftDataplane:
     # -- flows --------------------------------------------------------------------------
 
     def dump_flows(self) -> list[Flow]:
-        return [fe.flow for fe in self.conntrack.dump(self.flowmap)]
+        return [fe.flow for fe in self.dump_entries()]
 
     def snapshot(self) -> list[Flow]:
         """halb.sync.server.FlowSource: every current flow."""
@@ -157,21 +207,25 @@ class NftDataplane:
 
     def dump_entries(self) -> list[FlowEntry]:
         """Flows with their fullnat SNAT binding (address and port)."""
-        return self.conntrack.dump(self.flowmap)
+        with self._ct_lock:
+            return self.conntrack.dump(self.flowmap)
 
     def install_flows(self, flows: Iterable[Flow | FlowEntry]) -> int:
         """Create conntrack entries for flows learned from a peer; flows whose service
         or backend this node does not hold, or that the kernel refuses, are counted in
         ``last_install.refused`` and skipped. Returns how many entries were written."""
-        self.last_install = self.conntrack.install(flows, self.flowmap)
+        with self._ct_lock:
+            self.last_install = self.conntrack.install(flows, self.flowmap)
         return self.last_install.written
 
     def delete_flows(self, flows: Iterable[Flow]) -> int:
-        return self.conntrack.delete(flows, self.flowmap)
+        with self._ct_lock:
+            return self.conntrack.delete(flows, self.flowmap)
 
     def reconcile_flows(self, desired: Iterable[Flow | FlowEntry]) -> ReconcileReport:
         """Delete halb flows not in ``desired`` and install the missing ones."""
-        return self.conntrack.reconcile(desired, self.flowmap)
+        with self._ct_lock:
+            return self.conntrack.reconcile(desired, self.flowmap)
 
     def flow_events(self, rcvbuf: int = 64 << 20) -> FlowEvents:
         """Conntrack NEW/UPDATE/DESTROY for halb's services as an async iterator of
@@ -186,6 +240,11 @@ class NftDataplane:
             ignore_portids=frozenset({self.conntrack.portid}),
             rcvbuf=rcvbuf,
         )
+
+    def flow_source(self) -> NftFlowSource:
+        """The active node's FlowSync source: conntrack events plus periodic and
+        on-overflow reconcile (halb.agent.syncroles picks it up)."""
+        return NftFlowSource(self)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -63,6 +63,19 @@ def _errname(code: int) -> str:
     return errno.errorcode.get(code, str(code))
 
 
+def _same_snat(have: FlowEntry, want: FlowEntry, fmap: FlowMap) -> bool:
+    """The kept entry translates the source as ``want`` needs: not at all (nat), or to
+    this node's SNAT address (fullnat; and port, when the sender said). A leftover
+    fullnat entry must not pass for a nat flow, nor the reverse."""
+    _dnat, snat = fmap.nat_for(want)
+    if snat is None:
+        return have.snat is None
+    if have.snat is None:
+        # nf_nat kept both the address and port: only possible if SNAT is the client.
+        return False
+    return have.snat == snat.addr and (want.snat_port is None or have.snat_port == snat.port)
+
+
 class Conntrack:
     """One ctnetlink socket in a namespace; flows mapped through a FlowMap."""
 
@@ -164,20 +177,17 @@ class Conntrack:
             seq = self.sock.next_seq()
             gets[seq] = (fe, ctmsg.encode_get(seq, fmap.orig_tuple(fe.flow)))
         stale: list[FlowEntry] = []
+        kept: list[FlowEntry] = []
         for seq, (code, data) in self.sock.batch([(s, m) for s, (_, m) in gets.items()]).items():
             fe = gets[seq][0]
             entry = ctmsg.decode_entry(data) if code == 0 and data is not None else None
             have = fmap.flow_of(entry) if entry is not None else None
-            if (
-                have is not None
-                and have.flow == fe.flow
-                and (
-                    have.snat_port is None or fe.snat_port is None or have.snat_port == fe.snat_port
-                )
-            ):
+            if have is not None and have.flow == fe.flow and _same_snat(have, fe, fmap):
                 report.present += 1
+                kept.append(fe)
             else:
                 stale.append(fe)
+        self._make_liberal(kept, fmap)
         if not stale:
             return
         self.delete([fe.flow for fe in stale], fmap)
@@ -188,6 +198,19 @@ class Conntrack:
         for reason, n in again.refused.items():
             report.refused[reason] += n
         report.refused_flows.extend(again.refused_flows[:_MAX_REFUSED_SAMPLE])
+
+    def _make_liberal(self, kept: list[FlowEntry], fmap: FlowMap) -> None:
+        """Entries kept from an earlier term track stale TCP windows: loosen them as
+        injected entries are (else their packets are invalid, dropped, and the
+        connection stalls when this node carries it again)."""
+        requests = []
+        for fe in kept:
+            if fe.flow.protocol is Protocol.TCP:
+                seq = self.sock.next_seq()
+                requests.append((seq, ctmsg.encode_liberal(seq, fmap.orig_tuple(fe.flow))))
+        for code, _data in self.sock.batch(requests).values():
+            if code != 0:
+                log.debug("conntrack: could not loosen an existing entry: %s", _errname(code))
 
     def delete(self, flows: Iterable[Flow], fmap: FlowMap) -> int:
         """Delete the entries of these flows (by original tuple); returns how many were

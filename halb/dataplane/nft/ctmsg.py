@@ -277,6 +277,26 @@ def encode_create(
     return _message(_TYPE_NEW, flags, seq, _family(orig.src), b"".join(attrs))
 
 
+def encode_liberal(seq: int, orig: CtTuple) -> bytes:
+    """Update an existing TCP entry to BE_LIBERAL window tracking in both directions.
+
+    An entry a node kept from an earlier term tracked sequence numbers that moved on
+    while another node carried the flow: strict tracking would call its packets
+    invalid (and halb drops those).
+    """
+    liberal = struct.pack("BB", IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL)
+    info = _nest(
+        CTA_PROTOINFO,
+        _nest(
+            CTA_PROTOINFO_TCP,
+            _attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, liberal),
+            _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, liberal),
+        ),
+    )
+    attrs = _tuple(CTA_TUPLE_ORIG, orig) + info
+    return _message(_TYPE_NEW, NLM_F_REQUEST | NLM_F_ACK, seq, _family(orig.src), attrs)
+
+
 def encode_delete(seq: int, orig: CtTuple) -> bytes:
     return _message(
         _TYPE_DELETE,

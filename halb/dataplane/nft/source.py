@@ -1,0 +1,145 @@
+"""The active node's live flow source for FlowSync on the nft dataplane.
+
+halb.agent.syncroles.LiveFlowSource over conntrack: NEW/UPDATE/DESTROY events of halb's
+services become pushed upserts and deletes as they happen (events from the adapter's
+own installs are already filtered out by FlowEvents, so a flow synced in is never
+echoed back). Two things close the gaps events leave:
+
+- overflow: the kernel dropped events (ENOBUFS) -> dump in full at once and push the
+  difference from what was pushed so far;
+- reconcile: every ``reconcile_interval`` the same dump-and-diff runs anyway, so a
+  flow whose event was never raised (conntrack events disabled for a moment, a flow
+  that expired silently) is corrected within that interval.
+
+The subscription is opened when the source is built, before any snapshot is taken,
+so no flow falls between a snapshot and the first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from halb.dataplane.nft.events import FlowDelta, FlowEvents, Resync
+from halb.model import Flow
+
+if TYPE_CHECKING:
+    from halb.dataplane.nft.adapter import NftDataplane
+
+__all__ = ["NftFlowSource", "SourceStats"]
+
+log = logging.getLogger(__name__)
+
+Push = Callable[[list[Flow], list[Flow]], None]
+_Key = tuple[str, str, int, str, int]
+
+
+@dataclass(slots=True)
+class SourceStats:
+    entries: int = 0  # flows pushed and not deleted
+    events: int = 0  # deltas taken from conntrack events
+    resyncs: int = 0  # event overflows answered with a full dump
+    reconciles: int = 0
+    corrected: int = 0  # flows a dump found that events had missed (both ways)
+    ignored_own: int = 0  # events of our own installs, skipped
+    last_reconcile_seconds: float = 0.0
+
+
+class NftFlowSource:
+    def __init__(self, dataplane: NftDataplane, reconcile_interval: float = 5.0) -> None:
+        self._dp = dataplane
+        self.reconcile_interval = reconcile_interval
+        self._events: FlowEvents = dataplane.flow_events()
+        # Client 5-tuple -> the flow pushed for it (a backend change is another Flow).
+        self._known: dict[_Key, Flow] = {}
+        # Tuples an event touched while a dump was in flight: the dump may predate it.
+        self._touched: set[_Key] | None = None
+        self._stats = SourceStats()
+
+    def snapshot(self) -> list[Flow]:
+        return self._dp.dump_flows()
+
+    async def run(self, push: Push) -> None:
+        await self._reconcile(push)
+        next_dump = time.monotonic() + self.reconcile_interval
+        it = aiter(self._events)
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, next_dump - time.monotonic())):
+                    item = await anext(it)
+            except TimeoutError:
+                await self._reconcile(push)
+                next_dump = time.monotonic() + self.reconcile_interval
+                continue
+            if isinstance(item, Resync):
+                self._stats.resyncs += 1
+                log.warning("conntrack events lost (%s): resyncing from a dump", item.reason)
+                await self._reconcile(push)
+                next_dump = time.monotonic() + self.reconcile_interval
+                continue
+            self._apply(item, push)
+
+    def _apply(self, d: FlowDelta, push: Push) -> None:
+        self._stats.events += 1
+        f, key = d.flow, _key(d.flow)
+        if self._touched is not None:
+            self._touched.add(key)
+        old = self._known.get(key)
+        if d.op == "delete":
+            # Deletes go out even for flows never pushed: a snapshot may hold them.
+            if old is None or old == f:
+                self._known.pop(key, None)
+                push([], [f])
+        elif old != f:
+            if old is not None:
+                push([], [old])  # moved to another backend: drop the old one first
+            self._known[key] = f
+            push([f], [])
+
+    async def _reconcile(self, push: Push) -> None:
+        self._touched = set()
+        t0 = time.monotonic()
+        try:
+            dumped = await asyncio.to_thread(self._dp.dump_flows)
+        finally:
+            touched, self._touched = self._touched or set(), None
+        self._stats.last_reconcile_seconds = time.monotonic() - t0
+        self._stats.reconciles += 1
+        current = {_key(f): f for f in dumped}
+        gone = [f for k, f in self._known.items() if k not in touched and current.get(k) != f]
+        new = [f for k, f in current.items() if k not in touched and self._known.get(k) != f]
+        for f in gone:
+            del self._known[_key(f)]
+        if gone:
+            push([], gone)
+        if new:
+            self._known.update((_key(f), f) for f in new)
+            push(new, [])
+        if self._stats.reconciles > 1 and (gone or new):
+            self._stats.corrected += len(gone) + len(new)
+            log.info("conntrack reconcile: %d flows added, %d removed that events missed",
+                     len(new), len(gone))  # fmt: skip
+
+    def close(self) -> None:
+        self._events.close()
+
+    def stats(self) -> dict[str, Any]:
+        self._stats.entries = len(self._known)
+        self._stats.ignored_own = self._events.ignored_own
+        return {
+            "entries": self._stats.entries,
+            "events": self._stats.events,
+            "resyncs": self._stats.resyncs,
+            "reconciles": self._stats.reconciles,
+            "corrected": self._stats.corrected,
+            "ignored_own": self._stats.ignored_own,
+            "last_scan_seconds": self._stats.last_reconcile_seconds,
+        }
+
+
+def _key(f: Flow) -> _Key:
+    return (f.protocol.value, str(f.src), f.sport, str(f.vip), f.vport)
