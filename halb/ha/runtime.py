@@ -187,8 +187,13 @@ class GroupRuntime:
         finally:
             coord_task.cancel()
             await self._cleanup()
-            with contextlib.suppress(asyncio.CancelledError):
-                await coord_task
+            # Bounded: an etcd call stuck in a dead connection must not keep the agent
+            # (or a hand-over) from finishing.
+            done, _ = await asyncio.wait({coord_task}, timeout=5.0)
+            if coord_task in done and not coord_task.cancelled():
+                coord_task.exception()  # retrieved; what killed it was raised above
+            elif not done:
+                log.warning("%s: the coordinator did not stop within 5 s", self.name)
 
     async def _handle(self, ev: Event) -> None:
         before = self.machine.st
@@ -376,4 +381,6 @@ class GroupRuntime:
         await self._end_term()
         await self._stop_follow()
         if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            _, late = await asyncio.wait(pending, timeout=5.0)
+            if late:
+                log.warning("%s: %d background tasks did not stop within 5 s", self.name, len(late))

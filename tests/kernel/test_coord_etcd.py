@@ -191,7 +191,9 @@ def run(etcd: EtcdServer, body: Callable[[Cluster, aetcd.Client], Awaitable[None
         mon = asyncio.create_task(cluster.monitor())
         admin = open_client(etcd.endpoint)
         try:
-            await body(cluster, admin)
+            # A hang fails here, with its stack, long before pytest-timeout.
+            async with asyncio.timeout(120):
+                await body(cluster, admin)
             assert cluster.overlaps == 0, "two nodes held the VIP at once"
         finally:
             mon.cancel()

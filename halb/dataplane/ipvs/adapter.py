@@ -34,6 +34,7 @@ re-arms their expiry timers (IPVS has no delete either).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import IO
 
@@ -174,15 +175,35 @@ class IpvsDataplane:
             timeout=1 if ending else 0,  # 0: the state's own timeout (TCP established 15 min)
         )
 
-    def _inject(self, flows: Iterable[Flow], ending: bool) -> int:
-        conns = [c for f in flows if (c := self._sync_conn(f, ending=ending)) is not None]
-        if not conns:
+    def _inject(self, flows: Iterable[Flow], ending: bool, timeout: float = 3.0) -> int:
+        wanted = [(f, c) for f in flows if (c := self._sync_conn(f, ending=ending)) is not None]
+        if not wanted:
             return 0
         if self._injector is None:
             self._injector = SyncInjector(self._nl, self.netns, self.sync_id)
-        sent = self._injector.send(conns)
+        sent = self._injector.send([c for _, c in wanted])
         if not self._injector.drain():
             log.warning("ipvs: the backup sync daemon did not take every message in time")
+        if not ending:
+            # An empty socket queue only means the daemon took the datagrams; it applies
+            # them on its own thread. Return once the table shows them (state before
+            # address: a promoted node announces only after this).
+            keys = {(f.src, f.sport, f.vip, f.vport, f.protocol) for f, _ in wanted}
+            deadline = time.monotonic() + timeout
+            while True:
+                held = {(f.src, f.sport, f.vip, f.vport, f.protocol) for f in self.dump_flows()}
+                missing = keys - held
+                if not missing:
+                    break
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "ipvs: %d of %d flows not in the connection table after %gs",
+                        len(missing),
+                        len(keys),
+                        timeout,
+                    )
+                    break
+                time.sleep(0.005)
         return sent
 
     def install_flows(self, flows: Iterable[Flow]) -> int:
