@@ -166,6 +166,12 @@ class Agent:
         self._node_of(cfg)
         return cfg
 
+    def _validated(self, text: str, source: str) -> ClusterConfig:
+        """A config this agent can run: valid, and naming this node."""
+        cfg = parse_config_text(text, source)
+        self._node_of(cfg)
+        return cfg
+
     def _node_of(self, cfg: ClusterConfig) -> NodeConfig:
         try:
             return cfg.node(self.node_name)
@@ -190,8 +196,7 @@ class Agent:
             log.info("no config stored in etcd yet; using %s", self.config_path)
             return
         try:
-            new = parse_config_text(stored.text, "etcd")
-            self._node_of(new)
+            new = self._validated(stored.text, "etcd")
         except (ConfigError, AgentError) as exc:
             self.rejected_configs += 1
             log.error(
@@ -309,8 +314,7 @@ class Agent:
             if stored.revision <= self.config_revision:
                 continue
             try:
-                new = parse_config_text(stored.text, "etcd")
-                self._node_of(new)
+                new = self._validated(stored.text, "etcd")
             except (ConfigError, AgentError) as exc:
                 self.rejected_configs += 1
                 log.error(
@@ -395,8 +399,7 @@ class Agent:
         """SIGHUP: validate the file and store it, so every agent applies it."""
         try:
             text = self.config_path.read_text()
-            new = parse_config_text(text, str(self.config_path))
-            self._node_of(new)
+            new = self._validated(text, str(self.config_path))
         except (OSError, ConfigError, AgentError) as exc:
             self.rejected_configs += 1
             log.error("SIGHUP: %s rejected, the running config stays: %s", self.config_path, exc)

@@ -6,10 +6,12 @@ restarting every agent with extra flags, waiting for a settled group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ from halb.lab.observe import cluster_status, wait_until
 
 __all__ = [
     "active",
+    "agent_log_lines",
     "agents_run",
     "apply_config",
     "cli_flows",
+    "logs_on_failure",
     "node_status",
     "restart_agents",
     "start_agents",
@@ -130,3 +134,25 @@ def cli_flows(lab: dict[str, Any]) -> dict[str, int]:
         name: sum(f["client"].startswith(client) for f in doc.get("flows", []))
         for name, doc in json.loads(out)["nodes"].items()
     }
+
+
+# What a failing lab test wants to see of the agents' logs: sync, state changes, trouble.
+LOG_KEYS = ("halb.sync", "syncroles", " -> ", "floating", "ERROR", "WARNING")
+
+
+def agent_log_lines(lab: dict[str, Any], keep: tuple[str, ...] = LOG_KEYS, last: int = 25) -> str:
+    out = []
+    for n in lab["nodes"]:
+        path = Path(lab["lab_dir"]) / "logs" / f"agent-{n['name']}.log"
+        lines = [ln for ln in path.read_text().splitlines() if any(k in ln for k in keep)]
+        out.append(f"--- {path}\n" + "\n".join(lines[-last:]))
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def logs_on_failure(lab: dict[str, Any]) -> Iterator[None]:
+    """Failures carry the agents' sync and state lines: the lab is gone afterwards."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{agent_log_lines(lab)}") from None

@@ -21,7 +21,6 @@ tests/kernel/test_sync_grpc.py::test_stream_from_an_older_term_is_ignored_and_co
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from halb.lab import faults
 from halb.lab.agents import active as _active
 from halb.lab.agents import apply_config as _apply
 from halb.lab.agents import cli_flows as _cli_flows
+from halb.lab.agents import logs_on_failure
 from halb.lab.agents import node_status as _node
 from halb.lab.agents import restart_agents as _restart_agents
 from halb.lab.holders import CONNECTIONS, Client
@@ -89,26 +89,6 @@ def _run_scenario(
         client.close()
 
 
-def _agent_logs(lab: dict[str, Any]) -> str:
-    """The agents' state and sync lines, for a failure message."""
-    keep = ("halb.sync", "syncroles", " -> ", "starting", "ERROR", "WARNING")
-    out = []
-    for n in lab["nodes"]:
-        path = Path(lab["lab_dir"]) / "logs" / f"agent-{n['name']}.log"
-        lines = [ln for ln in path.read_text().splitlines() if any(k in ln for k in keep)]
-        out.append(f"--- {path}\n" + "\n".join(lines[-25:]))
-    return "\n".join(out)
-
-
-@contextlib.contextmanager
-def _logs_on_failure(lab: dict[str, Any]) -> Iterator[None]:
-    """Failures carry the agents' sync and state lines: the lab is gone afterwards."""
-    try:
-        yield
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{_agent_logs(lab)}") from None
-
-
 def _added_name(lab: dict[str, Any], added: dict[str, Any]) -> str:
     return str(next(b["name"] for b in lab["backends"] if b["address"] == str(added["address"])))
 
@@ -119,7 +99,7 @@ def test_with_sync_every_connection_survives_on_its_backend(
     _restart_agents(lab, [])
     report, standby_sync = _run_scenario(lab, scenario)
 
-    with _logs_on_failure(lab):
+    with logs_on_failure(lab):
         added = _added_name(lab, scenario["added"])
         assert not any(c["backends"]["start"] == added for c in report)
         assert standby_sync["role"] == "client" and standby_sync["synced"] is True
@@ -139,7 +119,7 @@ def test_without_sync_the_remapped_connections_are_reset(
     _restart_agents(lab, ["--no-sync"])
     report, standby_sync = _run_scenario(lab, scenario)
 
-    with _logs_on_failure(lab):
+    with logs_on_failure(lab):
         assert standby_sync.get("role") == "disabled"
         first, second = lab["nodes"][0]["name"], lab["nodes"][1]["name"]
         flows = standby_sync["cli_flows"]

@@ -36,6 +36,7 @@ from halb.lab import builder, faults
 from halb.lab.agents import (
     active,
     apply_config,
+    logs_on_failure,
     node_status,
     restart_agents,
     status,
@@ -285,30 +286,12 @@ def _ct_flows(lab: dict[str, Any], doc: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _logs(lab: dict[str, Any]) -> str:
-    keep = ("halb.sync", "syncroles", " -> ", "floating", "ERROR", "WARNING")
-    out = []
-    for n in lab["nodes"]:
-        path = Path(lab["lab_dir"]) / "logs" / f"agent-{n['name']}.log"
-        lines = [ln for ln in path.read_text().splitlines() if any(k in ln for k in keep)]
-        out.append(f"--- {path}\n" + "\n".join(lines[-25:]))
-    return "\n".join(out)
-
-
-@contextlib.contextmanager
-def _logs_on_failure(lab: dict[str, Any]) -> Iterator[None]:
-    try:
-        yield
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{_logs(lab)}") from None
-
-
 def test_with_sync_every_connection_survives_on_its_backend(lab: dict[str, Any], mode: str) -> None:
     restart_agents(lab, [])
     report, standby_sync, gap = _takeover(lab, mode)
     print(f"\n{mode} with sync: failover gap {gap:.2f} s, "
           f"{sum(not c['errors'] for c in report)}/{len(report)} survived")  # fmt: skip
-    with _logs_on_failure(lab):
+    with logs_on_failure(lab):
         assert standby_sync["role"] == "client" and standby_sync["synced"] is True
         assert standby_sync["flows"] >= CONNECTIONS, standby_sync
         assert min(standby_sync["ct_flows"].values()) >= CONNECTIONS, standby_sync
@@ -328,7 +311,7 @@ def test_without_sync_connections_are_lost(lab: dict[str, Any], mode: str) -> No
     broken = [c for c in report if c["errors"]]
     print(f"\n{mode} without sync: failover gap {gap:.2f} s, "
           f"{len(report) - len(broken)}/{len(report)} survived")  # fmt: skip
-    with _logs_on_failure(lab):
+    with logs_on_failure(lab):
         assert standby_sync.get("role") == "disabled"
         first, second = lab["nodes"][0]["name"], lab["nodes"][1]["name"]
         flows = standby_sync["ct_flows"]
@@ -366,7 +349,7 @@ def test_a_standby_that_was_down_resyncs_and_takes_over(lab: dict[str, Any]) -> 
         report = client.report()
     finally:
         client.close()
-    with _logs_on_failure(lab):
+    with logs_on_failure(lab):
         broken = [c for c in report if c["errors"]]
         assert not broken, broken[:3]
         assert all(len(set(c["backends"].values())) == 1 for c in report), report[:3]
