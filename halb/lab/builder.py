@@ -36,6 +36,8 @@ from halb.lab.topology import (
 
 log = logging.getLogger(__name__)
 
+BPFFS = Path("/run/halb/bpffs")
+
 __all__ = ["LabError", "down", "load_state", "up"]
 
 Progress = Callable[[str], None]
@@ -331,6 +333,12 @@ def down(
         progress(f"deleting link {site.host_link}")
         run(["ip", "link", "del", site.host_link], check=False)
         removed.append(site.host_link)
+    # Maps a killed agent left pinned (they outlive it on purpose) go with the lab.
+    pins = BPFFS / site.cluster
+    if pins.exists():
+        progress(f"removing pinned maps {pins}")
+        shutil.rmtree(pins, ignore_errors=True)
+        removed.append(str(pins))
     if lab_dir.exists():
         progress(f"removing {lab_dir}")
         shutil.rmtree(lab_dir, ignore_errors=True)

@@ -68,6 +68,11 @@ class LabSite:
         return LAB_DIR if self.instance == 0 else Path(f"{LAB_DIR}-{self.instance}")
 
     @property
+    def cluster(self) -> str:
+        # Distinct per instance: pinned maps live under /run/halb/bpffs/<cluster>/<node>.
+        return "lab" if self.instance == 0 else f"lab{self.instance}"
+
+    @property
     def switch_ns(self) -> str:
         return f"{self.prefix}sw"
 
@@ -317,8 +322,7 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
     if nat:
         group["nat"] = {"gateway": p.nat_gateway, "snat": p.snat}
     return {
-        # Distinct per instance: pinned maps live under /run/halb/bpffs/<cluster>/<node>.
-        "cluster": "lab" if p.site.instance == 0 else f"lab{p.site.instance}",
+        "cluster": p.site.cluster,
         "etcd": {"endpoints": [p.etcd_endpoint], "lease_ttl": 1.0},
         # Generic XDP: on veth, native XDP_TX needs a program on the peer too, and
         # both measure alike end to end (PLATFORM.md).

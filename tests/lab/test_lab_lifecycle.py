@@ -106,10 +106,17 @@ def _leftovers() -> dict[str, Any]:
         "host_link": link == 0,
         "processes": procs,
         "lab_dir": SITE.lab_dir.exists(),
+        "pinned_maps": (Path("/run/halb/bpffs") / SITE.cluster).exists(),
     }
 
 
-NOTHING = {"namespaces": [], "host_link": False, "processes": [], "lab_dir": False}
+NOTHING = {
+    "namespaces": [],
+    "host_link": False,
+    "processes": [],
+    "lab_dir": False,
+    "pinned_maps": False,
+}
 
 
 def test_down_removes_everything_and_is_idempotent(lab: dict[str, Any]) -> None:
