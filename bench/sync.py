@@ -54,44 +54,11 @@ from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.server import FlowSyncServer, ServerOptions
 from halb.sync.tls import SyncSecurity
 from halb.testing.fake_dataplane import FakeDataplane
+from halb.testing.sync_cluster import NODES, two_node_doc
 
 TERM = Term(lease_id=0xBE7C, revision=1)
-NODES = ["lb1", "lb2"]
 BACKENDS = [f"10.0.0.{21 + i}" for i in range(8)]
-CONFIG: dict[str, Any] = {
-    "cluster": "bench",
-    "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
-    "dataplane": {"kind": "xdp"},
-    "nodes": [
-        {
-            "name": n,
-            "address": f"10.0.0.{11 + i}/24",
-            "interface": "eth0",
-            "priority": 100 - i,
-            "sync_address": "127.0.0.1:1",
-        }
-        for i, n in enumerate(NODES)
-    ],
-    "vip_groups": [
-        {
-            "name": "g",
-            "vips": [
-                {
-                    "address": "10.0.0.100",
-                    "services": [
-                        {
-                            "port": 80,
-                            "forwarding": "dsr",
-                            "backends": [{"address": b, "port": 8080} for b in BACKENDS],
-                        }
-                    ],
-                }
-            ],
-        }
-    ],
-    "sync": {"insecure": True},
-    "admin": {"insecure": True},
-}
+CONFIG: dict[str, Any] = two_node_doc("bench", BACKENDS)
 VIP = ipaddress.ip_address("10.0.0.100")
 BACKEND_IPS = [ipaddress.ip_address(b) for b in BACKENDS]
 

@@ -27,50 +27,13 @@ from halb.sync.pb import SERVICE, sync_pb2
 from halb.sync.server import FlowSyncServer, ServerOptions
 from halb.sync.tls import SyncSecurity
 from halb.testing.fake_dataplane import FakeDataplane
+from halb.testing.sync_cluster import NODES, two_node_doc
 
 pytestmark = pytest.mark.kernel
 
 ip = ipaddress.ip_address
 TERM = Term(lease_id=0xABC, revision=100)
-NODES = ["lb1", "lb2"]
-
-CONFIG: dict[str, Any] = {
-    "cluster": "t",
-    "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
-    "dataplane": {"kind": "xdp"},
-    "nodes": [
-        {
-            "name": name,
-            "address": f"10.0.0.{11 + i}/24",
-            "interface": "eth0",
-            "priority": 100 - i,
-            "sync_address": "127.0.0.1:1",
-        }
-        for i, name in enumerate(NODES)
-    ],
-    "vip_groups": [
-        {
-            "name": "g",
-            "vips": [
-                {
-                    "address": "10.0.0.100",
-                    "services": [
-                        {
-                            "port": 80,
-                            "forwarding": "dsr",
-                            "backends": [
-                                {"address": "10.0.0.21", "port": 8080},
-                                {"address": "10.0.0.22", "port": 8080},
-                            ],
-                        }
-                    ],
-                }
-            ],
-        }
-    ],
-    "sync": {"insecure": True},
-    "admin": {"insecure": True},
-}
+CONFIG: dict[str, Any] = two_node_doc("t", ["10.0.0.21", "10.0.0.22"])
 
 FAST = ClientOptions(heartbeat_timeout=1.0, backoff_initial=0.05, backoff_max=0.2)
 SERVER_FAST = ServerOptions(heartbeat_interval=0.2, peer_timeout=2.0, flush_interval=0.001)

@@ -5,7 +5,6 @@ cancelled follow returns only with its flows in the dataplane."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import ipaddress
 import socket
 from typing import Any
@@ -20,6 +19,7 @@ from halb.sync.client import ClientOptions
 from halb.sync.server import ServerOptions
 from halb.sync.tls import SyncSecurity
 from halb.testing.fake_dataplane import FakeDataplane
+from halb.testing.sync_cluster import two_node_doc
 
 pytestmark = pytest.mark.kernel
 
@@ -34,41 +34,8 @@ def _free_port() -> int:
 
 def _config(insecure: bool = True) -> ClusterConfig:
     port = _free_port()
-    doc: dict[str, Any] = {
-        "cluster": "t",
-        "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
-        "dataplane": {"kind": "xdp"},
-        "nodes": [
-            {
-                "name": name,
-                "address": f"10.0.0.{11 + i}/24",
-                "interface": "eth0",
-                "priority": 100 - i,
-                "sync_address": f"127.0.0.1:{port + i}",
-            }
-            for i, name in enumerate(["lb1", "lb2"])
-        ],
-        "vip_groups": [
-            {
-                "name": "g",
-                "vips": [
-                    {
-                        "address": "10.0.0.100",
-                        "services": [
-                            {
-                                "port": 80,
-                                "forwarding": "dsr",
-                                "backends": [{"address": "10.0.0.21", "port": 8080}],
-                            }
-                        ],
-                    }
-                ],
-            }
-        ],
-        "sync": {"insecure": insecure},
-        "admin": {"insecure": True},
-    }
-    return parse_config(copy.deepcopy(doc), "test")
+    doc = two_node_doc("t", ["10.0.0.21"], sync_port=port, sync_insecure=insecure)
+    return parse_config(doc, "test")
 
 
 def flows(n: int) -> list[Flow]:
