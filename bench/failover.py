@@ -8,13 +8,16 @@ Run as root (builds its own lab instance; HALB_LAB_INSTANCE, default 3):
 "Answered through the new active" means: a TCP connect + HTTP GET to the VIP succeeded
 while the client's neighbour entry for the VIP held the new active's MAC (a killed
 agent leaves its XDP program and, for up to the address lifetime, its VIP in place, so
-a success through the old node does not count). Each fault's median is printed beside
-the lease TTL and beside the planned hand-over measured in the same run (the baseline).
+a success through the old node does not count). The planned fault starts when the
+hand-over request is written to etcd, as `halb failover` writes it. Each fault's median
+is printed beside the lease TTL and beside the planned hand-over measured in the same
+run (the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -26,6 +29,8 @@ from typing import Any
 
 os.environ.setdefault("HALB_LAB_INSTANCE", "3")
 
+from halb.config import load_config
+from halb.ha.coord import GroupKeys, close_client, open_client, request_handover
 from halb.lab import builder, faults
 from halb.lab.observe import leader, wait_until
 from halb.lab.topology import site_from_env
@@ -92,17 +97,12 @@ def one_run(state: dict[str, Any], fault: str, timeout: float = 15.0) -> float:
     assert probe.stdout is not None
     try:
         probe.stdout.readline()  # running
-        t0 = time.time()
         if fault == "planned":
-            r = subprocess.run(
-                [str(Path(sys.executable).with_name("halb")), "failover", "--to", "lb2"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if r.returncode != 0:
-                raise RuntimeError(r.stderr)
+            # The fault is the request written to etcd (what `halb failover --to lb2`
+            # does once its Python start-up, ~0.5 s, is over): timed from the write.
+            t0 = asyncio.run(request_planned(cfg, "lb2"))
         else:
+            t0 = time.time()
             faults.apply_fault("lb1", fault, state)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -126,6 +126,20 @@ def one_run(state: dict[str, Any], fault: str, timeout: float = 15.0) -> float:
             )
 
 
+async def request_planned(config_path: str, target: str) -> float:
+    cfg = load_config(Path(config_path))
+    client = open_client(cfg.etcd.endpoints[0])
+    try:
+        await client.get(b"/")  # connected before the clock starts
+        t0 = time.time()
+        await request_handover(
+            client, GroupKeys(cfg.etcd.prefix, cfg.cluster, cfg.vip_groups[0].name), target
+        )
+        return t0
+    finally:
+        await close_client(client)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10)
@@ -135,6 +149,7 @@ def main() -> int:
     builder.down(SITE)
     state = builder.up(2, 3, site=SITE)
     ttl = 1.0
+    fo = load_config(Path(state["config"])).failover
     results: dict[str, list[float]] = {}
     try:
         for fault in args.faults.split(","):
@@ -153,6 +168,7 @@ def main() -> int:
     base = statistics.median(results["planned"]) if results.get("planned") else None
     print(
         f"\nfailover to the first answer through the new active (lease TTL {ttl:g} s, "
+        f"halb heartbeat {fo.heartbeat_interval or 0:g} s / timeout {fo.heartbeat_timeout:g} s, "
         f"etcd heartbeat 50 ms / election 500 ms, {args.runs} runs each)"
     )
     print(

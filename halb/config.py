@@ -51,6 +51,11 @@ __all__ = [
 ]
 
 MIN_LEASE_TTL = 1.0
+DEFAULT_HEARTBEAT_INTERVAL = 0.1
+# Dataplanes whose adapter enforces a dead-man deadline (forwarding and ARP).
+DEADMAN_DATAPLANES = frozenset({DataplaneKind.XDP})
+# The XDP program reads a coarse clock (one tick: 4 ms at HZ=250).
+DEADMAN_TICK_MARGIN = 0.02
 
 SUPPORTED_FORWARDING: dict[DataplaneKind, tuple[Forwarding, ...]] = {
     DataplaneKind.XDP: (Forwarding.DSR, Forwarding.TUNNEL),
@@ -276,6 +281,33 @@ class HealthConfig(_Model):
     damping: DampingConfig = DampingConfig()
 
 
+class FailoverConfig(_Model):
+    """Fast takeover (DESIGN.md "Direction"): the active node heartbeats into etcd every
+    ``heartbeat_interval`` seconds and arms its dataplane's dead-man switch on each
+    success; a standby that sees no heartbeat for ``heartbeat_timeout`` revokes the
+    leader's lease, waits out the fence, and takes over. Unplanned failover then takes
+    about twice the timeout instead of the lease TTL. Needs a dataplane with a dead-man
+    switch (xdp). ``heartbeat_interval`` unset: 0.1 s with xdp, off otherwise; 0: off
+    (failover waits for the lease TTL)."""
+
+    heartbeat_interval: float | None = Field(default=None, ge=0, le=10)
+    heartbeat_timeout: float = Field(default=0.5, gt=0, le=60)
+
+    def interval_for(self, kind: DataplaneKind) -> float:
+        if self.heartbeat_interval is not None:
+            return self.heartbeat_interval
+        return DEFAULT_HEARTBEAT_INTERVAL if kind in DEADMAN_DATAPLANES else 0.0
+
+    def fence_wait(self, kind: DataplaneKind) -> float:
+        """How long a standby waits after revoking a silent leader's lease: that
+        leader's last heartbeat deadline, one interval for the other groups sharing its
+        dataplane switch, and a clock tick of the dataplane's coarse clock."""
+        interval = self.interval_for(kind)
+        if interval <= 0:
+            return 0.0
+        return self.heartbeat_timeout + interval + DEADMAN_TICK_MARGIN
+
+
 class ServiceTlsConfig(_Model):
     tls: TlsFiles | None = None
     insecure: bool = False
@@ -290,6 +322,7 @@ class ClusterConfig(_Model):
     sync: ServiceTlsConfig = ServiceTlsConfig()
     admin: ServiceTlsConfig = ServiceTlsConfig()
     health: HealthConfig = HealthConfig()
+    failover: FailoverConfig = FailoverConfig()
     state_dir: str = "/var/lib/halb"
 
     # -- lookups used by the agent and planning -----------------------------------------
@@ -398,6 +431,32 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def _failover_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
+    f, kind = cfg.failover, cfg.dataplane.kind
+    interval = f.interval_for(kind)
+    if interval <= 0:
+        return
+    if kind not in DEADMAN_DATAPLANES:
+        yield ConfigIssue(
+            "failover.heartbeat_interval",
+            f"fast takeover needs a dataplane dead-man switch, which {kind.value} has not "
+            "(supported: " + ", ".join(sorted(k.value for k in DEADMAN_DATAPLANES)) + "); "
+            "set 0 to fail over on the lease TTL",
+        )
+    if f.heartbeat_timeout < 3 * interval:
+        yield ConfigIssue(
+            "failover.heartbeat_timeout",
+            f"{f.heartbeat_timeout:g} s is less than 3 heartbeat intervals "
+            f"({3 * interval:g} s): one late heartbeat would fail the group over",
+        )
+    if cfg.etcd.lease_ttl >= MIN_LEASE_TTL and f.heartbeat_timeout >= cfg.etcd.lease_ttl:
+        yield ConfigIssue(
+            "failover.heartbeat_timeout",
+            f"{f.heartbeat_timeout:g} s is not below etcd.lease_ttl "
+            f"({cfg.etcd.lease_ttl:g} s): the lease would expire first",
+        )
+
+
 def _semantic(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     kind = cfg.dataplane.kind
     for i, ep in enumerate(cfg.etcd.endpoints):
@@ -414,6 +473,8 @@ def _semantic(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
             "etcd.lease_ttl",
             f"{cfg.etcd.lease_ttl:g} is below the minimum of {MIN_LEASE_TTL:g} second",
         )
+
+    yield from _failover_issues(cfg)
 
     node_index: dict[str, int] = {}
     for i, n in enumerate(cfg.nodes):

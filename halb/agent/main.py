@@ -45,6 +45,7 @@ from halb.config import (
 )
 from halb.dataplane.base import ApplyResult, Dataplane
 from halb.ha.coord import Coordinator, GroupKeys
+from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
     Action,
     CampaignWon,
@@ -53,6 +54,7 @@ from halb.ha.machine import (
     FenceDeadlinePassed,
     HandoverObserved,
     LeaderObserved,
+    LeaderUnresponsive,
     LeaseLost,
     Machine,
     MachineConfig,
@@ -85,7 +87,10 @@ def describe_cause(ev: Event) -> str:
         case LeaderObserved(leader=leader) if leader is not None:
             return f"leader is {leader.holder} (term {leader.term})"
         case FenceDeadlinePassed():
-            return "lease keepalives failed: self-fenced before the lease could expire"
+            return (
+                "keepalives or heartbeats to etcd failed: self-fenced before a standby "
+                "could take over"
+            )
         case LeaseLost():
             return "lease lost"
         case HandoverObserved(handover=h) if h is not None:
@@ -96,6 +101,8 @@ def describe_cause(ev: Event) -> str:
             return "node undrained"
         case Shutdown():
             return "agent stopping"
+        case LeaderUnresponsive(term=term):
+            return f"no heartbeat from the leader of term {term}: revoking its lease"
         case TimerFired(timer=t):
             return f"{t} timer fired"
     return type(ev).__name__
@@ -148,6 +155,7 @@ class Agent:
         self.config_revision = 0
         self.rejected_configs = 0
         self.dataplane: Dataplane | None = None
+        self._deadline_mux: DeadlineMux | None = None
         self.groups: dict[str, _Group] = {}
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
@@ -413,6 +421,11 @@ class Agent:
 
     # -- main ----------------------------------------------------------------------------
 
+    def _deadlines(self, dp: Dataplane) -> DeadlineMux:
+        if self._deadline_mux is None:
+            self._deadline_mux = DeadlineMux(dp)
+        return self._deadline_mux
+
     def _make_group(self, g: VipGroupConfig, port: VipPort, client: aetcd.Client) -> _Group:
         cfg, node, dp = self.cfg, self.node, self.dataplane
         assert cfg is not None and node is not None and dp is not None
@@ -429,6 +442,7 @@ class Agent:
                 # Lower-priority nodes wait a little before campaigning for a vacant
                 # group, so the best standby usually wins without a later preemption.
                 campaign_delay=0.05 * rank,
+                fence_wait=cfg.failover.fence_wait(cfg.dataplane.kind),
             ),
             lambda old, new, ev, m: self._on_change(g.name, old, new, ev, m),
         )
@@ -445,7 +459,7 @@ class Agent:
                 if self.health is not None and g is cfg.vip_groups[0]
                 else self.sync
             ),
-            dataplane=dp,
+            dataplane=self._deadlines(dp).port(g.name),
             name=g.name,
         )
         coord = Coordinator(
@@ -456,6 +470,10 @@ class Agent:
             ttl=cfg.etcd.lease_ttl,
             emit=lambda ev: self._from_coord(g.name, ev),
             state_dir=Path(cfg.state_dir) / node.name,
+            heartbeat_interval=cfg.failover.interval_for(cfg.dataplane.kind),
+            heartbeat_timeout=cfg.failover.heartbeat_timeout,
+            # Same skew as the campaign: the best standby usually revokes alone.
+            watchdog_slack=0.05 * rank,
         )
         rt.coord = coord
         rt.lifetime = vip_lifetime(coord.ttl, coord.fence_margin)

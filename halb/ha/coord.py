@@ -11,6 +11,9 @@ Keys (``P`` = ``<etcd.prefix>/<cluster>``)::
                                Written by a preempting node on its own lease (gone if
                                it dies), or by the CLI without a lease; whoever wins
                                the next term deletes it.
+    P/groups/<group>/heartbeat {"term": "<lease hex>@<rev>", "seq": n}
+                               put by the active every ``heartbeat_interval`` on its
+                               lease, only while the leader key holds its term.
     P/drain/<node>             present = the node is drained (value: free text reason).
 
 Every node holds one lease per group (so resigning one group revokes only that group's
@@ -21,6 +24,16 @@ on the etcd side before ``last_ok + TTL``; dropping the VIP at the deadline leav
 ``fence_margin`` seconds of safety. ``FenceDeadlinePassed`` is emitted once per lease,
 after which this coordinator abandons the lease and grants a new one as soon as etcd
 answers again.
+
+Heartbeats (fast takeover, DESIGN.md "Direction"): the active's ``heartbeat(term)``
+puts the heartbeat key in a transaction that requires the leader key to still hold the
+term. The send time of the last one that succeeded, plus ``heartbeat_timeout``, is a
+second fence deadline (the earlier of the two counts): the runtime arms the dataplane's
+dead-man switch to it. Until the first heartbeat of a term succeeds the term is not
+*ready*: no VIP is added on the strength of a campaign that a standby may already have
+revoked. A standby's watchdog emits ``LeaderUnresponsive`` once per term when no
+heartbeat of the current leader's term arrived for ``heartbeat_timeout`` (plus its rank
+slack); ``force_takeover`` then records the reason and revokes the leader's lease.
 
 aetcd's watch ends with ConnectionFailedError when etcd restarts and is not re-created
 (PLATFORM.md): the watch loop re-reads the keys (emitting the current view, which the
@@ -60,6 +73,7 @@ import aetcd
 
 from halb.ha.clock import Clock, MonotonicClock
 from halb.ha.machine import (
+    UNRESPONSIVE,
     CampaignLost,
     CampaignWon,
     Drain,
@@ -70,6 +84,7 @@ from halb.ha.machine import (
     KeepaliveOk,
     Leader,
     LeaderObserved,
+    LeaderUnresponsive,
     LeaseGranted,
     LeaseLost,
     Undrain,
@@ -146,6 +161,10 @@ class GroupKeys:
     def handover(self) -> bytes:
         return self.group_prefix + b"handover"
 
+    @property
+    def heartbeat(self) -> bytes:
+        return self.group_prefix + b"heartbeat"
+
     def drain(self, node: str) -> bytes:
         return f"{self.base}/drain/{node}".encode()
 
@@ -178,6 +197,13 @@ def _parse_term(text: Any) -> Term | None:
     try:
         return Term(int(lease, 16), int(rev))
     except ValueError:
+        return None
+
+
+def _heartbeat_term(value: bytes) -> Term | None:
+    try:
+        return _parse_term(json.loads(value).get("term"))
+    except (ValueError, AttributeError):
         return None
 
 
@@ -252,6 +278,9 @@ class Coordinator:
         fence_margin: float | None = None,
         rpc_timeout: float | None = None,
         state_dir: Path | None = None,
+        heartbeat_interval: float = 0.0,
+        heartbeat_timeout: float = 0.0,
+        watchdog_slack: float = 0.0,
     ) -> None:
         self.client = client
         self.keys = keys
@@ -265,6 +294,20 @@ class Coordinator:
         self.fence_margin = fence_margin if fence_margin is not None else 0.3 * self.ttl
         self.rpc_timeout = rpc_timeout or max(0.2, self.keepalive_interval)
         self.state_dir = state_dir
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        # Lower-ranked standbys notice a silent leader a little later, so usually
+        # only the best one revokes it.
+        self.watchdog_slack = watchdog_slack
+        # Active side: the term heartbeating and the send time of its last success.
+        self._hb_term: Term | None = None
+        self._hb_ok: float | None = None
+        self._hb_seq = 0
+        # Standby side: the leader's term as last seen, when its last heartbeat (or
+        # the term itself) was seen, and whether it was reported unresponsive.
+        self._watched: Term | None = None
+        self._watched_since = 0.0
+        self._reported: Term | None = None
         self._lease: int | None = None
         self._granted_ttl = self.ttl
         self.last_keepalive_ok: float | None = None
@@ -278,11 +321,26 @@ class Coordinator:
         return self._lease
 
     @property
+    def heartbeats(self) -> bool:
+        return self.heartbeat_interval > 0 and self.heartbeat_timeout > 0
+
+    @property
     def fence_deadline(self) -> float | None:
-        """Clock time by which a keepalive must succeed, or the VIP must go."""
+        """Clock time by which a keepalive (and, for an active node, a heartbeat) must
+        succeed, or the VIP must go."""
         if self._lease is None or self.last_keepalive_ok is None:
             return None
-        return self.last_keepalive_ok + self._granted_ttl - self.fence_margin
+        deadline = self.last_keepalive_ok + self._granted_ttl - self.fence_margin
+        if self._hb_term is not None and self._hb_ok is not None:
+            deadline = min(deadline, self._hb_ok + self.heartbeat_timeout)
+        return deadline
+
+    def ready(self, term: Term) -> bool:
+        """Whether ``term`` may hold VIPs as far as heartbeats go: always without
+        heartbeats, else once a heartbeat of this term has succeeded."""
+        if not self.heartbeats:
+            return True
+        return self._hb_term == term and self._hb_ok is not None
 
     @property
     def lease_file(self) -> Path | None:
@@ -298,6 +356,37 @@ class Coordinator:
             tg.create_task(self._lease_loop(), name=f"lease-{self.keys.group}")
             tg.create_task(self._fence_loop(), name=f"fence-{self.keys.group}")
             tg.create_task(self._watch_loop(), name=f"watch-{self.keys.group}")
+            if self.heartbeats:
+                tg.create_task(self._watchdog_loop(), name=f"watchdog-{self.keys.group}")
+
+    def _observe_leader(self, leader: Leader | None) -> None:
+        """Restart the heartbeat clock for a newly seen term (or after a re-read, when
+        heartbeats may have been missed while the watch was down)."""
+        term = leader.term if leader is not None else None
+        if term != self._watched:
+            self._reported = None
+        self._watched = term
+        self._watched_since = self.clock.now()
+
+    async def _watchdog_loop(self) -> None:
+        limit = self.heartbeat_timeout + self.watchdog_slack
+        while True:
+            await self.clock.sleep(self.heartbeat_interval / 2)
+            term = self._watched
+            if term is None or term == self._reported:
+                continue
+            if self._lease is not None and term.lease_id == self._lease:
+                continue  # our own term
+            silent = self.clock.now() - self._watched_since
+            if silent > limit:
+                log.warning(
+                    "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
+                    term,
+                    silent,
+                    limit,
+                )
+                self._reported = term
+                self.emit(LeaderUnresponsive(term))
 
     async def _rpc(self, call: Awaitable[T]) -> T:
         return await asyncio.wait_for(call, self.rpc_timeout)
@@ -420,6 +509,9 @@ class Coordinator:
                 continue
             remaining = deadline - self.clock.now()
             if remaining > 0:
+                # A heartbeat can start (and bring the deadline forward) while we sleep.
+                if self.heartbeats:
+                    remaining = min(remaining, self.heartbeat_interval / 2)
                 await self.clock.sleep(remaining)
                 continue
             log.error(
@@ -475,6 +567,83 @@ class Coordinator:
                 log.info("%s lost the campaign for %s to %s", self.node, self.keys.group, leader)
                 self.emit(CampaignLost(leader))
             return
+
+    async def heartbeat(self, term: Term, ready: Callable[[], None] | None = None) -> None:
+        """Active side, until cancelled: put the heartbeat key every interval while the
+        leader key holds ``term``; ``ready`` is called after each success (the runtime
+        re-arms the dead-man switch). Returns if the term is gone."""
+        if not self.heartbeats:
+            return
+        tx = self.client.transactions
+        self._hb_term, self._hb_ok = term, None
+        try:
+            while self._lease == term.lease_id:
+                sent = self.clock.now()
+                self._hb_seq += 1
+                value = json.dumps({"term": _term_str(term), "seq": self._hb_seq}).encode()
+                try:
+                    ok, _ = await self._rpc(
+                        self.client.transaction(
+                            compare=[tx.create(self.keys.leader) == term.revision],
+                            success=[tx.put(self.keys.heartbeat, value, lease=term.lease_id)],
+                            failure=[],
+                        )
+                    )
+                except aetcd.ClientError as exc:
+                    if "lease not found" in str(exc):
+                        log.warning("heartbeat: lease of term %s is gone", term)
+                        return
+                    ok = None
+                except _RETRY:
+                    ok = None
+                if ok is False:
+                    log.warning("heartbeat: the leader key no longer holds term %s", term)
+                    return
+                if ok:
+                    self._hb_ok = sent
+                    if ready is not None:
+                        ready()
+                elapsed = self.clock.now() - sent
+                await self.clock.sleep(max(0.0, self.heartbeat_interval - elapsed))
+        finally:
+            self._hb_term, self._hb_ok = None, None
+
+    async def force_takeover(self, term: Term) -> None:
+        """Standby side: the leader of ``term`` is silent. Record why (a handover request
+        naming us, on our lease, only while the key still holds that term), then revoke
+        its lease; the machine waits out the fence before campaigning."""
+        lease = self._lease
+        if lease is None:
+            return
+        tx = self.client.transactions
+        value = _handover_value(self.node, term, UNRESPONSIVE, self.node)
+        backoff = Backoff()
+        while self._lease == lease:
+            try:
+                ok, _ = await self._rpc(
+                    self.client.transaction(
+                        compare=[tx.create(self.keys.leader) == term.revision],
+                        success=[tx.put(self.keys.handover, value, lease=lease)],
+                        failure=[],
+                    )
+                )
+            except _RETRY as exc:
+                log.warning("force takeover of term %s: %s; retrying", term, exc)
+                await self.clock.sleep(backoff.next())
+                continue
+            if not ok:
+                log.info("force takeover: term %s is already over", term)
+                return
+            break
+        else:
+            return
+        log.warning(
+            "leader of term %s sent no heartbeat for %.2fs: revoking its lease %x",
+            term,
+            self.heartbeat_timeout,
+            term.lease_id,
+        )
+        await self.resign(term.lease_id)
 
     async def resign(self, lease: int) -> None:
         """Revoke ``lease`` (the leader key and handover requests on it go with it).
@@ -575,6 +744,7 @@ class Coordinator:
             if leader_kv
             else None
         )
+        self._observe_leader(leader)
         self.emit(LeaderObserved(leader))
         self.emit(HandoverObserved(parse_handover(handover_kv.value) if handover_kv else None))
 
@@ -602,9 +772,13 @@ class Coordinator:
                 leader = (
                     parse_leader(ev.kv.value, ev.kv.lease, ev.kv.create_revision) if put else None
                 )
+                self._observe_leader(leader)
                 self.emit(LeaderObserved(leader))
             elif key == self.keys.handover:
                 self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
+            elif key == self.keys.heartbeat:
+                if put and _heartbeat_term(ev.kv.value) == self._watched:
+                    self._watched_since = self.clock.now()
             elif key == self.keys.drain(self.node):
                 self.emit(Drain() if put else Undrain())
         # The iterator ending without an error means the watch was cancelled server-side.

@@ -28,6 +28,14 @@ overlap. A planned failover (CLI) writes the same request naming another node. W
 a handover to another node is pending, the other standbys wait ``handover_timeout``
 before campaigning, so the named node wins unless it is gone.
 
+Fast takeover (``fence_wait > 0``): the active heartbeats into etcd and arms its
+dataplane's dead-man switch on each success. A standby told that the heartbeats
+stopped (``LeaderUnresponsive``) writes a handover request naming itself with reason
+``unresponsive`` and revokes the leader's lease (``ForceTakeover``). Everyone who sees
+that request remembers the term as *forced*, and nobody campaigns for the vacancy
+until ``fence_wait`` after seeing it: by then the old leader's last possible deadline
+has passed, so even a frozen leader no longer forwards or answers ARP for the VIP.
+
 Usage::
 
     m = Machine(MachineConfig(node="lb1", priority=200))
@@ -44,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from halb.model import Term
 
 __all__ = [
+    "UNRESPONSIVE",
     "Action",
     "AddVips",
     "ArmTimer",
@@ -56,12 +65,14 @@ __all__ = [
     "Drain",
     "Event",
     "FenceDeadlinePassed",
+    "ForceTakeover",
     "GroupState",
     "Handover",
     "HandoverObserved",
     "KeepaliveOk",
     "Leader",
     "LeaderObserved",
+    "LeaderUnresponsive",
     "LeaseGranted",
     "LeaseLost",
     "Machine",
@@ -132,6 +143,9 @@ class MachineConfig:
     campaign_delay: float = 0.0
     # How long the other standbys defer to the target of a pending handover.
     handover_timeout: float = 3.0
+    # Fast takeover: how long to wait after a forced revoke before campaigning (the
+    # old leader's heartbeat deadline plus margins); 0 disables forced takeovers.
+    fence_wait: float = 0.0
 
 
 # --- events ---------------------------------------------------------------------------
@@ -160,6 +174,13 @@ class FenceDeadlinePassed:
     """No keepalive succeeded for TTL - margin: the lease may expire any moment."""
 
     lease_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderUnresponsive:
+    """The leader of ``term`` sent no heartbeat for the heartbeat timeout."""
+
+    term: Term
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +237,7 @@ Event = (
     | KeepaliveOk
     | FenceDeadlinePassed
     | LeaderObserved
+    | LeaderUnresponsive
     | CampaignWon
     | CampaignLost
     | HandoverObserved
@@ -295,6 +317,14 @@ class Resign:
 
 
 @dataclass(frozen=True, slots=True)
+class ForceTakeover:
+    """Write a handover request for ``term`` naming this node (reason ``unresponsive``),
+    then revoke the term's lease."""
+
+    term: Term
+
+
+@dataclass(frozen=True, slots=True)
 class RequestHandover:
     target: str
     term: Term
@@ -332,6 +362,7 @@ Action = (
     | StopSyncClient
     | Campaign
     | Resign
+    | ForceTakeover
     | RequestHandover
     | ClearHandover
     | ArmTimer
@@ -357,6 +388,9 @@ class GroupState:
     drained: bool = False
     # The leader the sync client was told to follow.
     following: Leader | None = None
+    # A term whose lease was revoked for missing heartbeats: no campaign for the
+    # vacancy it leaves before ``fence_wait``.
+    forced: Term | None = None
     # Armed timers: kind -> (token, delay).
     timers: tuple[tuple[Timer, int, float], ...] = ()
     next_token: int = 1
@@ -418,6 +452,8 @@ def step(cfg: MachineConfig, st: GroupState, ev: Event) -> tuple[GroupState, lis
             return st, []
         case LeaderObserved(leader=leader):
             _leader_observed(cfg, s, leader)
+        case LeaderUnresponsive(term=term):
+            _leader_unresponsive(cfg, s, term)
         case CampaignWon(term=term):
             _campaign_won(cfg, s, term)
         case CampaignLost(leader=leader):
@@ -528,6 +564,8 @@ def _leader_observed(cfg: MachineConfig, s: _Step, leader: Leader | None) -> Non
     s.set(leader=leader, leader_known=True)
     if leader is not None:
         s.set(last_term=leader.term)
+        if s.st.forced is not None and leader.term != s.st.forced:
+            s.set(forced=None)  # a new term: the forced one is history
     st = s.st
     if st.state is State.ACTIVE:
         if leader is not None and leader.term == st.term:
@@ -551,6 +589,24 @@ def _leader_observed(cfg: MachineConfig, s: _Step, leader: Leader | None) -> Non
         s.resign(leader.term.lease_id)
 
 
+def _leader_unresponsive(cfg: MachineConfig, s: _Step, term: Term) -> None:
+    st = s.st
+    leader = st.leader
+    if (
+        cfg.fence_wait <= 0
+        or st.state is not State.STANDBY
+        or st.lease is None
+        or st.drained
+        or leader is None
+        or leader.term != term
+        or leader.holder == cfg.node
+        or st.forced == term
+    ):
+        return
+    s.set(forced=term)
+    s.actions.append(ForceTakeover(term))
+
+
 def _campaign_won(cfg: MachineConfig, s: _Step, term: Term) -> None:
     st = s.st
     if st.state is State.ACTIVE and st.term == term:
@@ -566,12 +622,19 @@ def _campaign_won(cfg: MachineConfig, s: _Step, term: Term) -> None:
         s.set(state=State.DRAINED if st.drained else State.STANDBY)
 
 
+UNRESPONSIVE = "unresponsive"
+
+
 def _handover_live(h: Handover | None, term: Term | None) -> bool:
     return h is not None and (h.term is None or h.term == term)
 
 
 def _handover_observed(cfg: MachineConfig, s: _Step, h: Handover | None) -> None:
     s.set(handover=h)
+    if h is not None and h.reason == UNRESPONSIVE and h.term is not None:
+        leader = s.st.leader
+        if h.term == s.st.last_term or (leader is not None and leader.term == h.term):
+            s.set(forced=h.term)
     st = s.st
     if st.state is not State.ACTIVE or h is None:
         return
@@ -643,6 +706,9 @@ def _settle(cfg: MachineConfig, s: _Step, *, campaign_now: bool = False) -> None
         delay = 0.0 if h.target == cfg.node else cfg.handover_timeout
     else:
         delay = cfg.campaign_delay
+    if st.forced is not None and st.forced == st.last_term:
+        # The old leader may be frozen, not gone: outwait its dead-man deadline.
+        delay = max(delay, cfg.fence_wait)
     if campaign_now or delay <= 0:
         s.cancel(Timer.CAMPAIGN)
         assert st.lease is not None

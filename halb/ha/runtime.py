@@ -15,7 +15,13 @@ integration-tested with real etcd and a real namespace:
 - ``sync``: SyncRoles, whose ``serve(term)`` / ``follow(leader)`` run until cancelled
   (a follower's cancellation must return only once its flows are in the dataplane:
   the runtime awaits it before adding VIPs).
-- ``dataplane``: its dead-man switch is armed to the fence deadline on every keepalive.
+- ``dataplane``: its dead-man switch is armed to the fence deadline on every keepalive
+  and every heartbeat, and disarmed when the term ends cleanly (a frozen or killed
+  agent leaves it armed, so its node stops forwarding and answering ARP for the VIP).
+  With several groups on one node, pass each a ``DeadlineMux`` port.
+
+With heartbeats (fast takeover) the term task first runs the coordinator's heartbeat
+loop and adds VIPs only once a heartbeat of the term has succeeded.
 
 Usage (the agent, one per VIP group)::
 
@@ -33,10 +39,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
-from halb.dataplane.base import Dataplane
 from halb.ha.clock import Clock, MonotonicClock
 from halb.ha.machine import (
     Action,
@@ -47,6 +52,7 @@ from halb.ha.machine import (
     ClearHandover,
     DetachVips,
     Event,
+    ForceTakeover,
     Leader,
     Machine,
     RefreshVips,
@@ -65,7 +71,7 @@ from halb.ha.machine import (
 )
 from halb.model import IPAddress, Term
 
-__all__ = ["CoordPort", "GroupRuntime", "SyncRoles", "VipPort"]
+__all__ = ["CoordPort", "DeadlineSink", "GroupRuntime", "SyncRoles", "VipPort"]
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +84,22 @@ class VipPort(Protocol):
     def announce(self, vip: IPAddress) -> int: ...
 
 
+class DeadlineSink(Protocol):
+    def set_deadline(self, monotonic_ns: int | None) -> None: ...
+
+
 class CoordPort(Protocol):
     @property
     def fence_deadline(self) -> float | None: ...
+
+    @property
+    def heartbeats(self) -> bool: ...
+
+    def ready(self, term: Term) -> bool: ...
+
+    async def heartbeat(self, term: Term, ready: Callable[[], None] | None = None) -> None: ...
+
+    async def force_takeover(self, term: Term) -> None: ...
 
     async def run(self) -> None: ...
 
@@ -126,7 +145,7 @@ class GroupRuntime:
         lifetime: int | None = None,
         clock: Clock | None = None,
         sync: SyncRoles | None = None,
-        dataplane: Dataplane | None = None,
+        dataplane: DeadlineSink | None = None,
         name: str = "group",
     ) -> None:
         self.machine = machine
@@ -243,6 +262,8 @@ class GroupRuntime:
                 self._spawn(self._coord().campaign(lease))
             case Resign(lease_id=lease):
                 self._spawn(self._coord().resign(lease))
+            case ForceTakeover(term=term):
+                self._spawn(self._coord().force_takeover(term))
             case RequestHandover(target=target, term=term, reason=reason):
                 self._spawn(self._coord().request_handover(target, term, reason))
             case ClearHandover():
@@ -263,20 +284,32 @@ class GroupRuntime:
         term = tt.term
         added: list[IPAddress] = []
         try:
-            for vip in self.addresses:
-                if not self._owns(term):
-                    return
-                await self.vips.add(vip, self.lifetime)
-                added.append(vip)
-            self._arm_deadline()
-            log.info("%s: term %s holds %s", self.name, term, ", ".join(map(str, added)))
             async with asyncio.TaskGroup() as tg:
+                coord = self.coord
+                if coord is not None and coord.heartbeats:
+                    beating = asyncio.Event()
+
+                    def beat() -> None:
+                        self._arm_deadline()
+                        beating.set()
+
+                    tg.create_task(coord.heartbeat(term, beat))
+                    # A won campaign may already have been revoked by a standby that
+                    # thought us dead: only a heartbeat of this term proves otherwise.
+                    await beating.wait()
+                for vip in self.addresses:
+                    if not self._owns(term):
+                        return
+                    await self.vips.add(vip, self.lifetime)
+                    added.append(vip)
+                self._arm_deadline()
+                log.info("%s: term %s holds %s", self.name, term, ", ".join(map(str, added)))
                 if tt.serve and self.sync is not None:
                     tg.create_task(self.sync.serve(term))
                 if tt.announce:
                     tg.create_task(self._announce(term))
-            # The term lasts until the machine ends it (cancellation).
-            await asyncio.get_running_loop().create_future()
+                # The term lasts until the machine ends it (cancellation).
+                await asyncio.get_running_loop().create_future()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -288,6 +321,10 @@ class GroupRuntime:
                         await self.vips.remove(vip)
                     except Exception:
                         log.exception("%s: could not remove VIP %s", self.name, vip)
+                # A clean end: this node is a hot standby now and may keep forwarding
+                # stray packets for the VIP (clients whose ARP still names it).
+                if self.dataplane is not None:
+                    self.dataplane.set_deadline(None)
                 log.info("%s: term %s over, VIPs removed", self.name, term)
             else:
                 log.info("%s: term %s detached, VIPs left to their lifetime", self.name, term)
@@ -320,6 +357,8 @@ class GroupRuntime:
         term is over: it must not announce or re-add a VIP on the strength of that
         stale belief."""
         if not self.machine.holds(term):
+            return False
+        if self.coord is not None and not self.coord.ready(term):
             return False
         deadline = self.coord.fence_deadline if self.coord is not None else None
         return deadline is None or self.clock.now() < deadline

@@ -321,7 +321,7 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
     }
     if nat:
         group["nat"] = {"gateway": p.nat_gateway, "snat": p.snat}
-    return {
+    cfg: dict[str, Any] = {
         "cluster": p.site.cluster,
         "etcd": {"endpoints": [p.etcd_endpoint], "lease_ttl": 1.0},
         # Generic XDP: on veth, native XDP_TX needs a program on the peer too, and
@@ -335,3 +335,8 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
         "admin": {"insecure": True},
         "state_dir": str(p.lab_dir / "state"),
     }
+    if dataplane == "xdp":
+        # Fast takeover (the XDP dead-man switch fences a silent node): a local etcd
+        # answers in milliseconds, so six missed heartbeats mean a dead or frozen agent.
+        cfg["failover"] = {"heartbeat_interval": 0.05, "heartbeat_timeout": 0.3}
+    return cfg

@@ -85,6 +85,12 @@ class FlakyClient:
             await asyncio.sleep(3600)
         return await self._client.revoke_lease(lease_id)
 
+    async def transaction(self, *args: Any, **kw: Any) -> Any:
+        # Heartbeats and campaigns are transactions.
+        if self.block_keepalive:
+            await asyncio.sleep(3600)
+        return await self._client.transaction(*args, **kw)
+
 
 @dataclass
 class Node:
@@ -114,18 +120,33 @@ class Cluster:
         preempt_delay: float = 0.5,
         flaky: bool = False,
         state_dir: Path | None = None,
+        heartbeat: tuple[float, float] | None = None,
     ) -> Node:
         raw = open_client(self.etcd.endpoint)
         client: Any = FlakyClient(raw) if flaky else raw
+        interval, timeout = heartbeat or (0.0, 0.0)
         machine = Machine(
             MachineConfig(
-                name, priority, preempt=preempt, preempt_delay=preempt_delay, handover_timeout=1.0
+                name,
+                priority,
+                preempt=preempt,
+                preempt_delay=preempt_delay,
+                handover_timeout=1.0,
+                fence_wait=timeout + interval + 0.02 if heartbeat else 0.0,
             )
         )
         vips = RecordingVips(self.owners, name)
         rt = GroupRuntime(machine, None, vips, addresses=[VIP], announce_interval=0.05, name=name)
         coord = Coordinator(
-            client, KEYS, name, priority, ttl=ttl, emit=rt.emit, state_dir=state_dir
+            client,
+            KEYS,
+            name,
+            priority,
+            ttl=ttl,
+            emit=rt.emit,
+            state_dir=state_dir,
+            heartbeat_interval=interval,
+            heartbeat_timeout=timeout,
         )
         rt.coord = coord
         node = Node(name, machine, rt, coord, vips, client)
@@ -365,6 +386,63 @@ def test_dead_leader_detected_after_ttl(etcd: EtcdServer) -> None:
             f"{since_ka:.2f}s after its last keepalive"
         )
         assert 0.9 <= since_ka < 2.5
+
+    run(etcd, body)
+
+
+HB = (0.05, 0.3)
+
+
+def test_crashed_leader_is_replaced_long_before_its_ttl(etcd: EtcdServer) -> None:
+    """Heartbeats: with a 5 s lease, a dead leader is replaced in about twice the
+    heartbeat timeout, by a revoke of its lease rather than by its expiry."""
+
+    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+        a = await cluster.start("a", 200, ttl=5, heartbeat=HB)
+        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        b = await cluster.start("b", 100, ttl=5, heartbeat=HB)
+        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        old = await leader_in_etcd(admin)
+        assert old is not None and old.holder == "a"
+        assert a.coord.fence_deadline is not None
+        # The heartbeat brings the deadline well inside the lease's TTL - margin.
+        assert a.coord.fence_deadline - time.monotonic() < 0.5
+        await asyncio.sleep(0.3)
+        await cluster.crash("a")
+        took = await wait_until(lambda: cluster.active() == ["b"], 4, "b to take over")
+        print(f"\ncrashed leader (TTL 5 s, heartbeat 50/300 ms): takeover after {took:.2f}s")
+        # Revoked, not expired: etcd no longer knows the lease at all.
+        info = await admin.get_lease_info(old.term.lease_id)
+        assert info.TTL == -1
+        # And b waited out the fence after the revoke (timeout + interval + tick).
+        assert took >= HB[1] + sum(HB)
+
+    run(etcd, body)
+
+
+def test_leader_cut_from_etcd_fences_before_the_standby_takes_over(etcd: EtcdServer) -> None:
+    """The leader is alive but cannot reach etcd (its keepalives and heartbeats hang):
+    it drops the VIP at its heartbeat deadline, and the standby, which revokes the
+    lease after the heartbeat timeout, adds it only after the fence wait. The monitor
+    asserts there is no instant with two owners."""
+
+    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+        a = await cluster.start("a", 200, ttl=5, heartbeat=HB, flaky=True)
+        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        b = await cluster.start("b", 100, ttl=5, heartbeat=HB)
+        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        await asyncio.sleep(0.3)
+        a.client.block_keepalive = True
+        cut = time.monotonic()
+        await wait_until(lambda: not a.vips.held, 2, "a to drop the VIP")
+        dropped = time.monotonic() - cut
+        await wait_until(lambda: bool(b.vips.held), 4, "b to add the VIP")
+        added = time.monotonic() - cut
+        print(
+            f"\nleader cut from etcd: VIP dropped after {dropped:.2f}s, re-added after {added:.2f}s"
+        )
+        assert dropped <= HB[1] + 0.2
+        assert added > dropped
 
     run(etcd, body)
 

@@ -126,3 +126,22 @@ def test_lab_config_is_valid(dataplane: str) -> None:
     cfg = parse_config(lab_config(plan(3, 4), dataplane))
     assert [n.name for n in cfg.nodes] == ["lb1", "lb2", "lb3"]
     assert len(cfg.vip_groups[0].vips[0].services[0].backends) == 4
+
+
+def test_fast_failover_defaults_follow_the_dataplane() -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "xdp.yaml").read_text())
+    cfg = parse_config(doc)
+    assert cfg.failover.interval_for(cfg.dataplane.kind) == 0.1
+    # The standby's wait covers the timeout, one interval and a coarse-clock tick.
+    assert cfg.failover.fence_wait(cfg.dataplane.kind) > cfg.failover.heartbeat_timeout + 0.1
+    ipvs = parse_config(yaml.safe_load((ROOT / "examples" / "ipvs.yaml").read_text()))
+    assert ipvs.failover.interval_for(ipvs.dataplane.kind) == 0.0
+    assert ipvs.failover.fence_wait(ipvs.dataplane.kind) == 0.0
+    doc["failover"] = {"heartbeat_interval": 0}
+    off = parse_config(doc)
+    assert off.failover.fence_wait(off.dataplane.kind) == 0.0
+    doc["failover"] = {"heartbeat_timeout": 2.5}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(doc)
+    assert [i.path for i in ei.value.issues] == ["failover.heartbeat_timeout"]
+    assert "etcd.lease_ttl" in str(ei.value)

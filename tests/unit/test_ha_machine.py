@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from halb.ha.machine import (
+    UNRESPONSIVE,
     Action,
     AddVips,
     ArmTimer,
@@ -20,12 +21,14 @@ from halb.ha.machine import (
     Drain,
     Event,
     FenceDeadlinePassed,
+    ForceTakeover,
     GroupState,
     Handover,
     HandoverObserved,
     KeepaliveOk,
     Leader,
     LeaderObserved,
+    LeaderUnresponsive,
     LeaseGranted,
     LeaseLost,
     Machine,
@@ -424,6 +427,77 @@ def test_handover_target_campaigns_immediately_despite_campaign_delay() -> None:
 # --- drain ---------------------------------------------------------------------------
 
 
+# --- fast takeover (heartbeats) ---------------------------------------------------------
+
+FW = 0.4
+
+
+def test_silent_leader_is_revoked_and_vacancy_waits_out_the_fence() -> None:
+    m = machine(fence_wait=FW)
+    standby_following(m, B_LOW)
+    assert feed(m, LeaderUnresponsive(T_B)) == [ForceTakeover(T_B)]
+    # Reported once per term.
+    assert feed(m, LeaderUnresponsive(T_B)) == []
+    feed(m, HandoverObserved(Handover(ME, T_B, UNRESPONSIVE)))
+    a = feed(m, LeaderObserved(None))
+    # Not a campaign: a timer of at least the fence wait, even though we are the target.
+    assert not any(isinstance(x, Campaign) for x in a)
+    (armed,) = timers(a)
+    assert armed.timer is Timer.CAMPAIGN and armed.delay >= FW
+    assert feed(m, TimerFired(Timer.CAMPAIGN, armed.token)) == [Campaign(LEASE)]
+    a = feed(m, CampaignWon(T_ME))
+    assert AddVips(T_ME) in a and ClearHandover() in a
+
+
+def test_fence_wait_holds_when_the_reason_vanishes_with_its_writer() -> None:
+    """The revoking standby died: its handover request went with its lease, but the
+    old leader may still be frozen, so the others still wait the fence out."""
+    m = machine(fence_wait=FW, handover_timeout=1.0)
+    standby_following(m, B_LOW)
+    feed(m, HandoverObserved(Handover("lb3", T_B, UNRESPONSIVE)))
+    a = feed(m, LeaderObserved(None))
+    assert timers(a)[0].delay >= FW
+    a = feed(m, HandoverObserved(None))
+    assert not any(isinstance(x, Campaign) for x in a)
+    armed = m.st.timer(Timer.CAMPAIGN)
+    assert armed is not None and armed[1] >= FW
+
+
+def test_unresponsive_reports_are_ignored_when_they_do_not_apply() -> None:
+    # Disabled, a different term, drained, or the report is about ourselves.
+    m = machine()
+    standby_following(m, B_LOW)
+    assert feed(m, LeaderUnresponsive(T_B)) == []
+    m = machine(fence_wait=FW)
+    standby_following(m, B_LOW)
+    assert feed(m, LeaderUnresponsive(T_C)) == []
+    feed(m, Drain())
+    assert feed(m, LeaderUnresponsive(T_B)) == []
+    m = machine(fence_wait=FW)
+    active(m)
+    assert feed(m, LeaderUnresponsive(T_ME)) == []
+    assert st(m) is State.ACTIVE
+
+
+def test_slow_leader_that_sees_its_term_forced_steps_down() -> None:
+    m = machine(fence_wait=FW)
+    active(m)
+    a = feed(m, HandoverObserved(Handover("lb2", T_ME, UNRESPONSIVE)))
+    assert RemoveVips(T_ME) in a and Resign(LEASE) in a
+    assert st(m) is State.STANDBY
+
+
+def test_a_new_term_clears_the_forced_one() -> None:
+    m = machine(fence_wait=FW)
+    standby_following(m, B_LOW)
+    feed(m, LeaderUnresponsive(T_B), LeaderObserved(None), LeaderObserved(C_LOW))
+    assert m.st.forced is None
+    feed(m, LeaderObserved(None))
+    armed = m.st.timer(Timer.CAMPAIGN)
+    # An ordinary vacancy again: no fence wait.
+    assert armed is None or armed[1] < FW
+
+
 def test_drain_active_resigns_and_never_campaigns() -> None:
     m = machine()
     active(m)
@@ -533,6 +607,10 @@ EVENTS: list[Event] = [
     HandoverObserved(Handover("lb2", T_ME)),
     HandoverObserved(Handover(ME, T_B)),
     HandoverObserved(None),
+    HandoverObserved(Handover(ME, T_B, UNRESPONSIVE)),
+    HandoverObserved(Handover("lb3", T_B, UNRESPONSIVE)),
+    LeaderUnresponsive(T_B),
+    LeaderUnresponsive(T_ME),
     Drain(),
     Undrain(),
     TimerFired(Timer.PREEMPT, 1),
@@ -576,17 +654,34 @@ def test_random_sequences_keep_invariants(seed: int) -> None:
     for cfg in (
         MachineConfig(ME, 100),
         MachineConfig(ME, 100, preempt=False, campaign_delay=0.2),
+        MachineConfig(ME, 100, fence_wait=0.4),
     ):
         st = GroupState()
         for _ in range(300):
             ev = rng.choice(EVENTS)
             new, actions = step(cfg, st, ev)
             _check_invariants(st, new, actions)
+            _check_fence_wait(cfg, st, new, ev, actions)
             st = new
 
 
-def test_every_pair_of_events_from_every_reachable_state() -> None:
-    cfg = MachineConfig(ME, 100)
+def _check_fence_wait(
+    cfg: MachineConfig, before: GroupState, after: GroupState, ev: Event, actions: list[Action]
+) -> None:
+    """After a forced revoke nobody campaigns for the vacancy except from a campaign
+    timer armed with at least the fence wait."""
+    if not any(isinstance(a, Campaign) for a in actions):
+        return
+    if after.forced is None or after.forced != after.last_term or cfg.fence_wait <= 0:
+        return
+    assert isinstance(ev, TimerFired) and ev.timer is Timer.CAMPAIGN, (before, ev)
+    armed = before.timer(Timer.CAMPAIGN)
+    assert armed is not None and armed[1] >= cfg.fence_wait
+
+
+@pytest.mark.parametrize("fence_wait", [0.0, 0.4])
+def test_every_pair_of_events_from_every_reachable_state(fence_wait: float) -> None:
+    cfg = MachineConfig(ME, 100, fence_wait=fence_wait)
     seen: set[GroupState] = set()
     frontier = [GroupState()]
     for _depth in range(3):
@@ -594,11 +689,14 @@ def test_every_pair_of_events_from_every_reachable_state() -> None:
         for st, ev in itertools.product(frontier, EVENTS):
             new, actions = step(cfg, st, ev)
             _check_invariants(st, new, actions)
+            _check_fence_wait(cfg, st, new, ev, actions)
             if new not in seen:
                 seen.add(new)
                 nxt.append(new)
         frontier = nxt
     states = {s.state for s in seen}
+    if fence_wait:
+        assert any(s.forced is not None for s in seen)
     assert states >= {
         State.STANDBY,
         State.CAMPAIGNING,
