@@ -4,6 +4,7 @@ answered through the new active, for kill, stop, link-down and planned faults.
 Run as root (builds its own lab instance; HALB_LAB_INSTANCE, default 3):
 
     .venv/bin/python bench/failover.py [--runs 10] [--faults kill,stop,link-down,planned]
+        [--dataplane xdp|nft]
 
 "Answered through the new active" means: a TCP connect + HTTP GET to the VIP succeeded
 while the client's neighbour entry for the VIP held the new active's MAC (a killed
@@ -145,9 +146,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--faults", default="planned,kill,stop,link-down")
     ap.add_argument("--keep-lab", action="store_true", help="leave the lab up afterwards")
+    ap.add_argument("--dataplane", choices=("xdp", "nft"), default="xdp")
     args = ap.parse_args()
     builder.down(SITE)
-    state = builder.up(2, 3, site=SITE)
+    state = builder.up(2, 3, dataplane=args.dataplane, site=SITE)
     ttl = 1.0
     fo = load_config(Path(state["config"])).failover
     results: dict[str, list[float]] = {}
@@ -167,7 +169,8 @@ def main() -> int:
             builder.down(SITE)
     base = statistics.median(results["planned"]) if results.get("planned") else None
     print(
-        f"\nfailover to the first answer through the new active (lease TTL {ttl:g} s, "
+        f"\n{args.dataplane}: failover to the first answer through the new active "
+        f"(lease TTL {ttl:g} s, "
         f"halb heartbeat {fo.heartbeat_interval or 0:g} s / timeout {fo.heartbeat_timeout:g} s, "
         f"etcd heartbeat 50 ms / election 500 ms, {args.runs} runs each)"
     )

@@ -53,8 +53,9 @@ __all__ = [
 MIN_LEASE_TTL = 1.0
 DEFAULT_HEARTBEAT_INTERVAL = 0.1
 # Dataplanes whose adapter enforces a dead-man deadline (forwarding and ARP).
-DEADMAN_DATAPLANES = frozenset({DataplaneKind.XDP})
-# The XDP program reads a coarse clock (one tick: 4 ms at HZ=250).
+DEADMAN_DATAPLANES = frozenset({DataplaneKind.XDP, DataplaneKind.NFT})
+# The XDP program reads a coarse clock (one tick: 4 ms at HZ=250); nft expires set
+# elements on its own clock, also at tick granularity.
 DEADMAN_TICK_MARGIN = 0.02
 
 SUPPORTED_FORWARDING: dict[DataplaneKind, tuple[Forwarding, ...]] = {
@@ -287,8 +288,8 @@ class FailoverConfig(_Model):
     success; a standby that sees no heartbeat for ``heartbeat_timeout`` revokes the
     leader's lease, waits out the fence, and takes over. Unplanned failover then takes
     about twice the timeout instead of the lease TTL. Needs a dataplane with a dead-man
-    switch (xdp). ``heartbeat_interval`` unset: 0.1 s with xdp, off otherwise; 0: off
-    (failover waits for the lease TTL)."""
+    switch (xdp, nft). ``heartbeat_interval`` unset: 0.1 s with those, off with ipvs; 0:
+    off (failover waits for the lease TTL)."""
 
     heartbeat_interval: float | None = Field(default=None, ge=0, le=10)
     heartbeat_timeout: float = Field(default=0.5, gt=0, le=60)

@@ -177,3 +177,6 @@ class TermRoles:
             await self.sync.follow(leader)
         else:
             await asyncio.get_running_loop().create_future()  # until cancelled
+
+    def caught_up(self, leader: Leader) -> bool:
+        return self.sync is None or self.sync.caught_up(leader)

@@ -230,6 +230,14 @@ class AgentSyncRoles:
                      st.entries_installed, st.flows, st.synced,
                      (time.monotonic() - t0) * 1e3)  # fmt: skip
 
+    def caught_up(self, leader: Leader) -> bool:
+        """Whether this standby holds the leader's flows: connected, snapshot done."""
+        client = self._clients.get(leader.holder)
+        if client is None:
+            return False
+        st = client.stats()
+        return bool(st.connected and st.synced)
+
     # -- status ----------------------------------------------------------------------
 
     def _server_stats(self) -> dict[str, Any]:

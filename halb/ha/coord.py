@@ -745,6 +745,8 @@ class Coordinator:
             else None
         )
         self._observe_leader(leader)
+        # A fresh read (after a reconnect, say): judge the leader's heartbeats anew.
+        self._reported = None
         self.emit(LeaderObserved(leader))
         self.emit(HandoverObserved(parse_handover(handover_kv.value) if handover_kv else None))
 

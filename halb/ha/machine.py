@@ -600,10 +600,10 @@ def _leader_unresponsive(cfg: MachineConfig, s: _Step, term: Term) -> None:
         or leader is None
         or leader.term != term
         or leader.holder == cfg.node
-        or st.forced == term
     ):
         return
-    s.set(forced=term)
+    # Not yet ``forced``: that is set by the reason the coordinator writes before it
+    # revokes (everyone sees it, and it is not set if the revoke never happens).
     s.actions.append(ForceTakeover(term))
 
 

@@ -122,6 +122,10 @@ class SyncRoles(Protocol):
         return only once every received flow is in the dataplane."""
         ...
 
+    def caught_up(self, leader: Leader) -> bool:
+        """Whether the flows of ``leader`` are all here (snapshot done, stream up)."""
+        ...
+
 
 class _TermTask:
     def __init__(self, term: Term) -> None:
@@ -147,6 +151,7 @@ class GroupRuntime:
         sync: SyncRoles | None = None,
         dataplane: DeadlineSink | None = None,
         name: str = "group",
+        preempt_sync_timeout: float = 30.0,
     ) -> None:
         self.machine = machine
         self.coord = coord
@@ -159,6 +164,9 @@ class GroupRuntime:
         self.sync = sync
         self.dataplane = dataplane
         self.name = name
+        # A preemption waits for the flow sync from the leader, at most this long.
+        self.preempt_sync_timeout = preempt_sync_timeout
+        self._preempt_deferred_since: float | None = None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.announcements = 0  # rounds sent, for tests and metrics
         self._term: _TermTask | None = None
@@ -265,6 +273,8 @@ class GroupRuntime:
             case ForceTakeover(term=term):
                 self._spawn(self._coord().force_takeover(term))
             case RequestHandover(target=target, term=term, reason=reason):
+                if reason == "preempt" and not self._synced_for_preempt():
+                    return  # the machine re-arms its preempt timer and asks again
                 self._spawn(self._coord().request_handover(target, term, reason))
             case ClearHandover():
                 self._spawn(self._coord().clear_handover())
@@ -350,6 +360,34 @@ class GroupRuntime:
             for vip in self.addresses:
                 await self.vips.add(vip, self.lifetime)
         self._arm_deadline()
+
+    def _synced_for_preempt(self) -> bool:
+        """A preemption is planned: take the group only once every flow of the leader
+        is here, so its connections survive the move (bounded, so a broken sync does
+        not block preemption for ever)."""
+        leader = self.machine.st.leader
+        if self.sync is None or leader is None or self.sync.caught_up(leader):
+            self._preempt_deferred_since = None
+            return True
+        now = self.clock.now()
+        if self._preempt_deferred_since is None:
+            self._preempt_deferred_since = now
+            log.info(
+                "%s: preemption of %s deferred: flow sync from it is not complete",
+                self.name,
+                leader.holder,
+            )
+            return False
+        if now - self._preempt_deferred_since >= self.preempt_sync_timeout:
+            log.warning(
+                "%s: flow sync from %s still incomplete after %.0fs: preempting anyway",
+                self.name,
+                leader.holder,
+                now - self._preempt_deferred_since,
+            )
+            self._preempt_deferred_since = None
+            return True
+        return False
 
     def _owns(self, term: Term) -> bool:
         """Holding the term *and* inside the fence deadline. A process frozen past its

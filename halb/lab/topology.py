@@ -335,8 +335,7 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
         "admin": {"insecure": True},
         "state_dir": str(p.lab_dir / "state"),
     }
-    if dataplane == "xdp":
-        # Fast takeover (the XDP dead-man switch fences a silent node): a local etcd
-        # answers in milliseconds, so six missed heartbeats mean a dead or frozen agent.
-        cfg["failover"] = {"heartbeat_interval": 0.05, "heartbeat_timeout": 0.3}
+    # Fast takeover (the dataplane's dead-man switch fences a silent node): a local etcd
+    # answers in milliseconds, so six missed heartbeats mean a dead or frozen agent.
+    cfg["failover"] = {"heartbeat_interval": 0.05, "heartbeat_timeout": 0.3}
     return cfg

@@ -30,7 +30,7 @@ from halb.ha.coord import (
 )
 from halb.ha.machine import Leader, Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
-from halb.model import IPAddress
+from halb.model import IPAddress, Term
 from halb.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.kernel
@@ -92,6 +92,24 @@ class FlakyClient:
         return await self._client.transaction(*args, **kw)
 
 
+class GatedSync:
+    """Sync roles whose follower reports caught up only when told to."""
+
+    def __init__(self) -> None:
+        self.synced = False
+        self.asked = 0
+
+    async def serve(self, term: Term) -> None:
+        await asyncio.Event().wait()
+
+    async def follow(self, leader: Leader) -> None:
+        await asyncio.Event().wait()
+
+    def caught_up(self, leader: Leader) -> bool:
+        self.asked += 1
+        return self.synced
+
+
 @dataclass
 class Node:
     name: str
@@ -121,6 +139,7 @@ class Cluster:
         flaky: bool = False,
         state_dir: Path | None = None,
         heartbeat: tuple[float, float] | None = None,
+        sync: GatedSync | None = None,
     ) -> Node:
         raw = open_client(self.etcd.endpoint)
         client: Any = FlakyClient(raw) if flaky else raw
@@ -136,7 +155,9 @@ class Cluster:
             )
         )
         vips = RecordingVips(self.owners, name)
-        rt = GroupRuntime(machine, None, vips, addresses=[VIP], announce_interval=0.05, name=name)
+        rt = GroupRuntime(
+            machine, None, vips, addresses=[VIP], announce_interval=0.05, name=name, sync=sync
+        )
         coord = Coordinator(
             client,
             KEYS,
@@ -270,6 +291,20 @@ def test_preemption_waits_for_hold_down(etcd: EtcdServer) -> None:
         assert cluster.nodes["low"].machine.state is State.STANDBY
         handover = await admin.get(KEYS.handover)
         assert handover is None, "the winner clears the handover request"
+
+    run(etcd, body)
+
+
+def test_preemption_waits_for_the_flow_sync(etcd: EtcdServer) -> None:
+    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+        await cluster.start("b", 100)
+        await wait_until(lambda: cluster.active() == ["b"], 5, "b to lead")
+        sync = GatedSync()
+        await cluster.start("a", 200, preempt_delay=0.2, sync=sync)
+        await wait_until(lambda: sync.asked >= 3, 5, "a to try preempting a few times")
+        assert cluster.active() == ["b"], "a preempted before its flows were synced"
+        sync.synced = True
+        await wait_until(lambda: cluster.active() == ["a"], 5, "a to preempt once synced")
 
     run(etcd, body)
 

@@ -207,3 +207,48 @@ def test_large_ring_loads(topo: Topology, dp: NftDataplane) -> None:
     took = time.monotonic() - t0
     assert took < 30, took
     assert whoami_tcp(topo, VIP)[0] in BACKENDS
+
+
+def _arp_answered(topo: Topology, vip: IPv4Address) -> bool:
+    """Whether an ARP request for ``vip`` from the client gets a reply."""
+    out = topo.exec("client", "arping", "-c", "1", "-w", "1", "-I", "eth0", str(vip), check=False)
+    return "reply from" in out.lower()
+
+
+def test_dead_man_switch_fences_vip_traffic_and_arp(topo: Topology, dp: NftDataplane) -> None:
+    """Disarmed: traffic and ARP pass. Armed: they pass until the deadline, then the
+    kernel drops them by itself (the set elements expire, nobody refreshes them);
+    re-armed or disarmed, they pass again. A table reload does not reset the switch."""
+    dp.apply(services())
+    # lba answers ARP for the VIP only if it holds it (as the active node does).
+    topo.ip("lba", "addr", "add", f"{VIP}/32", "dev", "eth0")
+    try:
+        assert whoami_tcp(topo, VIP)[0] in BACKENDS
+        assert _arp_answered(topo, VIP)
+        dp.set_deadline(time.monotonic_ns() + 1_500_000_000)
+        dp.apply(services(ring=257))  # a reload in between keeps the armed switch
+        assert whoami_tcp(topo, VIP)[0] in BACKENDS
+        assert _arp_answered(topo, VIP)
+        time.sleep(1.6)
+        assert not _arp_answered(topo, VIP)
+        with pytest.raises(OSError), topo.tcp_connect(timeout=1.0) as s:
+            s.sendall(b"WHOAMI\n")
+            s.recv(100)
+        counted = topo.exec("lba", "nft", "list", "counter", "inet", "halb_fence", "fenced")
+        assert "packets 0 " not in counted, counted
+        dp.set_deadline(None)
+        assert whoami_tcp(topo, VIP)[0] in BACKENDS
+        assert _arp_answered(topo, VIP)
+    finally:
+        topo.ip("lba", "addr", "del", f"{VIP}/32", "dev", "eth0")
+
+
+def test_close_removes_the_fence_tables(topo: Topology) -> None:
+    d = NftDataplane({VIP: SNAT, FULLNAT_VIP: SNAT}, netns=topo.ns("lba"))
+    d.apply(services())
+    d.set_deadline(time.monotonic_ns())  # armed and passed
+    listed = topo.exec("lba", "nft", "list", "tables")
+    assert "halb_fence" in listed
+    d.close()
+    listed = topo.exec("lba", "nft", "list", "tables")
+    assert "halb_fence" not in listed

@@ -436,9 +436,9 @@ def test_silent_leader_is_revoked_and_vacancy_waits_out_the_fence() -> None:
     m = machine(fence_wait=FW)
     standby_following(m, B_LOW)
     assert feed(m, LeaderUnresponsive(T_B)) == [ForceTakeover(T_B)]
-    # Reported once per term.
-    assert feed(m, LeaderUnresponsive(T_B)) == []
+    assert m.st.forced is None  # not before the reason is written (and seen)
     feed(m, HandoverObserved(Handover(ME, T_B, UNRESPONSIVE)))
+    assert m.st.forced == T_B
     a = feed(m, LeaderObserved(None))
     # Not a campaign: a timer of at least the fence wait, even though we are the target.
     assert not any(isinstance(x, Campaign) for x in a)
@@ -490,7 +490,9 @@ def test_slow_leader_that_sees_its_term_forced_steps_down() -> None:
 def test_a_new_term_clears_the_forced_one() -> None:
     m = machine(fence_wait=FW)
     standby_following(m, B_LOW)
-    feed(m, LeaderUnresponsive(T_B), LeaderObserved(None), LeaderObserved(C_LOW))
+    feed(m, HandoverObserved(Handover(ME, T_B, UNRESPONSIVE)), LeaderObserved(None))
+    assert m.st.forced == T_B
+    feed(m, LeaderObserved(C_LOW))
     assert m.st.forced is None
     feed(m, LeaderObserved(None))
     armed = m.st.timer(Timer.CAMPAIGN)

@@ -22,6 +22,7 @@ from halb.dataplane.base import ApplyResult, Counter, Counters
 from halb.dataplane.nft import nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
 from halb.dataplane.nft.events import FlowEvents
+from halb.dataplane.nft.fence import NftFence
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
 from halb.dataplane.nft.source import NftFlowSource
@@ -80,6 +81,8 @@ class NftDataplane:
         # dump on a socket with one in flight fails with EBUSY.
         self._ct_lock = threading.Lock()
         self.last_install = InstallReport()
+        # The dead-man switch: tables of its own, so table reloads never reset it.
+        self.fence = NftFence(netns)
 
     @classmethod
     def from_config(
@@ -124,6 +127,7 @@ class NftDataplane:
         self._counter_cache = None
         rendered = ruleset.render(services, self.snat, carry)
         nftcmd.load(self.netns, rendered.script)
+        self.fence.set_vips(s.key.vip for s in services)
         self._ensure_sysctls(services)
         self._shape = shape
         self._rendered = rendered
@@ -192,9 +196,9 @@ class NftDataplane:
         return nftcmd.list_counters(self.netns).get(ruleset.INVALID_COUNTER, Counter())
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
-        # Not implemented yet for nft (would be a set element with a timeout that the
-        # VIP rules require); accepted and ignored as the protocol allows.
-        return None
+        """Past ``monotonic_ns`` (CLOCK_MONOTONIC) this node drops VIP traffic and ARP
+        requests for the VIPs, whether or not the agent still runs; None disarms."""
+        self.fence.set_deadline(monotonic_ns)
 
     # -- flows --------------------------------------------------------------------------
 
@@ -255,6 +259,7 @@ class NftDataplane:
             nftcmd.load(self.netns, ruleset.delete_script())
             log.info("nft table removed")
         finally:
+            self.fence.close()
             self.conntrack.close()
             self._shape = None
             self._rendered = None
