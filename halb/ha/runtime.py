@@ -396,10 +396,14 @@ class GroupRuntime:
         stale belief."""
         if not self.machine.holds(term):
             return False
-        if self.coord is not None and not self.coord.ready(term):
+        if self.coord is None:
+            return True
+        if not self.coord.ready(term):
             return False
-        deadline = self.coord.fence_deadline if self.coord is not None else None
-        return deadline is None or self.clock.now() < deadline
+        # No deadline means no lease: the coordinator has just fenced (dropped the
+        # lease) and the machine has not yet been told. Not owning, then.
+        deadline = self.coord.fence_deadline
+        return deadline is not None and self.clock.now() < deadline
 
     def _arm_deadline(self) -> None:
         if self.dataplane is None or self.coord is None:

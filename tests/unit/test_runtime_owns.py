@@ -1,0 +1,92 @@
+"""The runtime's ownership check between a coordinator's fence and the machine
+hearing of it (found in the lab: a leader resumed from SIGSTOP announced once)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+import pytest
+
+from halb.ha.machine import CampaignWon, LeaderObserved, LeaseGranted, Machine, MachineConfig
+from halb.ha.runtime import GroupRuntime
+from halb.model import IPAddress, Term
+
+pytestmark = pytest.mark.unit
+
+VIP = IPv4Address("10.0.0.100")
+TERM = Term(0x10, 5)
+
+
+class Vips:
+    def __init__(self) -> None:
+        self.announced = 0
+
+    async def add(self, vip: IPAddress, lifetime: int | None) -> None:
+        pass
+
+    async def remove(self, vip: IPAddress) -> bool:
+        return True
+
+    def announce(self, vip: IPAddress) -> int:
+        self.announced += 1
+        return 1
+
+
+class Coord:
+    """Only what the ownership check reads."""
+
+    def __init__(self, deadline: float | None, ready: bool = True) -> None:
+        self.fence_deadline = deadline
+        self.heartbeats = False
+        self._ready = ready
+
+    def ready(self, term: Term) -> bool:
+        return self._ready
+
+    async def heartbeat(self, term: Term, ready: Callable[[], None] | None = None) -> None:
+        pass
+
+    async def force_takeover(self, term: Term) -> None:
+        pass
+
+    async def run(self) -> None:
+        pass
+
+    async def campaign(self, lease: int) -> None:
+        pass
+
+    async def resign(self, lease: int) -> None:
+        pass
+
+    async def request_handover(self, target: str, term: Term, reason: str = "") -> None:
+        pass
+
+    async def clear_handover(self) -> None:
+        pass
+
+
+def announced(coord: Coord) -> int:
+    machine = Machine(MachineConfig("lb1", 100))
+    for ev in (LeaseGranted(TERM.lease_id), LeaderObserved(None), CampaignWon(TERM)):
+        machine.feed(ev)
+    assert machine.holds(TERM)
+    vips = Vips()
+    rt = GroupRuntime(machine, coord, vips, addresses=[VIP], announce_count=1)
+    asyncio.run(rt._announce(TERM))
+    return vips.announced
+
+
+def test_announces_inside_the_deadline() -> None:
+    assert announced(Coord(deadline=1e12)) == 1
+
+
+def test_no_announcement_once_the_coordinator_has_dropped_the_lease() -> None:
+    # The machine still holds the term (FenceDeadlinePassed is queued, not yet fed).
+    assert announced(Coord(deadline=None)) == 0
+
+
+def test_no_announcement_past_the_deadline_or_before_the_first_heartbeat() -> None:
+    assert announced(Coord(deadline=0.0)) == 0
+    assert announced(Coord(deadline=1e12, ready=False)) == 0
