@@ -4,19 +4,33 @@ Per packet (BPF_PROG_TEST_RUN, same run, same machine):
   minimal   a program that only returns XDP_TX (the floor of the test-run loop)
   flow hit  balancer, the 5-tuple is in the flow table (the steady state)
   flow miss balancer, a new 5-tuple each packet: ring lookup + flow insert
+  non-VIP   balancer, a packet for another address (passed to the stack)
 Target: flow hit <= 2x minimal.
 
-Maglev (pure Python, best of several): 10 backends (baseline) vs 1000. Target < 50 ms.
+Breakdown of the flow hit: throw-away builds of the same program (-DHALB_BENCH_STOP=n)
+that return XDP_TX after stage n, and comparison builds: the previous order (services
+lookup on every packet), bpf_ktime_get_ns instead of the coarse clock, and a 16-byte
+IPv4-only flow key (not the layout: measured only).
 
-Run as root: .venv/bin/python bench/xdp_cost.py [--repeat N]
+Loop figures are min / median over interleaved rounds: the machine is shared, and
+interference only ever adds time, so the min is the program's cost and the median what
+a busy machine sees.
+
+Maglev (best of several): 10 backends (baseline) vs 1000, numpy and plain loop.
+Target < 50 ms.
+
+Run as root: .venv/bin/python bench/xdp_cost.py [--repeat N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, ip_address
+from pathlib import Path
 
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import (
@@ -25,12 +39,14 @@ from halb.dataplane.xdp.layout import (
     BackendInfo,
     LbConfig,
     ServiceInfo,
+    VipAddr,
     VipKey,
     addr_to_words,
     mac_to_bytes,
 )
 from halb.dataplane.xdp.loader import BpfObject
-from halb.dataplane.xdp.packets import ETH_P_IP, XDP_TX, eth, ipv4, tcp
+from halb.dataplane.xdp.packets import ETH_P_IP, XDP_PASS, XDP_TX, eth, ipv4, tcp
+from halb.lb import maglev
 from halb.lb.maglev import build_table
 
 VIP = "10.0.0.100"
@@ -42,18 +58,21 @@ def net16(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), "little")
 
 
-def frame(sport: int) -> bytes:
+def frame(sport: int, dst: str = VIP) -> bytes:
     return eth(
         "02:00:00:00:00:01",
         "02:00:00:00:00:02",
         ETH_P_IP,
-        ipv4(CLIENT, VIP, 6, tcp(CLIENT, VIP, sport, 80, payload=b"x" * 18)),
+        ipv4(CLIENT, dst, 6, tcp(CLIENT, dst, sport, 80, payload=b"x" * 18)),
     )
 
 
 def setup(obj: BpfObject, backends: int = 10) -> None:
     maps = obj.maps
-    maps["config"].update(0, LbConfig(local_mac=tuple(mac_to_bytes("02:00:00:00:00:01"))))
+    # Armed, as on an active node (disarmed, the program skips the clock read).
+    armed = time.monotonic_ns() + 3600 * 10**9
+    cfg = LbConfig(deadline_ns=armed, local_mac=tuple(mac_to_bytes("02:00:00:00:00:01")))
+    maps["config"].update(0, cfg)
     for i in range(backends):
         info = BackendInfo(
             addr=addr_to_words(IPv4Address(f"10.0.1.{i + 1}")),
@@ -61,27 +80,31 @@ def setup(obj: BpfObject, backends: int = 10) -> None:
             port=80,
             family=FAMILY_V4,
             flags=BACKEND_F_VALID,
+            service=0,
         )
         maps["backends"].update(i, info)
     table = build_table({f"10.0.1.{i + 1}:80": 1 for i in range(backends)}, RING)
     maps["ring"].update_batch(list(range(RING)), list(table.slots))
-    key = VipKey(addr_to_words(ip_address(VIP)), net16(80), 6, FAMILY_V4)
+    vip = ip_address(VIP)
+    maps["vip_addrs"].update(VipAddr(addr_to_words(vip), FAMILY_V4), 1)
+    maps["vip_filter"].update(vip.packed[-1], 1)
+    key = VipKey(addr_to_words(vip), net16(80), 6, FAMILY_V4)
     maps["services"].update(key, ServiceInfo(0, RING, 0))
 
 
-def per_packet_single(obj: BpfObject, prog: str, frames: list[bytes]) -> float:
+def per_packet_single(obj: BpfObject, prog: str, frames: list[bytes], verdict: int) -> float:
     """Mean kernel-timed ns of single runs (repeat=1), one frame each."""
     total = 0
     for f in frames:
         res = obj.test_run(prog, f, 1)
-        assert res.retval == XDP_TX, res.retval
+        assert res.retval == verdict, res.retval
         total += res.duration_ns
     return total / len(frames)
 
 
-def per_packet_loop(obj: BpfObject, prog: str, f: bytes, repeat: int) -> float:
+def per_packet_loop(obj: BpfObject, prog: str, f: bytes, repeat: int, verdict: int) -> float:
     res = obj.test_run(prog, f, repeat)
-    assert res.retval == XDP_TX
+    assert res.retval == verdict, res.retval
     return float(res.duration_ns)
 
 
@@ -102,55 +125,161 @@ def python_loop_ns(n: int = 1_000_000) -> float:
     return (time.perf_counter() - t) / n * 1e9
 
 
+# name -> (-D defines, what it shows); the stages nest, each adds to the one before.
+VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "stage1": (("HALB_BENCH_STOP=1",), "parse Ethernet/IP/ports + VIP filter (array)"),
+    "stage2": (("HALB_BENCH_STOP=2",), "+ flows LRU lookup (40-byte key) + backend entry"),
+    "stage3": (("HALB_BENCH_STOP=3",), "+ config entry + dead-man clock (coarse, armed)"),
+    "stage4": (("HALB_BENCH_STOP=4",), "+ service and backend per-CPU counters"),
+    "full": ((), "+ MAC rewrite, XDP_TX (the real program)"),
+    "no_deadline": (("HALB_BENCH_NO_DEADLINE=1",), "full without the dead-man check"),
+    "no_counters": (("HALB_BENCH_NO_COUNTERS=1",), "full without the two counters"),
+    "svc_lookup": (("HALB_BENCH_SERVICE_LOOKUP=1",), "full + services lookup per packet"),
+    "fine_clock": (("HALB_BENCH_FINE_CLOCK=1",), "full with bpf_ktime_get_ns"),
+    "previous": (
+        ("HALB_BENCH_SERVICE_LOOKUP=1", "HALB_BENCH_FINE_CLOCK=1"),
+        "both: the lookups and clock of the previous program",
+    ),
+    "v4key_stage2": (
+        ("HALB_BENCH_V4_KEY=1", "HALB_BENCH_STOP=2"),
+        "stage2 with a 16-byte IPv4 flow key",
+    ),
+    "v4key": (("HALB_BENCH_V4_KEY=1",), "full with a 16-byte IPv4 flow key"),
+}
+
+
+class Rounds:
+    """Interleaved measurements: each round runs every case once."""
+
+    def __init__(self) -> None:
+        self.cases: dict[str, Callable[[], float]] = {}
+        self.values: dict[str, list[float]] = {}
+
+    def add(self, name: str, fn: Callable[[], float]) -> None:
+        self.cases[name] = fn
+        self.values[name] = []
+
+    def run(self, rounds: int) -> None:
+        for _ in range(rounds):
+            for name, fn in self.cases.items():
+                self.values[name].append(fn())
+
+    def min(self, name: str) -> float:
+        return min(self.values[name])
+
+    def med(self, name: str) -> float:
+        return statistics.median(self.values[name])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=1_000_000, help="test-run loop repeats")
+    ap.add_argument("--repeat", type=int, default=200_000, help="test-run loop repeats")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     ap.add_argument("--singles", type=int, default=20_000, help="single runs per path")
     args = ap.parse_args()
 
     balancer = BpfObject(build_bpf())
     minimal = BpfObject(build_bpf(source="minimal.bpf.c"))
+    variants: dict[str, BpfObject] = {}
+    hit, other = frame(40000), frame(40000, dst="10.0.0.99")
+    other_end = frame(40000, dst="10.0.1.100")  # same last byte as the VIP
+    loops, singles = Rounds(), Rounds()
     try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (defines, _) in VARIANTS.items():
+                obj = BpfObject(build_bpf(Path(tmp), defines=defines, force=True))
+                variants[name] = obj
+                setup(obj)
+                obj.test_run("halb_balancer", hit)  # record the flow
         setup(balancer)
-        hit = frame(40000)
-        balancer.test_run("halb_balancer", hit)  # record the flow
-        # Interleave the three paths over several rounds so machine noise hits all alike.
-        loop_min, loop_hit, one_min, one_hit, one_miss = [], [], [], [], []
-        sport = 1
-        for _ in range(5):
-            loop_min.append(per_packet_loop(minimal, "halb_minimal", hit, args.repeat))
-            loop_hit.append(per_packet_loop(balancer, "halb_balancer", hit, args.repeat))
-            n = args.singles // 5
-            one_min.append(per_packet_single(minimal, "halb_minimal", [hit] * n))
-            one_hit.append(per_packet_single(balancer, "halb_balancer", [hit] * n))
-            misses = [frame(p) for p in range(sport, sport + n)]
-            sport += n
-            one_miss.append(per_packet_single(balancer, "halb_balancer", misses))
+        balancer.test_run("halb_balancer", hit)
+        rep = args.repeat
+        loops.add("minimal", lambda: per_packet_loop(minimal, "halb_minimal", hit, rep, XDP_TX))
+        loops.add("hit", lambda: per_packet_loop(balancer, "halb_balancer", hit, rep, XDP_TX))
+        loops.add(
+            "non_vip", lambda: per_packet_loop(balancer, "halb_balancer", other, rep, XDP_PASS)
+        )
+        loops.add(
+            "non_vip_end",
+            lambda: per_packet_loop(balancer, "halb_balancer", other_end, rep, XDP_PASS),
+        )
+        for name, obj in variants.items():
+            loops.add(
+                name,
+                lambda obj=obj: per_packet_loop(obj, "halb_balancer", hit, rep, XDP_TX),  # type: ignore[misc]
+            )
+        loops.run(args.rounds)
+
+        n = max(1, args.singles // 5)
+        sport = iter(range(1, 1 << 16))
+        singles.add(
+            "minimal", lambda: per_packet_single(minimal, "halb_minimal", [hit] * n, XDP_TX)
+        )
+        singles.add("hit", lambda: per_packet_single(balancer, "halb_balancer", [hit] * n, XDP_TX))
+        singles.add(
+            "miss",
+            lambda: per_packet_single(
+                balancer, "halb_balancer", [frame(next(sport)) for _ in range(n)], XDP_TX
+            ),
+        )
+        singles.run(5)
     finally:
         balancer.close()
         minimal.close()
+        for obj in variants.values():
+            obj.close()
 
-    med = statistics.median
-    print(f"per packet, BPF_PROG_TEST_RUN loop (repeat={args.repeat}, median of 5):")
-    print(f"  minimal XDP_TX   {med(loop_min):7.1f} ns")
+    floor = loops.min("minimal")
+
+    def line(label: str, name: str, base: float | None = None) -> str:
+        lo, md = loops.min(name), loops.med(name)
+        extra = f"  +{lo - base:5.1f} ns" if base is not None else ""
+        return f"  {label:<56} {lo:5.1f} / {md:5.1f} ns {lo / floor:5.2f}x minimal{extra}"
+
     print(
-        f"  flow hit         {med(loop_hit):7.1f} ns   {med(loop_hit) / med(loop_min):.2f}x minimal"
+        f"per packet, BPF_PROG_TEST_RUN loop (repeat={args.repeat}, min / median of {args.rounds}):"
     )
-    print(f"per packet, single runs (kernel-timed, {args.singles} each; misses need new tuples):")
-    print(f"  minimal XDP_TX   {med(one_min):7.1f} ns")
-    print(f"  flow hit         {med(one_hit):7.1f} ns   {med(one_hit) / med(one_min):.2f}x minimal")
+    print(line("minimal XDP_TX", "minimal"))
+    print(line("flow hit", "hit"))
+    print(line("non-VIP packet (passed by the VIP filter)", "non_vip"))
+    print(line("non-VIP, last byte as a VIP's (flows + services miss)", "non_vip_end"))
+    print("flow hit, where the time goes (cumulative stages, min of rounds; +: over previous):")
+    prev = floor
+    for name in ("stage1", "stage2", "stage3", "stage4", "full"):
+        print(line(VARIANTS[name][1], name, prev))
+        prev = loops.min(name)
+    full = loops.min("full")
+    print("flow hit, parts left out or done otherwise (+: over the real program; the stages")
+    print("above overlap in the CPU, so leaving one out saves less than its stage adds):")
+    for name in ("no_deadline", "no_counters", "svc_lookup", "fine_clock", "previous", "v4key"):
+        print(line(VARIANTS[name][1], name, full))
+    print(line(VARIANTS["v4key_stage2"][1], "v4key_stage2", loops.min("stage2")))
     print(
-        f"  flow miss        {med(one_miss):7.1f} ns   {med(one_miss) / med(one_min):.2f}x minimal"
+        f"  floor: minimal {floor:.1f} ns + one hash-map lookup "
+        f"{loops.min('stage2') - loops.min('stage1'):.1f} ns already exceed 2x minimal "
+        f"({2 * floor:.1f} ns)"
     )
+    med = singles.med
+    print(f"per packet, single runs (kernel-timed, {n * 5} each, median of 5 means):")
+    print(f"  minimal XDP_TX   {med('minimal'):7.1f} ns")
+    print(f"  flow hit         {med('hit'):7.1f} ns   {med('hit') / med('minimal'):.2f}x minimal")
+    print(f"  flow miss        {med('miss'):7.1f} ns   {med('miss') / med('minimal'):.2f}x minimal")
     print("  target: flow hit <= 2x minimal")
 
     base = maglev_ms(10, RING)
     big = maglev_ms(1000, RING)
     big_m = maglev_ms(1000, 100003)
-    print("maglev ring build (pure Python, best of 5):")
-    print(f"  10 backends,   M=65537   {base:7.1f} ms (baseline)")
+    saved = maglev.VECTOR_MIN
+    maglev.VECTOR_MIN = 1 << 30  # the plain loop, for comparison
+    try:
+        plain = maglev_ms(1000, RING, rounds=3)
+    finally:
+        maglev.VECTOR_MIN = saved
+    print(f"maglev ring build (best of 5; numpy from {maglev.VECTOR_MIN} backends):")
+    print(f"  10 backends,   M=65537   {base:7.1f} ms (baseline, plain loop)")
     print(f"  1000 backends, M=65537   {big:7.1f} ms  {big / base:.2f}x baseline")
     print(f"  1000 backends, M=100003  {big_m:7.1f} ms  {big_m / base:.2f}x baseline (M > 100 N)")
+    print(f"  1000 backends, M=65537   {plain:7.1f} ms  plain loop, for comparison")
     print(f"  python loop iteration    {python_loop_ns():7.1f} ns (machine speed reference)")
     print("  target: < 50 ms for 1000 backends")
 

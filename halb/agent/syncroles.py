@@ -27,6 +27,7 @@ from halb.ha.machine import Leader
 from halb.ha.runtime import SyncRoles
 from halb.model import Flow, Term
 from halb.sync.client import ClientOptions, FlowSyncClient
+from halb.sync.records import FlowBatch
 from halb.sync.server import FlowSource, FlowSyncServer, ServerOptions
 from halb.sync.tls import InsecureNotAllowed, SyncSecurity
 
@@ -45,7 +46,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Push = Callable[[list[Flow], list[Flow]], None]
+# (upserts, deletes): Flow objects (nft, DumpScanSource) or packed records (XDP).
+Push = Callable[[FlowBatch, FlowBatch], None]
 SyncFactory = Callable[[ClusterConfig, str, Dataplane], SyncRoles]
 
 RETRY_INITIAL = 0.2
@@ -56,9 +58,10 @@ RETRY_MAX = 5.0
 class LiveFlowSource(FlowSource, Protocol):
     """A dataplane's flows as FlowSync needs them on the active node.
 
-    snapshot() (worker thread) returns every current flow; run(push) learns changes
-    until cancelled and reports each change set with push(upserts, deletes) on the
-    event-loop thread (upserts and deletes of one call disjoint). XDP: scans of its
+    snapshot() (worker thread) returns every current flow (a source may add
+    snapshot_records(), see FlowSource); run(push) learns changes until cancelled and
+    reports each change set with push(upserts, deletes) on the event-loop thread
+    (upserts and deletes of one call disjoint; Flow objects or packed records). XDP: scans of its
     flow map (halb.dataplane.xdp.flowsource); nft: conntrack events.
     """
 

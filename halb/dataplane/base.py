@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from halb.model import Backend, Flow, Service, ServiceKey
 
-__all__ = ["ApplyResult", "Counter", "Counters", "Dataplane"]
+__all__ = ["ApplyResult", "Counter", "Counters", "Dataplane", "RecordDataplane"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,4 +67,28 @@ class Dataplane(Protocol):
 
     def close(self) -> None:
         """Remove everything this adapter put in the kernel."""
+        ...
+
+
+@runtime_checkable
+class RecordDataplane(Protocol):
+    """Optional flow methods over packed flow records (halb.sync.records: N fixed-size
+    records back to back), for adapters that can take a whole batch without one Flow
+    object per entry (XDP: bulk conversion to map entries and batch map writes).
+
+    FlowSync reaches a dataplane through halb.sync.records.install/delete/dump, which
+    use these when present and fall back to the Flow methods otherwise (nft, IPVS).
+    Records given to install_records are already validated against the config; like
+    install_flows, it skips those whose service or backend this node does not hold.
+    """
+
+    def dump_records(self) -> bytes: ...
+
+    def install_records(self, records: bytes) -> int:
+        """Write these flows; returns how many were written."""
+        ...
+
+    def delete_records(self, records: bytes) -> int:
+        """Remove the flows of these records (only their connection part counts);
+        returns how many existed."""
         ...

@@ -7,6 +7,11 @@ input order, process or platform, so every balancer builds a byte-identical tabl
 Weights follow the "turns" extension: in each round of the population loop the
 heaviest backend takes one turn and a backend of weight w takes a turn in w/w_max of
 the rounds, so its share of slots is proportional to its weight.
+
+Two implementations of the one population loop, with identical results (tests compare
+them with a plain copy of the loop): the plain loop for few backends, and for many a
+numpy one (_populate_numpy) that plays each round for all backends at once and the
+last, nearly full part of the table with a jump to each backend's next free slot.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import hashlib
 from array import array
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 __all__ = [
     "EMPTY",
@@ -30,6 +37,10 @@ EMPTY = -1
 """Slot value of a table with no backend that has a positive weight."""
 
 T = TypeVar("T", bound=Hashable)
+
+VECTOR_MIN = 128
+"""Live backends from which build_table uses the numpy population (faster from about
+there; below, the per-round numpy overhead outweighs the plain loop)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +111,12 @@ def build_table(weights: dict[str, int] | Iterable[tuple[str, int]], size: int) 
         return MaglevTable(names, slots)
 
     params = [permutation_params(names[i], size) for i in live]
+    if len(live) >= VECTOR_MIN:
+        ks = _populate_numpy(params, [merged[names[i]] for i in live], size)
+        filled = np.asarray(live, dtype=np.intc)[ks]  # live index -> name index
+        slots = array("i")
+        slots.frombytes(filled.tobytes())
+        return MaglevTable(names, slots)
     nxt = [p[0] for p in params]  # next candidate slot of each backend
     skips = [p[1] for p in params]
     w = [merged[names[i]] for i in live]
@@ -130,6 +147,96 @@ def build_table(weights: dict[str, int] | Iterable[tuple[str, int]], size: int) 
             c += s
             nxt[k] = c if c < size else c - size
     return MaglevTable(names, slots)
+
+
+_I64 = np.int64
+_Arr = np.ndarray[Any, np.dtype[np.int64]]
+
+
+def _populate_numpy(params: list[tuple[int, int]], weights: list[int], size: int) -> _Arr:
+    """The population loop of build_table for backends 0..n-1 (params, weights), with
+    the same result: slot -> backend.
+
+    In a round, backends take their turns in order: each claims the first slot of its
+    preference list (offset, offset + skip, ... mod size) that is free, free meaning
+    neither filled in an earlier round nor claimed in this one by a backend before it.
+    All of a round's backends probe at once (several candidates per step, more as the
+    table fills), then collisions are settled by letting the lowest backend keep a slot
+    and sending the others on from it, until no two claim the same slot. A slot's
+    claimant only ever changes to a lower backend, so a slot skipped because a lower
+    one claimed it stays rightly skipped, and the fixed point is the sequential result.
+
+    The last `n` slots are filled turn by turn, each backend jumping straight to its
+    next free slot: position in the list of slot f = (f - offset) * skip^-1 mod size
+    (size is prime), so the nearest free slot ahead is one vector operation."""
+    n = len(params)
+    off = np.array([p[0] for p in params], dtype=_I64)
+    skip = np.array([p[1] for p in params], dtype=_I64)
+    nxt = off.copy()
+    w = np.array(weights, dtype=_I64)
+    wmax = int(w.max())
+    weighted = bool((w != wmax).any())
+    credit = np.zeros(n, dtype=_I64)
+    everyone = np.arange(n, dtype=_I64)
+    slots = np.full(size, -1, dtype=_I64)
+    # Per slot: -1 once filled, else the lowest backend that claimed it this round, else
+    # `nobody`. A backend may take a slot whose owner value is above its own number.
+    nobody = np.iinfo(_I64).max
+    owner = np.full(size, nobody, dtype=_I64)
+
+    def turns() -> _Arr:
+        if not weighted:
+            return everyone
+        credit[:] += w
+        take = credit >= wmax
+        credit[take] -= wmax
+        return everyone[take]
+
+    left = size
+    while left > n:
+        act = turns()[:left]
+        # Candidates per probe: about 4 / (free fraction), so most backends find a
+        # free slot in the first probe whatever the fill.
+        look = np.arange(min(-(-4 * size // left), 1024), dtype=_I64)
+        pos = nxt[act]
+        step = skip[act]
+        pending = np.arange(len(act))
+        while pending.size:
+            who = act[pending]
+            p = pos[pending]
+            sp = step[pending]
+            idx = np.arange(len(p))
+            while idx.size:
+                cand = (p[idx, None] + sp[idx, None] * look) % size
+                ok = owner[cand] > who[idx, None]
+                first = ok.argmax(axis=1)
+                found = ok[np.arange(len(idx)), first]
+                p[idx[found]] = cand[found, first[found]]
+                idx = idx[~found]
+                p[idx] = (cand[~found, -1] + sp[idx]) % size
+            pos[pending] = p
+            np.minimum.at(owner, p, who)
+            pending = np.flatnonzero(owner[pos] != act)
+        slots[pos] = act
+        owner[pos] = -1
+        nxt[act] = (pos + step) % size
+        left -= len(act)
+
+    free = np.flatnonzero(slots < 0).astype(_I64)
+    offs, skips, nxts = off.tolist(), skip.tolist(), nxt.tolist()
+    inverse = [pow(s, -1, size) for s in skips]
+    while left:
+        for k in turns()[:left].tolist():
+            o, inv = offs[k], inverse[k]
+            here = (nxts[k] - o) * inv % size
+            m = int((((free - o) * inv - here) % size).argmin())
+            c = int(free[m])
+            slots[c] = k
+            free[m] = free[-1]  # order does not matter: positions are distinct
+            free = free[:-1]
+            nxts[k] = (c + skips[k]) % size
+            left -= 1
+    return slots
 
 
 def changed_slots(old: Sequence[T] | None, new: Sequence[T]) -> list[tuple[int, T]]:

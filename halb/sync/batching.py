@@ -1,28 +1,28 @@
-"""Pure delta batching: pushed upserts and deletes become ordered batches.
+"""Pure delta batching: pushed upserts and deletes (packed flow records) become ordered
+batches.
 
 A batch is applied as "all its deletes, then all its upserts". To keep the pushes'
-order without hashing every flow (hashing a Flow costs more than encoding it), a
-delete that follows an upsert in the pending batch closes that batch and starts the
-next one. Repeated upserts of one flow may travel twice; both ops are idempotent.
+order without looking at the flows, a delete that follows an upsert in the pending
+batch closes that batch and starts the next one. Repeated upserts of one flow may
+travel twice; both ops are idempotent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-from halb.model import Flow
+from halb.sync.records import RECORD_SIZE
 
 __all__ = ["Batcher", "Delta"]
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    upserts: tuple[Flow, ...] | list[Flow]
-    deletes: tuple[Flow, ...] | list[Flow]
+    upserts: bytes  # packed records
+    deletes: bytes
 
     def __len__(self) -> int:
-        return len(self.upserts) + len(self.deletes)
+        return (len(self.upserts) + len(self.deletes)) // RECORD_SIZE
 
 
 class Batcher:
@@ -32,25 +32,26 @@ class Batcher:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         self.limit = limit
-        self._del: list[Flow] = []
-        self._up: list[Flow] = []
+        self._del = bytearray()
+        self._up = bytearray()
 
     def __len__(self) -> int:
-        return len(self._del) + len(self._up)
+        return (len(self._del) + len(self._up)) // RECORD_SIZE
 
-    def push(self, upserts: Iterable[Flow] = (), deletes: Iterable[Flow] = ()) -> list[Delta]:
-        """Add one change set and return the batches it completed.
+    def push(self, upserts: bytes = b"", deletes: bytes = b"") -> list[Delta]:
+        """Add one change set (packed records) and return the batches it completed.
 
         Within one push, upserts and deletes must be disjoint (a scan diff or one
         event each); push twice to order changes to the same flow.
         """
+        if len(upserts) % RECORD_SIZE or len(deletes) % RECORD_SIZE:
+            raise ValueError("a push must hold whole flow records")
         out: list[Delta] = []
-        dels = list(deletes)
-        if dels:
+        if deletes:
             if self._up:
                 out.append(self._cut(len(self)))  # deletes must not overtake upserts
-            self._del.extend(dels)
-        self._up.extend(upserts)
+            self._del += deletes
+        self._up += upserts
         while len(self) >= self.limit:
             out.append(self._cut(self.limit))
         return out
@@ -60,8 +61,10 @@ class Batcher:
         return self._cut(self.limit) if self else None
 
     def _cut(self, n: int) -> Delta:
-        nd = min(n, len(self._del))
-        deletes, self._del = self._del[:nd], self._del[nd:]
-        nu = min(n - nd, len(self._up))
-        upserts, self._up = self._up[:nu], self._up[nu:]
+        nd = min(n, len(self._del) // RECORD_SIZE) * RECORD_SIZE
+        deletes = bytes(self._del[:nd])
+        del self._del[:nd]
+        nu = min(n * RECORD_SIZE - nd, len(self._up))
+        upserts = bytes(self._up[:nu])
+        del self._up[:nu]
         return Delta(upserts=upserts, deletes=deletes)

@@ -12,6 +12,11 @@ sequence gap (a lost or malformed delta) forces a full resync.
 State before address: wait_synced() resolves once a full snapshot is installed, and
 stop() returns only after the dataplane write in progress has finished, so a
 promoted node that awaits stop() knows every flow it received is in its dataplane.
+
+Writes are pipelined one deep: a batch's dataplane write runs in a worker thread
+while the next message is read and validated (the XDP write is mostly a syscall,
+which releases the GIL); writes stay in order, and a batch is acknowledged (by a
+separate task, the stream's only writer) only once its write has finished.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ import grpc
 from halb.config import ClusterConfig
 from halb.dataplane.base import Dataplane
 from halb.model import Term
-from halb.sync import codec, tls
-from halb.sync.codec import DecodedBatch, DropReason, FlowIndex, FlowKey
+from halb.sync import codec, records, tls
+from halb.sync.codec import DecodedBatch, DropReason, RecordIndex
 from halb.sync.pb import SYNC_METHOD
 
 __all__ = ["ClientOptions", "ClientStats", "FlowSyncClient"]
@@ -101,23 +106,27 @@ class FlowSyncClient:
         self._dp = dataplane
         self._security = security
         self._opt = options or ClientOptions()
-        self._index = FlowIndex(config.services())
+        self._index = RecordIndex(config.services())
         self._peer = peer
         self._target = target or config.node(peer).sync_address
         self._known_term = known_term
         self._stream_term: Term | None = None
         self._session = 0
-        self._applied = 0
+        self._applied = 0  # last DELTA sequence whose write has finished
+        self._received = 0  # last DELTA sequence accepted for writing
         self._head = 0
-        # Wire keys of the flows installed on the active's behalf: what a full resync
-        # must compare against to remove flows that ended while we were away.
-        self._mirror: set[FlowKey] = set()
-        self._snap_seen: set[FlowKey] | None = None
+        # The flows installed on the active's behalf, connection (record bytes [0, 38))
+        # -> record: what a full resync must compare against to remove flows that
+        # ended while we were away. By connection, so a flow that moved to another
+        # backend replaces its old record instead of leaving it to be deleted later.
+        self._mirror: dict[bytes, bytes] = {}
+        self._snap_seen: dict[bytes, bytes] | None = None
         self._synced = asyncio.Event()
         self._connected = False
         self._in_sync = False
         self._last_msg: float | None = None
         self._inflight: asyncio.Future[Any] | None = None
+        self._ack_due = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
         self._drops: Counter[DropReason] = Counter()
@@ -147,7 +156,7 @@ class FlowSyncClient:
             self._cancel_call()
 
     def update_config(self, config: ClusterConfig) -> None:
-        self._index = FlowIndex(config.services())
+        self._index = RecordIndex(config.services())
 
     @property
     def synced(self) -> bool:
@@ -184,6 +193,10 @@ class FlowSyncClient:
         fut = self._inflight
         if fut is not None:
             await asyncio.wait([fut])
+            if not fut.cancelled() and fut.exception() is not None:
+                log.error("flow sync: the last dataplane write failed: %s", fut.exception())
+            if self._inflight is fut:
+                self._inflight = None
 
     # -- the loop ------------------------------------------------------------------
 
@@ -251,11 +264,15 @@ class FlowSyncClient:
 
     async def _one_stream(self) -> None:
         """One subscription, until it ends or fails."""
+        # The resume point is what is in the dataplane: let the last write land first.
+        await self._settle()
+        self._received = self._applied
         async with self._channel() as channel:
             call = channel.stream_stream(
                 SYNC_METHOD, request_serializer=_identity, response_deserializer=_identity
             )(wait_for_ready=False)
             self._call = call
+            acker: asyncio.Task[None] | None = None
             try:
                 await call.write(
                     codec.request_subscribe(
@@ -267,8 +284,13 @@ class FlowSyncClient:
                 )
                 self._snap_seen = None
                 self._in_sync = False
+                self._ack_due.clear()
+                acker = asyncio.create_task(self._send_acks(call))
                 timeout = self._opt.heartbeat_timeout
                 while True:
+                    if acker.done():
+                        acker.result()  # its error ends the stream
+                        return
                     try:
                         data = await asyncio.wait_for(call.read(), timeout)
                     except TimeoutError:
@@ -291,12 +313,24 @@ class FlowSyncClient:
                         log.warning("flow sync: dropped a message from %s (%s)", self._peer, result)
                         continue
                     await self._apply(result)
-                    # Ack every message: applied state for the server's lag, and liveness
-                    # for its dead-peer check (a long snapshot has no heartbeats).
-                    await call.write(codec.request_ack(self._applied, self._in_sync))
+                    # Ack every message: liveness for the active's dead-peer check (a long
+                    # snapshot has no heartbeats); finished writes ask for one as well.
+                    self._ack_due.set()
             finally:
                 self._call = None
+                if acker is not None:
+                    acker.cancel()
+                    if acker.done() and not acker.cancelled():
+                        acker.exception()  # seen: the stream is over either way
                 call.cancel()
+
+    async def _send_acks(self, call: Any) -> None:
+        """The stream's only writer after the subscription: the newest applied state,
+        whenever asked."""
+        while True:
+            await self._ack_due.wait()
+            self._ack_due.clear()
+            await call.write(codec.request_ack(self._applied, self._in_sync))
 
     # -- applying ------------------------------------------------------------------
 
@@ -319,40 +353,48 @@ class FlowSyncClient:
             self._synced.set()
             log.info("flow sync with %s resumed at sequence %d", self._peer, self._applied)
         if b.kind == "heartbeat":
-            self._head = max(b.sequence, self._applied)
+            self._head = max(b.sequence, self._received)
             return
-        if b.sequence != self._applied + 1:
+        if b.sequence != self._received + 1:
             raise _Reconnect(
-                f"sequence gap: got {b.sequence} after {self._applied}", full=True, now=True
+                f"sequence gap: got {b.sequence} after {self._received}", full=True, now=True
             )
-        await self._write(b.deletes, b.upserts)
-        self._mirror.difference_update(b.delete_keys)
-        self._mirror.update(b.upsert_keys)
-        self._applied = b.sequence
-        self._head = max(self._head, b.sequence)
+        seq = b.sequence
+        await self._write(b.deletes, b.upserts, applied=seq)
+        self._received = seq
+        # Recorded before the write lands: if it fails, the stream restarts and a full
+        # resync compares against this; deleting a flow never installed is harmless.
+        if b.deletes:
+            pop = self._mirror.pop
+            for k in records.conn_keys(b.deletes):
+                pop(k, None)
+        if b.upserts:
+            self._mirror.update(records.by_conn(b.upserts))
+        self._head = max(self._head, seq)
 
     async def _apply_snapshot(self, b: DecodedBatch) -> None:
         if b.snapshot_begin:
             self._in_sync = False
-            self._snap_seen = set()
+            self._snap_seen = {}
             self._session = 0  # no valid resume point until this snapshot completes
             self._stream_term = b.term
         elif self._snap_seen is None:
             raise _Reconnect("a snapshot continued without its beginning", full=True, now=True)
         assert self._snap_seen is not None
-        self._snap_seen.update(b.upsert_keys)
-        await self._write((), b.upserts)
+        self._snap_seen.update(records.by_conn(b.upserts))
+        await self._write(b"", b.upserts)
         if not b.snapshot_end:
             return
         seen, self._snap_seen = self._snap_seen, None
-        stale = self._mirror - seen
+        stale = [self._mirror[k] for k in self._mirror.keys() - seen.keys()]
         if stale:
             # Flows learned earlier that the active no longer has: they ended while we
             # were disconnected, or belonged to a previous active.
-            await self._write([codec.flow_from_key(k) for k in stale], ())
+            await self._write(b"".join(stale), b"")
+        await self._settle()  # synced means installed
         self._mirror = seen
         self._session = b.session
-        self._applied = b.sequence
+        self._applied = self._received = b.sequence
         self._head = max(self._head, b.sequence)
         self._snapshots += 1
         self._last_resync = time.time()
@@ -368,20 +410,42 @@ class FlowSyncClient:
             len(stale),
         )
 
-    async def _write(self, deletes: Any, upserts: Any) -> None:
+    async def _write(self, deletes: bytes, upserts: bytes, *, applied: int = 0) -> None:
+        """Start a dataplane write once the one in flight has finished, and return
+        without waiting for it. ``applied``: the DELTA sequence this write completes."""
+        await self._settle()
         if not deletes and not upserts:
+            self._applied = max(self._applied, applied)
             return
         fut = asyncio.ensure_future(asyncio.to_thread(self._write_blocking, deletes, upserts))
         self._inflight = fut
-        # Shielded: cancelling the stream must not abandon a half-done dataplane write
-        # that stop()/drain() has to wait for.
-        await asyncio.shield(fut)
+        if applied:
 
-    def _write_blocking(self, deletes: Any, upserts: Any) -> None:
+            def landed(f: asyncio.Future[Any]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._applied = max(self._applied, applied)
+                    self._ack_due.set()
+
+            fut.add_done_callback(landed)
+
+    async def _settle(self) -> None:
+        """Wait for the write in flight; its error, if any, is raised here once."""
+        fut = self._inflight
+        if fut is None:
+            return
+        try:
+            # Shielded: cancelling the stream must not abandon a half-done dataplane
+            # write that stop()/drain() has to wait for.
+            await asyncio.shield(fut)
+        finally:
+            if fut.done() and self._inflight is fut:
+                self._inflight = None
+
+    def _write_blocking(self, deletes: bytes, upserts: bytes) -> None:
         if deletes:
-            self._deleted += self._dp.delete_flows(deletes)
+            self._deleted += records.delete(self._dp, deletes)
         if upserts:
-            self._installed += self._dp.install_flows(upserts)
+            self._installed += records.install(self._dp, upserts)
 
     # -- stats ---------------------------------------------------------------------
 

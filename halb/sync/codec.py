@@ -1,35 +1,30 @@
-"""Pure FlowSync codec: Flow <-> protobuf, validation against the config, messages.
+"""Pure FlowSync codec: protobuf messages around packed flow records.
 
-No I/O. The server encodes each batch once (serialized bytes shared by every
-standby); the client decodes and validates every flow before it reaches the
-dataplane. Validation is what the design demands of a standby: only flows whose
-VIP:port/protocol is a configured service and whose backend belongs to that service
-are installed; anything else is dropped with a reason and counted.
+No I/O. Flows travel as packed records (halb.sync.records): the server encodes each
+batch once (serialized bytes shared by every standby); the client parses a message
+and validates its records in bulk before they reach the dataplane. Validation is what
+the design demands of a standby: only flows whose VIP:port/protocol is a configured
+service and whose backend belongs to that service are installed; anything else is
+dropped with a reason and counted.
 """
 
 from __future__ import annotations
 
-import enum
-import ipaddress
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from halb.model import Flow, IPAddress, Protocol, Service, Term
+from halb.model import Term
 from halb.sync.pb import sync_pb2
+from halb.sync.records import RECORD_SIZE, DropReason, RecordIndex
 
 __all__ = [
     "DecodedBatch",
     "DropReason",
-    "FlowIndex",
-    "FlowKey",
-    "decode_flow",
-    "decode_flows",
+    "RecordIndex",
     "decode_response",
     "delta_message",
-    "encode_flow",
-    "flow_from_key",
     "heartbeat_message",
     "request_ack",
     "request_subscribe",
@@ -37,20 +32,6 @@ __all__ = [
     "term_from_pb",
     "term_is_older",
 ]
-
-_PROTOCOLS = {p.number: p for p in Protocol}
-
-
-class DropReason(enum.StrEnum):
-    """Why a standby did not install something it received."""
-
-    MALFORMED_MESSAGE = "malformed_message"  # undecodable bytes, missing fields
-    MALFORMED_ADDRESS = "malformed_address"  # not 4/16 bytes, or src/VIP families differ
-    MALFORMED_PORT = "malformed_port"  # 0 or > 65535
-    UNKNOWN_PROTOCOL = "unknown_protocol"  # neither tcp nor udp
-    UNKNOWN_SERVICE = "unknown_service"  # VIP:port/proto not configured
-    UNKNOWN_BACKEND = "unknown_backend"  # backend not a backend of that service
-    STALE_TERM = "stale_term"  # the stream belongs to an older term
 
 
 def term_is_older(term: Term, than: Term) -> bool:
@@ -70,131 +51,6 @@ def _term_pb(term: Term) -> Any:
     return sync_pb2.Term(lease_id=term.lease_id, revision=term.revision)
 
 
-# --- validation index -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _ServiceEntry:
-    vip: IPAddress
-    protocol: Protocol
-    backends: dict[tuple[bytes, int], IPAddress]
-
-
-class FlowIndex:
-    """The configured services keyed by their wire form, for fast validation.
-
-    Built once per config revision. Lookups use the raw bytes from the wire, so only
-    the client address needs parsing per flow; the VIP and backend objects are shared.
-    """
-
-    def __init__(self, services: Sequence[Service]) -> None:
-        self._services: dict[tuple[int, bytes, int], _ServiceEntry] = {}
-        for svc in services:
-            backends = {(b.address.packed, b.port): b.address for b in (*svc.backends, *svc.sorry)}
-            key = (svc.key.protocol.number, svc.key.vip.packed, svc.key.port)
-            self._services[key] = _ServiceEntry(svc.key.vip, svc.key.protocol, backends)
-
-    def __len__(self) -> int:
-        return len(self._services)
-
-    def lookup(self, proto: int, vip: bytes, vport: int) -> _ServiceEntry | None:
-        return self._services.get((proto, vip, vport))
-
-
-# --- flows ------------------------------------------------------------------------
-
-
-def encode_flow(flow: Flow, msg: Any) -> None:
-    """Fill a sync_pb2.Flow (e.g. one from ``batch.upserts.add()``)."""
-    msg.protocol = flow.protocol.number
-    msg.src = flow.src.packed
-    msg.sport = flow.sport
-    msg.vip = flow.vip.packed
-    msg.vport = flow.vport
-    msg.backend = flow.backend.packed
-    msg.bport = flow.bport
-
-
-def _addr(raw: bytes) -> IPAddress | None:
-    n = len(raw)
-    if n == 4:
-        return ipaddress.IPv4Address(raw)
-    if n == 16:
-        return ipaddress.IPv6Address(raw)
-    return None
-
-
-# The wire fields of a flow, as a hashable key: (protocol, src, sport, vip, vport,
-# backend, bport). Hashing this is far cheaper than hashing a Flow (whose address
-# objects hash through hex strings), so the client keeps its bookkeeping in keys.
-FlowKey = tuple[int, bytes, int, bytes, int, bytes, int]
-
-
-def decode_flow(msg: Any, index: FlowIndex, *, in_config: bool = True) -> Flow | DropReason:
-    """A validated Flow, or the reason it must not be installed.
-
-    in_config=False checks only that the flow is well-formed: used for deletes, which
-    must still reach the dataplane after a service left the config.
-    """
-    key = (msg.protocol, msg.src, msg.sport, msg.vip, msg.vport, msg.backend, msg.bport)
-    return _decode(key, index, in_config)
-
-
-def _decode(key: FlowKey, index: FlowIndex, in_config: bool) -> Flow | DropReason:
-    proto_n, src_raw, sport, vip_raw, vport, be_raw, bport = key
-    protocol = _PROTOCOLS.get(proto_n)
-    if protocol is None:
-        return DropReason.UNKNOWN_PROTOCOL
-    if len(vip_raw) not in (4, 16) or len(be_raw) not in (4, 16) or len(src_raw) != len(vip_raw):
-        return DropReason.MALFORMED_ADDRESS
-    if not (0 < sport < 65536 and 0 < vport < 65536 and 0 < bport < 65536):
-        return DropReason.MALFORMED_PORT
-    if not in_config:
-        return flow_from_key(key)
-    svc = index.lookup(proto_n, vip_raw, vport)
-    if svc is None:
-        return DropReason.UNKNOWN_SERVICE
-    backend = svc.backends.get((be_raw, bport))
-    if backend is None:
-        return DropReason.UNKNOWN_BACKEND
-    src = _addr(src_raw)
-    assert src is not None  # length checked above
-    return Flow(svc.protocol, src, sport, svc.vip, vport, backend, bport)
-
-
-def flow_from_key(key: FlowKey) -> Flow:
-    """The Flow of a key that already passed validation."""
-    proto_n, src_raw, sport, vip_raw, vport, be_raw, bport = key
-    src, vip, backend = _addr(src_raw), _addr(vip_raw), _addr(be_raw)
-    if src is None or vip is None or backend is None or proto_n not in _PROTOCOLS:
-        raise ValueError(f"malformed flow key {key!r}")
-    return Flow(_PROTOCOLS[proto_n], src, sport, vip, vport, backend, bport)
-
-
-def decode_flows(
-    msgs: Iterable[Any],
-    index: FlowIndex,
-    drops: Counter[DropReason],
-    *,
-    in_config: bool = True,
-    keys: list[FlowKey] | None = None,
-) -> list[Flow]:
-    """The valid flows among msgs; every rejected one is counted in drops by reason.
-    With `keys`, the wire key of each returned flow is appended to it, in order."""
-    out: list[Flow] = []
-    append = out.append
-    for m in msgs:
-        key = (m.protocol, m.src, m.sport, m.vip, m.vport, m.backend, m.bport)
-        r = _decode(key, index, in_config)
-        if isinstance(r, Flow):
-            append(r)
-            if keys is not None:
-                keys.append(key)
-        else:
-            drops[r] += 1
-    return out
-
-
 # --- stream messages (server side builds bytes once, shared by every standby) ------
 
 
@@ -206,52 +62,47 @@ def _response(term: Term, session: int) -> Any:
 
 
 def snapshot_messages(
-    flows: Sequence[Flow], *, term: Term, session: int, sequence: int, batch_size: int
+    records: bytes, *, term: Term, session: int, sequence: int, batch_size: int
 ) -> Iterator[bytes]:
-    """The serialized SNAPSHOT batches of a full snapshot reflecting `sequence`.
+    """The serialized SNAPSHOT batches of a full snapshot (packed records) reflecting
+    `sequence`, at most batch_size flows each.
 
     Always at least one message (an empty snapshot still tells the standby to forget
     what it had). Lazy, so the caller can yield to the event loop between chunks.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    total = len(flows)
+    if len(records) % RECORD_SIZE:
+        raise ValueError(f"{len(records)} bytes is not a whole number of flow records")
+    total = len(records)
+    step = batch_size * RECORD_SIZE
     start = 0
     while True:
-        chunk = flows[start : start + batch_size]
         resp = _response(term, session)
         batch = resp.batch
         batch.kind = sync_pb2.Batch.SNAPSHOT
         batch.sequence = sequence
+        batch.record_size = RECORD_SIZE
         batch.snapshot_begin = start == 0
-        start += len(chunk)
+        batch.upserts = records[start : start + step]
+        start += step
         batch.snapshot_end = start >= total
-        add = batch.upserts.add
-        for f in chunk:
-            encode_flow(f, add())
         yield resp.SerializeToString()
         if start >= total:
             return
 
 
 def delta_message(
-    *,
-    term: Term,
-    session: int,
-    sequence: int,
-    upserts: Iterable[Flow],
-    deletes: Iterable[Flow],
+    *, term: Term, session: int, sequence: int, upserts: bytes, deletes: bytes
 ) -> bytes:
+    """One DELTA batch; upserts and deletes are packed records."""
     resp = _response(term, session)
     batch = resp.batch
     batch.kind = sync_pb2.Batch.DELTA
     batch.sequence = sequence
-    add = batch.deletes.add
-    for f in deletes:
-        encode_flow(f, add())
-    add = batch.upserts.add
-    for f in upserts:
-        encode_flow(f, add())
+    batch.record_size = RECORD_SIZE
+    batch.deletes = deletes
+    batch.upserts = upserts
     return bytes(resp.SerializeToString())
 
 
@@ -266,7 +117,8 @@ def heartbeat_message(
 
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
-    """A response as the client acts on it. `upserts`/`deletes` are already validated."""
+    """A response as the client acts on it. `upserts`/`deletes` are validated packed
+    records."""
 
     term: Term
     session: int
@@ -274,22 +126,21 @@ class DecodedBatch:
     sequence: int
     snapshot_begin: bool = False
     snapshot_end: bool = False
-    upserts: tuple[Flow, ...] | list[Flow] = ()
-    deletes: tuple[Flow, ...] | list[Flow] = ()
+    upserts: bytes = b""
+    deletes: bytes = b""
     received: int = 0  # flows in the message before validation
-    upsert_keys: tuple[FlowKey, ...] | list[FlowKey] = ()  # wire keys of upserts, in order
-    delete_keys: tuple[FlowKey, ...] | list[FlowKey] = ()
     snapshot_pending: bool = False  # heartbeat only: a snapshot is being taken
 
 
 def decode_response(
-    data: bytes, index: FlowIndex, drops: Counter[DropReason], known_term: Term | None
+    data: bytes, index: RecordIndex, drops: Counter[DropReason], known_term: Term | None
 ) -> DecodedBatch | DropReason:
     """Parse and validate one serialized SyncResponse.
 
-    Returns MALFORMED_MESSAGE for bytes that do not parse or lack a term or a body,
-    STALE_TERM (counting each carried flow under that reason) for an older term;
-    otherwise the batch with invalid flows dropped and counted.
+    Returns MALFORMED_MESSAGE for bytes that do not parse, lack a term or a body, or
+    carry records of another size or a partial record (counted once here; the caller
+    counts the message), STALE_TERM (counting each carried flow under that reason) for
+    an older term; otherwise the batch with invalid flows dropped and counted.
     """
     resp = sync_pb2.SyncResponse()
     try:
@@ -303,7 +154,8 @@ def decode_response(
     session = int(resp.session)
     if known_term is not None and term_is_older(term, known_term):
         if which == "batch":
-            drops[DropReason.STALE_TERM] += len(resp.batch.upserts) + len(resp.batch.deletes)
+            b = resp.batch
+            drops[DropReason.STALE_TERM] += (len(b.upserts) + len(b.deletes)) // RECORD_SIZE
         return DropReason.STALE_TERM
     if which == "heartbeat":
         hb = resp.heartbeat
@@ -316,15 +168,23 @@ def decode_response(
         )
     b = resp.batch
     if b.kind == sync_pb2.Batch.SNAPSHOT:
-        if len(b.deletes):
+        if b.deletes:
             return DropReason.MALFORMED_MESSAGE
         kind = "snapshot"
     elif b.kind == sync_pb2.Batch.DELTA:
         kind = "delta"
     else:
         return DropReason.MALFORMED_MESSAGE
-    upsert_keys: list[FlowKey] = []
-    delete_keys: list[FlowKey] = []
+    if b.record_size != RECORD_SIZE:
+        return DropReason.MALFORMED_MESSAGE
+    raw_up, raw_del = bytes(b.upserts), bytes(b.deletes)
+    # Both fields whole before either is validated: a batch is applied entirely or not
+    # at all (a dropped delta is a sequence gap, which forces a resync).
+    if len(raw_up) % RECORD_SIZE or len(raw_del) % RECORD_SIZE:
+        return DropReason.MALFORMED_MESSAGE
+    upserts = index.validate(raw_up, drops)
+    deletes = index.validate(raw_del, drops, in_config=False)
+    assert upserts is not None and deletes is not None  # lengths checked above
     return DecodedBatch(
         term=term,
         session=session,
@@ -332,11 +192,9 @@ def decode_response(
         sequence=int(b.sequence),
         snapshot_begin=bool(b.snapshot_begin),
         snapshot_end=bool(b.snapshot_end),
-        upserts=decode_flows(b.upserts, index, drops, keys=upsert_keys),
-        deletes=decode_flows(b.deletes, index, drops, in_config=False, keys=delete_keys),
-        received=len(b.upserts) + len(b.deletes),
-        upsert_keys=upsert_keys,
-        delete_keys=delete_keys,
+        upserts=upserts,
+        deletes=deletes,
+        received=(len(raw_up) + len(raw_del)) // RECORD_SIZE,
     )
 
 

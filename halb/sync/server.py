@@ -18,16 +18,16 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
 
 from halb.model import Flow, Term
-from halb.sync import codec, tls
+from halb.sync import codec, records, tls
 from halb.sync.batching import Batcher, Delta
 from halb.sync.pb import SERVICE, sync_pb2
+from halb.sync.records import FlowBatch
 
 __all__ = ["FlowSource", "FlowSyncServer", "PeerStats", "ServerOptions", "ServerStats"]
 
@@ -40,6 +40,10 @@ class FlowSource(Protocol):
 
     Deltas are pushed separately with FlowSyncServer.push() (XDP: the diff of each
     periodic batch scan of its flow map; nft: conntrack events).
+
+    A source may also offer ``snapshot_records() -> bytes`` (the same flows as packed
+    records, halb.sync.records); the server then uses it instead, so a large table
+    never becomes one Flow object per entry.
     """
 
     def snapshot(self) -> list[Flow]:
@@ -228,13 +232,15 @@ class FlowSyncServer:
 
     # -- deltas --------------------------------------------------------------------
 
-    def push(self, upserts: Iterable[Flow] = (), deletes: Iterable[Flow] = ()) -> None:
-        """Record one change set. Event-loop thread only (see push_threadsafe).
+    def push(self, upserts: FlowBatch = b"", deletes: FlowBatch = b"") -> None:
+        """Record one change set: Flow objects or packed records. Event-loop thread
+        only (see push_threadsafe).
 
         upserts and deletes of one call must be disjoint; push twice to order changes
         to the same flow. Full batches go out at once, the rest after flush_interval.
         """
-        for delta in self._pending.push(upserts, deletes):
+        ups, dels = records.as_records(upserts), records.as_records(deletes)
+        for delta in self._pending.push(ups, dels):
             self._publish(delta)
         if self._pending and self._flush_handle is None:
             loop = asyncio.get_running_loop()
@@ -242,7 +248,7 @@ class FlowSyncServer:
         self._wake()
 
     def push_threadsafe(
-        self, loop: asyncio.AbstractEventLoop, upserts: list[Flow], deletes: list[Flow]
+        self, loop: asyncio.AbstractEventLoop, upserts: FlowBatch, deletes: FlowBatch
     ) -> None:
         """push() from an adapter's worker thread."""
         loop.call_soon_threadsafe(self.push, upserts, deletes)
@@ -425,7 +431,6 @@ class FlowSyncServer:
             head = self._seq  # read before the snapshot: see the module docstring
             t0 = time.monotonic()
             flows = await self._take_snapshot(context)
-            sent = 0
             for data in codec.snapshot_messages(
                 flows,
                 term=self._term,
@@ -434,7 +439,7 @@ class FlowSyncServer:
                 batch_size=self._opt.snapshot_batch_size,
             ):
                 await context.write(data)
-            sent = len(flows)
+            sent = records.count(flows)
             peer.entries_sent += sent
             peer.snapshots += 1
             peer.sent_sequence = head
@@ -452,10 +457,16 @@ class FlowSyncServer:
                 return head
             why = "the backlog overflowed while the snapshot was being sent"
 
-    async def _take_snapshot(self, context: Any) -> list[Flow]:
-        """source.snapshot() in a thread, heartbeating meanwhile: dumping a large
-        kernel table can outlast the standby's heartbeat timeout."""
-        task = asyncio.ensure_future(asyncio.to_thread(self._source.snapshot))
+    def _snapshot_records(self) -> bytes:
+        take = getattr(self._source, "snapshot_records", None)
+        if callable(take):
+            return bytes(take())
+        return records.from_flows(self._source.snapshot())
+
+    async def _take_snapshot(self, context: Any) -> bytes:
+        """The source's snapshot as records, taken in a thread, heartbeating meanwhile:
+        dumping a large kernel table can outlast the standby's heartbeat timeout."""
+        task = asyncio.ensure_future(asyncio.to_thread(self._snapshot_records))
         while True:
             done, _ = await asyncio.wait([task], timeout=self._opt.heartbeat_interval)
             if done:

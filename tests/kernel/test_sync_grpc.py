@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from halb.config import ClusterConfig, TlsFiles, parse_config
 from halb.model import Flow, Protocol, Term
-from halb.sync import certs, codec
+from halb.sync import certs, codec, records
 from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.pb import SERVICE, sync_pb2
 from halb.sync.server import FlowSyncServer, ServerOptions
@@ -449,17 +450,24 @@ def test_malformed_messages_do_not_crash_the_client(cfg: ClusterConfig) -> None:
     session = 77
     good = flow(1)
     snap = next(
-        codec.snapshot_messages([good], term=TERM, session=session, sequence=0, batch_size=10)
+        codec.snapshot_messages(
+            records.from_flows([good]), term=TERM, session=session, sequence=0, batch_size=10
+        )
     )
-    resp = sync_pb2.SyncResponse(session=session)
-    resp.term.lease_id, resp.term.revision = TERM.lease_id, TERM.revision
-    resp.batch.kind = sync_pb2.Batch.DELTA
-    resp.batch.sequence = 1
-    codec.encode_flow(flow(2), resp.batch.upserts.add())
-    short = resp.batch.upserts.add()
-    codec.encode_flow(flow(3), short)
-    short.src = b"\xc6\x12\x00"  # 3-byte address
-    messages = [snap, b"\x0a\xff\xff\xff\xff\x0f", resp.SerializeToString()]
+    mixed = records.from_flows([flow(3)])
+    mixed = records.addr16(ip("2001:db8::3")) + mixed[16:]  # src family != VIP's
+    delta1 = codec.delta_message(
+        term=TERM,
+        session=session,
+        sequence=1,
+        upserts=records.from_flows([flow(2)]) + mixed,
+        deletes=b"",
+    )
+    partial = codec.delta_message(
+        term=TERM, session=session, sequence=2, upserts=records.from_flows([flow(4)])[:-3],
+        deletes=b"",
+    )  # fmt: skip
+    messages = [snap, b"\x0a\xff\xff\xff\xff\x0f", delta1, partial]
 
     async def body() -> None:
         server, port, done = await _raw_active(messages)
@@ -478,9 +486,14 @@ def test_malformed_messages_do_not_crash_the_client(cfg: ClusterConfig) -> None:
         try:
             await asyncio.wait_for(done.wait(), 5)
             await wait_until(lambda: client.stats().applied_sequence == 1, what="delta 1")
+            await wait_until(
+                lambda: client.stats().dropped.get("malformed_message") == 2,
+                what="the partial delta dropped",
+            )
             cs = client.stats()
-            assert sink.flows == {good, flow(2)}
-            assert cs.dropped == {"malformed_address": 1, "malformed_message": 1}
+            assert sink.flows == {good, flow(2)}  # nothing of the partial delta applied
+            assert cs.dropped == {"malformed_address": 1, "malformed_message": 2}
+            assert cs.applied_sequence == 1
             assert cs.connected and cs.reconnects == 0
         finally:
             await client.stop()
@@ -551,5 +564,68 @@ def test_insecure_mode_streams_when_explicitly_allowed(cfg: ClusterConfig) -> No
         finally:
             await client.stop()
             await server.stop(0)
+
+    run(body)
+
+
+class GatedDataplane(FakeDataplane):
+    """A sink whose writes block until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()  # open for the snapshot
+        self.entered = threading.Event()
+
+    def install_flows(self, flows: Iterable[Flow]) -> int:
+        self.entered.set()
+        self.gate.wait(10)
+        return super().install_flows(flows)
+
+
+async def held_write(server: FlowSyncServer, client: FlowSyncClient, sink: GatedDataplane,
+                     f: Flow) -> None:  # fmt: skip
+    """Once synced, push f and return while its write is held at the gate."""
+    assert await client.wait_synced(5)
+    sink.gate.clear()
+    server.push(upserts=[f])
+    server.flush()
+    await asyncio.to_thread(sink.entered.wait, 5)
+
+
+def test_a_batch_is_acknowledged_only_once_its_write_has_landed(
+    cfg: ClusterConfig, tls_files: TlsFiles
+) -> None:
+    # Writes are pipelined (the next message is read while one is written), so the ack
+    # must wait for the write itself, not for the message to have been read.
+    sink = GatedDataplane()
+
+    async def body() -> None:
+        async with running(cfg, tls_files, Source(), sink=sink) as (server, client, _, _):
+            await held_write(server, client, sink, flow(1))
+            await asyncio.sleep(0.3)  # heartbeats and acks go on meanwhile
+            assert server.stats().peers[0].acked_sequence == 0
+            assert client.stats().applied_sequence == 0
+            sink.gate.set()
+            await wait_until(
+                lambda: server.stats().peers[0].acked_sequence == 1, what="the ack of delta 1"
+            )
+            assert sink.flows == {flow(1)}
+
+    run(body)
+
+
+def test_stop_waits_for_the_write_in_flight(cfg: ClusterConfig, tls_files: TlsFiles) -> None:
+    sink = GatedDataplane()
+
+    async def body() -> None:
+        async with running(cfg, tls_files, Source(), sink=sink) as (server, client, _, _):
+            await held_write(server, client, sink, flow(2))
+            stopping = asyncio.create_task(client.stop())
+            await asyncio.sleep(0.2)
+            assert not stopping.done()  # the write has not landed yet
+            sink.gate.set()
+            await asyncio.wait_for(stopping, 5)
+            assert sink.flows == {flow(2)}  # once stop() returns, the flow is installed
 
     run(body)

@@ -16,10 +16,21 @@ from pathlib import Path
 import pytest
 
 from halb.dataplane.base import Dataplane
-from halb.dataplane.xdp.adapter import XdpDataplane, net16
+from halb.dataplane.xdp.adapter import XdpDataplane, deadline_granularity_ns, net16
+from halb.dataplane.xdp.layout import addr_from_words
 from halb.dataplane.xdp.loader import xdp_prog_id
 from halb.dataplane.xdp.neigh import interface_mac
-from halb.dataplane.xdp.packets import ETH_P_IP, XDP_DROP, XDP_PASS, XDP_TX, eth, ipv4, tcp
+from halb.dataplane.xdp.packets import (
+    ETH_P_IP,
+    XDP_DROP,
+    XDP_PASS,
+    XDP_TX,
+    arp_request,
+    eth,
+    ipv4,
+    neighbour_solicitation,
+    tcp,
+)
 from halb.lb.maglev import build_table, changed_slots
 from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
 
@@ -108,8 +119,9 @@ def test_apply_twice_second_writes_nothing(topo: Topo, dp: XdpDataplane) -> None
     services = [svc(WEB, B_LIVE, B2, B3), svc(DNS, B2, B3, ring=65537)]
     first = dp.apply(services)
     assert set(first.added) == {WEB, DNS}
-    # 2 services + 5 backend rows + 5 counter resets + 2 stats resets + every ring slot.
-    assert first.writes == 2 + 5 + 5 + 2 + 1009 + 65537
+    # 2 services + 5 backend rows + 5 counter resets + 2 stats resets + every ring slot
+    # + the one VIP address both services share and its VIP filter entry.
+    assert first.writes == 2 + 5 + 5 + 2 + 1009 + 65537 + 2
     second = dp.apply(services)
     assert (second.added, second.removed, second.updated, second.writes) == ((), (), (), 0)
     # The backend without a configured MAC was resolved through the neighbour table.
@@ -177,11 +189,120 @@ def test_set_deadline(dp: XdpDataplane) -> None:
     dp.apply([svc(WEB, B2)])
     dp.set_deadline(time.monotonic_ns() + 10_000_000_000)
     assert run(dp, frame(8000))[0] == XDP_TX
-    dp.set_deadline(time.monotonic_ns() - 1)
+    # Well past: the coarse clock may trail by a late tick on a loaded machine.
+    dp.set_deadline(time.monotonic_ns() - 50_000_000)
     assert run(dp, frame(8000))[0] == XDP_DROP
     assert dp.global_stats()["deadline_drop"] == 1
     dp.set_deadline(None)
     assert run(dp, frame(8000))[0] == XDP_TX
+
+
+def test_set_deadline_takes_a_coarse_tick_off(dp: XdpDataplane) -> None:
+    # The program reads CLOCK_MONOTONIC_COARSE, up to about a tick behind: the adapter
+    # fences two ticks early rather than up to a tick late.
+    tick = deadline_granularity_ns()
+    assert 1_000 <= tick <= 10_000_000  # 100 Hz .. hrtimer-coarse kernels
+    target = time.monotonic_ns() + 5_000_000_000
+    dp.set_deadline(target)
+    cfg = dp._maps["config"].lookup(0)
+    assert cfg is not None and cfg.deadline_ns == target - 2 * tick
+
+
+VIP6 = ip_address("fd77::100")
+WEB6 = ServiceKey(VIP6, 80, Protocol.TCP)
+B6 = Backend(ip_address("fd77::5"), 80, mac="02:77:00:00:00:06")
+
+
+def vip_addrs(dp: XdpDataplane) -> dict[str, int]:
+    return {
+        str(addr_from_words(k.addr, k.family)): int(v.value)
+        for k, v in dp._maps["vip_addrs"].items()
+    }
+
+
+def vip_filter(dp: XdpDataplane) -> dict[int, int]:
+    return {int(k.value): int(v.value) for k, v in dp._maps["vip_filter"].items() if v.value}
+
+
+def test_vip_address_maps_follow_the_services(dp: XdpDataplane) -> None:
+    # VIP ends in .100 (0x64), VIP6 in ::100 (0x00); OTHER shares VIP's last byte.
+    other = ServiceKey(ip_address("10.77.1.100"), 80, Protocol.TCP)
+    dp.apply([svc(WEB, B2), svc(DNS, B3), svc(WEB6, B6)])
+    assert vip_addrs(dp) == {str(VIP): 2, str(VIP6): 1}
+    assert vip_filter(dp) == {0x64: 1, 0x00: 1}
+    dp.apply([svc(WEB, B2), svc(WEB6, B6), svc(other, B3)])
+    assert vip_addrs(dp) == {str(VIP): 1, str(VIP6): 1, "10.77.1.100": 1}
+    assert vip_filter(dp) == {0x64: 2, 0x00: 1}
+    again = dp.apply([svc(WEB, B2), svc(WEB6, B6), svc(other, B3)])
+    assert again.writes == 0
+    dp.apply([svc(DNS, B3)])
+    assert vip_addrs(dp) == {str(VIP): 1}
+    assert vip_filter(dp) == {0x64: 1}
+    assert run(dp, frame(8200, dport=53))[0] == XDP_PASS  # TCP to the UDP service's port
+    dp.apply([])
+    assert (vip_addrs(dp), vip_filter(dp)) == ({}, {})
+
+
+def test_vip_filter_passes_other_addresses_and_admits_new_vips(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2)])
+    assert run(dp, frame(8300)) == (XDP_TX, B2.mac)
+    # Replacing the service by one on another VIP: the new VIP is balanced at once,
+    # the old one (now filtered out) passes to the stack.
+    moved = ServiceKey(ip_address("10.77.0.101"), 80, Protocol.TCP)
+    dp.apply([svc(moved, B3)])
+    to_moved = eth(
+        "02:00:00:00:00:01",
+        "02:00:00:00:00:02",
+        ETH_P_IP,
+        ipv4(CLIENT, "10.77.0.101", 6, tcp(CLIENT, "10.77.0.101", 8301, 80)),
+    )
+    assert run(dp, to_moved) == (XDP_TX, B3.mac)
+    assert run(dp, frame(8302))[0] == XDP_PASS
+
+
+def test_deadline_fences_address_resolution_for_vips_only(dp: XdpDataplane) -> None:
+    dp.apply([svc(WEB, B2), svc(WEB6, B6)])
+    arp_vip = arp_request("02:00:00:00:00:02", CLIENT, str(VIP))
+    arp_other = arp_request("02:00:00:00:00:02", CLIENT, "10.77.0.1")
+    ns_vip = neighbour_solicitation("02:00:00:00:00:02", "fe80::2", str(VIP6))
+    dp.set_deadline(time.monotonic_ns() + 10_000_000_000)
+    assert [run(dp, f)[0] for f in (arp_vip, arp_other, ns_vip)] == [XDP_PASS] * 3
+    dp.set_deadline(time.monotonic_ns() - 1_000_000_000)
+    assert [run(dp, f)[0] for f in (arp_vip, arp_other, ns_vip)] == [XDP_DROP, XDP_PASS, XDP_DROP]
+    stats = dp.global_stats()
+    assert (stats["arp_fence_drop"], stats["ns_fence_drop"]) == (1, 1)
+    # A VIP whose services are gone is no longer fenced; disarming lifts the fence.
+    dp.apply([svc(WEB6, B6)])
+    assert run(dp, arp_vip)[0] == XDP_PASS
+    assert run(dp, ns_vip)[0] == XDP_DROP
+    dp.set_deadline(None)
+    assert run(dp, ns_vip)[0] == XDP_PASS
+
+
+def arping(ns: str, target: str) -> bool:
+    """Whether ``target`` answers an ARP request sent from namespace ``ns`` (iputils)."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, "arping", "-c", "1", "-w", "2", "-I", "veth1", target],
+        capture_output=True,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("arping") is None, reason="needs arping (iputils)")
+def test_fenced_node_stops_answering_arp_for_its_vip(topo: Topo, dp: XdpDataplane) -> None:
+    # End to end: the kernel of the balancer's namespace holds the VIP and answers ARP
+    # for it, until the program drops the requests past the deadline.
+    ip("-n", topo.lb, "addr", "add", f"{VIP}/32", "dev", "veth0")
+    dp.apply([svc(WEB, B2)])
+    dp.set_deadline(time.monotonic_ns() + 10_000_000_000)
+    assert arping(topo.be, str(VIP))
+    dp.set_deadline(time.monotonic_ns() - 1_000_000_000)
+    assert not arping(topo.be, str(VIP))
+    assert dp.global_stats()["arp_fence_drop"] >= 1
+    assert arping(topo.be, "10.77.0.1"), "the node's own address still answers"
+    dp.set_deadline(None)
+    assert arping(topo.be, str(VIP))
 
 
 def test_close_leaves_nothing(topo: Topo) -> None:
@@ -219,6 +340,7 @@ def test_cli_show_reads_the_pinned_maps(topo: Topo, dp: XdpDataplane) -> None:
     assert sum(b["slots"] for b in service["backends"]) == 1009
     assert abs(shares[str(B4)] - 200 / 3) < 1  # weight 2 of 3
     assert report["flows"] == 1
+    assert report["vip_addrs"] == [str(VIP)]
     table = CliRunner().invoke(cli, ["dataplane", "show", "--pin-dir", str(topo.pin_dir)])
     assert table.exit_code == 0
     assert "10.77.0.5:80" in table.output

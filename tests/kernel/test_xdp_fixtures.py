@@ -17,6 +17,7 @@ import pytest
 
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import (
+    BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
     FAMILY_V4,
     FAMILY_V6,
@@ -25,6 +26,7 @@ from halb.dataplane.xdp.layout import (
     BackendInfo,
     LbConfig,
     ServiceInfo,
+    VipAddr,
     VipKey,
     addr_to_words,
     mac_to_bytes,
@@ -37,11 +39,13 @@ from halb.dataplane.xdp.packets import (
     XDP_DROP,
     XDP_PASS,
     XDP_TX,
+    arp_request,
     eth,
     flow_hash,
     icmp_echo,
     ipv4,
     ipv6,
+    neighbour_solicitation,
     tcp,
     udp,
 )
@@ -77,6 +81,10 @@ SERVICES = {
     (VIP6, 8443, 6): (5, True, 5),
     (VIP4, 81, 6): (6, False, NO_BACKEND),
 }
+# backend id -> (its service's index, tunnel?): backend rows name their service, so a
+# flow hit needs no services lookup. Backend 6 replaces backend 0 in ring-change cases.
+OWNER = {bid: (index, tunnel) for index, tunnel, bid in SERVICES.values() if bid != NO_BACKEND}
+OWNER[6] = OWNER[0]
 
 
 def family(addr: IPAddress) -> int:
@@ -100,6 +108,8 @@ def fill_ring(obj: BpfObject, index: int, backend_id: int) -> None:
 
 
 def set_deadline(obj: BpfObject, deadline_ns: int) -> None:
+    """Raw: the program compares with CLOCK_MONOTONIC_COARSE (up to a tick behind), so
+    past / future offsets here are far larger than a tick."""
     cfg = obj.maps["config"].lookup(0)
     assert cfg is not None
     cfg.deadline_ns = deadline_ns
@@ -119,18 +129,24 @@ def obj() -> Iterator[BpfObject]:
         o.maps["config"].update(0, cfg)
         for bid, (addr, bmac) in BACKENDS.items():
             a = ip_address(addr)
+            index, tunnel = OWNER[bid]
             info = BackendInfo(
                 addr=addr_to_words(a),
                 mac=tuple(mac_to_bytes(bmac)),
                 port=80,
                 family=family(a),
-                flags=BACKEND_F_VALID,
+                flags=BACKEND_F_VALID | (BACKEND_F_TUNNEL if tunnel else 0),
+                service=index,
             )
             o.maps["backends"].update(bid, info)
         for (vip, port, proto), (index, tunnel, bid) in SERVICES.items():
             sinfo = ServiceInfo(index=index, ring_size=RING, flags=SVC_F_TUNNEL if tunnel else 0)
             o.maps["services"].update(vip_key(vip, port, proto), sinfo)
             fill_ring(o, index, bid)
+        for vip in (VIP4, VIP6):
+            a = ip_address(vip)
+            o.maps["vip_addrs"].update(VipAddr(addr_to_words(a), family(a)), 1)
+            o.maps["vip_filter"].update(a.packed[-1], 1)
         yield o
     finally:
         o.close()
@@ -248,6 +264,12 @@ CASES = [
         "tunnel v6 in v4 (6in4)", v6_tcp(dport=8443), XDP_TX, ipip4(v6_tcp(dport=8443), "10.2.0.32")
     ),
     Case("non-VIP address passes", v4_tcp(dst="10.0.0.99"), XDP_PASS, None),
+    Case(
+        "non-VIP address ending like a VIP passes (filter hit, no service)",
+        v4_tcp(dst="10.0.1.100"),
+        XDP_PASS,
+        None,
+    ),
     Case("VIP, other port passes", v4_tcp(dport=8080), XDP_PASS, None),
     Case("VIP tcp port, udp passes", v4_udp(dport=80), XDP_PASS, None),
     Case("VIP service without backends drops", v4_tcp(dport=81), XDP_DROP, None),
@@ -347,7 +369,7 @@ def test_flow_to_removed_backend_falls_back_to_ring(obj: BpfObject) -> None:
 
 @pytest.mark.parametrize(
     ("offset_ns", "verdict"),
-    [(-1_000_000, XDP_DROP), (10_000_000_000, XDP_TX), (None, XDP_TX)],
+    [(-1_000_000_000, XDP_DROP), (10_000_000_000, XDP_TX), (None, XDP_TX)],
     ids=["deadline-past-drops", "deadline-future-forwards", "disarmed-forwards"],
 )
 def test_dead_man_deadline(obj: BpfObject, offset_ns: int | None, verdict: int) -> None:
@@ -380,3 +402,78 @@ def test_flow_recorded_with_client_tuple(obj: BpfObject) -> None:
     assert bytes(key.dst)[:4] == IPv4Address(VIP4).packed
     assert (key.sport, key.dport, key.proto) == (_net16(43210), _net16(80), 6)
     assert ctypes.sizeof(key) == 40
+
+
+def _global(obj: BpfObject, index: int) -> int:
+    per_cpu = obj.maps["stats_global"].lookup(index)
+    assert per_cpu is not None
+    return sum(c.packets for c in per_cpu)
+
+
+def test_deadline_drops_a_flow_hit_too(obj: BpfObject) -> None:
+    frame = v4_tcp(sport=44000)
+    assert obj.test_run(PROG, frame).retval == XDP_TX  # recorded: now a flow hit
+    set_deadline(obj, time.monotonic_ns() - 1_000_000_000)
+    before = _global(obj, 0)
+    assert obj.test_run(PROG, frame).retval == XDP_DROP
+    assert _global(obj, 0) == before + 1
+
+
+ARP_FOR_VIP = arp_request(CLIENT_MAC, "10.0.0.7", VIP4)
+NS_FOR_VIP = neighbour_solicitation(CLIENT_MAC, "fe80::7", VIP6)
+FENCE_CASES = [
+    # (description, frame, dropped past the deadline?, stats_global index)
+    ("ARP request for a VIP", ARP_FOR_VIP, True, 3),
+    ("ARP request for another address", arp_request(CLIENT_MAC, "10.0.0.7", "10.0.0.99"), False, 3),
+    ("ARP reply from a VIP", arp_request(CLIENT_MAC, VIP4, "10.0.0.7", op=2), False, 3),
+    ("ARP request, truncated", ARP_FOR_VIP[: 14 + 27], False, 3),
+    ("neighbour solicitation for a VIP", NS_FOR_VIP, True, 4),
+    (
+        "neighbour solicitation for another address",
+        neighbour_solicitation(CLIENT_MAC, "fe80::7", "fd00::99"),
+        False,
+        4,
+    ),
+    ("neighbour solicitation, truncated", NS_FOR_VIP[: 14 + 40 + 23], False, 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("frame", "fenced", "stat"),
+    [c[1:] for c in FENCE_CASES],
+    ids=[c[0] for c in FENCE_CASES],
+)
+def test_address_resolution_fence(obj: BpfObject, frame: bytes, fenced: bool, stat: int) -> None:
+    # Before the deadline (and when disarmed) every ARP / NS frame passes untouched.
+    for deadline in (0, time.monotonic_ns() + 10_000_000_000):
+        set_deadline(obj, deadline)
+        res = obj.test_run(PROG, frame)
+        assert (res.retval, res.data) == (XDP_PASS, frame)
+    set_deadline(obj, time.monotonic_ns() - 1_000_000_000)
+    before = _global(obj, stat)
+    res = obj.test_run(PROG, frame)
+    assert res.retval == (XDP_DROP if fenced else XDP_PASS)
+    assert _global(obj, stat) == before + (1 if fenced else 0)
+
+
+def test_fence_follows_the_vip_address_map(obj: BpfObject) -> None:
+    set_deadline(obj, time.monotonic_ns() - 1_000_000_000)
+    key = VipAddr(addr_to_words(ip_address(VIP4)), FAMILY_V4)
+    assert obj.test_run(PROG, ARP_FOR_VIP).retval == XDP_DROP
+    obj.maps["vip_addrs"].delete(key)
+    try:
+        assert obj.test_run(PROG, ARP_FOR_VIP).retval == XDP_PASS
+    finally:
+        obj.maps["vip_addrs"].update(key, 1)
+
+
+def test_vip_filter_gates_the_lookups(obj: BpfObject) -> None:
+    """A VIP whose last byte is missing from vip_filter is not looked up at all."""
+    vf = obj.maps["vip_filter"]
+    end = IPv4Address(VIP4).packed[-1]
+    assert obj.test_run(PROG, v4_tcp(sport=45000)).retval == XDP_TX
+    vf.update(end, 0)
+    try:
+        assert obj.test_run(PROG, v4_tcp(sport=45000)).retval == XDP_PASS
+    finally:
+        vf.update(end, 1)

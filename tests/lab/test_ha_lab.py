@@ -171,6 +171,45 @@ def test_frozen_leader_is_replaced_and_sends_no_arp_after_it_resumes(
     assert late == [], f"resumed lb1 claimed the VIP: {late}"
 
 
+def arp_fence_drops(node: str) -> int:
+    r = halb("dataplane", "show", "--node", node, "--output", "json")
+    assert r.returncode == 0, r.stderr
+    return int(json.loads(r.stdout)["stats"]["arp_fence_drop"])
+
+
+def test_frozen_leader_is_fenced_and_replaced_by_a_revoke_of_its_lease(
+    ha: dict[str, Any],
+) -> None:
+    """Fast takeover: lb1 frozen (SIGSTOP) stops heartbeating; lb2 revokes its lease
+    and takes over after the fence wait. Meanwhile lb1's XDP program, with nobody to
+    re-arm its deadline, drops the ARP requests for the VIP that lb1's kernel would
+    still answer: the client hears only lb2."""
+    lb2_mac = next(n["mac"] for n in ha["nodes"] if n["name"] == "lb2")
+    no_preempt(ha)
+    before = arp_fence_drops("lb1")
+    faults.apply_fault("lb1", "stop", ha)
+    try:
+        wait_until("lb2 to lead", lambda: leader(ha["config"]) == "lb2", 10)
+        with ArpCapture() as cap:
+            asked = time.time()
+            subprocess.run(
+                ["ip", "netns", "exec", SITE.ns("client"), "arping", "-c", "3", "-i", "0.05",
+                 "-w", "2", "-I", "eth0", VIP],
+                capture_output=True, check=False, timeout=10,
+            )  # fmt: skip
+        replies = [
+            f for f in cap.frames() if f.kind == "reply" and f.sender_ip == VIP and f.time >= asked
+        ]
+        assert replies, "nobody answered ARP for the VIP"
+        assert {f.src_mac for f in replies} == {lb2_mac}, replies
+        assert arp_fence_drops("lb1") >= before + 3
+    finally:
+        faults.apply_fault("lb1", "cont", ha)
+    assert re.search(r"no heartbeat from the leader .* for", agent_log(ha, "lb2"))
+    assert "revoking its lease" in agent_log(ha, "lb2")
+    wait_until("the service through lb2", reaches_service, 10)
+
+
 def test_etcd_cut_active_drops_the_vip_before_the_standby_adds_it(ha: dict[str, Any]) -> None:
     t_cut = time.time()
     faults.apply_fault("lb1", "etcd-cut", ha)

@@ -1,4 +1,4 @@
-"""Delta batching: order is kept, batches respect the limit."""
+"""Delta batching of packed records: order is kept, batches respect the limit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from halb.model import Flow, Protocol
 from halb.sync.batching import Batcher, Delta
+from halb.sync.records import from_flows, to_flows
 
 pytestmark = pytest.mark.unit
 
@@ -24,10 +25,15 @@ def flow(i: int) -> Flow:
     )
 
 
+def r(*ids: int) -> bytes:
+    """The records of flow(i) for each id."""
+    return from_flows(flow(i) for i in ids)
+
+
 def apply(batches: list[Delta], state: set[Flow]) -> set[Flow]:
     """What a standby does: per batch, deletes first, then upserts."""
     for b in batches:
-        state = (state - set(b.deletes)) | set(b.upserts)
+        state = (state - set(to_flows(b.deletes))) | set(to_flows(b.upserts))
     return state
 
 
@@ -38,16 +44,16 @@ def drain(b: Batcher, done: list[Delta]) -> list[Delta]:
 
 def test_a_delete_after_an_upsert_starts_a_new_batch() -> None:
     b = Batcher(100)
-    done = b.push(upserts=[flow(1)])
-    done += b.push(deletes=[flow(1)])
-    assert [(d.upserts, d.deletes) for d in done] == [([flow(1)], [])]
+    done = b.push(upserts=r(1))
+    done += b.push(deletes=r(1))
+    assert [(d.upserts, d.deletes) for d in done] == [(r(1), b"")]
     batches = drain(b, done)
     assert apply(batches, set()) == set()  # upsert then delete: gone
 
 
 def test_upsert_after_delete_stays_in_one_batch() -> None:
     b = Batcher(100)
-    done = b.push(deletes=[flow(1)]) + b.push(upserts=[flow(1), flow(2)])
+    done = b.push(deletes=r(1)) + b.push(upserts=r(1, 2))
     assert done == []
     batches = drain(b, done)
     assert len(batches) == 1
@@ -56,13 +62,13 @@ def test_upsert_after_delete_stays_in_one_batch() -> None:
 
 def test_limit_splits_in_order() -> None:
     b = Batcher(4)
-    done = b.push(deletes=[flow(i) for i in range(10, 13)])
-    done += b.push(upserts=[flow(i) for i in range(1, 7)])
+    done = b.push(deletes=r(10, 11, 12))
+    done += b.push(upserts=r(*range(1, 7)))
     assert [len(d) for d in done] == [4, 4]
-    assert done[0].deletes == [flow(10), flow(11), flow(12)] and done[0].upserts == [flow(1)]
-    assert done[1].deletes == [] and done[1].upserts == [flow(2), flow(3), flow(4), flow(5)]
+    assert done[0].deletes == r(10, 11, 12) and done[0].upserts == r(1)
+    assert done[1].deletes == b"" and done[1].upserts == r(2, 3, 4, 5)
     rest = b.take()
-    assert rest is not None and rest.upserts == [flow(6)]
+    assert rest is not None and rest.upserts == r(6)
     assert b.take() is None and len(b) == 0
 
 
@@ -76,16 +82,24 @@ def test_random_sequences_match_sequential_application() -> None:
         state = set(want)
         done: list[Delta] = []
         for _ in range(rng.randint(1, 12)):
-            fl = [flow(rng.randint(0, 5)) for _ in range(rng.randint(1, 3))]
+            ids = [rng.randint(0, 5) for _ in range(rng.randint(1, 3))]
+            fl = [flow(i) for i in ids]
             if rng.random() < 0.5:
                 want |= set(fl)
-                done += b.push(upserts=fl)
+                done += b.push(upserts=r(*ids))
             else:
                 want -= set(fl)
-                done += b.push(deletes=fl)
+                done += b.push(deletes=r(*ids))
         assert apply(drain(b, done), state) == want
 
 
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="limit"):
         Batcher(0)
+
+
+def test_a_push_must_hold_whole_records() -> None:
+    b = Batcher(4)
+    with pytest.raises(ValueError, match="whole"):
+        b.push(upserts=r(1)[:-1])
+    assert len(b) == 0

@@ -1,4 +1,6 @@
-"""FlowSync codec: wire round trips, validation against the config, stream messages."""
+"""FlowSync codec: stream messages around packed flow records, validated on decode.
+
+The record layout and its validation on their own: tests/unit/test_sync_records.py."""
 
 from __future__ import annotations
 
@@ -10,68 +12,17 @@ import pytest
 
 from halb.config import ClusterConfig, parse_config
 from halb.model import Flow, Protocol, Term
-from halb.sync import codec
-from halb.sync.codec import DecodedBatch, DropReason, FlowIndex
+from halb.sync import codec, records
+from halb.sync.codec import DecodedBatch, DropReason, RecordIndex
 from halb.sync.pb import sync_pb2
+from halb.testing.sync_cluster import validation_doc
 
 pytestmark = pytest.mark.unit
 
 ip = ipaddress.ip_address
 TERM = Term(lease_id=0x1234, revision=50)
 
-CONFIG: dict[str, Any] = {
-    "cluster": "t",
-    "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
-    "dataplane": {"kind": "xdp"},
-    "nodes": [
-        {
-            "name": "lb1",
-            "address": "10.0.0.11/24",
-            "interface": "eth0",
-            "priority": 100,
-            "sync_address": "127.0.0.1:7001",
-        },
-    ],
-    "vip_groups": [
-        {
-            "name": "g",
-            "vips": [
-                {
-                    "address": "10.0.0.100",
-                    "services": [
-                        {
-                            "port": 80,
-                            "forwarding": "dsr",
-                            "backends": [
-                                {"address": "10.0.0.21", "port": 8080},
-                                {"address": "10.0.0.22"},
-                            ],
-                            "sorry_backend": {"address": "10.0.0.29", "port": 9000},
-                        },
-                        {
-                            "port": 53,
-                            "protocol": "udp",
-                            "forwarding": "dsr",
-                            "backends": [{"address": "10.0.0.21"}],
-                        },
-                    ],
-                },
-                {
-                    "address": "2001:db8::100",
-                    "services": [
-                        {
-                            "port": 443,
-                            "forwarding": "tunnel",
-                            "backends": [{"address": "2001:db8:1::21"}],
-                        }
-                    ],
-                },
-            ],
-        }
-    ],
-    "sync": {"insecure": True},
-    "admin": {"insecure": True},
-}
+CONFIG: dict[str, Any] = validation_doc()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +31,8 @@ def cfg() -> ClusterConfig:
 
 
 @pytest.fixture(scope="module")
-def index(cfg: ClusterConfig) -> FlowIndex:
-    return FlowIndex(cfg.services())
+def index(cfg: ClusterConfig) -> RecordIndex:
+    return RecordIndex(cfg.services())
 
 
 def v4(
@@ -102,93 +53,11 @@ def v6(sport: int = 50000) -> Flow:
     )
 
 
-def pb_flow(**overrides: Any) -> Any:
-    msg = sync_pb2.Flow()
-    codec.encode_flow(v4(), msg)
-    for k, v in overrides.items():
-        setattr(msg, k, v)
-    return msg
-
-
 def decode(
-    data: bytes, index: FlowIndex, known: Term | None = TERM
+    data: bytes, index: RecordIndex, known: Term | None = TERM
 ) -> tuple[Any, Counter[DropReason]]:
     drops: Counter[DropReason] = Counter()
     return codec.decode_response(data, index, drops, known), drops
-
-
-# --- single flows ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "flow",
-    [
-        v4(),
-        v4(backend="10.0.0.22", bport=80),  # backend port defaults to the service port
-        v4(backend="10.0.0.29", bport=9000),  # the sorry backend is a backend too
-        Flow(Protocol.UDP, ip("192.0.2.9"), 5353, ip("10.0.0.100"), 53, ip("10.0.0.21"), 53),
-        v6(),
-    ],
-)
-def test_flow_round_trip(flow: Flow, index: FlowIndex) -> None:
-    msg = sync_pb2.Flow()
-    codec.encode_flow(flow, msg)
-    wire = sync_pb2.Flow.FromString(msg.SerializeToString())
-    assert codec.decode_flow(wire, index) == flow
-
-
-def test_decoded_flow_shares_configured_address_objects(
-    index: FlowIndex, cfg: ClusterConfig
-) -> None:
-    out = codec.decode_flow(pb_flow(), index)
-    assert isinstance(out, Flow)
-    assert out.vip is cfg.services()[0].key.vip
-
-
-@pytest.mark.parametrize(
-    ("overrides", "reason"),
-    [
-        ({"protocol": 1}, DropReason.UNKNOWN_PROTOCOL),
-        ({"protocol": 0}, DropReason.UNKNOWN_PROTOCOL),
-        ({"protocol": 17}, DropReason.UNKNOWN_SERVICE),  # udp/80 is not configured
-        ({"vport": 81}, DropReason.UNKNOWN_SERVICE),
-        ({"vip": ip("10.0.0.101").packed}, DropReason.UNKNOWN_SERVICE),
-        ({"backend": ip("10.0.0.23").packed}, DropReason.UNKNOWN_BACKEND),
-        ({"bport": 8081}, DropReason.UNKNOWN_BACKEND),
-        # a backend of another service (udp/53 uses port 53) is not a backend of this one
-        ({"bport": 53}, DropReason.UNKNOWN_BACKEND),
-        ({"src": b"\x01\x02\x03"}, DropReason.MALFORMED_ADDRESS),
-        ({"vip": b"\x0a\x00\x00"}, DropReason.MALFORMED_ADDRESS),
-        ({"backend": b""}, DropReason.MALFORMED_ADDRESS),
-        ({"src": ip("2001:db8::1").packed}, DropReason.MALFORMED_ADDRESS),  # family mismatch
-        ({"sport": 0}, DropReason.MALFORMED_PORT),
-        ({"sport": 65536}, DropReason.MALFORMED_PORT),
-        ({"vport": 0}, DropReason.MALFORMED_PORT),
-        ({"bport": 1 << 20}, DropReason.MALFORMED_PORT),
-    ],
-)
-def test_invalid_flows_are_rejected_with_a_reason(
-    overrides: dict[str, Any], reason: DropReason, index: FlowIndex
-) -> None:
-    assert codec.decode_flow(pb_flow(**overrides), index) is reason
-
-
-def test_deletes_need_only_be_well_formed(index: FlowIndex) -> None:
-    # A service removed from the config must still be able to lose its flows.
-    gone = pb_flow(vport=81)
-    assert codec.decode_flow(gone, index) is DropReason.UNKNOWN_SERVICE
-    out = codec.decode_flow(gone, index, in_config=False)
-    assert isinstance(out, Flow) and out.vport == 81
-    assert codec.decode_flow(pb_flow(src=b"\x01"), index, in_config=False) is (
-        DropReason.MALFORMED_ADDRESS
-    )
-
-
-def test_decode_flows_counts_each_drop(index: FlowIndex) -> None:
-    drops: Counter[DropReason] = Counter()
-    msgs = [pb_flow(), pb_flow(vport=81), pb_flow(vport=81), pb_flow(src=b"abc")]
-    assert codec.decode_flows(msgs, index, drops) == [v4()]
-    assert drops == {DropReason.UNKNOWN_SERVICE: 2, DropReason.MALFORMED_ADDRESS: 1}
 
 
 # --- terms ------------------------------------------------------------------------
@@ -211,9 +80,10 @@ def test_term_is_older(term: Term, than: Term, older: bool) -> None:
 # --- stream messages --------------------------------------------------------------
 
 
-def test_snapshot_is_chunked_with_begin_and_end(index: FlowIndex) -> None:
+def test_snapshot_is_chunked_with_begin_and_end(index: RecordIndex) -> None:
     flows = [v4(sport=1000 + i) for i in range(10)]
-    msgs = list(codec.snapshot_messages(flows, term=TERM, session=7, sequence=42, batch_size=4))
+    recs = records.from_flows(flows)
+    msgs = list(codec.snapshot_messages(recs, term=TERM, session=7, sequence=42, batch_size=4))
     assert len(msgs) == 3
     decoded = [decode(m, index)[0] for m in msgs]
     assert [(d.snapshot_begin, d.snapshot_end) for d in decoded] == [
@@ -222,35 +92,47 @@ def test_snapshot_is_chunked_with_begin_and_end(index: FlowIndex) -> None:
         (False, True),
     ]
     assert all(d.kind == "snapshot" and d.sequence == 42 and d.session == 7 for d in decoded)
-    assert [f for d in decoded for f in d.upserts] == flows
+    assert [records.count(d.upserts) for d in decoded] == [4, 4, 2]
+    assert b"".join(d.upserts for d in decoded) == recs
 
 
-def test_empty_snapshot_is_one_message(index: FlowIndex) -> None:
-    (msg,) = codec.snapshot_messages([], term=TERM, session=7, sequence=0, batch_size=4)
+def test_empty_snapshot_is_one_message(index: RecordIndex) -> None:
+    (msg,) = codec.snapshot_messages(b"", term=TERM, session=7, sequence=0, batch_size=4)
     d, _ = decode(msg, index)
-    assert d.snapshot_begin and d.snapshot_end and d.upserts == []
+    assert d.snapshot_begin and d.snapshot_end and d.upserts == b""
 
 
 def test_snapshot_batch_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        list(codec.snapshot_messages([v4()], term=TERM, session=1, sequence=0, batch_size=0))
+        list(
+            codec.snapshot_messages(
+                records.from_flows([v4()]), term=TERM, session=1, sequence=0, batch_size=0
+            )
+        )
+    with pytest.raises(ValueError, match="whole number"):
+        list(codec.snapshot_messages(b"x" * 57, term=TERM, session=1, sequence=0, batch_size=4))
 
 
-def test_delta_round_trip_with_invalid_entries_dropped(index: FlowIndex) -> None:
+def test_delta_round_trip_with_invalid_entries_dropped(index: RecordIndex) -> None:
     bad = Flow(Protocol.TCP, ip("192.0.2.1"), 1, ip("10.0.0.100"), 80, ip("10.0.0.99"), 8080)
+    gone = v4(sport=2, backend="10.0.0.98")  # deletes need only be well-formed
     data = codec.delta_message(
-        term=TERM, session=3, sequence=9, upserts=[v4(), bad, v6()], deletes=[v4(sport=2)]
+        term=TERM,
+        session=3,
+        sequence=9,
+        upserts=records.from_flows([v4(), bad, v6()]),
+        deletes=records.from_flows([gone]),
     )
     d, drops = decode(data, index)
     assert isinstance(d, DecodedBatch)
     assert (d.kind, d.sequence, d.session, d.term) == ("delta", 9, 3, TERM)
-    assert list(d.upserts) == [v4(), v6()]
-    assert list(d.deletes) == [v4(sport=2)]
+    assert records.to_flows(d.upserts) == [v4(), v6()]
+    assert records.to_flows(d.deletes) == [gone]
     assert d.received == 4
     assert drops == {DropReason.UNKNOWN_BACKEND: 1}
 
 
-def test_heartbeat(index: FlowIndex) -> None:
+def test_heartbeat(index: RecordIndex) -> None:
     d, _ = decode(codec.heartbeat_message(term=TERM, session=3, head_sequence=77), index)
     assert (d.kind, d.sequence, d.session) == ("heartbeat", 77, 3)
     assert not d.snapshot_pending
@@ -259,9 +141,13 @@ def test_heartbeat(index: FlowIndex) -> None:
     assert d.snapshot_pending
 
 
-def test_older_term_is_stale_and_its_flows_counted(index: FlowIndex) -> None:
+def test_older_term_is_stale_and_its_flows_counted(index: RecordIndex) -> None:
     data = codec.delta_message(
-        term=Term(1, 49), session=3, sequence=1, upserts=[v4(), v6()], deletes=[v4(sport=9)]
+        term=Term(1, 49),
+        session=3,
+        sequence=1,
+        upserts=records.from_flows([v4(), v6()]),
+        deletes=records.from_flows([v4(sport=9)]),
     )
     d, drops = decode(data, index, known=TERM)
     assert d is DropReason.STALE_TERM
@@ -271,6 +157,22 @@ def test_older_term_is_stale_and_its_flows_counted(index: FlowIndex) -> None:
     assert isinstance(d, DecodedBatch)
     d, _ = decode(data, index, known=None)
     assert isinstance(d, DecodedBatch)
+
+
+GOOD = records.from_flows([v4(), v6()])
+
+
+def _batch(kind: Any = None, record_size: int = records.RECORD_SIZE, **fields: Any) -> bytes:
+    return bytes(
+        sync_pb2.SyncResponse(
+            term=sync_pb2.Term(lease_id=0x1234, revision=50),
+            batch=sync_pb2.Batch(
+                kind=sync_pb2.Batch.DELTA if kind is None else kind,
+                record_size=record_size,
+                **fields,
+            ),
+        ).SerializeToString()
+    )
 
 
 @pytest.mark.parametrize(
@@ -285,15 +187,24 @@ def test_older_term_is_stale_and_its_flows_counted(index: FlowIndex) -> None:
             term=sync_pb2.Term(lease_id=0x1234, revision=50),
             batch=sync_pb2.Batch(kind=sync_pb2.Batch.KIND_UNSPECIFIED),
         ).SerializeToString(),
-        sync_pb2.SyncResponse(
-            term=sync_pb2.Term(lease_id=0x1234, revision=50),
-            batch=sync_pb2.Batch(kind=sync_pb2.Batch.SNAPSHOT, deletes=[sync_pb2.Flow()]),
-        ).SerializeToString(),  # a snapshot never deletes
+        _batch(kind=sync_pb2.Batch.SNAPSHOT, deletes=GOOD),  # a snapshot never deletes
+        _batch(upserts=GOOD[:-1]),  # a partial record
+        _batch(upserts=GOOD, deletes=GOOD + b"\0"),  # ... in either field
+        _batch(upserts=GOOD, record_size=0),  # a peer that predates records
+        _batch(upserts=GOOD, record_size=records.RECORD_SIZE + 8),  # another layout
     ],
 )
-def test_malformed_messages(data: bytes, index: FlowIndex) -> None:
-    d, _ = decode(data, index)
+def test_malformed_messages(data: bytes, index: RecordIndex) -> None:
+    d, drops = decode(data, index)
     assert d is DropReason.MALFORMED_MESSAGE
+    assert not drops  # nothing of it was validated or applied
+
+
+def test_a_well_formed_batch_as_built_by_hand_decodes(index: RecordIndex) -> None:
+    # The control for the malformed cases above: only the broken part makes them so.
+    d, drops = decode(_batch(upserts=GOOD, deletes=GOOD), index)
+    assert isinstance(d, DecodedBatch) and d.upserts == GOOD and d.deletes == GOOD
+    assert not drops
 
 
 def test_requests_round_trip() -> None:

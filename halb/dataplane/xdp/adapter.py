@@ -4,7 +4,10 @@ Holds, per service, its index (service entry, counters, ring region) and its cur
 ring as backend ids; per (service, backend) pair an id (backend entry, counters). An
 apply computes the Maglev tables, then writes only what differs: backend entries first,
 then the changed ring slots (batched), then the service entry, so a service becomes
-visible only with a complete ring. Removal goes the other way.
+visible only with a complete ring. Removal goes the other way. Backend entries carry
+their service's index and tunnel flag (a flow hit reads no service entry). The VIP
+addresses go to ``vip_addrs`` (fenced for ARP / ND past the dead-man deadline) and
+``vip_filter`` (the program's first test), added before their services, removed after.
 
 Backends with weight 0 drain: no ring slots, but their existing flows continue. When no
 backend can take new flows the ring holds the sorry backends, or NO_BACKEND (drop).
@@ -20,14 +23,18 @@ previous instance are lost; Maglev, being identical, still maps most of them ali
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import (
+    BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
     FAMILY_V4,
     FAMILY_V6,
@@ -35,12 +42,10 @@ from halb.dataplane.xdp.layout import (
     STATS,
     SVC_F_TUNNEL,
     BackendInfo,
-    FlowKey,
-    FlowValue,
     LbConfig,
     ServiceInfo,
+    VipAddr,
     VipKey,
-    addr_from_words,
     addr_to_words,
     mac_to_bytes,
 )
@@ -53,17 +58,37 @@ from halb.model import (
     Flow,
     Forwarding,
     IPAddress,
-    Protocol,
     Scheduler,
     Service,
     ServiceKey,
 )
+from halb.sync.records import from_flows, service_backend_key, to_flows
 
-__all__ = ["PROGRAM", "XdpDataplane", "XdpDataplaneError", "default_pin_dir"]
+__all__ = [
+    "PROGRAM",
+    "XdpDataplane",
+    "XdpDataplaneError",
+    "deadline_granularity_ns",
+    "default_pin_dir",
+]
 
 log = logging.getLogger(__name__)
 
 PROGRAM = "halb_balancer"
+
+_CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
+
+
+# The coarse clock trails CLOCK_MONOTONIC by up to a tick, a little more when the tick
+# itself runs late (measured here, a VM at HZ=250: up to 5.1 ms), so set_deadline takes
+# two ticks off.
+DEADLINE_SLACK_TICKS = 2
+
+
+def deadline_granularity_ns() -> int:
+    """Resolution of the program's dead-man clock (CLOCK_MONOTONIC_COARSE): one tick,
+    e.g. 4 ms at HZ=250."""
+    return max(1, round(time.clock_getres(_CLOCK_MONOTONIC_COARSE) * 1e9))
 
 
 class XdpDataplaneError(ValueError):
@@ -82,10 +107,6 @@ def net16(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), "little")
 
 
-def host16(value: int) -> int:
-    return int.from_bytes(value.to_bytes(2, "little"), "big")
-
-
 def _family(addr: IPAddress) -> int:
     return FAMILY_V4 if addr.version == 4 else FAMILY_V6
 
@@ -94,15 +115,8 @@ def vip_key(key: ServiceKey) -> VipKey:
     return VipKey(addr_to_words(key.vip), net16(key.port), key.protocol.number, _family(key.vip))
 
 
-def flow_key(flow: Flow) -> FlowKey:
-    return FlowKey(
-        addr_to_words(flow.src),
-        addr_to_words(flow.vip),
-        net16(flow.sport),
-        net16(flow.vport),
-        flow.protocol.number,
-        _family(flow.vip),
-    )
+def vip_addr(addr: IPAddress) -> VipAddr:
+    return VipAddr(addr_to_words(addr), _family(addr))
 
 
 @dataclass
@@ -156,6 +170,9 @@ class XdpDataplane:
             self._backend_rows: dict[int, bytes] = {}
             self._backend_of: dict[int, tuple[ServiceKey, Backend]] = {}
             self._macs: dict[tuple[IPAddress, bool], str] = {}
+            self._vip_addrs: dict[IPAddress, int] = {}  # as written to the vip_addrs map
+            self._vip_filter: dict[int, int] = {}  # last address byte -> as written
+            self._deadline_slack_ns = DEADLINE_SLACK_TICKS * deadline_granularity_ns()
             if pin_dir is not None:
                 self._obj.pin_maps(pin_dir)
             self.mode = self._obj.attach(PROGRAM, interface, mode, netns)
@@ -178,7 +195,9 @@ class XdpDataplane:
         ):
             raise XdpDataplaneError(f"more than {self.max_services} services")
 
-        writes = 0
+        # New VIP addresses enter the program's VIP filter before their services, old
+        # ones leave after theirs, so no service is ever hidden behind the filter.
+        writes = self._sync_vip_addrs([*self._services, *new_keys])
         removed = tuple(k for k in self._services if k not in want)
         for key in removed:
             writes += self._remove_service(key)
@@ -188,6 +207,7 @@ class XdpDataplane:
             if state is not None and state.service != svc:
                 updated.append(key)
             writes += self._apply_service(svc)
+        writes += self._sync_vip_addrs(self._services)
         return ApplyResult(tuple(new_keys), removed, tuple(updated), writes)
 
     def _validate(self, svc: Service) -> None:
@@ -233,12 +253,16 @@ class XdpDataplane:
                 self._maps["stats_backend"].update(bid, RawCounter())
                 writes += 1
             self._backend_of[bid] = (svc.key, backend)
+            # The row names its service and forwarding, so a flow hit needs no
+            # services lookup; it is rewritten when either changes.
+            flags = (BACKEND_F_VALID if mac else 0) | (BACKEND_F_TUNNEL if tunnel else 0)
             row = BackendInfo(
                 addr=addr_to_words(backend.address),
                 mac=tuple(mac_to_bytes(mac)) if mac else (0,) * 6,
                 port=backend.port,
                 family=_family(backend.address),
-                flags=BACKEND_F_VALID if mac else 0,
+                flags=flags,
+                service=state.index,
             )
             usable[bkey] = mac is not None
             if self._backend_rows.get(bid) != bytes(row):
@@ -271,6 +295,29 @@ class XdpDataplane:
             self._maps["services"].update(vip_key(svc.key), ServiceInfo.from_buffer_copy(info))
             state.info = info
             writes += 1
+        return writes
+
+    def _sync_vip_addrs(self, keys: Iterable[ServiceKey]) -> int:
+        """Make vip_addrs (the ARP / ND fence's list) hold exactly the VIP addresses of
+        ``keys``, each with its number of services, and vip_filter, per last address
+        byte, the number of those addresses ending in it."""
+        want = Tally(key.vip for key in keys)
+        writes = 0
+        ends = Tally(addr.packed[-1] for addr in want)
+        for byte in set(self._vip_filter) | set(ends):
+            if self._vip_filter.get(byte, 0) != ends.get(byte, 0):
+                self._maps["vip_filter"].update(byte, ends.get(byte, 0))
+                self._vip_filter[byte] = ends.get(byte, 0)
+                writes += 1
+        for addr in [a for a in self._vip_addrs if a not in want]:
+            self._maps["vip_addrs"].delete(vip_addr(addr))
+            del self._vip_addrs[addr]
+            writes += 1
+        for addr, n in want.items():
+            if self._vip_addrs.get(addr) != n:
+                self._maps["vip_addrs"].update(vip_addr(addr), n)
+                self._vip_addrs[addr] = n
+                writes += 1
         return writes
 
     def _mac(self, addr: IPAddress, tunnel: bool) -> str | None:
@@ -308,43 +355,46 @@ class XdpDataplane:
 
     # -- flows -----------------------------------------------------------------------------
 
+    # Flows go through packed records (halb.sync.records) converted in bulk
+    # (halb.dataplane.xdp.flowrecords): FlowSync hands records over as they came off the
+    # wire, and the Flow methods are the same path with one conversion at the edge.
+
+    def dump_records(self) -> bytes:
+        """Every flow whose backend this adapter holds, as packed records."""
+        keys, values = flowrecords.read_all(self._maps["flows"])
+        table = flowrecords.BackendTable.build(
+            {bid: (b.address, b.port) for bid, (_, b) in self._backend_of.items()}
+        )
+        out, _ = flowrecords.map_to_records(keys, values, table)
+        return out
+
+    def record_backend_ids(self) -> dict[bytes, int]:
+        """Record bytes [18, 56) (service and backend) -> backend id, for every backend
+        this node holds an entry for."""
+        return {
+            service_backend_key(key.protocol, key.vip, key.port, addr, port): bid
+            for key, state in self._services.items()
+            for (addr, port), bid in state.backend_ids.items()
+            if bid in self._backend_rows
+        }
+
+    def install_records(self, records: bytes) -> int:
+        """Write flows whose service and backend this node holds; others are skipped."""
+        keys, values = flowrecords.records_to_map(records, self.record_backend_ids())
+        return flowrecords.update(self._maps["flows"], keys, values)
+
+    def delete_records(self, records: bytes) -> int:
+        return flowrecords.delete(self._maps["flows"], flowrecords.records_to_keys(records))
+
     def dump_flows(self) -> list[Flow]:
-        out = []
-        for key, value in self._maps["flows"].items():
-            owner = self._backend_of.get(value.backend_id)
-            if owner is None:
-                continue
-            _, backend = owner
-            out.append(
-                Flow(
-                    protocol=Protocol.TCP if key.proto == 6 else Protocol.UDP,
-                    src=addr_from_words(key.src, key.family),
-                    sport=host16(key.sport),
-                    vip=addr_from_words(key.dst, key.family),
-                    vport=host16(key.dport),
-                    backend=backend.address,
-                    bport=backend.port,
-                )
-            )
-        return sorted(out)
+        return sorted(to_flows(self.dump_records()))
 
     def install_flows(self, flows: Iterable[Flow]) -> int:
         """Write flows whose service and backend this node holds; others are skipped."""
-        keys: list[FlowKey] = []
-        values: list[FlowValue] = []
-        for flow in flows:
-            state = self._services.get(flow.service)
-            bid = state.backend_ids.get((flow.backend, flow.bport)) if state else None
-            if bid is None or bid not in self._backend_rows:
-                continue
-            keys.append(flow_key(flow))
-            values.append(FlowValue(bid, 0))
-        if not keys:
-            return 0
-        return self._maps["flows"].update_batch(keys, values)
+        return self.install_records(from_flows(flows))
 
     def delete_flows(self, flows: Iterable[Flow]) -> int:
-        return self._maps["flows"].delete_batch([flow_key(f) for f in flows])
+        return self.delete_records(from_flows(flows))
 
     # -- counters and the dead-man switch ---------------------------------------------------
 
@@ -362,7 +412,15 @@ class XdpDataplane:
         return Counter(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
-        self._config.deadline_ns = monotonic_ns or 0
+        """Past ``monotonic_ns`` (CLOCK_MONOTONIC), VIP traffic and ARP / neighbour
+        solicitations for VIP addresses drop; None disarms. The program reads the coarse
+        clock, which trails by up to a tick, so two ticks are taken off here: fencing
+        starts at most two ticks (8 ms at HZ=250) before the deadline, and after it only
+        if the kernel's tick itself ran more than a tick late."""
+        if monotonic_ns:
+            self._config.deadline_ns = max(1, monotonic_ns - self._deadline_slack_ns)
+        else:
+            self._config.deadline_ns = 0
         self._maps["config"].update(0, self._config)
 
     def global_stats(self) -> dict[str, int]:

@@ -106,6 +106,10 @@ def read_pinned(pin_dir: Path) -> dict[str, Any]:
             "deadline_ns": int(cfg.deadline_ns) if cfg else 0,
             "local_mac": mac_from_bytes(cfg.local_mac) if cfg else None,
         }
+        if "vip_addrs" in maps:  # the addresses the dead-man switch fences ARP / ND for
+            out["vip_addrs"] = sorted(
+                str(addr_from_words(k.addr, k.family)) for k, _ in maps["vip_addrs"].items()
+            )
         if "stats_global" in maps:
             out["stats"] = {name: _sum(maps["stats_global"], i)[0] for i, name in STATS.items()}
         return out

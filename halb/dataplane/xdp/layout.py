@@ -13,6 +13,7 @@ import struct
 from halb.model import IPAddress
 
 __all__ = [
+    "BACKEND_F_TUNNEL",
     "BACKEND_F_VALID",
     "FAMILY_V4",
     "FAMILY_V6",
@@ -26,6 +27,7 @@ __all__ = [
     "FlowValue",
     "LbConfig",
     "ServiceInfo",
+    "VipAddr",
     "VipKey",
     "addr_from_words",
     "addr_to_words",
@@ -37,11 +39,18 @@ FAMILY_V4 = 4
 FAMILY_V6 = 6
 SVC_F_TUNNEL = 1 << 0
 BACKEND_F_VALID = 1 << 0
+BACKEND_F_TUNNEL = 1 << 1
 NO_BACKEND = 0xFFFFFFFF
 """Ring value of a service with no usable backend: out of range, so the packet drops."""
 
 # stats_global index -> name (constants.h STAT_*)
-STATS = {0: "deadline_drop", 1: "no_backend", 2: "encap_fail"}
+STATS = {
+    0: "deadline_drop",
+    1: "no_backend",
+    2: "encap_fail",
+    3: "arp_fence_drop",
+    4: "ns_fence_drop",
+}
 
 _U8 = ctypes.c_uint8
 _U16 = ctypes.c_uint16
@@ -64,8 +73,12 @@ class BackendInfo(ctypes.Structure):
         ("port", _U16),
         ("family", _U8),
         ("flags", _U8),
-        ("pad", _U8 * 2),
+        ("service", _U16),
     ]
+
+
+class VipAddr(ctypes.Structure):
+    _fields_ = [("addr", _U32 * 4), ("family", _U8), ("pad", _U8 * 3)]
 
 
 class FlowKey(ctypes.Structure):
@@ -103,6 +116,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vip_key": VipKey,
     "service_info": ServiceInfo,
     "backend_info": BackendInfo,
+    "vip_addr": VipAddr,
     "flow_key": FlowKey,
     "flow_value": FlowValue,
     "lb_config": LbConfig,
@@ -115,6 +129,8 @@ MAP_TYPES: dict[str, tuple[CType, CType, bool]] = {
     "services": (VipKey, ServiceInfo, False),
     "ring": (_U32, _U32, False),
     "backends": (_U32, BackendInfo, False),
+    "vip_addrs": (VipAddr, _U32, False),
+    "vip_filter": (_U32, _U32, False),
     "flows": (FlowKey, FlowValue, False),
     "stats_service": (_U32, Counter, True),
     "stats_backend": (_U32, Counter, True),

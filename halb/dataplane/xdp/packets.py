@@ -11,6 +11,7 @@ from ipaddress import IPv4Address, IPv6Address
 from halb.model import IPAddress
 
 __all__ = [
+    "ETH_P_ARP",
     "ETH_P_IP",
     "ETH_P_IPV6",
     "TCP_ACK",
@@ -19,6 +20,7 @@ __all__ = [
     "XDP_DROP",
     "XDP_PASS",
     "XDP_TX",
+    "arp_request",
     "checksum",
     "eth",
     "flow_hash",
@@ -26,6 +28,7 @@ __all__ = [
     "ipv4",
     "ipv6",
     "mac",
+    "neighbour_solicitation",
     "tcp",
     "udp",
 ]
@@ -33,6 +36,7 @@ __all__ = [
 XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
+ETH_P_ARP = 0x0806
 TCP_SYN = 0x02
 TCP_ACK = 0x10
 
@@ -131,6 +135,26 @@ def icmp_echo(ident: int = 1, seq: int = 1, v6: bool = False) -> bytes:
     if v6:
         return head  # the checksum needs the pseudo header; the program never reads it
     return head[:2] + struct.pack("!H", checksum(head)) + head[4:]
+
+
+def arp_request(sender_mac: str, sender: str, target: str, *, op: int = 1) -> bytes:
+    """An Ethernet/IPv4 ARP frame (broadcast), a request unless ``op`` says otherwise."""
+    body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, op)
+    body += mac(sender_mac) + IPv4Address(sender).packed + bytes(6) + IPv4Address(target).packed
+    return eth("ff:ff:ff:ff:ff:ff", sender_mac, ETH_P_ARP, body)
+
+
+def neighbour_solicitation(sender_mac: str, sender: str, target: str) -> bytes:
+    """An ICMPv6 neighbour solicitation for ``target`` to its solicited-node group, with
+    the source link-layer address option (RFC 4861 4.3)."""
+    t = IPv6Address(target)
+    group = IPv6Address(b"\xff\x02" + bytes(9) + b"\x01\xff" + t.packed[13:])
+    group_mac = "33:33:" + ":".join(f"{b:02x}" for b in group.packed[12:])
+    src = IPv6Address(sender)
+    msg = struct.pack("!BBHI", 135, 0, 0, 0) + t.packed + bytes([1, 1]) + mac(sender_mac)
+    csum = checksum(_pseudo(src, group, 58, len(msg)) + msg)
+    msg = msg[:2] + struct.pack("!H", csum) + msg[4:]
+    return eth(group_mac, sender_mac, ETH_P_IPV6, ipv6(src, group, 58, msg, hop=255))
 
 
 # --- model of bpf/hash.h ------------------------------------------------------------------

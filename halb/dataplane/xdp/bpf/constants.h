@@ -30,15 +30,22 @@
 
 /* backend_info.flags */
 #define BACKEND_F_VALID (1U << 0)
+#define BACKEND_F_TUNNEL (1U << 1) /* the owning service forwards by tunnel */
 
 /* stats_global indices */
 #define STAT_DEADLINE_DROP 0
 #define STAT_NO_BACKEND 1
 #define STAT_ENCAP_FAIL 2
+#define STAT_ARP_FENCE_DROP 3 /* ARP requests for a VIP address past the deadline */
+#define STAT_NS_FENCE_DROP 4  /* IPv6 neighbour solicitations for one, likewise */
 #define STAT_MAX 8
 
 #define ETH_P_IPV4 0x0800
 #define ETH_P_IPV6_ 0x86DD
+#define ETH_P_ARP_ 0x0806
+#define ARPOP_REQUEST_ 1
+#define ICMPV6_NS 135
+#define IPPROTO_ICMPV6_ 58
 #define IP_MF_ 0x2000
 #define IP_OFFSET_ 0x1FFF
 #define IP_DF_ 0x4000

@@ -31,9 +31,48 @@ struct {
 	__uint(max_entries, HALB_MAX_BACKENDS);
 } backends SEC(".maps");
 
+/* VIP address -> number of services on it; read only past the deadline (ARP/NS fence).
+ * Twice the services: an apply adds the new addresses before it drops the old. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct vip_addr);
+	__type(value, __u32);
+	__uint(max_entries, 2 * HALB_MAX_SERVICES);
+} vip_addrs SEC(".maps");
+
+/* Last byte of a VIP address -> how many VIP addresses end in it. A packet whose
+ * destination ends in a byte no VIP ends in is not for a VIP: it passes after one
+ * array read (inlined) instead of two hash lookups. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 256);
+} vip_filter SEC(".maps");
+
+#ifdef HALB_BENCH_V4_KEY
+/* bench/xdp_cost.py's comparison variant only: an IPv4-only 16-byte flow key, to
+ * measure what a smaller key would gain. Not the layout (Python, sync use flow_key). */
+struct flow_key_v4 {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+#define FLOW_KEY(pkt)                                                                  \
+	(&(struct flow_key_v4){(pkt)->key.src[0], (pkt)->key.dst[0], (pkt)->key.sport, \
+			       (pkt)->key.dport, (pkt)->key.proto})
+#define FLOW_KEY_TYPE struct flow_key_v4
+#else
+#define FLOW_KEY(pkt) (&(pkt)->key)
+#define FLOW_KEY_TYPE struct flow_key
+#endif
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct flow_key);
+	__type(key, FLOW_KEY_TYPE);
 	__type(value, struct flow_value);
 	__uint(max_entries, HALB_MAX_FLOWS);
 } flows SEC(".maps");
@@ -65,5 +104,16 @@ struct {
 	__type(value, struct lb_config);
 	__uint(max_entries, 1);
 } config SEC(".maps");
+
+/* One packet of `bytes` on a per-CPU counter (stats_*). */
+static __always_inline void count(void *map, __u32 index, __u64 bytes)
+{
+	struct counter *c = bpf_map_lookup_elem(map, &index);
+
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
 
 #endif

@@ -24,8 +24,16 @@ struct backend_info {
 	__u8 mac[6];  /* next hop toward the backend (the backend itself in dsr) */
 	__u16 port;   /* host byte order; informational (dsr/tunnel keep the port) */
 	__u8 family;
-	__u8 flags;   /* BACKEND_F_* */
-	__u8 pad[2];
+	__u8 flags;   /* BACKEND_F_* (the owning service's tunnel flag included) */
+	__u16 service; /* index of the owning service: its counters on a flow hit */
+};
+
+/* Key of vip_addrs: every VIP address of this node's services (the dead-man switch
+ * fences ARP and neighbour solicitation for them). */
+struct vip_addr {
+	__u32 addr[4];
+	__u8 family;
+	__u8 pad[3];
 };
 
 struct flow_key {
@@ -44,7 +52,10 @@ struct flow_value {
 };
 
 struct lb_config {
-	/* Dead-man switch: CLOCK_MONOTONIC ns; 0 = disarmed. Past it, VIP traffic drops. */
+	/* Dead-man switch, compared with CLOCK_MONOTONIC_COARSE ns (bpf_ktime_get_coarse_ns:
+	 * one tick of resolution; the adapter writes the caller's CLOCK_MONOTONIC deadline
+	 * minus two ticks). 0 = disarmed. Past it, VIP traffic, ARP requests and neighbour
+	 * solicitations for a VIP address drop. */
 	__u64 deadline_ns;
 	__u32 local_v4;     /* outer source of IPv4 tunnels */
 	__u32 local_v6[4];  /* outer source of IPv6 tunnels */
