@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import aetcd
 
+from halb.aio import within
 from halb.checks.factory import targets_from_config
 from halb.checks.publish import (
     HealthKeys,
@@ -75,7 +76,7 @@ class HealthRole:
     async def seed(self) -> None:
         """Start from the published view (a node that takes over starts from it)."""
         try:
-            view = await asyncio.wait_for(read_view(self.client, self.keys), 2.0)
+            view = await within(read_view(self.client, self.keys), 2.0)
         except (TimeoutError, aetcd.ClientError, OSError, ViewError) as exc:
             log.warning("no published health view to start from: %s", exc)
             return

@@ -34,6 +34,7 @@ from halb.agent.linkwatch import watch_link
 from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
+from halb.aio import within
 from halb.checks.view import HealthView
 from halb.config import (
     ClusterConfig,
@@ -192,7 +193,7 @@ class Agent:
     async def _stored_config(self, client: aetcd.Client, cfg: ClusterConfig) -> None:
         """Adopt the cluster's stored config revision if there is a valid one."""
         try:
-            stored = await asyncio.wait_for(
+            stored = await within(
                 etcdio.read_config(client, etcdio.keys_of(cfg)), cfg.etcd.dial_timeout
             )
         except (TimeoutError, aetcd.ClientError, OSError) as exc:
@@ -312,7 +313,7 @@ class Agent:
                 lease = None
             self._status_dirty.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_dirty.wait(), STATUS_INTERVAL)
+                await within(self._status_dirty.wait(), STATUS_INTERVAL)
 
     # -- config reload -------------------------------------------------------------------
 
@@ -556,9 +557,7 @@ class Agent:
                     t.cancel()
             # Our status goes with us at once rather than at its lease's expiry.
             with contextlib.suppress(TimeoutError, aetcd.ClientError, OSError):
-                await asyncio.wait_for(
-                    client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0
-                )
+                await within(client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0)
 
     async def _program(self, cfg: ClusterConfig) -> ApplyResult:
         """Make the dataplane hold cfg's services under the current health view."""

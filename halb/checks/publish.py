@@ -46,6 +46,7 @@ from typing import Any
 
 import aetcd
 
+from halb.aio import within
 from halb.checks.scheduler import CheckScheduler
 from halb.checks.state import BackendHealth
 from halb.checks.view import (
@@ -340,7 +341,7 @@ def _changes(old: HealthView | None, new: HealthView) -> str:
 
 async def _cancel(watch: Any) -> None:
     with contextlib.suppress(*_RETRY):
-        await asyncio.wait_for(watch.cancel(), 1.0)
+        await within(watch.cancel(), 1.0)
 
 
 async def watch_views(

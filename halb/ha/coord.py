@@ -71,6 +71,7 @@ from urllib.parse import urlparse
 
 import aetcd
 
+from halb.aio import within
 from halb.ha.clock import Clock, MonotonicClock
 from halb.ha.machine import (
     UNRESPONSIVE,
@@ -134,7 +135,7 @@ async def close_client(client: aetcd.Client, timeout: float = 3.0) -> None:
     """Close an aetcd client, bounded: its watcher's shutdown puts into a bounded
     request queue that nobody drains once the stream is dead, and can block forever."""
     try:
-        await asyncio.wait_for(client.close(), timeout)
+        await within(client.close(), timeout)
     except (TimeoutError, aetcd.ClientError) as exc:
         log.warning("etcd client did not close cleanly: %s", exc or type(exc).__name__)
 
@@ -389,7 +390,7 @@ class Coordinator:
                 self.emit(LeaderUnresponsive(term))
 
     async def _rpc(self, call: Awaitable[T]) -> T:
-        return await asyncio.wait_for(call, self.rpc_timeout)
+        return await within(call, self.rpc_timeout)
 
     # -- lease -----------------------------------------------------------------------------
 
@@ -729,7 +730,7 @@ class Coordinator:
             await asyncio.gather(*pumps, return_exceptions=True)
             for w in watches:
                 with contextlib.suppress(*_RETRY):
-                    await asyncio.wait_for(w.cancel(), 1.0)
+                    await within(w.cancel(), 1.0)
 
     def _emit_group_view(self, group: Any) -> None:
         revision = int(group.header.revision)

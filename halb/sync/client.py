@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from halb.aio import within
 from halb.config import ClusterConfig
 from halb.dataplane.base import Dataplane
 from halb.model import Term
@@ -165,7 +166,7 @@ class FlowSyncClient:
     async def wait_synced(self, timeout: float | None = None) -> bool:
         """True once a full snapshot has been installed (then stays true)."""
         try:
-            await asyncio.wait_for(self._synced.wait(), timeout)
+            await within(self._synced.wait(), timeout)
         except TimeoutError:
             return False
         return True
@@ -292,7 +293,7 @@ class FlowSyncClient:
                         acker.result()  # its error ends the stream
                         return
                     try:
-                        data = await asyncio.wait_for(call.read(), timeout)
+                        data = await within(call.read(), timeout)
                     except TimeoutError:
                         raise _Reconnect(
                             f"no message (not even a heartbeat) for {timeout:.1f} s"

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import grpc
 
+from halb.aio import within
 from halb.model import Flow, Term
 from halb.sync import codec, records, tls
 from halb.sync.batching import Batcher, Delta
@@ -402,7 +403,7 @@ class FlowSyncServer:
             changed = self._changed
             timeout = max(0.0, hb - (time.monotonic() - last_sent))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout)
+                await within(changed.wait(), timeout)
             if cursor >= self._seq and time.monotonic() - last_sent >= hb:
                 await context.write(
                     codec.heartbeat_message(

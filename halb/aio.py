@@ -1,0 +1,25 @@
+"""asyncio helpers shared by the agent's loops.
+
+``within`` replaces ``asyncio.wait_for`` in every loop that must stop when cancelled:
+on Python 3.11, ``wait_for`` swallows a cancellation that arrives just as the awaited
+call completes (it returns the call's result instead; fixed in 3.12, gh-86296), and a
+loop that carries on after that never ends. Found as an agent that hung handing over:
+its 50 ms heartbeat loop, cancelled with the term, kept beating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+__all__ = ["within"]
+
+T = TypeVar("T")
+
+
+async def within(aw: Awaitable[T], seconds: float | None) -> T:
+    """``await aw``, raising TimeoutError after ``seconds`` (None: no limit); a
+    cancellation of the caller always propagates."""
+    async with asyncio.timeout(seconds):
+        return await aw

@@ -1,0 +1,35 @@
+"""``within``: a timeout that never swallows the caller's cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from halb.aio import within
+
+pytestmark = pytest.mark.unit
+
+
+def test_cancel_arriving_as_the_call_completes_still_cancels() -> None:
+    # The race that made asyncio.wait_for (3.11) return the result instead: the awaited
+    # future completes in the same loop iteration in which the caller is cancelled.
+    async def main() -> None:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(within(fut, 5.0))
+        await asyncio.sleep(0)
+        fut.set_result(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_times_out_and_returns_results() -> None:
+    async def main() -> None:
+        assert await within(asyncio.sleep(0, "ok"), 1.0) == "ok"
+        with pytest.raises(TimeoutError):
+            await within(asyncio.sleep(1.0), 0.01)
+
+    asyncio.run(main())
