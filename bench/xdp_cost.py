@@ -7,6 +7,13 @@ Per packet (BPF_PROG_TEST_RUN, same run, same machine):
   non-VIP   balancer, a packet for another address (passed to the stack)
 Target: flow hit <= 2x minimal.
 
+Flow-creation events (flow_events ring buffer, armed by lb_config.flags on the active):
+the miss path with and without the event. Loop figures from a throw-away build whose
+every packet takes the miss path (-DHALB_BENCH_ALWAYS_MISS: ring slot + flow re-recorded
++ event), with the ring drained before each round, and once more with the ring full
+(the output fails and counts event_lost: what an active whose consumer fell behind
+pays); single runs of real new flows with the event off and on.
+
 Breakdown of the flow hit: throw-away builds of the same program (-DHALB_BENCH_STOP=n)
 that return XDP_TX after stage n, and comparison builds: the previous order (services
 lookup on every packet), bpf_ktime_get_ns instead of the coarse clock, and a 16-byte
@@ -35,6 +42,7 @@ from pathlib import Path
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import (
     BACKEND_F_VALID,
+    CFG_F_FLOW_EVENTS,
     FAMILY_V4,
     BackendInfo,
     LbConfig,
@@ -46,6 +54,7 @@ from halb.dataplane.xdp.layout import (
 )
 from halb.dataplane.xdp.loader import BpfObject
 from halb.dataplane.xdp.packets import ETH_P_IP, XDP_PASS, XDP_TX, eth, ipv4, tcp
+from halb.dataplane.xdp.ringbuf import RingBuffer
 from halb.lb import maglev
 from halb.lb.maglev import build_table
 
@@ -67,11 +76,12 @@ def frame(sport: int, dst: str = VIP) -> bytes:
     )
 
 
-def setup(obj: BpfObject, backends: int = 10) -> None:
+def setup(obj: BpfObject, backends: int = 10, events: bool = False) -> None:
     maps = obj.maps
     # Armed, as on an active node (disarmed, the program skips the clock read).
     armed = time.monotonic_ns() + 3600 * 10**9
     cfg = LbConfig(deadline_ns=armed, local_mac=tuple(mac_to_bytes("02:00:00:00:00:01")))
+    cfg.flags = CFG_F_FLOW_EVENTS if events else 0
     maps["config"].update(0, cfg)
     for i in range(backends):
         info = BackendInfo(
@@ -176,11 +186,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=200_000, help="test-run loop repeats")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     ap.add_argument("--singles", type=int, default=20_000, help="single runs per path")
+    ap.add_argument(
+        "--miss-repeat", type=int, default=50_000, help="miss variants' loop repeats (<= 75k)"
+    )
     args = ap.parse_args()
 
     balancer = BpfObject(build_bpf())
     minimal = BpfObject(build_bpf(source="minimal.bpf.c"))
+    evented = BpfObject(build_bpf())  # the real program, flow events armed
     variants: dict[str, BpfObject] = {}
+    miss_objs: dict[str, BpfObject] = {}
+    rings: list[RingBuffer] = []
     hit, other = frame(40000), frame(40000, dst="10.0.0.99")
     other_end = frame(40000, dst="10.0.1.100")  # same last byte as the VIP
     loops, singles = Rounds(), Rounds()
@@ -191,9 +207,29 @@ def main() -> None:
                 variants[name] = obj
                 setup(obj)
                 obj.test_run("halb_balancer", hit)  # record the flow
+            # The miss path in a loop: off, on (ring drained first), on with a full ring.
+            for name in ("miss_off", "miss_event", "miss_full"):
+                obj = BpfObject(
+                    build_bpf(Path(tmp), defines=("HALB_BENCH_ALWAYS_MISS=1",), force=True)
+                )
+                miss_objs[name] = obj
+                setup(obj, events=name != "miss_off")
         setup(balancer)
+        setup(evented, events=True)
         balancer.test_run("halb_balancer", hit)
         rep = args.repeat
+        ring = RingBuffer(miss_objs["miss_event"].ring_fds["flow_events"], 48)
+        rings.append(ring)
+        full = miss_objs["miss_full"]
+        full.test_run("halb_balancer", hit, 200_000)  # more records than the ring holds
+        for name, obj in miss_objs.items():
+
+            def miss(obj: BpfObject = obj, name: str = name) -> float:
+                if name == "miss_event":
+                    ring.consume()  # off the clock: the consumer keeps up
+                return per_packet_loop(obj, "halb_balancer", hit, args.miss_repeat, XDP_TX)
+
+            loops.add(name, miss)
         loops.add("minimal", lambda: per_packet_loop(minimal, "halb_minimal", hit, rep, XDP_TX))
         loops.add("hit", lambda: per_packet_loop(balancer, "halb_balancer", hit, rep, XDP_TX))
         loops.add(
@@ -222,11 +258,26 @@ def main() -> None:
                 balancer, "halb_balancer", [frame(next(sport)) for _ in range(n)], XDP_TX
             ),
         )
+        ev_ring = RingBuffer(evented.ring_fds["flow_events"], 48)
+        rings.append(ev_ring)
+
+        def miss_event() -> float:
+            ev_ring.consume()
+            return per_packet_single(
+                evented, "halb_balancer", [frame(next(sport)) for _ in range(n)], XDP_TX
+            )
+
+        singles.add("miss_event", miss_event)
         singles.run(5)
+        lost = sum(c.packets for c in full.maps["stats_global"].lookup(5) or [])
+        assert lost > 0, "the full-ring variant never failed an output"
     finally:
+        for r in rings:
+            r.close()
         balancer.close()
         minimal.close()
-        for obj in variants.values():
+        evented.close()
+        for obj in (*variants.values(), *miss_objs.values()):
             obj.close()
 
     floor = loops.min("minimal")
@@ -259,11 +310,19 @@ def main() -> None:
         f"{loops.min('stage2') - loops.min('stage1'):.1f} ns already exceed 2x minimal "
         f"({2 * floor:.1f} ns)"
     )
+    off = loops.min("miss_off")
+    print(f"miss path with and without the flow event (every packet a miss, repeat="
+          f"{args.miss_repeat}; +: over events off):")  # fmt: skip
+    print(line("miss, events off (a standby; the previous program)", "miss_off"))
+    print(line("miss, event written (ring drained before each round)", "miss_event", off))
+    print(line("miss, ring full (output fails, event_lost counted)", "miss_full", off))
     med = singles.med
     print(f"per packet, single runs (kernel-timed, {n * 5} each, median of 5 means):")
     print(f"  minimal XDP_TX   {med('minimal'):7.1f} ns")
     print(f"  flow hit         {med('hit'):7.1f} ns   {med('hit') / med('minimal'):.2f}x minimal")
     print(f"  flow miss        {med('miss'):7.1f} ns   {med('miss') / med('minimal'):.2f}x minimal")
+    print(f"  flow miss+event  {med('miss_event'):7.1f} ns   +{med('miss_event') - med('miss'):.1f}"
+          f" ns over the miss without (new flows, events armed)")  # fmt: skip
     print("  target: flow hit <= 2x minimal")
 
     base = maglev_ms(10, RING)

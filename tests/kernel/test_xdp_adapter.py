@@ -102,7 +102,7 @@ def frame(sport: int, dport: int = 80) -> bytes:
 
 
 def run(d: XdpDataplane, data: bytes, repeat: int = 1) -> tuple[int, str]:
-    res = d._obj.test_run("halb_balancer", data, repeat)
+    res = d.bpf.test_run("halb_balancer", data, repeat)
     return res.retval, res.data[:6].hex(":")
 
 
@@ -204,7 +204,7 @@ def test_set_deadline_takes_a_coarse_tick_off(dp: XdpDataplane) -> None:
     assert 1_000 <= tick <= 10_000_000  # 100 Hz .. hrtimer-coarse kernels
     target = time.monotonic_ns() + 5_000_000_000
     dp.set_deadline(target)
-    cfg = dp._maps["config"].lookup(0)
+    cfg = dp.map("config").lookup(0)
     assert cfg is not None and cfg.deadline_ns == target - 2 * tick
 
 
@@ -215,13 +215,12 @@ B6 = Backend(ip_address("fd77::5"), 80, mac="02:77:00:00:00:06")
 
 def vip_addrs(dp: XdpDataplane) -> dict[str, int]:
     return {
-        str(addr_from_words(k.addr, k.family)): int(v.value)
-        for k, v in dp._maps["vip_addrs"].items()
+        str(addr_from_words(k.addr, k.family)): int(v.value) for k, v in dp.map("vip_addrs").items()
     }
 
 
 def vip_filter(dp: XdpDataplane) -> dict[int, int]:
-    return {int(k.value): int(v.value) for k, v in dp._maps["vip_filter"].items() if v.value}
+    return {int(k.value): int(v.value) for k, v in dp.map("vip_filter").items() if v.value}
 
 
 def test_vip_address_maps_follow_the_services(dp: XdpDataplane) -> None:

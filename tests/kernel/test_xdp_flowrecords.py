@@ -85,7 +85,7 @@ def test_raw_entries_survive_both_conversions(
 ) -> None:
     a = make_dp(services())
     a.install_flows(flows(500) + V6)
-    keys, values = flowrecords.read_all(a._maps["flows"])
+    keys, values = flowrecords.read_all(a.map("flows"))
     table = flowrecords.BackendTable.build(
         {bid: (b.address, b.port) for bid, (_, b) in a._backend_of.items()}
     )
@@ -100,7 +100,7 @@ def test_entries_of_unknown_backends_are_left_out_both_ways(
 ) -> None:
     a = make_dp(services())
     a.install_flows(flows(40))  # 10 on each backend
-    keys, values = flowrecords.read_all(a._maps["flows"])
+    keys, values = flowrecords.read_all(a.map("flows"))
     known = {bid: (b.address, b.port) for bid, (_, b) in a._backend_of.items()
              if b != BACKENDS[2]}  # fmt: skip
     recs, left_out = flowrecords.map_to_records(keys, values, flowrecords.BackendTable.build(known))
@@ -121,7 +121,7 @@ def test_batch_delete_goes_past_missing_keys(
     a.install_flows(held[::2])  # every other one is missing from the map
     keys = flowrecords.records_to_keys(records.from_flows(held))
     # The kernel stops a batch at the first missing key; every present one still goes.
-    assert flowrecords.delete(a._maps["flows"], keys) == 1500
+    assert flowrecords.delete(a.map("flows"), keys) == 1500
     assert a.dump_flows() == []
 
 
@@ -130,7 +130,7 @@ def test_raw_update_refuses_mismatched_buffers(
 ) -> None:
     a = make_dp(services())
     with pytest.raises(ValueError, match="key bytes"):
-        flowrecords.update(a._maps["flows"], b"\0" * 40, b"\0" * 4)
+        flowrecords.update(a.map("flows"), b"\0" * 40, b"\0" * 4)
     with pytest.raises(ValueError, match="key bytes"):
-        flowrecords.delete(a._maps["flows"], b"\0" * 41)
-    assert flowrecords.update(a._maps["flows"], b"", b"") == 0
+        flowrecords.delete(a.map("flows"), b"\0" * 41)
+    assert flowrecords.update(a.map("flows"), b"", b"") == 0

@@ -23,6 +23,8 @@ previous instance are lost; Maglev, being identical, still maps most of them ali
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
@@ -36,6 +38,7 @@ from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
+    CFG_F_FLOW_EVENTS,
     FAMILY_V4,
     FAMILY_V6,
     NO_BACKEND,
@@ -50,7 +53,7 @@ from halb.dataplane.xdp.layout import (
     mac_to_bytes,
 )
 from halb.dataplane.xdp.layout import Counter as RawCounter
-from halb.dataplane.xdp.loader import BpfObject, XdpMode
+from halb.dataplane.xdp.loader import BpfMap, BpfObject, XdpMode
 from halb.dataplane.xdp.neigh import interface_mac, resolve_mac
 from halb.lb.maglev import build_table, changed_slots
 from halb.model import (
@@ -164,6 +167,14 @@ class XdpDataplane:
             if v6 is not None:
                 self._config.local_v6 = addr_to_words(v6)
             self._maps["config"].update(0, self._config)
+            # The config entry is written whole, by set_deadline (the runtime) and by
+            # set_flow_events (a flow source, from a worker thread): one at a time, so
+            # neither writes back a stale copy of the other's field.
+            self._config_lock = threading.Lock()
+            self._event_listeners = 0
+            # Bumped before and after every write of a backends row (odd: a write in
+            # progress), so a flow source can tell its cached id -> backend table is stale.
+            self.backends_generation = 0
             self._services: dict[ServiceKey, _ServiceState] = {}
             self._free_services = list(range(self.max_services - 1, -1, -1))
             self._free_backends = list(range(self.max_backends - 1, -1, -1))
@@ -266,7 +277,7 @@ class XdpDataplane:
             )
             usable[bkey] = mac is not None
             if self._backend_rows.get(bid) != bytes(row):
-                self._maps["backends"].update(bid, row)
+                self._write_backend(bid, row)
                 self._backend_rows[bid] = bytes(row)
                 writes += 1
 
@@ -334,6 +345,13 @@ class XdpDataplane:
             self._macs[(addr, tunnel)] = mac
         return mac
 
+    def _write_backend(self, bid: int, row: BackendInfo) -> None:
+        self.backends_generation += 1
+        try:
+            self._maps["backends"].update(bid, row)
+        finally:
+            self.backends_generation += 1
+
     def _remove_service(self, key: ServiceKey) -> int:
         state = self._services.pop(key)
         self._maps["services"].delete(vip_key(key))
@@ -345,7 +363,7 @@ class XdpDataplane:
 
     def _free_backend(self, bid: int) -> int:
         """Invalidate the entry and forget its flows, so a reused id inherits none."""
-        self._maps["backends"].update(bid, BackendInfo())
+        self._write_backend(bid, BackendInfo())
         self._backend_rows.pop(bid, None)
         self._backend_of.pop(bid, None)
         stale = [k for k, v in self._maps["flows"].items() if v.backend_id == bid]
@@ -417,14 +435,43 @@ class XdpDataplane:
         clock, which trails by up to a tick, so two ticks are taken off here: fencing
         starts at most two ticks (8 ms at HZ=250) before the deadline, and after it only
         if the kernel's tick itself ran more than a tick late."""
-        if monotonic_ns:
-            self._config.deadline_ns = max(1, monotonic_ns - self._deadline_slack_ns)
-        else:
-            self._config.deadline_ns = 0
-        self._maps["config"].update(0, self._config)
+        with self._config_lock:
+            if monotonic_ns:
+                self._config.deadline_ns = max(1, monotonic_ns - self._deadline_slack_ns)
+            else:
+                self._config.deadline_ns = 0
+            self._maps["config"].update(0, self._config)
+
+    def set_flow_events(self, on: bool) -> None:
+        """Arm (on) or release one listener's claim on the flow_events ring buffer: the
+        program writes each new flow to it while at least one listener is armed. Only
+        the active's flow source listens; a standby's program (hot standby) writes none,
+        so nothing fills a ring nobody reads and no event_lost is counted there."""
+        if self.closed:  # a source stopping after its dataplane: nothing to disarm
+            return
+        with self._config_lock:
+            self._event_listeners = max(0, self._event_listeners + (1 if on else -1))
+            flags = CFG_F_FLOW_EVENTS if self._event_listeners else 0
+            if (self._config.flags & CFG_F_FLOW_EVENTS) != flags:
+                self._config.flags = (self._config.flags & ~CFG_F_FLOW_EVENTS) | flags
+                self._maps["config"].update(0, self._config)
+
+    def flow_events_fd(self) -> int:
+        """A new fd of the flow_events ring buffer map; the caller closes it."""
+        return os.dup(self._obj.ring_fds["flow_events"])
 
     def global_stats(self) -> dict[str, int]:
         return {name: self._sum("stats_global", i).packets for i, name in STATS.items()}
+
+    def map(self, name: str) -> BpfMap:
+        """One of the program's maps (flow source, inspection, tests): the adapter
+        keeps owning it, callers must not close it."""
+        return self._maps[name]
+
+    @property
+    def bpf(self) -> BpfObject:
+        """The loaded object (BPF_PROG_TEST_RUN in benchmarks and tests)."""
+        return self._obj
 
     # -- teardown -------------------------------------------------------------------------------
 

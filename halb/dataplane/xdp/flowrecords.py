@@ -37,6 +37,7 @@ __all__ = [
     "KEY_SIZE",
     "VALUE_SIZE",
     "BackendTable",
+    "backend_known",
     "delete",
     "map_to_records",
     "read_all",
@@ -85,6 +86,18 @@ def _mapped(v4_words: U8Rows) -> U8Rows:
     return out
 
 
+def backend_known(values: bytes, table: BackendTable) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """For each raw flow value: whether the table names its backend id."""
+    bid = np.frombuffer(values, _U32).reshape(-1, VALUE_SIZE // 4)[:, _V_BID]
+    size = len(table.valid)
+    if not size:
+        return np.zeros(len(bid), np.bool_)
+    known: np.ndarray[Any, np.dtype[np.bool_]] = (bid < size) & table.valid[
+        np.minimum(bid, size - 1)
+    ]
+    return known
+
+
 def map_to_records(keys: bytes, values: bytes, table: BackendTable) -> tuple[bytes, int]:
     """Records of raw flow-map entries, in order, and how many were left out because
     their backend id is not in the table."""
@@ -93,8 +106,7 @@ def map_to_records(keys: bytes, values: bytes, table: BackendTable) -> tuple[byt
     n = len(k)
     if len(bid) != n:
         raise ValueError(f"{n} flow keys but {len(bid)} values")
-    size = len(table.valid)
-    ok = (bid < size) & table.valid[np.minimum(bid, max(size - 1, 0))] if size else bid < 0
+    ok = backend_known(values, table)
     if not ok.all():
         k, bid = k[ok], bid[ok]
     out = np.empty((len(k), rec.RECORD_SIZE), np.uint8)

@@ -1,10 +1,20 @@
-"""The XDP dataplane's flow source for FlowSync: batch scans of its flow map.
+"""The XDP dataplane's flow source for FlowSync: flow-creation events from the
+program's ring buffer, plus batch scans of its flow map.
 
-The BPF program records every new flow in its LRU hash map and says nothing about it.
-The active therefore scans the map every ``interval`` seconds and diffs consecutive
-scans: new or changed entries are upserts, vanished ones (LRU eviction, a freed
-backend) are deletes. Why scans and not a ring buffer event from the program: see
-halb/dataplane/xdp/README.md (measured there).
+Events (lag): while a source consumes, the program writes every flow it records to the
+``flow_events`` ring buffer (key and value as in the map; lb_config.flags arms it, so a
+hot standby's program writes none). The source reads them on the event loop
+(``loop.add_reader`` on libbpf's epoll fd, coalesced for ``event_delay``), converts each
+batch at once and pushes it as upserts: a new flow reaches the standby in milliseconds
+whatever the size of the map.
+
+Scans (everything else): creation events say nothing of LRU evictions, flows deleted
+with a freed backend, or a flow re-routed by user space, and a full ring loses events.
+So the map is still scanned every ``interval`` seconds and compared with what the
+standby was told: the previous scan's entries plus the events pushed since. New or
+changed entries are upserts, vanished ones deletes; a flow an event already pushed is
+not sent again. A scan runs at once when the program counts a lost event
+(``event_lost``: the ring was full, the consumer fell behind).
 
 The diff works on the raw map entries (40-byte key + 8-byte value) with numpy: each
 key gets a 64-bit hash, the entries are kept sorted by it, and a scan finds every key
@@ -14,16 +24,18 @@ object is made per entry; only changed entries are translated, all at once into
 packed flow records (halb.sync.records, via halb.dataplane.xdp.flowrecords), with the
 backend map read at that moment; the server streams those records as they are. The
 pause between scans grows with their cost so scanning takes at most ``cpu_share`` of
-a core.
+a core. Why both and the figures: halb/dataplane/xdp/README.md.
 
 Thread rules: scan() and snapshot() run in worker threads and only read the maps;
-``run()`` swaps the scan state and pushes on the event loop thread, so a snapshot taken
-after a push reflects at least that push (what FlowSyncServer requires).
+``run()`` consumes events, swaps the scan state and pushes on the event loop thread,
+so a snapshot taken after a push reflects at least that push (what FlowSyncServer
+requires).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -38,19 +50,33 @@ import numpy as np
 
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.flowrecords import KEY_SIZE, VALUE_SIZE
-from halb.dataplane.xdp.layout import BACKEND_F_VALID, BackendInfo, addr_from_words
+from halb.dataplane.xdp.layout import (
+    BACKEND_F_VALID,
+    STATS,
+    BackendInfo,
+    FlowEvent,
+    addr_from_words,
+)
 from halb.dataplane.xdp.loader import BpfMap, open_pinned_maps
+from halb.dataplane.xdp.ringbuf import RingBuffer
 from halb.model import Flow, IPAddress
 from halb.sync import records as rec
 
 if TYPE_CHECKING:
     from halb.dataplane.xdp.adapter import XdpDataplane
 
-__all__ = ["ScanDiff", "ScanStats", "XdpFlowSource", "read_records"]
+__all__ = ["FlowEvents", "ScanDiff", "ScanStats", "XdpFlowSource", "read_records"]
 
 log = logging.getLogger(__name__)
 
+# Scan budget of a source with creation events (from_dataplane): 2% of a core, at least
+# one scan every 5 s (deletions, evictions and re-routed flows wait that long at most).
+EVENT_SCAN_SHARE = 0.02
+EVENT_MAX_INTERVAL = 5.0
+
 _BACKEND_SIZE = ctypes.sizeof(BackendInfo)
+_EVENT_SIZE = ctypes.sizeof(FlowEvent)
+_EVENT_LOST = next(i for i, name in STATS.items() if name == "event_lost")
 
 # Receives (upserts, deletes) as packed flow records.
 Push = Callable[[bytes, bytes], None]
@@ -66,6 +92,10 @@ class ScanStats:
     upserts: int  # pushed since start
     deletes: int
     untranslatable: int  # entries whose backend id names no valid backend
+    events: int = 0  # upserts pushed from flow_events (included in upserts)
+    events_untranslatable: int = 0  # events left to the next scan (backend unknown)
+    event_lost: int = 0  # the program's count of events the full ring refused
+    rescans: int = 0  # scans run at once for lost events
 
 
 U64s = np.ndarray[Any, np.dtype[np.uint64]]
@@ -96,9 +126,37 @@ class MapState:
     def of(cls, keys: bytes, values: bytes) -> MapState:
         k = np.frombuffer(keys, np.uint64).reshape(-1, _KEY_WORDS)
         v = np.frombuffer(values, np.uint64).reshape(-1, _VALUE_WORDS)
+        return cls._sorted(k, v)
+
+    @classmethod
+    def _sorted(cls, k: U64s, v: U64s) -> MapState:
         h = _hash(k)
         order = np.argsort(h)
         return cls(h[order], k[order], v[order])
+
+    def with_entries(self, keys: bytes, values: bytes) -> MapState:
+        """This state updated with raw entries (in order: a later one of a key wins),
+        as the standby knows the map after the events pushed since this scan."""
+        if not keys:
+            return self
+        k = np.frombuffer(keys, np.uint64).reshape(-1, _KEY_WORDS)
+        v = np.frombuffer(values, np.uint64).reshape(-1, _VALUE_WORDS)
+        # The last entry of each key: unique over the reversed rows keeps first ones.
+        rows = np.ascontiguousarray(k[::-1]).view(np.dtype((np.void, KEY_SIZE))).ravel()
+        _, first = np.unique(rows, return_index=True)
+        last = len(k) - 1 - first
+        k, v = k[last], v[last]
+        h = _hash(k)
+        idx, found = _find(self, h, k)
+        keep = np.ones(len(self), np.bool_)
+        keep[idx[found]] = False
+        hashes = np.concatenate([self.hashes[keep], h])
+        order = np.argsort(hashes)
+        return MapState(
+            hashes[order],
+            np.concatenate([self.keys[keep], k])[order],
+            np.concatenate([self.values[keep], v])[order],
+        )
 
 
 def _hash(words: U64s) -> U64s:
@@ -196,16 +254,83 @@ def diff(
                 cur.keys[changed].tobytes(), cur.values[changed].tobytes(), table
             )
         if gone.any():
-            table = flowrecords.BackendTable.build(known)
+            # A copy (made in one step under the GIL): the event path adds to known
+            # from the event-loop thread while this runs in a worker thread.
+            table = flowrecords.BackendTable.build(dict(known))
             deletes, _ = flowrecords.map_to_records(
                 prev.keys[gone].tobytes(), prev.values[gone].tobytes(), table
             )
     return ScanDiff(cur, upserts, deletes, time.perf_counter() - t0, bad)
 
 
+@dataclass
+class FlowEvents:
+    """What the source needs of its dataplane for creation events (see from_dataplane)."""
+
+    ring_fd: int  # the flow_events map (owned: closed with the source)
+    arm: Callable[[bool], None]  # XdpDataplane.set_flow_events
+    backends_generation: Callable[[], int]  # even and unchanged: the backends map too
+    stats_global: BpfMap  # event_lost
+
+
+@dataclass
+class _Pushed:
+    """One batch of events pushed: raw entries (for the scan's comparison) and their
+    records (to leave out of a scan that read the map before they were pushed)."""
+
+    keys: bytes
+    values: bytes
+    records: bytes
+
+
+def _row_hashes(records: bytes) -> U64s:
+    """A 64-bit hash of each whole 56-byte record."""
+    words = np.frombuffer(records, np.uint64).reshape(-1, rec.RECORD_SIZE // 8)
+    return _hash(words)
+
+
+def _without(records: bytes, drop: bytes) -> bytes:
+    """records minus any equal to one of drop (hash first, then bytes)."""
+    if not records or not drop:
+        return records
+    h = _row_hashes(records)
+    maybe = np.flatnonzero(np.isin(h, _row_hashes(drop)))
+    if not len(maybe):
+        return records
+    dropped = {drop[i : i + rec.RECORD_SIZE] for i in range(0, len(drop), rec.RECORD_SIZE)}
+    size = rec.RECORD_SIZE
+    gone = [i for i in maybe.tolist() if records[i * size : (i + 1) * size] in dropped]
+    if not gone:
+        return records
+    keep = np.ones(len(h), np.bool_)
+    keep[gone] = False
+    return bytes(rec.rows(records)[keep].tobytes())
+
+
+def _without_keys(records: bytes, keys: bytes) -> bytes:
+    """records minus those whose flow (connection) is one of the raw keys."""
+    if not records or not keys:
+        return records
+    mine = np.frombuffer(flowrecords.records_to_keys(records), np.uint64)
+    mine = mine.reshape(-1, _KEY_WORDS)
+    theirs = np.frombuffer(keys, np.uint64).reshape(-1, _KEY_WORDS)
+    h = _hash(mine)
+    maybe = np.flatnonzero(np.isin(h, _hash(theirs)))
+    if not len(maybe):
+        return records
+    known = {row.tobytes() for row in theirs}
+    gone = [i for i in maybe.tolist() if mine[i].tobytes() in known]
+    if not gone:
+        return records
+    keep = np.ones(len(h), np.bool_)
+    keep[gone] = False
+    return bytes(rec.rows(records)[keep].tobytes())
+
+
 class XdpFlowSource:
-    """FlowSource (snapshot) plus a scan loop that pushes deltas, over the ``flows``
-    and ``backends`` maps (owned by the source: close() closes them)."""
+    """FlowSource (snapshot) plus a loop that pushes deltas, over the ``flows`` and
+    ``backends`` maps (owned by the source: close() closes them): creation events
+    when ``events`` is given, and scans."""
 
     def __init__(
         self,
@@ -214,13 +339,17 @@ class XdpFlowSource:
         interval: float = 0.02,
         max_interval: float = 1.0,
         cpu_share: float = 0.1,
+        event_delay: float = 0.001,
     ) -> None:
         """interval: pause between scans when the map is small; it grows so that
-        scanning takes at most ``cpu_share`` of one core (up to max_interval)."""
+        scanning takes at most ``cpu_share`` of one core (up to max_interval).
+        event_delay: how long the first waiting event waits for others to join its
+        batch (each wakeup costs a loop turn and a consume call)."""
         self._maps = dict(maps)
         self.min_interval = interval
         self.max_interval = max_interval
         self.cpu_share = cpu_share
+        self.event_delay = event_delay
         self._interval = interval
         self._state = MapState.empty()
         self._known: dict[int, tuple[IPAddress, int]] = {}
@@ -230,21 +359,55 @@ class XdpFlowSource:
         self._upserts = 0
         self._deletes = 0
         self._bad = 0
+        self._events: FlowEvents | None = None  # set by from_dataplane
+        self._ring: RingBuffer | None = None
+        self._reader: tuple[asyncio.AbstractEventLoop, int, list[asyncio.TimerHandle]] | None = None
+        self._pushed: list[_Pushed] = []  # events pushed since the last scan began
+        self._table: flowrecords.BackendTable | None = None  # for events
+        self._table_generation = -1
+        self._event_count = 0
+        self._event_bad = 0
+        self._lost = 0  # event_lost as last read
+        self._lost_checked = 0.0
+        self._rescans = 0
+        self._wake: asyncio.Event | None = None
 
     @classmethod
-    def from_dataplane(cls, dp: XdpDataplane, **options: float) -> XdpFlowSource:
+    def from_dataplane(
+        cls, dp: XdpDataplane, *, events: bool = True, **options: float
+    ) -> XdpFlowSource:
         """Over the adapter's own maps, by duplicated fds. Not by pin path: another
-        agent with the same cluster and node names (a second lab) re-pins that path."""
+        agent with the same cluster and node names (a second lab) re-pins that path.
+        With ``events`` it also reads the adapter's flow_events ring (armed while
+        run() runs)."""
         maps = {}
-        for name in ("flows", "backends"):
-            m = dp._maps[name]  # no public accessor on XdpDataplane yet
+        for name in ("flows", "backends", "stats_global"):
+            m = dp.map(name)
             fd = os.dup(m.fd)
-            maps[name] = BpfMap(fd, name, m.key_type, m.value_type, m.max_entries, owns_fd=True)
-        return cls(maps, **options)
+            maps[name] = BpfMap(
+                fd, name, m.key_type, m.value_type, m.max_entries, m.percpu, owns_fd=True
+            )
+        if events:
+            # Events bring new flows; scans are the safety net and bring the rest, at a
+            # slower cadence: a scan of a large map (~0.1 s at 150k entries) competes
+            # with the event path for the CPU and the GIL, and in the bench it is what
+            # the lag's tail is made of (README: p99 ~15-24 ms at 1 s, ~9-10 ms at 5 s).
+            options.setdefault("cpu_share", EVENT_SCAN_SHARE)
+            options.setdefault("max_interval", EVENT_MAX_INTERVAL)
+        source = cls(maps, **options)
+        if events:
+            source._events = FlowEvents(
+                dp.flow_events_fd(),
+                dp.set_flow_events,
+                lambda: dp.backends_generation,
+                maps["stats_global"],
+            )
+        return source
 
     @classmethod
     def from_pins(cls, pin_dir: Path, **options: float) -> XdpFlowSource:
-        """Over the maps an adapter pinned in pin_dir (any process, e.g. the CLI)."""
+        """Over the maps an adapter pinned in pin_dir (any process, e.g. the CLI); scans
+        only."""
         maps = open_pinned_maps(pin_dir)
         keep: dict[str, BpfMap] = {n: maps.pop(n) for n in ("flows", "backends") if n in maps}
         for m in (*maps.values(), *(keep.values() if len(keep) < 2 else ())):
@@ -254,9 +417,13 @@ class XdpFlowSource:
         return cls(keep, **options)
 
     def close(self) -> None:
+        self._stop_events()
         for m in self._maps.values():
             m.close()
         self._maps = {}
+        if self._events is not None:
+            os.close(self._events.ring_fd)
+            self._events = None
 
     # -- FlowSource ----------------------------------------------------------------
 
@@ -268,14 +435,31 @@ class XdpFlowSource:
         """A fresh dump of the map as Flow objects (`halb flows`, tests)."""
         return rec.to_flows(self.snapshot_records())
 
-    # -- deltas --------------------------------------------------------------------
+    # -- scans ---------------------------------------------------------------------
 
-    def scan(self) -> ScanDiff:
-        """One scan against the last accepted state (worker thread); see accept()."""
-        return diff(self._state, self._maps, self._known)
+    def scan(self, pushed: int | None = None) -> ScanDiff:
+        """One scan (worker thread) against the last accepted state updated with the
+        first ``pushed`` event batches (default: all so far); see accept()."""
+        batches = self._pushed[: len(self._pushed) if pushed is None else pushed]
+        told = self._state.with_entries(
+            b"".join(p.keys for p in batches), b"".join(p.values for p in batches)
+        )
+        return diff(told, self._maps, self._known)
 
-    def accept(self, d: ScanDiff) -> None:
-        """Make ``d`` the state the next scan compares with (event-loop thread)."""
+    def accept(self, d: ScanDiff, pushed: int | None = None) -> ScanDiff:
+        """Make ``d`` the state the next scan compares with (event-loop thread), and
+        return it as it should be pushed. ``pushed``: the event batches the scan
+        compared with (scan()'s argument); later ones were pushed while it ran: the
+        scan's upserts equal to them are not sent again, and its deletes of a flow they
+        re-created are dropped (the event is newer)."""
+        cut = len(self._pushed) if pushed is None else pushed
+        later = self._pushed[cut:]
+        self._pushed = later  # still newer than the state: the next scan compares with them
+        if later:
+            ups = _without(d.upserts, b"".join(p.records for p in later))
+            dels = _without_keys(d.deletes, b"".join(p.keys for p in later))
+            if ups is not d.upserts or dels is not d.deletes:
+                d = ScanDiff(d.state, ups, dels, d.seconds, d.untranslatable)
         self._state = d.state
         self._scans += 1
         self._last = d.seconds
@@ -284,21 +468,156 @@ class XdpFlowSource:
         self._deletes += rec.count(d.deletes)
         self._bad = d.untranslatable
         self._interval = min(self.max_interval, max(self.min_interval, d.seconds / self.cpu_share))
+        return d
+
+    # -- events --------------------------------------------------------------------
+
+    def _event_table(self) -> flowrecords.BackendTable:
+        """The id -> backend table for events, re-read when the backends map changed."""
+        assert self._events is not None
+        gen = self._events.backends_generation()
+        if self._table is None or gen != self._table_generation or gen % 2:
+            valid = _valid_backends(self._maps["backends"])
+            self._known.update(valid)
+            self._table = flowrecords.BackendTable.build(valid)
+            # Trusted next time only if no write began or ended while it was read.
+            after = self._events.backends_generation()
+            self._table_generation = gen if after == gen and not gen % 2 else -1
+        return self._table
+
+    def take_events(self) -> bytes:
+        """Consume the waiting events and return them as records to push as upserts
+        (event-loop thread). Events whose backend id names no valid backend (a
+        config change in progress) are left to the next scan."""
+        if self._ring is None:
+            return b""
+        raw = self._ring.consume()
+        if not raw:
+            return b""
+        ev = np.frombuffer(raw, np.uint8).reshape(-1, _EVENT_SIZE)
+        keys, values = ev[:, :KEY_SIZE], ev[:, KEY_SIZE:]
+        table = self._event_table()
+        ok = flowrecords.backend_known(values.tobytes(), table)
+        if not ok.all():
+            self._event_bad += int((~ok).sum())
+            keys, values = keys[ok], values[ok]
+        k, v = keys.tobytes(), values.tobytes()
+        records, _ = flowrecords.map_to_records(k, v, table)
+        if records:
+            self._pushed.append(_Pushed(k, v, records))
+            n = rec.count(records)
+            self._event_count += n
+            self._upserts += n
+        return records
+
+    def events_lost(self) -> int:
+        """The program's event_lost count (events a full ring refused)."""
+        if self._events is None:
+            return 0
+        per_cpu = self._events.stats_global.lookup(_EVENT_LOST) or []
+        return sum(c.packets for c in per_cpu)
+
+    def _check_lost(self) -> None:
+        """Wake the scan loop at once if the program lost events since the last look."""
+        lost = self.events_lost()
+        if lost != self._lost:
+            log.info("flow events: %d lost (ring full); rescanning the flow map",
+                     lost - self._lost)  # fmt: skip
+            self._lost = lost
+            self._rescans += 1
+            if self._wake is not None:
+                self._wake.set()
+
+    def open_events(self) -> bool:
+        """Open the ring buffer (run() does; it also arms the program); whether this
+        source has events at all."""
+        if self._events is None:
+            return False
+        if self._ring is None:
+            self._ring = RingBuffer(self._events.ring_fd, _EVENT_SIZE)
+        return True
+
+    def _start_events(self, push: Push) -> None:
+        if self._reader is not None or not self.open_events():
+            return
+        assert self._ring is not None and self._events is not None
+        loop = asyncio.get_running_loop()
+        fd = self._ring.epoll_fd()
+        pending: list[asyncio.TimerHandle] = []
+
+        def drain() -> None:
+            pending.clear()
+            if self._ring is None:
+                return
+            try:
+                records = self.take_events()
+                if records:
+                    push(records, b"")
+                now = time.monotonic()
+                if now - self._lost_checked >= 0.01:  # a per-CPU map read: not per batch
+                    self._lost_checked = now
+                    self._check_lost()
+            except Exception:
+                log.exception("flow events: consuming failed; the scans go on")
+                if self._wake is not None:
+                    self._wake.set()
+            loop.add_reader(fd, readable)
+
+        def readable() -> None:
+            # Level-triggered: stop watching until the batch is drained, and let the
+            # first event wait event_delay for others (one consume call per batch).
+            loop.remove_reader(fd)
+            pending.append(loop.call_later(self.event_delay, drain))
+
+        self._reader = (loop, fd, pending)
+        self._lost = self.events_lost()
+        self._events.arm(True)
+        loop.add_reader(fd, readable)
+
+    def _stop_events(self) -> None:
+        if self._reader is not None:
+            loop, fd, pending = self._reader
+            self._reader = None
+            for h in pending:
+                h.cancel()
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                loop.remove_reader(fd)
+            if self._events is not None:
+                self._events.arm(False)
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    # -- the loop ------------------------------------------------------------------
 
     async def run(self, push: Push) -> None:
-        """Scan, push the diff, sleep; until cancelled. The first scan pushes every
-        flow already in the map (flows synced from the previous active included)."""
-        while True:
-            d = await asyncio.to_thread(self.scan)
-            self.accept(d)
-            if d.upserts or d.deletes:
-                # Disjoint, as push() requires: the diff is per key, so a flow deleted
-                # and re-created within one interval is an upsert only.
-                push(d.upserts, d.deletes)
-                log.debug("flow scan: %d new or changed, %d gone, %d entries, %.1f ms",
-                          rec.count(d.upserts), rec.count(d.deletes), len(d.state),
-                          d.seconds * 1e3)  # fmt: skip
-            await asyncio.sleep(self._interval)
+        """Push events as they come and scan diffs, until cancelled. The first scan
+        pushes every flow already in the map (flows synced from the previous active
+        included)."""
+        self._wake = asyncio.Event()
+        # Armed before the first scan: a flow is then either in the map that scan reads
+        # or announced by an event (or both: accept() keeps that from going out twice).
+        self._start_events(push)
+        try:
+            while True:
+                cut = len(self._pushed)
+                d = await asyncio.to_thread(self.scan, cut)
+                d = self.accept(d, cut)
+                if d.upserts or d.deletes:
+                    # Disjoint, as push() requires: the diff is per key, so a flow
+                    # deleted and re-created within one interval is an upsert only.
+                    push(d.upserts, d.deletes)
+                    log.debug("flow scan: %d new or changed, %d gone, %d entries, %.1f ms",
+                              rec.count(d.upserts), rec.count(d.deletes), len(d.state),
+                              d.seconds * 1e3)  # fmt: skip
+                if self._events is not None:
+                    self._check_lost()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+        finally:
+            self._stop_events()
+            self._wake = None
 
     def stats(self) -> ScanStats:
         return ScanStats(
@@ -310,4 +629,8 @@ class XdpFlowSource:
             upserts=self._upserts,
             deletes=self._deletes,
             untranslatable=self._bad,
+            events=self._event_count,
+            events_untranslatable=self._event_bad,
+            event_lost=self._lost,
+            rescans=self._rescans,
         )

@@ -15,14 +15,17 @@ from halb.model import IPAddress
 __all__ = [
     "BACKEND_F_TUNNEL",
     "BACKEND_F_VALID",
+    "CFG_F_FLOW_EVENTS",
     "FAMILY_V4",
     "FAMILY_V6",
     "MAP_TYPES",
     "NO_BACKEND",
+    "RINGBUF_MAPS",
     "STATS",
     "SVC_F_TUNNEL",
     "BackendInfo",
     "Counter",
+    "FlowEvent",
     "FlowKey",
     "FlowValue",
     "LbConfig",
@@ -40,6 +43,8 @@ FAMILY_V6 = 6
 SVC_F_TUNNEL = 1 << 0
 BACKEND_F_VALID = 1 << 0
 BACKEND_F_TUNNEL = 1 << 1
+CFG_F_FLOW_EVENTS = 1 << 0
+"""lb_config.flags: the program writes each new flow to the flow_events ring buffer."""
 NO_BACKEND = 0xFFFFFFFF
 """Ring value of a service with no usable backend: out of range, so the packet drops."""
 
@@ -50,6 +55,7 @@ STATS = {
     2: "encap_fail",
     3: "arp_fence_drop",
     4: "ns_fence_drop",
+    5: "event_lost",  # flow_events was full: the flow source must rescan
 }
 
 _U8 = ctypes.c_uint8
@@ -97,6 +103,14 @@ class FlowValue(ctypes.Structure):
     _fields_ = [("backend_id", _U32), ("flags", _U32)]
 
 
+class FlowEvent(ctypes.Structure):
+    """A flow_events record. Not in STRUCTS: a type only used for a local variable is
+    not in the object's BTF; the record size is checked on a real event instead
+    (tests/kernel/test_xdp_events.py), its parts are in STRUCTS."""
+
+    _fields_ = [("key", FlowKey), ("value", FlowValue)]
+
+
 class LbConfig(ctypes.Structure):
     _fields_ = [
         ("deadline_ns", _U64),
@@ -104,7 +118,7 @@ class LbConfig(ctypes.Structure):
         ("local_v6", _U32 * 4),
         ("local_mac", _U8 * 6),
         ("pad", _U8 * 2),
-        ("reserved", _U32),
+        ("flags", _U32),  # CFG_F_*
     ]
 
 
@@ -137,6 +151,9 @@ MAP_TYPES: dict[str, tuple[CType, CType, bool]] = {
     "stats_global": (_U32, Counter, True),
     "config": (_U32, LbConfig, False),
 }
+
+# Ring buffer maps (no key or value; read through libbpf's ring_buffer) -> record type.
+RINGBUF_MAPS: dict[str, type[ctypes.Structure]] = {"flow_events": FlowEvent}
 
 
 def addr_to_words(addr: IPAddress) -> tuple[int, int, int, int]:

@@ -22,6 +22,7 @@ __all__ = [
     "BpfProgInfo",
     "BpfTestRunOpts",
     "LibbpfError",
+    "RingBufferSampleFn",
     "check",
     "lib",
     "libc",
@@ -93,6 +94,12 @@ class BpfProgInfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
 
 
+# int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size): libbpf calls it for
+# each record during ring_buffer__consume/__poll; a non-zero return stops the call.
+RingBufferSampleFn = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+)
+
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _U32 = ctypes.c_uint32
@@ -125,6 +132,14 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_xdp_detach": (_I, [_I, _U32, _P]),
     "bpf_xdp_query_id": (_I, [_I, _I, ctypes.POINTER(_U32)]),
     "libbpf_num_possible_cpus": (_I, []),
+    # struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb,
+    #     void *ctx, const struct ring_buffer_opts *opts): NULL and errno on failure.
+    "ring_buffer__new": (_P, [_I, RingBufferSampleFn, _P, _P]),
+    # int ring_buffer__consume(struct ring_buffer *rb): records consumed, or -errno.
+    "ring_buffer__consume": (_I, [_P]),
+    "ring_buffer__poll": (_I, [_P, _I]),
+    "ring_buffer__epoll_fd": (_I, [_P]),
+    "ring_buffer__free": (None, [_P]),
 }
 
 

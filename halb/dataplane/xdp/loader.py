@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from halb.dataplane.xdp import libbpf as lb
-from halb.dataplane.xdp.layout import MAP_TYPES
+from halb.dataplane.xdp.layout import MAP_TYPES, RINGBUF_MAPS
 from halb.dataplane.xdp.netns import in_netns
 
 __all__ = [
@@ -303,9 +303,12 @@ class BpfObject:
         self._obj: int | None = obj
         lb.check(lb.lib.bpf_object__load(obj), f"load {path} (see the verifier log above)")
         self.maps: dict[str, BpfMap] = {}
+        self.ring_fds: dict[str, int] = {}  # ring buffer maps (RINGBUF_MAPS) by name
         m = lb.lib.bpf_object__next_map(obj, None)
         while m:
             name = lb.lib.bpf_map__name(m).decode()
+            if name in RINGBUF_MAPS:
+                self.ring_fds[name] = int(lb.lib.bpf_map__fd(m))
             if name in MAP_TYPES:
                 key_t, val_t, percpu = MAP_TYPES[name]
                 self.maps[name] = BpfMap(
@@ -416,6 +419,7 @@ class BpfObject:
             lb.lib.bpf_object__close(self._obj)
             self._obj = None
             self.maps.clear()
+            self.ring_fds.clear()
 
 
 def open_pinned_maps(pin_dir: Path) -> dict[str, BpfMap]:

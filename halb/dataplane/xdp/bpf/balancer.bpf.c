@@ -56,10 +56,28 @@ static __always_inline const struct service_info *service_of(const struct packet
 	return bpf_map_lookup_elem(&services, &vk);
 }
 
+/* Tell the active's flow source of a flow just recorded (flowsource.py), if it
+ * listens: a full ring (a consumer that fell behind) is counted, and the source rescans
+ * the map when that count grows. Only the miss path gets here; hits pay nothing. */
+static __always_inline void flow_event(const struct packet *pkt, const struct flow_value *fv,
+				       const struct lb_config *cfg, __u64 frame_len)
+{
+	struct flow_event ev;
+
+	if (!(cfg->flags & CFG_F_FLOW_EVENTS))
+		return;
+	__builtin_memcpy(&ev.key, &pkt->key, sizeof(ev.key));
+	ev.value = *fv;
+	if (bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), 0))
+		count(&stats_global, STAT_EVENT_LOST, frame_len);
+}
+
 /* A new flow (or one whose backend left): the service's ring slot, recorded. */
 static __always_inline const struct backend_info *ring_backend(struct packet *pkt,
 								const struct service_info *svc,
-								__u32 hash, __u32 *backend_id)
+								const struct lb_config *cfg,
+								__u64 frame_len, __u32 hash,
+								__u32 *backend_id)
 {
 	const struct backend_info *be;
 	struct flow_value nv = {};
@@ -75,7 +93,8 @@ static __always_inline const struct backend_info *ring_backend(struct packet *pk
 	be = live_backend(nv.backend_id);
 	if (!be)
 		return 0;
-	bpf_map_update_elem(&flows, FLOW_KEY(pkt), &nv, BPF_ANY);
+	if (bpf_map_update_elem(&flows, FLOW_KEY(pkt), &nv, BPF_ANY) == 0)
+		flow_event(pkt, &nv, cfg, frame_len);
 	*backend_id = nv.backend_id;
 	return be;
 }
@@ -111,6 +130,9 @@ int halb_balancer(struct xdp_md *ctx)
 		be = live_backend(backend_id);
 	}
 	BENCH_STAGE(2);
+#ifdef HALB_BENCH_ALWAYS_MISS /* bench variant: every packet takes the miss path */
+	be = 0;
+#endif
 	if (!be) {
 		svc = service_of(&pkt);
 		if (!svc)
@@ -129,7 +151,7 @@ int halb_balancer(struct xdp_md *ctx)
 #endif
 	if (!be) {
 		hash = flow_hash(&pkt.key);
-		be = ring_backend(&pkt, svc, hash, &backend_id);
+		be = ring_backend(&pkt, svc, cfg, frame_len, hash, &backend_id);
 		if (!be) {
 			count(&stats_global, STAT_NO_BACKEND, frame_len);
 			return XDP_DROP;

@@ -22,11 +22,20 @@
 #define HALB_MAX_FLOWS 262144
 #endif
 
+/* flow_events ring buffer size in bytes (a power of 2, whole pages): a record is 8
+ * bytes of header + 48, so 4 MiB hold ~75k new flows, 7 s at 10k new flows/s. */
+#ifndef HALB_FLOW_EVENTS_BYTES
+#define HALB_FLOW_EVENTS_BYTES (4 << 20)
+#endif
+
 #define HALB_FAMILY_V4 4
 #define HALB_FAMILY_V6 6
 
 /* service_info.flags */
 #define SVC_F_TUNNEL (1U << 0)
+
+/* lb_config.flags */
+#define CFG_F_FLOW_EVENTS (1U << 0) /* emit flow_events (armed while a source consumes) */
 
 /* backend_info.flags */
 #define BACKEND_F_VALID (1U << 0)
@@ -38,6 +47,7 @@
 #define STAT_ENCAP_FAIL 2
 #define STAT_ARP_FENCE_DROP 3 /* ARP requests for a VIP address past the deadline */
 #define STAT_NS_FENCE_DROP 4  /* IPv6 neighbour solicitations for one, likewise */
+#define STAT_EVENT_LOST 5     /* flow_events full: a new flow nobody was told of */
 #define STAT_MAX 8
 
 #define ETH_P_IPV4 0x0800

@@ -77,6 +77,14 @@ struct {
 	__uint(max_entries, HALB_MAX_FLOWS);
 } flows SEC(".maps");
 
+/* New flows (struct flow_event), written only while lb_config.flags has
+ * CFG_F_FLOW_EVENTS: the active's flow source learns of them within milliseconds
+ * instead of at its next scan of `flows`. A full ring counts STAT_EVENT_LOST. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, HALB_FLOW_EVENTS_BYTES);
+} flow_events SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);

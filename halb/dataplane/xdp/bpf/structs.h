@@ -51,6 +51,14 @@ struct flow_value {
 	__u32 flags;
 };
 
+/* A flow_events record: a flow the program has just recorded in `flows` (the map's
+ * key and value as they are), for the active's flow source (flowsource.py). */
+struct flow_event {
+	struct flow_key key;
+	struct flow_value value;
+};
+_Static_assert(sizeof(struct flow_event) == 48, "flow_event: key 40 + value 8, no padding");
+
 struct lb_config {
 	/* Dead-man switch, compared with CLOCK_MONOTONIC_COARSE ns (bpf_ktime_get_coarse_ns:
 	 * one tick of resolution; the adapter writes the caller's CLOCK_MONOTONIC deadline
@@ -61,7 +69,7 @@ struct lb_config {
 	__u32 local_v6[4];  /* outer source of IPv6 tunnels */
 	__u8 local_mac[6];  /* source MAC of every forwarded frame */
 	__u8 pad[2];
-	__u32 reserved;
+	__u32 flags; /* CFG_F_* */
 };
 
 struct counter {
