@@ -171,36 +171,13 @@ def _sizes(m: BpfMap) -> tuple[int, int]:
 
 def read_all(m: BpfMap) -> tuple[bytes, bytes]:
     """Every entry of a hash map as raw keys and values (same order), by batch lookup."""
-    ksize, vsize = _sizes(m)
-    kbuf = ctypes.create_string_buffer(ksize * _CHUNK)
-    vbuf = ctypes.create_string_buffer(vsize * _CHUNK)
-    # Always from the start with a NULL token: a token names the last key already read.
-    token_in = ctypes.create_string_buffer(max(ksize, 8))
-    token_out = ctypes.create_string_buffer(max(ksize, 8))
-    opts = lb.BpfMapBatchOpts(sz=ctypes.sizeof(lb.BpfMapBatchOpts))
+    _sizes(m)  # plain maps only
     keys: list[bytes] = []
     values: list[bytes] = []
-    first = True
-    while True:
-        count = ctypes.c_uint32(_CHUNK)
-        ret = lb.lib.bpf_map_lookup_batch(
-            m.fd,
-            None if first else token_in,
-            token_out,
-            kbuf,
-            vbuf,
-            ctypes.byref(count),
-            ctypes.byref(opts),
-        )
-        if ret < 0 and ret != -_ENOENT:  # -ENOENT: this was the last batch
-            lb.check(ret, f"batch lookup of {m.name}")
-        n = count.value
-        keys.append(ctypes.string_at(kbuf, n * ksize))
-        values.append(ctypes.string_at(vbuf, n * vsize))
-        if ret == -_ENOENT or n == 0:
-            return b"".join(keys), b"".join(values)
-        ctypes.memmove(token_in, token_out, len(token_out))
-        first = False
+    for k, v, _ in m.raw_batches(_CHUNK):
+        keys.append(k)
+        values.append(v)
+    return b"".join(keys), b"".join(values)
 
 
 def update(m: BpfMap, keys: bytes, values: bytes) -> int:

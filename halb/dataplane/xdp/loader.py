@@ -155,13 +155,15 @@ class BpfMap:
                 deleted += 1
         return deleted
 
-    def items(self) -> Iterator[tuple[Any, Any]]:
-        """Every (key, value), by batch lookup; hash-map iteration order."""
+    def raw_batches(self, chunk: int = _BATCH) -> Iterator[tuple[bytes, bytes, int]]:
+        """(keys, values, n) of each batch lookup from the first entry to the last, as
+        raw bytes: per-CPU values are ``ncpus`` slots of the value's stride each."""
         ksize = ctypes.sizeof(self.key_type)
         vsize = self._stride * self.ncpus if self.percpu else ctypes.sizeof(self.value_type)
-        chunk = min(max(self.max_entries, 1), _BATCH)
+        chunk = min(max(self.max_entries, 1), chunk)
         kbuf = ctypes.create_string_buffer(ksize * chunk)
         vbuf = ctypes.create_string_buffer(vsize * chunk)
+        # A token names the last key already read; NULL starts from the first.
         token_in = ctypes.create_string_buffer(max(ksize, 8))
         token_out = ctypes.create_string_buffer(max(ksize, 8))
         opts = lb.BpfMapBatchOpts(sz=ctypes.sizeof(lb.BpfMapBatchOpts))
@@ -177,17 +179,23 @@ class BpfMap:
                 ctypes.byref(count),
                 ctypes.byref(opts),
             )
-            if ret < 0 and ret != -2:
+            if ret < 0 and ret != -2:  # -ENOENT: this was the last batch
                 lb.check(ret, f"batch lookup of {self.name}")
-            raw_k = kbuf.raw
-            raw_v = vbuf.raw
-            for i in range(count.value):
-                key = self.key_type.from_buffer_copy(raw_k, i * ksize)
-                yield key, self._decode(raw_v[i * vsize : (i + 1) * vsize])
-            if ret == -2:
+            n = count.value
+            yield ctypes.string_at(kbuf, n * ksize), ctypes.string_at(vbuf, n * vsize), n
+            if ret == -2 or n == 0:
                 return
             ctypes.memmove(token_in, token_out, len(token_out.raw))
             first = False
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        """Every (key, value), by batch lookup; hash-map iteration order."""
+        ksize = ctypes.sizeof(self.key_type)
+        vsize = self._stride * self.ncpus if self.percpu else ctypes.sizeof(self.value_type)
+        for raw_k, raw_v, n in self.raw_batches():
+            for i in range(n):
+                key = self.key_type.from_buffer_copy(raw_k, i * ksize)
+                yield key, self._decode(raw_v[i * vsize : (i + 1) * vsize])
 
     def read_array(self, start: int, count: int) -> bytes:
         """Raw values of array-map entries start .. start+count-1 (batched, no decoding):
