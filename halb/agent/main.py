@@ -117,8 +117,11 @@ class ObservedMachine(Machine):
     ) -> None:
         super().__init__(cfg)
         self._on_change = on_change
+        # The state before the event being reported (what the change came from).
+        self.before = self.st
 
     def feed(self, ev: Event) -> Sequence[Action]:
+        self.before = self.st
         before_state, before_term = self.st.state, self.st.term
         actions = super().feed(ev)
         if self.st.state is not before_state or self.st.term != before_term:
@@ -227,6 +230,18 @@ class Agent:
         cause = describe_cause(ev)
         if isinstance(ev, Drain) and self.link_down and self.node is not None:
             cause = f"interface {self.node.interface} down"
+        before = m.before if isinstance(m, ObservedMachine) else m.st
+        if (
+            new is State.ACTIVE
+            and old is not State.ACTIVE
+            and before.forced is not None
+            and before.forced == before.last_term
+        ):
+            # The vacancy just filled was left by a revoke for missing heartbeats.
+            cause = (
+                f"took over from a silent leader: no heartbeat of term {before.forced}, "
+                "its lease revoked, the fence waited out"
+            )
         g.status.state = new.value
         g.status.term = str(m.st.term) if m.st.term else None
         g.status.since = time.time()

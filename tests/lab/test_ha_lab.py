@@ -208,6 +208,16 @@ def test_frozen_leader_is_fenced_and_replaced_by_a_revoke_of_its_lease(
     assert re.search(r"no heartbeat from the leader .* for", agent_log(ha, "lb2"))
     assert "revoking its lease" in agent_log(ha, "lb2")
     wait_until("the service through lb2", reaches_service, 10)
+    # `halb status` names the cause the operator needs: a silent leader, revoked.
+    wait_until(
+        "lb2's status to name the takeover",
+        lambda: (
+            (cluster_status(ha["config"]).get("last_failover") or {})
+            .get("cause", "")
+            .startswith("took over from a silent leader")
+        ),
+        10,
+    )
 
 
 def test_etcd_cut_active_drops_the_vip_before_the_standby_adds_it(ha: dict[str, Any]) -> None:

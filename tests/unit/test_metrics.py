@@ -9,10 +9,12 @@ from ipaddress import ip_address
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from halb.agent.main import describe_cause
 from halb.agent.metrics import AgentMetrics, cause_category, parse_address
 from halb.checks.state import Health
 from halb.checks.view import BackendView, HealthView
 from halb.dataplane.base import Counter, Counters
+from halb.ha.machine import CampaignWon, FenceDeadlinePassed
 from halb.model import Backend, Protocol, ServiceKey, Term
 
 pytestmark = pytest.mark.unit
@@ -71,7 +73,9 @@ def test_group_state_term_and_failovers_by_cause() -> None:
     [
         ("won the election", "election"),
         ("leader is lb2 (term 7a61@3)", "leader_observed"),
-        ("lease keepalives failed: self-fenced before the lease could expire", "self_fenced"),
+        (describe_cause(FenceDeadlinePassed(1)), "self_fenced"),
+        (describe_cause(CampaignWon(Term(1, 2))), "election"),
+        ("took over from a silent leader: no heartbeat of term 1@2", "forced_takeover"),
         ("preempt timer fired", "timer"),
         ("something new", "other"),
     ],
