@@ -309,6 +309,8 @@ class Coordinator:
         self._watched: Term | None = None
         self._watched_since = 0.0
         self._reported: Term | None = None
+        # Shutting down: no new lease (and no lease file) after the last resign.
+        self._retired = False
         self._lease: int | None = None
         self._granted_ttl = self.ttl
         self.last_keepalive_ok: float | None = None
@@ -394,10 +396,18 @@ class Coordinator:
 
     # -- lease -----------------------------------------------------------------------------
 
+    def retire(self) -> None:
+        """The agent is stopping: once the current lease is given up, grant no other
+        (a keepalive in flight during the resign would otherwise get one, and store it
+        for the next start to 'resume')."""
+        self._retired = True
+
     async def _lease_loop(self) -> None:
         backoff = Backoff()
         failing = False
         while True:
+            if self._lease is None and self._retired:
+                return
             if self._lease is None:
                 lease, last_ok, resumed = await self._acquire(backoff)
                 self._lease = lease
@@ -484,7 +494,7 @@ class Coordinator:
 
     def _store_lease(self, lease: int) -> None:
         path = self.lease_file
-        if path is None:
+        if path is None or self._retired:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,6 +111,8 @@ class CoordPort(Protocol):
 
     async def clear_handover(self) -> None: ...
 
+    def retire(self) -> None: ...
+
 
 class SyncRoles(Protocol):
     async def serve(self, term: Term) -> None:
@@ -223,6 +225,8 @@ class GroupRuntime:
                 log.warning("%s: the coordinator did not stop within 5 s", self.name)
 
     async def _handle(self, ev: Event) -> None:
+        if isinstance(ev, Shutdown) and self.coord is not None:
+            self.coord.retire()
         before = self.machine.st
         actions = self.machine.feed(ev)
         after = self.machine.st

@@ -545,6 +545,26 @@ def test_keepalive_failure_fences_before_etcd_expires_lease(etcd: EtcdServer) ->
     run(etcd, body)
 
 
+def test_a_retired_coordinator_grants_no_lease_after_its_last_resign(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    """Stopping: the resign must be the end. Without retire() the lease loop grants a
+    fresh lease at its next turn and stores it for the next start to 'resume'."""
+
+    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+        a = await cluster.start("a", 200, ttl=1, state_dir=tmp_path)
+        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        lease = a.coord.lease_id
+        assert lease is not None
+        a.coord.retire()
+        await a.coord.resign(lease)
+        await asyncio.sleep(3 * a.coord.keepalive_interval)
+        assert a.coord.lease_id is None
+        assert not (tmp_path / "lease-c1-g1").exists()
+
+    run(etcd, body)
+
+
 def test_lease_resume_after_restart_keeps_the_term(etcd: EtcdServer, tmp_path: Path) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)

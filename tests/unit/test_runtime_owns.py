@@ -66,6 +66,9 @@ class Coord:
     async def clear_handover(self) -> None:
         pass
 
+    def retire(self) -> None:
+        pass
+
 
 def announced(coord: Coord) -> int:
     machine = Machine(MachineConfig("lb1", 100))
