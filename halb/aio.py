@@ -10,10 +10,11 @@ its 50 ms heartbeat loop, cancelled with the term, kept beating.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["within"]
+__all__ = ["cancel_and_wait", "within"]
 
 T = TypeVar("T")
 
@@ -23,3 +24,19 @@ async def within(aw: Awaitable[T], seconds: float | None) -> T:
     cancellation of the caller always propagates."""
     async with asyncio.timeout(seconds):
         return await aw
+
+
+async def cancel_and_wait(
+    task: asyncio.Task[Any] | None, log: logging.Logger, failure: str, *args: object
+) -> None:
+    """Cancel ``task`` and wait until it has ended. A failure of its own (anything but
+    the cancellation) is logged with ``failure % args`` and its traceback, not raised."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.exception(failure, *args)

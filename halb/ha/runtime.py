@@ -42,6 +42,7 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
+from halb.aio import cancel_and_wait
 from halb.ha.clock import Clock, MonotonicClock
 from halb.ha.machine import (
     Action,
@@ -428,15 +429,8 @@ class GroupRuntime:
 
     async def _stop_follow(self) -> None:
         task, self._follow = self._follow, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                # Sync is a helper of the term, never a reason to lose the election.
-                log.exception("%s: the sync client failed", self.name)
+        # Sync is a helper of the term, never a reason to lose the election: logged.
+        await cancel_and_wait(task, log, "%s: the sync client failed", self.name)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

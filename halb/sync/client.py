@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from halb.aio import within
+from halb.aio import cancel_and_wait, within
 from halb.config import ClusterConfig
 from halb.dataplane.base import Dataplane
 from halb.model import Term
@@ -179,14 +179,7 @@ class FlowSyncClient:
     async def stop(self) -> None:
         """End the stream and wait until the dataplane write in progress has finished."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("flow sync with %s ended with an error", self._peer)
+        await cancel_and_wait(task, log, "flow sync with %s ended with an error", self._peer)
         await self.drain()
 
     async def drain(self) -> None:

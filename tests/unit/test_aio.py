@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from halb.aio import within
+from halb.aio import cancel_and_wait, within
 
 pytestmark = pytest.mark.unit
 
@@ -33,3 +33,30 @@ def test_times_out_and_returns_results() -> None:
             await within(asyncio.sleep(1.0), 0.01)
 
     asyncio.run(main())
+
+
+def test_cancel_and_wait_ends_the_task_and_logs_only_its_own_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    log = logging.getLogger("halb.test.aio")
+
+    async def fails_when_cancelled() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            raise RuntimeError("cleanup broke")
+
+    async def main() -> None:
+        quiet = asyncio.create_task(asyncio.sleep(10))
+        loud = asyncio.create_task(fails_when_cancelled())
+        await asyncio.sleep(0)
+        await cancel_and_wait(quiet, log, "quiet %s", "task")
+        await cancel_and_wait(loud, log, "loud %s", "task")
+        await cancel_and_wait(None, log, "nothing")
+        assert quiet.cancelled() and loud.done()
+
+    with caplog.at_level(logging.ERROR, logger="halb.test.aio"):
+        asyncio.run(main())
+    assert [r.getMessage() for r in caplog.records] == ["loud task"]
