@@ -579,27 +579,34 @@ class Coordinator:
                 self.emit(CampaignLost(leader))
             return
 
+    async def _put_if_term(self, term: Term, key: bytes, value: bytes, lease: int) -> bool:
+        """Put ``key`` on ``lease`` only while the leader key holds ``term``; False if it
+        no longer does. etcd errors are raised."""
+        tx = self.client.transactions
+        ok, _ = await self._rpc(
+            self.client.transaction(
+                compare=[tx.create(self.keys.leader) == term.revision],
+                success=[tx.put(key, value, lease=lease)],
+                failure=[],
+            )
+        )
+        return bool(ok)
+
     async def heartbeat(self, term: Term, ready: Callable[[], None] | None = None) -> None:
         """Active side, until cancelled: put the heartbeat key every interval while the
         leader key holds ``term``; ``ready`` is called after each success (the runtime
         re-arms the dead-man switch). Returns if the term is gone."""
         if not self.heartbeats:
             return
-        tx = self.client.transactions
         self._hb_term, self._hb_ok = term, None
         try:
             while self._lease == term.lease_id:
                 sent = self.clock.now()
                 self._hb_seq += 1
                 value = json.dumps({"term": _term_str(term), "seq": self._hb_seq}).encode()
+                ok: bool | None
                 try:
-                    ok, _ = await self._rpc(
-                        self.client.transaction(
-                            compare=[tx.create(self.keys.leader) == term.revision],
-                            success=[tx.put(self.keys.heartbeat, value, lease=term.lease_id)],
-                            failure=[],
-                        )
-                    )
+                    ok = await self._put_if_term(term, self.keys.heartbeat, value, term.lease_id)
                 except aetcd.ClientError as exc:
                     if "lease not found" in str(exc):
                         log.warning("heartbeat: lease of term %s is gone", term)
@@ -626,18 +633,13 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        tx = self.client.transactions
         value = _handover_value(self.node, term, UNRESPONSIVE, self.node)
         backoff = Backoff()
-        while self._lease == lease:
+        while True:
+            if self._lease != lease:
+                return  # our own lease went meanwhile: not ours to revoke theirs
             try:
-                ok, _ = await self._rpc(
-                    self.client.transaction(
-                        compare=[tx.create(self.keys.leader) == term.revision],
-                        success=[tx.put(self.keys.handover, value, lease=lease)],
-                        failure=[],
-                    )
-                )
+                ok = await self._put_if_term(term, self.keys.handover, value, lease)
             except _RETRY as exc:
                 log.warning("force takeover of term %s: %s; retrying", term, exc)
                 await self.clock.sleep(backoff.next())
@@ -646,8 +648,6 @@ class Coordinator:
                 log.info("force takeover: term %s is already over", term)
                 return
             break
-        else:
-            return
         log.warning(
             "leader of term %s sent no heartbeat for %.2fs: revoking its lease %x",
             term,
