@@ -159,7 +159,6 @@ class Agent:
         self.config_revision = 0
         self.rejected_configs = 0
         self.dataplane: Dataplane | None = None
-        self._deadline_mux: DeadlineMux | None = None
         self.groups: dict[str, _Group] = {}
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
@@ -437,14 +436,11 @@ class Agent:
 
     # -- main ----------------------------------------------------------------------------
 
-    def _deadlines(self, dp: Dataplane) -> DeadlineMux:
-        if self._deadline_mux is None:
-            self._deadline_mux = DeadlineMux(dp)
-        return self._deadline_mux
-
-    def _make_group(self, g: VipGroupConfig, port: VipPort, client: aetcd.Client) -> _Group:
-        cfg, node, dp = self.cfg, self.node, self.dataplane
-        assert cfg is not None and node is not None and dp is not None
+    def _make_group(
+        self, g: VipGroupConfig, port: VipPort, client: aetcd.Client, deadlines: DeadlineMux
+    ) -> _Group:
+        cfg, node = self.cfg, self.node
+        assert cfg is not None and node is not None
         members = sorted(cfg.group_nodes(g), key=lambda n: -n.priority)
         rank = [n.name for n in members].index(node.name)
         keys = GroupKeys(cfg.etcd.prefix, cfg.cluster, g.name)
@@ -475,7 +471,7 @@ class Agent:
                 if self.health is not None and g is cfg.vip_groups[0]
                 else self.sync
             ),
-            dataplane=self._deadlines(dp).port(g.name),
+            dataplane=deadlines.port(g.name),
             name=g.name,
         )
         coord = Coordinator(
@@ -534,8 +530,8 @@ class Agent:
         log.info("agent %s stopped", self.node_name)
 
     async def _run_groups(self, client: aetcd.Client) -> None:
-        cfg, node = self.cfg, self.node
-        assert cfg is not None and node is not None
+        cfg, node, dp = self.cfg, self.node, self.dataplane
+        assert cfg is not None and node is not None and dp is not None
         loop = asyncio.get_running_loop()
         hup = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -547,8 +543,10 @@ class Agent:
             # NAT modes: the groups' floating addresses follow their VIPs.
             FloatingVips.for_node(port, node, lambda: self.cfg) as vips,
         ):
+            # One dead-man switch in the dataplane, shared by the groups' terms.
+            deadlines = DeadlineMux(dp)
             for g in mine:
-                self.groups[g.name] = self._make_group(g, vips, client)
+                self.groups[g.name] = self._make_group(g, vips, client, deadlines)
             await self._reconcile(port)
             async with asyncio.TaskGroup() as tg:
                 runs = [

@@ -8,8 +8,6 @@ other; the standbys' fence wait includes that interval.
 
 from __future__ import annotations
 
-import threading
-
 from halb.ha.runtime import DeadlineSink
 
 __all__ = ["DeadlineMux"]
@@ -20,7 +18,6 @@ class DeadlineMux:
         self._sink = sink
         self._armed: dict[str, int] = {}
         self._current: int | None = None
-        self._lock = threading.Lock()
 
     def port(self, name: str) -> DeadlineSink:
         return _Port(self, name)
@@ -30,15 +27,15 @@ class DeadlineMux:
         return self._current
 
     def set(self, name: str, monotonic_ns: int | None) -> None:
-        with self._lock:
-            if monotonic_ns is None:
-                self._armed.pop(name, None)
-            else:
-                self._armed[name] = monotonic_ns
-            value = max(self._armed.values()) if self._armed else None
-            if value != self._current:
-                self._current = value
-                self._sink.set_deadline(value)
+        # Called from the event loop only (the runtimes' terms): no lock.
+        if monotonic_ns is None:
+            self._armed.pop(name, None)
+        else:
+            self._armed[name] = monotonic_ns
+        value = max(self._armed.values()) if self._armed else None
+        if value != self._current:
+            self._current = value
+            self._sink.set_deadline(value)
 
 
 class _Port:
