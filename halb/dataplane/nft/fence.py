@@ -43,6 +43,13 @@ def _set(name: str, kind: str, addrs: Sequence[IPAddress], *, timeout: bool = Fa
     return f"  set {name} {{ type {kind};{flags}{elems} }}\n"
 
 
+def _by_family(vips: Iterable[IPAddress]) -> tuple[list[IPAddress], list[IPAddress]]:
+    addrs = set(vips)  # read once: callers may pass a generator
+    v4: list[IPAddress] = sorted((a for a in addrs if a.version == 4), key=int)
+    v6: list[IPAddress] = sorted((a for a in addrs if a.version == 6), key=int)
+    return v4, v6
+
+
 def delete_fence_script() -> str:
     """Remove both tables if they exist (the first line of each creates it if absent)."""
     return "".join(
@@ -53,8 +60,7 @@ def delete_fence_script() -> str:
 def fence_script(vips: Iterable[IPAddress]) -> str:
     """Re-create both tables for ``vips``, with empty ``live`` sets (as if expired):
     load it together with a ``refresh_script`` in one transaction."""
-    v4 = sorted({a for a in vips if a.version == 4}, key=int)
-    v6 = sorted({a for a in vips if a.version == 6}, key=int)
+    v4, v6 = _by_family(vips)
     return (
         delete_fence_script()
         + f"table inet {FENCE_TABLE} {{\n"
@@ -91,8 +97,7 @@ def refresh_script(vips: Iterable[IPAddress], remaining_ms: int | None) -> str:
     if remaining_ms is not None and remaining_ms <= 0:
         return "".join(out)
     suffix = "" if remaining_ms is None else f" timeout {remaining_ms}ms"
-    v4 = sorted({a for a in vips if a.version == 4}, key=int)
-    v6 = sorted({a for a in vips if a.version == 6}, key=int)
+    v4, v6 = _by_family(vips)
     if v4:
         out.append(f"add element inet {FENCE_TABLE} live4 {{ {_elements(v4, suffix)} }}\n")
         out.append(f"add element arp {FENCE_TABLE} live {{ {_elements(v4, suffix)} }}\n")
