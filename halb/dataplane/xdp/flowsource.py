@@ -283,37 +283,13 @@ class _Pushed:
     records: bytes
 
 
-def _row_hashes(records: bytes) -> U64s:
-    """A 64-bit hash of each whole 56-byte record."""
-    words = np.frombuffer(records, np.uint64).reshape(-1, rec.RECORD_SIZE // 8)
-    return _hash(words)
+def _words(raw: bytes, width: int) -> U64s:
+    return np.frombuffer(raw, np.uint64).reshape(-1, width)
 
 
-def _without(records: bytes, drop: bytes) -> bytes:
-    """records minus any equal to one of drop (hash first, then bytes)."""
-    if not records or not drop:
-        return records
-    h = _row_hashes(records)
-    maybe = np.flatnonzero(np.isin(h, _row_hashes(drop)))
-    if not len(maybe):
-        return records
-    dropped = {drop[i : i + rec.RECORD_SIZE] for i in range(0, len(drop), rec.RECORD_SIZE)}
-    size = rec.RECORD_SIZE
-    gone = [i for i in maybe.tolist() if records[i * size : (i + 1) * size] in dropped]
-    if not gone:
-        return records
-    keep = np.ones(len(h), np.bool_)
-    keep[gone] = False
-    return bytes(rec.rows(records)[keep].tobytes())
-
-
-def _without_keys(records: bytes, keys: bytes) -> bytes:
-    """records minus those whose flow (connection) is one of the raw keys."""
-    if not records or not keys:
-        return records
-    mine = np.frombuffer(flowrecords.records_to_keys(records), np.uint64)
-    mine = mine.reshape(-1, _KEY_WORDS)
-    theirs = np.frombuffer(keys, np.uint64).reshape(-1, _KEY_WORDS)
+def _drop_matching(records: bytes, mine: U64s, theirs: U64s) -> bytes:
+    """records minus those whose row of ``mine`` (the record itself, or its flow key)
+    equals a row of ``theirs``: hashes first, then the bytes of the candidates."""
     h = _hash(mine)
     maybe = np.flatnonzero(np.isin(h, _hash(theirs)))
     if not len(maybe):
@@ -325,6 +301,22 @@ def _without_keys(records: bytes, keys: bytes) -> bytes:
     keep = np.ones(len(h), np.bool_)
     keep[gone] = False
     return bytes(rec.rows(records)[keep].tobytes())
+
+
+def _without(records: bytes, drop: bytes) -> bytes:
+    """records minus any equal to one of drop."""
+    if not records or not drop:
+        return records
+    width = rec.RECORD_SIZE // 8
+    return _drop_matching(records, _words(records, width), _words(drop, width))
+
+
+def _without_keys(records: bytes, keys: bytes) -> bytes:
+    """records minus those whose flow (connection) is one of the raw keys."""
+    if not records or not keys:
+        return records
+    mine = _words(flowrecords.records_to_keys(records), _KEY_WORDS)
+    return _drop_matching(records, mine, _words(keys, _KEY_WORDS))
 
 
 class XdpFlowSource:
