@@ -32,6 +32,7 @@ from halb.ha.machine import Leader, Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
 from halb.model import IPAddress, Term
 from halb.testing.etcd import EtcdServer
+from halb.testing.waits import until
 
 pytestmark = pytest.mark.kernel
 
@@ -207,15 +208,6 @@ class Cluster:
             await asyncio.sleep(0.005)
 
 
-async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
-
-
 async def leader_in_etcd(client: aetcd.Client) -> Leader | None:
     kv = await client.get(KEYS.leader)
     return None if kv is None else parse_leader(kv.value, kv.lease, kv.create_revision)
@@ -259,7 +251,7 @@ def test_election_converges_on_highest_priority(
         for name, prio in zip(names, priorities, strict=True):
             await cluster.start(name, prio, preempt_delay=0.3)
         best = names[priorities.index(max(priorities))]
-        await wait_until(lambda: cluster.active() == [best], 10, f"{best} to lead")
+        await until(lambda: cluster.active() == [best], 10, f"{best} to lead")
         leader = await leader_in_etcd(admin)
         assert leader is not None and leader.holder == best
         assert leader.term == cluster.nodes[best].machine.term
@@ -278,13 +270,13 @@ def test_election_converges_on_highest_priority(
 def test_preemption_waits_for_hold_down(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("low", 100)
-        await wait_until(lambda: cluster.active() == ["low"], 5, "low to lead")
+        await until(lambda: cluster.active() == ["low"], 5, "low to lead")
         high = await cluster.start("high", 200, preempt_delay=1.5)
-        await wait_until(lambda: high.machine.state is State.STANDBY, 5, "high standby")
+        await until(lambda: high.machine.state is State.STANDBY, 5, "high standby")
         t0 = time.monotonic()
         await asyncio.sleep(1.0)
         assert cluster.active() == ["low"], "preempted before the hold-down"
-        took = await wait_until(lambda: cluster.active() == ["high"], 5, "high to preempt")
+        took = await until(lambda: cluster.active() == ["high"], 5, "high to preempt")
         elapsed = time.monotonic() - t0
         print(f"\npreemption after {elapsed:.2f}s (hold-down 1.5s; handover {took:.2f}s)")
         assert 1.4 <= elapsed < 4.0
@@ -298,13 +290,13 @@ def test_preemption_waits_for_hold_down(etcd: EtcdServer) -> None:
 def test_preemption_waits_for_the_flow_sync(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("b", 100)
-        await wait_until(lambda: cluster.active() == ["b"], 5, "b to lead")
+        await until(lambda: cluster.active() == ["b"], 5, "b to lead")
         sync = GatedSync()
         await cluster.start("a", 200, preempt_delay=0.2, sync=sync)
-        await wait_until(lambda: sync.asked >= 3, 5, "a to try preempting a few times")
+        await until(lambda: sync.asked >= 3, 5, "a to try preempting a few times")
         assert cluster.active() == ["b"], "a preempted before its flows were synced"
         sync.synced = True
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to preempt once synced")
+        await until(lambda: cluster.active() == ["a"], 5, "a to preempt once synced")
 
     run(etcd, body)
 
@@ -312,13 +304,13 @@ def test_preemption_waits_for_the_flow_sync(etcd: EtcdServer) -> None:
 def test_preempt_false_keeps_the_leader(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("low", 100, preempt=False)
-        await wait_until(lambda: cluster.active() == ["low"], 5, "low to lead")
+        await until(lambda: cluster.active() == ["low"], 5, "low to lead")
         await cluster.start("high", 200, preempt=False, preempt_delay=0.2)
         await asyncio.sleep(2.0)
         assert cluster.active() == ["low"]
         # Without the leader, the group does move.
         await cluster.stop("low")
-        await wait_until(lambda: cluster.active() == ["high"], 2, "high to take over")
+        await until(lambda: cluster.active() == ["high"], 2, "high to take over")
 
     run(etcd, body)
 
@@ -329,14 +321,14 @@ def test_preempt_false_keeps_the_leader(etcd: EtcdServer) -> None:
 def test_resign_hands_over_well_under_a_second(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("a", 200, preempt=False)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, preempt=False)
-        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        await until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
         await asyncio.sleep(0.2)
         # SIGTERM: the leader removes its VIPs, then revokes its lease.
         t0 = time.monotonic()
         await cluster.stop("a")
-        took = await wait_until(lambda: cluster.active() == ["b"], 2, "b to take over")
+        took = await until(lambda: cluster.active() == ["b"], 2, "b to take over")
         # Time from the revoke itself (stop() returns after it) is shorter still.
         print(f"\nhandover on leader SIGTERM (resign = revoke own lease): {took * 1000:.0f} ms")
         assert time.monotonic() - t0 < 1.0
@@ -351,17 +343,17 @@ def test_external_revoke_ends_the_term_at_once(etcd: EtcdServer) -> None:
     # only the leader runs, to measure how fast it lets go.
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=2)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         lease = a.coord.lease_id
         assert lease is not None
         t0 = time.monotonic()
         await admin.revoke_lease(lease)
-        took = await wait_until(lambda: not a.vips.held, 2, "a to drop the VIP")
+        took = await until(lambda: not a.vips.held, 2, "a to drop the VIP")
         print(f"\nexternal revoke: VIP dropped in {took * 1000:.0f} ms")
         assert a.machine.term is None or a.machine.term.lease_id != lease
         assert time.monotonic() - t0 < 0.5
         # It re-elects itself on a fresh lease.
-        await wait_until(lambda: cluster.active() == ["a"], 3, "a to lead again")
+        await until(lambda: cluster.active() == ["a"], 3, "a to lead again")
         assert a.coord.lease_id != lease
 
     run(etcd, body)
@@ -370,15 +362,15 @@ def test_external_revoke_ends_the_term_at_once(etcd: EtcdServer) -> None:
 def test_planned_failover_to_named_node(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("a", 200, preempt=False)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         await cluster.start("b", 100, preempt=False)
         await cluster.start("c", 150, preempt=False)
         await asyncio.sleep(0.3)
         t0 = time.monotonic()
         await request_handover(admin, KEYS, "b")
-        await wait_until(lambda: cluster.active() == ["b"], 3, "b to take over")
+        await until(lambda: cluster.active() == ["b"], 3, "b to take over")
         print(f"\nplanned failover to b in {(time.monotonic() - t0) * 1000:.0f} ms")
-        await wait_until(lambda: cluster.nodes["a"].machine.state is State.STANDBY, 3, "a")
+        await until(lambda: cluster.nodes["a"].machine.state is State.STANDBY, 3, "a")
         assert await admin.get(KEYS.handover) is None
 
     run(etcd, body)
@@ -387,16 +379,16 @@ def test_planned_failover_to_named_node(etcd: EtcdServer) -> None:
 def test_drain_moves_the_group_and_blocks_campaign(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("a", 200)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         await cluster.start("b", 100)
         await set_drain(admin, KEYS, "a", "maintenance")
-        await wait_until(lambda: cluster.active() == ["b"], 3, "b to take over")
+        await until(lambda: cluster.active() == ["b"], 3, "b to take over")
         a = cluster.nodes["a"]
-        await wait_until(lambda: a.machine.state is State.DRAINED, 3, "a drained")
+        await until(lambda: a.machine.state is State.DRAINED, 3, "a drained")
         await asyncio.sleep(1.0)  # a would preempt after 0.5 s if it were not drained
         assert cluster.active() == ["b"]
         await admin.delete(KEYS.drain("a"))
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to preempt again")
+        await until(lambda: cluster.active() == ["a"], 5, "a to preempt again")
 
     run(etcd, body)
 
@@ -407,14 +399,14 @@ def test_drain_moves_the_group_and_blocks_campaign(etcd: EtcdServer) -> None:
 def test_dead_leader_detected_after_ttl(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         await cluster.start("a", 200, ttl=1)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=1)
-        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        await until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
         await asyncio.sleep(0.3)
         last_ok = cluster.nodes["a"].coord.last_keepalive_ok
         assert last_ok is not None
         await cluster.crash("a")
-        took = await wait_until(lambda: cluster.active() == ["b"], 5, "b to take over")
+        took = await until(lambda: cluster.active() == ["b"], 5, "b to take over")
         since_ka = time.monotonic() - last_ok
         print(
             f"\ndead leader (TTL 1 s): takeover {took:.2f}s after crash, "
@@ -434,9 +426,9 @@ def test_crashed_leader_is_replaced_long_before_its_ttl(etcd: EtcdServer) -> Non
 
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=5, heartbeat=HB)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=5, heartbeat=HB)
-        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        await until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
         old = await leader_in_etcd(admin)
         assert old is not None and old.holder == "a"
         assert a.coord.fence_deadline is not None
@@ -444,7 +436,7 @@ def test_crashed_leader_is_replaced_long_before_its_ttl(etcd: EtcdServer) -> Non
         assert a.coord.fence_deadline - time.monotonic() < 0.5
         await asyncio.sleep(0.3)
         await cluster.crash("a")
-        took = await wait_until(lambda: cluster.active() == ["b"], 4, "b to take over")
+        took = await until(lambda: cluster.active() == ["b"], 4, "b to take over")
         print(f"\ncrashed leader (TTL 5 s, heartbeat 50/300 ms): takeover after {took:.2f}s")
         # Revoked, not expired: etcd no longer knows the lease at all.
         info = await admin.get_lease_info(old.term.lease_id)
@@ -463,15 +455,15 @@ def test_leader_cut_from_etcd_fences_before_the_standby_takes_over(etcd: EtcdSer
 
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=5, heartbeat=HB, flaky=True)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=5, heartbeat=HB)
-        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        await until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
         await asyncio.sleep(0.3)
         a.client.block_keepalive = True
         cut = time.monotonic()
-        await wait_until(lambda: not a.vips.held, 2, "a to drop the VIP")
+        await until(lambda: not a.vips.held, 2, "a to drop the VIP")
         dropped = time.monotonic() - cut
-        await wait_until(lambda: bool(b.vips.held), 4, "b to add the VIP")
+        await until(lambda: bool(b.vips.held), 4, "b to add the VIP")
         added = time.monotonic() - cut
         print(
             f"\nleader cut from etcd: VIP dropped after {dropped:.2f}s, re-added after {added:.2f}s"
@@ -485,9 +477,9 @@ def test_leader_cut_from_etcd_fences_before_the_standby_takes_over(etcd: EtcdSer
 def test_etcd_restart_recreates_watch_and_rereads_leader(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=3)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=3)
-        await wait_until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
+        await until(lambda: b.machine.state is State.STANDBY, 5, "b standby")
         term = a.machine.term
         etcd.stop()
         await asyncio.sleep(0.3)
@@ -500,14 +492,14 @@ def test_etcd_restart_recreates_watch_and_rereads_leader(etcd: EtcdServer) -> No
         lease = a.coord.lease_id
         assert lease is not None
         await admin.revoke_lease(lease)
-        took = await wait_until(lambda: cluster.active() == ["b"], 3, "b to take over")
+        took = await until(lambda: cluster.active() == ["b"], 3, "b to take over")
         print(f"\nafter etcd restart: revoke seen and handed over in {took * 1000:.0f} ms")
         # And a long outage: etcd gone past the fence deadline, then back.
         etcd.stop()
-        await wait_until(lambda: b.machine.state is State.FENCED, 5, "b to fence")
+        await until(lambda: b.machine.state is State.FENCED, 5, "b to fence")
         assert not b.vips.held
         etcd.start()
-        await wait_until(lambda: len(cluster.active()) == 1, 15, "a leader after recovery")
+        await until(lambda: len(cluster.active()) == 1, 15, "a leader after recovery")
 
     run(etcd, body)
 
@@ -515,7 +507,7 @@ def test_etcd_restart_recreates_watch_and_rereads_leader(etcd: EtcdServer) -> No
 def test_keepalive_failure_fences_before_etcd_expires_lease(etcd: EtcdServer) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=2, flaky=True)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         deleted: list[float] = []
 
         async def watch_key() -> None:
@@ -531,7 +523,7 @@ def test_keepalive_failure_fences_before_etcd_expires_lease(etcd: EtcdServer) ->
         watcher = asyncio.create_task(watch_key())
         await asyncio.sleep(0.3)
         a.client.block_keepalive = True
-        await wait_until(lambda: a.machine.state is State.FENCED, 5, "a to fence")
+        await until(lambda: a.machine.state is State.FENCED, 5, "a to fence")
         fenced = time.monotonic()
         assert not a.vips.held
         assert a.coord.fence_deadline is None  # the abandoned lease has no deadline
@@ -553,7 +545,7 @@ def test_a_retired_coordinator_grants_no_lease_after_its_last_resign(
 
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=1, state_dir=tmp_path)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         lease = a.coord.lease_id
         assert lease is not None
         a.coord.retire()
@@ -568,18 +560,18 @@ def test_a_retired_coordinator_grants_no_lease_after_its_last_resign(
 def test_lease_resume_after_restart_keeps_the_term(etcd: EtcdServer, tmp_path: Path) -> None:
     async def body(cluster: Cluster, admin: aetcd.Client) -> None:
         a = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)
-        await wait_until(lambda: cluster.active() == ["a"], 5, "a to lead")
+        await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         term = a.machine.term
         assert (tmp_path / "lease-c1-g1").exists()
         await cluster.stop("a", handoff=False)  # restart in place: no revoke
         a2 = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)
-        await wait_until(lambda: cluster.active() == ["a"], 3, "a to resume")
+        await until(lambda: cluster.active() == ["a"], 3, "a to resume")
         assert a2.machine.term == term, "resumed the same term: no failover"
         # A stale lease file (lease revoked meanwhile) falls back to a new lease.
         await cluster.stop("a", handoff=True)
         assert not (tmp_path / "lease-c1-g1").exists()
         a3 = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)
-        await wait_until(lambda: cluster.active() == ["a"], 3, "a to lead again")
+        await until(lambda: cluster.active() == ["a"], 3, "a to lead again")
         assert a3.machine.term != term
 
     run(etcd, body)

@@ -24,6 +24,7 @@ from halb.net.netns import entered
 from halb.net.vip import InterfaceVips, vip_lifetime
 from halb.testing.etcd import EtcdServer
 from halb.testing.fake_dataplane import FakeDataplane
+from halb.testing.waits import until
 
 pytestmark = [
     pytest.mark.kernel,
@@ -115,15 +116,6 @@ class Agent:
         finally:
             await close_client(self.client)
             port.close()
-
-
-async def until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return time.monotonic() - t0
 
 
 def in_ns(netns: str, fn: Callable[[], Awaitable[Any]]) -> Any:

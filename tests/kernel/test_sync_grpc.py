@@ -29,6 +29,7 @@ from halb.sync.server import FlowSyncServer, ServerOptions
 from halb.sync.tls import SyncSecurity
 from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.sync_cluster import NODES, two_node_doc
+from halb.testing.waits import until
 
 pytestmark = pytest.mark.kernel
 
@@ -173,14 +174,6 @@ def security(files: TlsFiles, node: str) -> SyncSecurity:
     return SyncSecurity.from_files(files, node, NODES)
 
 
-async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def running(
     cfg: ClusterConfig,
@@ -250,7 +243,7 @@ def test_snapshot_then_deltas_in_order(cfg: ClusterConfig, tls_files: TlsFiles) 
             server.flush()
             server.push(upserts=[flow(9001), flow(9002)], deletes=[flow(1)])
             server.flush()
-            await wait_until(lambda: client.stats().applied_sequence == 3, what="3 deltas")
+            await until(lambda: client.stats().applied_sequence == 3, what="3 deltas")
             want = set(initial) - {flow(0), flow(1)} | {flow(9001), flow(9002)}
             assert sink.flows == want
             deltas = sink.log[snap_writes:]
@@ -262,7 +255,7 @@ def test_snapshot_then_deltas_in_order(cfg: ClusterConfig, tls_files: TlsFiles) 
                 ("install", flow(9001)),
                 ("install", flow(9002)),
             ]
-            await wait_until(lambda: server.stats().peers[0].acked_sequence == 3, what="acks")
+            await until(lambda: server.stats().peers[0].acked_sequence == 3, what="acks")
             st, cs = server.stats(), client.stats()
             assert st.peers[0].node == "lb2" and st.peers[0].lag_sequence == 0
             assert st.peers[0].state == "streaming"
@@ -280,15 +273,15 @@ def test_resume_with_last_sequence(cfg: ClusterConfig, tls_files: TlsFiles) -> N
             assert await client.wait_synced(10)
             server.push(upserts=[flow(500)])
             server.flush()
-            await wait_until(lambda: client.stats().applied_sequence == 1)
+            await until(lambda: client.stats().applied_sequence == 1)
             px.refuse = True
             px.cut()
-            await wait_until(lambda: not server.stats().peers, what="server sees the cut")
+            await until(lambda: not server.stats().peers, what="server sees the cut")
             # Changes while the standby is away stay in the backlog.
             server.push(upserts=[flow(501)], deletes=[flow(3)])
             server.flush()
             px.refuse = False
-            await wait_until(lambda: client.stats().applied_sequence == 2, what="resume")
+            await until(lambda: client.stats().applied_sequence == 2, what="resume")
             assert flow(501) in sink.flows and flow(3) not in sink.flows
             cs, st = client.stats(), server.stats()
             assert cs.snapshots == 1 and cs.resumes == 1 and cs.reconnects >= 1
@@ -315,7 +308,7 @@ def test_full_resync_when_the_backlog_is_exceeded(cfg: ClusterConfig, tls_files:
             assert await client.wait_synced(10)
             px.refuse = True
             px.cut()
-            await wait_until(lambda: not server.stats().peers)
+            await until(lambda: not server.stats().peers)
             # 30 single-flow batches > 10 entries of backlog; mirror them in the source.
             for i in range(30):
                 f, gone = flow(1000 + i), flow(i)
@@ -325,7 +318,7 @@ def test_full_resync_when_the_backlog_is_exceeded(cfg: ClusterConfig, tls_files:
                 server.flush()
             assert server.stats().backlog_entries <= 10
             px.refuse = False
-            await wait_until(lambda: client.stats().snapshots == 2, what="second snapshot")
+            await until(lambda: client.stats().snapshots == 2, what="second snapshot")
             # The resync removed what ended while the standby was away.
             assert sink.flows == source.dp.flows
             assert client.stats().flows == len(source.dp.flows)
@@ -369,7 +362,7 @@ def test_client_without_a_valid_certificate_is_refused(
             sink,
             _,
         ):
-            await wait_until(lambda: client.stats().reconnects >= 2, what="refusals")
+            await until(lambda: client.stats().reconnects >= 2, what="refusals")
             assert not await client.wait_synced(0.2)
             assert sink.flows == set()
             assert code in (client.stats().last_error or "")
@@ -392,7 +385,7 @@ def test_stream_from_an_older_term_is_ignored_and_counted(
             sink,
             _,
         ):
-            await wait_until(lambda: client.stats().stale_term_streams >= 2, what="stale streams")
+            await until(lambda: client.stats().stale_term_streams >= 2, what="stale streams")
             cs = client.stats()
             assert sink.flows == set()
             assert not cs.synced
@@ -414,7 +407,7 @@ def test_out_of_config_flows_are_dropped_and_counted(
             assert await client.wait_synced(10)
             server.push(upserts=[flow(300, backend="10.0.0.98"), flow(301)])
             server.flush()
-            await wait_until(lambda: client.stats().applied_sequence == 1)
+            await until(lambda: client.stats().applied_sequence == 1)
             assert sink.flows == set(good) | {flow(301)}
             assert client.stats().dropped == {"unknown_backend": 4, "unknown_service": 4}
 
@@ -485,8 +478,8 @@ def test_malformed_messages_do_not_crash_the_client(cfg: ClusterConfig) -> None:
         client.start()
         try:
             await asyncio.wait_for(done.wait(), 5)
-            await wait_until(lambda: client.stats().applied_sequence == 1, what="delta 1")
-            await wait_until(
+            await until(lambda: client.stats().applied_sequence == 1, what="delta 1")
+            await until(
                 lambda: client.stats().dropped.get("malformed_message") == 2,
                 what="the partial delta dropped",
             )
@@ -511,16 +504,16 @@ def test_heartbeat_timeout_detects_a_frozen_active(cfg: ClusterConfig, tls_files
             accepted = px.accepted
             px.freeze()
             frozen_at = time.monotonic()
-            await wait_until(lambda: client.stats().reconnects >= 1, what="timeout detection")
+            await until(lambda: client.stats().reconnects >= 1, what="timeout detection")
             detected = time.monotonic() - frozen_at
             assert "no message" in (client.stats().last_error or "")
             # detection follows the heartbeat timeout (1 s), not TCP or keepalive timers
             assert 0.8 <= detected < 3.0
             px.thaw()
-            await wait_until(lambda: px.accepted > accepted, what="a new connection")
+            await until(lambda: px.accepted > accepted, what="a new connection")
             server.push(upserts=[flow(99)])
             server.flush()
-            await wait_until(lambda: flow(99) in sink.flows, what="delta after reconnect")
+            await until(lambda: flow(99) in sink.flows, what="delta after reconnect")
             assert client.stats().connected
 
     run(body)
@@ -607,7 +600,7 @@ def test_a_batch_is_acknowledged_only_once_its_write_has_landed(
             assert server.stats().peers[0].acked_sequence == 0
             assert client.stats().applied_sequence == 0
             sink.gate.set()
-            await wait_until(
+            await until(
                 lambda: server.stats().peers[0].acked_sequence == 1, what="the ack of delta 1"
             )
             assert sink.flows == {flow(1)}

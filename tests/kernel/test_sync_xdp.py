@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, ip_address
 
@@ -21,6 +20,7 @@ from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.server import FlowSyncServer, ServerOptions
 from halb.sync.tls import SyncSecurity
 from halb.testing.sync_cluster import NODES, two_node_doc, veth_dataplanes
+from halb.testing.waits import until
 
 pytestmark = pytest.mark.kernel
 
@@ -64,14 +64,6 @@ def make_dp() -> Iterator[Callable[[list[Service]], XdpDataplane]]:
         yield lambda services: make(services, "10.0.0.11")
 
 
-async def until(what: str, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 def test_active_map_to_standby_map(
     cfg: ClusterConfig, make_dp: Callable[[list[Service]], XdpDataplane]
 ) -> None:
@@ -98,7 +90,7 @@ def test_active_map_to_standby_map(
         client.start()
         try:
             assert await client.wait_synced(10)
-            await until("the snapshot", lambda: len(standby.dump_flows()) == 3000)
+            await until(lambda: len(standby.dump_flows()) == 3000, 10.0, "the snapshot", every=0.02)
             # Learned by the scans, pushed as deltas: new flows, ended flows, and flows
             # the active's program moved to another backend.
             active.install_flows(after)
@@ -109,7 +101,7 @@ def test_active_map_to_standby_map(
             active.install_flows(moved)
             want = active.dump_flows()
             assert len(want) == 4900
-            await until("the deltas", lambda: standby.dump_flows() == want)
+            await until(lambda: standby.dump_flows() == want, 10.0, "the deltas", every=0.02)
             st = client.stats()
             assert st.flows == 4900 and not st.dropped
 
@@ -126,7 +118,7 @@ def test_active_map_to_standby_map(
             )
             await server.start()
             scans = asyncio.create_task(source.run(server.push))
-            await until("the resync", lambda: client.stats().snapshots == 2)
+            await until(lambda: client.stats().snapshots == 2, 10.0, "the resync", every=0.02)
             assert standby.dump_flows() == want
             assert client.stats().flows == 4850
         finally:
