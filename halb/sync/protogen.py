@@ -72,8 +72,15 @@ def is_fresh(out_dir: Path | None = None, root: Path | None = None) -> bool:
 
 
 def _protoc(root: Path, out: Path) -> None:
-    # Imported here: grpc_tools is a build-time tool, and importing it costs ~100 ms.
-    from grpc_tools import protoc
+    # Imported here: grpc_tools is a build-time tool (the `build` extra), and importing it
+    # costs ~100 ms. An installed wheel ships the generated tree and never gets here.
+    try:
+        from grpc_tools import protoc
+    except ImportError:
+        raise RuntimeError(
+            f"the generated protobuf modules in {out} are missing or stale and grpcio-tools "
+            "is not installed: install halb[build] in a checkout, or reinstall the halb wheel"
+        ) from None
 
     include = Path(protoc.__file__).parent / "_proto"  # well-known types
     args = [
