@@ -1,5 +1,6 @@
 """Test tiers by directory: unit (no root, no network), kernel and lab (root, namespaces),
-vm (QEMU). Root-only tiers are skipped with a reason when not root; CI runs as root."""
+vm (QEMU), deploy (systemd-nspawn machines and ansible). Root-only tiers are skipped with
+a reason when not root; CI runs as root."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "kernel", "lab", "vm")
-ROOT_TIERS = {"kernel", "lab", "vm"}
+TIERS = ("unit", "kernel", "lab", "vm", "deploy")
+ROOT_TIERS = {"kernel", "lab", "vm", "deploy"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
