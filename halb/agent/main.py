@@ -65,7 +65,7 @@ from halb.ha.machine import (
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
-from halb.net.vip import InterfaceVips, vip_lifetime
+from halb.net.vip import InterfaceVips
 
 __all__ = ["Agent", "AgentError", "describe_cause"]
 
@@ -307,7 +307,7 @@ class Agent:
         with us. Errors are logged and retried: status never takes ownership down."""
         assert self.cfg is not None
         keys = etcdio.keys_of(self.cfg)
-        ttl = max(2, int(self.cfg.etcd.lease_ttl * 3))
+        ttl = self.cfg.timings().status_ttl
         lease: Any = None
         while True:
             try:
@@ -383,7 +383,7 @@ class Agent:
             new_vips = [v.address for v in gcfg.vips]
             g.cfg = gcfg
             if old_vips != new_vips:
-                await self._update_vips(g, old_vips, new_vips)
+                await g.runtime.set_addresses(new_vips)
             self._update_election(g)
         self.config_revision = revision
         self._status_dirty.set()
@@ -402,21 +402,6 @@ class Agent:
             )
             # Re-present the current leader so a standby re-decides whether to preempt.
             rt.emit(LeaderObserved(rt.machine.st.leader))
-
-    async def _update_vips(self, g: _Group, old: list[Any], new: list[Any]) -> None:
-        rt = g.runtime
-        rt.addresses[:] = new
-        term = rt.machine.term
-        if term is None:
-            return
-        # Active: follow the change now, checking the term before each add.
-        for vip in new:
-            if vip not in old and rt.machine.holds(term):
-                await rt.vips.add(vip, rt.lifetime)
-                rt.vips.announce(vip)
-        for vip in old:
-            if vip not in new:
-                await rt.vips.remove(vip)
 
     async def _reload_file(self, client: aetcd.Client) -> None:
         """SIGHUP: validate the file and store it, so every agent applies it."""
@@ -444,6 +429,9 @@ class Agent:
         members = sorted(cfg.group_nodes(g), key=lambda n: -n.priority)
         rank = [n.name for n in members].index(node.name)
         keys = GroupKeys(cfg.etcd.prefix, cfg.cluster, g.name)
+        # Lower-priority nodes campaign and judge heartbeats a little later, so the
+        # best standby usually acts alone (halb.timing).
+        timings = cfg.timings(rank)
         status = GroupStatus()
         machine = ObservedMachine(
             MachineConfig(
@@ -451,10 +439,8 @@ class Agent:
                 priority=node.priority,
                 preempt=g.preempt,
                 preempt_delay=g.preempt_delay,
-                # Lower-priority nodes wait a little before campaigning for a vacant
-                # group, so the best standby usually wins without a later preemption.
-                campaign_delay=0.05 * rank,
-                fence_wait=cfg.failover.fence_wait(cfg.dataplane.kind),
+                campaign_delay=timings.campaign_delay,
+                fence_wait=timings.fence_wait,
             ),
             lambda old, new, ev, m: self._on_change(g.name, old, new, ev, m),
         )
@@ -479,16 +465,15 @@ class Agent:
             keys,
             node.name,
             node.priority,
-            ttl=cfg.etcd.lease_ttl,
+            ttl=timings.lease.lease_ttl,
             emit=lambda ev: self._from_coord(g.name, ev),
             state_dir=Path(cfg.state_dir) / node.name,
-            heartbeat_interval=cfg.failover.interval_for(cfg.dataplane.kind),
-            heartbeat_timeout=cfg.failover.heartbeat_timeout,
-            # Same skew as the campaign: the best standby usually revokes alone.
-            watchdog_slack=0.05 * rank,
+            heartbeat_interval=timings.heartbeat_interval,
+            heartbeat_timeout=timings.heartbeat_timeout,
+            watchdog_slack=timings.watchdog_slack,
         )
         rt.coord = coord
-        rt.lifetime = vip_lifetime(coord.ttl, coord.fence_margin)
+        rt.lifetime = timings.vip_lifetime
         return _Group(g, rt, status)
 
     async def run(self) -> None:
