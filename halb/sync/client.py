@@ -34,8 +34,9 @@ import grpc
 from halb.aio import cancel_and_wait, within
 from halb.config import ClusterConfig
 from halb.dataplane.base import Dataplane
+from halb.flows import records
 from halb.model import Term
-from halb.sync import codec, records, tls
+from halb.sync import codec, tls
 from halb.sync.codec import DecodedBatch, DropReason, RecordIndex
 from halb.sync.pb import SYNC_METHOD
 
