@@ -202,11 +202,12 @@ def decode_response(
 
 
 def request_subscribe(
-    *, node: str, known_term: Term | None, session: int, last_sequence: int
+    *, node: str, known_term: Term | None, session: int, last_sequence: int, group: str = ""
 ) -> bytes:
     req = sync_pb2.SyncRequest()
     sub = req.subscribe
     sub.node = node
+    sub.group = group
     sub.session = session
     sub.last_sequence = last_sequence
     if known_term is not None:
