@@ -29,6 +29,7 @@ __all__ = [
     "Member",
     "TlsFiles",
     "channel_options",
+    "closed_under_us",
     "parse_endpoints",
     "resolve",
     "target",
@@ -64,7 +65,9 @@ class TlsFiles:
     server_name: str | None = None
 
 
-def parse_endpoints(urls: Sequence[str], *, field: str = "etcd.endpoints") -> tuple[bool, list[Member]]:
+def parse_endpoints(
+    urls: Sequence[str], *, field: str = "etcd.endpoints"
+) -> tuple[bool, list[Member]]:
     """(uses TLS, members) from ``http(s)://host:port`` URLs; one scheme for all."""
     if not urls:
         raise ValueError(f"{field}: no etcd endpoint given")
@@ -144,13 +147,23 @@ def _credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
         try:
             return path.read_bytes()
         except OSError as exc:
-            raise ValueError(f"etcd.tls.{what}: cannot read {str(path)!r}: {exc.strerror}") from None
+            raise ValueError(
+                f"etcd.tls.{what}: cannot read {str(path)!r}: {exc.strerror}"
+            ) from None
 
     return grpc.ssl_channel_credentials(
         root_certificates=read(tls.ca, "ca"),
         private_key=read(tls.key, "key"),
         certificate_chain=read(tls.cert, "cert"),
     )
+
+
+def closed_under_us() -> bool:
+    """Inside ``except asyncio.CancelledError`` around a gRPC call: True when the
+    cancellation came from the channel being closed (grpc.aio raises CancelledError in
+    the caller then), not from someone cancelling this task."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() == 0
 
 
 class Channels:
@@ -170,6 +183,7 @@ class Channels:
         self.generation = 0
         self.channel = self._open()
         self._closing: set[asyncio.Task[None]] = set()
+        self._old: list[grpc.aio.Channel] = []
         self.closed = False
 
     def _open(self) -> grpc.aio.Channel:
@@ -194,19 +208,24 @@ class Channels:
         self.channel = self._open()
         self.generation += 1
         log.warning("etcd member %s: %s; now trying %s first", bad, reason, self.order[0])
+        self._old.append(old)
         task = asyncio.get_running_loop().create_task(self._close_later(old))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         return True
 
-    @staticmethod
-    async def _close_later(channel: grpc.aio.Channel) -> None:
-        # Calls still running on it end (with CANCELLED) and are retried on the new one.
+    async def _close_later(self, channel: grpc.aio.Channel) -> None:
+        # Calls still running on it end (CancelledError in the caller, see
+        # closed_under_us) and are retried on the new one.
         await channel.close(grace=_GRACE)
+        with contextlib.suppress(ValueError):
+            self._old.remove(channel)
 
     async def close(self) -> None:
         self.closed = True
         for task in list(self._closing):
             task.cancel()
-        with contextlib.suppress(Exception):
-            await self.channel.close(grace=None)
+        for channel in [*self._old, self.channel]:
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
+        self._old.clear()

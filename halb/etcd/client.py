@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +34,7 @@ import grpc
 import grpc.aio
 
 from halb.etcd import kv as kvmod
-from halb.etcd.channel import Channels, TlsFiles, parse_endpoints, resolve
+from halb.etcd.channel import Channels, TlsFiles, closed_under_us, parse_endpoints, resolve
 from halb.etcd.errors import (
     Action,
     AuthFailed,
@@ -94,13 +94,22 @@ class ClientSettings:
     slow_ack: float = 0.25  # a keepalive answered slower than this: leave the member
 
     @classmethod
-    def of(cls, etcd: Any, *, environ: dict[str, str] | None = None) -> ClientSettings:
-        """From halb.config.EtcdConfig; credentials from the config's auth section or
-        the environment (HALB_ETCD_USER / HALB_ETCD_PASSWORD, which win)."""
+    def of(
+        cls, etcd: Any, *, node: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> ClientSettings:
+        """From halb.config.EtcdConfig (``{node}`` in TLS paths filled in with ``node``);
+        credentials from etcd.auth or the environment (HALB_ETCD_USER /
+        HALB_ETCD_PASSWORD, which win)."""
         env = os.environ if environ is None else environ
         tls = None
         if etcd.tls is not None:
-            t = etcd.tls
+            t = etcd.tls.for_node(node) if node is not None else etcd.tls
+            for field in ("ca", "cert", "key"):
+                if "{node}" in (getattr(t, field) or ""):
+                    raise ValueError(
+                        f"etcd.tls.{field}: {getattr(t, field)!r} names {{node}}, but no node "
+                        "is known here (set HALB_NODE or give --node)"
+                    )
             tls = TlsFiles(
                 Path(t.ca),
                 Path(t.cert) if t.cert else None,
@@ -250,13 +259,18 @@ class EtcdClient:
             md = self.metadata() if auth else (("hasleader", "true"),)
             try:
                 return await method(stubs)(request, timeout=per, metadata=md, wait_for_ready=True)
+            except asyncio.CancelledError:
+                if not closed_under_us():
+                    raise
+                last = "channel replaced"
             except grpc.aio.AioRpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
                 action = await self.handle(stubs.generation, exc)
                 if action is Action.FINAL:
                     raise self.error_of(exc) from None
-                if action is Action.RETRY:
-                    await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+                # A refusal comes back at once (no leader yet, member gone): pause so a
+                # client does not spin while etcd elects a leader.
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
 
     async def check(self, timeout: float | None = None) -> None:
         """Fail fast with a clear cause when no member can be reached: TLS problems
@@ -280,8 +294,10 @@ class EtcdClient:
             members = ", ".join(str(m) for m in self.channels.order)
             if cause is not None:
                 raise TlsError(f"etcd ({members}): {cause}") from None
-            if tls is None and exc.code() == grpc.StatusCode.UNAVAILABLE and (
-                "Socket closed" in details or "Connection reset" in details
+            if (
+                tls is None
+                and exc.code() == grpc.StatusCode.UNAVAILABLE
+                and ("Socket closed" in details or "Connection reset" in details)
             ):
                 raise TlsError(
                     f"etcd ({members}): the members closed a plaintext connection; do they "
@@ -349,7 +365,9 @@ class EtcdClient:
         return LeaseInfo(int(resp.ID), int(resp.TTL), int(resp.TTL))
 
     async def revoke(self, lease: int, *, timeout: float | None = None) -> None:
-        await self._call(lambda s: s.lease.LeaseRevoke, self.pb.rpc.LeaseRevokeRequest(ID=lease), timeout)
+        await self._call(
+            lambda s: s.lease.LeaseRevoke, self.pb.rpc.LeaseRevokeRequest(ID=lease), timeout
+        )
 
     async def time_to_live(self, lease: int, *, timeout: float | None = None) -> LeaseInfo:
         """TTL -1 when the lease does not exist (etcd answers, it does not fail)."""
@@ -381,7 +399,9 @@ class EtcdClient:
 
     async def status(self, *, timeout: float | None = None) -> Any:
         """Maintenance.Status of the member the channel uses (leader id, raft term)."""
-        return await self._call(lambda s: s.maintenance.Status, self.pb.rpc.StatusRequest(), timeout)
+        return await self._call(
+            lambda s: s.maintenance.Status, self.pb.rpc.StatusRequest(), timeout
+        )
 
     async def member_list(self, *, timeout: float | None = None) -> Any:
         return await self._call(
@@ -405,4 +425,3 @@ class EtcdClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-

@@ -110,13 +110,32 @@ def diagnose_connect(details: str, *, tls: bool, server_name: str | None) -> str
     low = text.lower()
     if "certificate_verify_failed" in low or "unable to get local issuer" in low:
         return "the members' certificates are not signed by etcd.tls.ca (wrong CA?)"
-    if "peer name" in low or "not in peer certificate" in low or "hostname mismatch" in low:
+    if "hostname verification" in low or "peer name" in low or "not in peer certificate" in low:
         name = f" {server_name!r}" if server_name else ""
-        return f"the members' certificates do not carry the server name{name} (etcd.tls.server_name)"
-    if "certificate required" in low or "alert bad certificate" in low or "handshake_failure" in low:
-        return "the members refused the client certificate (missing or not signed by their CA)"
-    if tls and ("wrong_version_number" in low or "packet_length_too_long" in low):
-        return "the members speak plaintext, not TLS (use http:// endpoints, or enable TLS on etcd)"
+        return (
+            f"the members' certificates do not carry the server name{name} (etcd.tls.server_name)"
+        )
+    # TLS 1.3: the server's "bad certificate" alert arrives after the client's handshake
+    # finished, so the client sees it as a record it cannot decrypt.
+    if (
+        "certificate required" in low
+        or "bad_certificate" in low
+        or "tsi_data_corrupted" in low
+        or "unwrap failed" in low
+    ):
+        return (
+            "the members refused this client's certificate (etcd.tls.cert / key missing, "
+            "or not signed by the CA the members trust)"
+        )
+    if tls and (
+        "wrong_version_number" in low
+        or "packet_length_too_long" in low
+        or "handshake read failed" in low
+    ):
+        return (
+            "the members do not answer TLS: do they speak plaintext (http:// endpoints "
+            "without etcd.tls)?"
+        )
     if tls and ("ssl" in low or "handshake" in low):
         return f"TLS handshake failed: {text}"
     return None

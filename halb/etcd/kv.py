@@ -159,9 +159,11 @@ class Compare:
         else:
             if not isinstance(self.value, int):
                 raise TypeError(f"{self.target} compare of {self.key!r} needs an int")
-            setattr(msg, {"create": "create_revision", "mod": "mod_revision"}.get(
-                self.target, self.target
-            ), self.value)
+            setattr(
+                msg,
+                {"create": "create_revision", "mod": "mod_revision"}.get(self.target, self.target),
+                self.value,
+            )
         return msg
 
 
@@ -171,7 +173,9 @@ class Get:
     prefix: bool = False
 
     def request(self, rpc: Any) -> Any:
-        return rpc.RangeRequest(key=self.key, range_end=prefix_end(self.key) if self.prefix else b"")
+        return rpc.RangeRequest(
+            key=self.key, range_end=prefix_end(self.key) if self.prefix else b""
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from halb.etcd.channel import closed_under_us
 from halb.etcd.errors import Action, EtcdUnavailable
 
 if TYPE_CHECKING:
@@ -116,6 +117,14 @@ class LeaseKeeper:
                     async with stream.write_lock:
                         await stream.call.write(self.client.pb.rpc.LeaseKeepAliveRequest(ID=lease))
                     ttl = await fut
+            except asyncio.CancelledError:
+                if not closed_under_us():
+                    self._forget(stream, lease, fut)
+                    raise
+                last = "channel replaced"
+                self._forget(stream, lease, fut)
+                self._discard(stream)
+                continue
             except TimeoutError:
                 last = f"no answer within {per:.2f}s"
                 self._forget(stream, lease, fut)

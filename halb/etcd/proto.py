@@ -75,7 +75,9 @@ def default_out_dir() -> Path:
 
 def strip_annotations(text: str) -> str:
     """Drop gogoproto / google.api imports and options; point imports at our layout."""
-    text = re.sub(r'^import "(gogoproto/gogo|google/api/annotations)\.proto";\n', "", text, flags=re.M)
+    text = re.sub(
+        r'^import "(gogoproto/gogo|google/api/annotations)\.proto";\n', "", text, flags=re.M
+    )
     text = re.sub(r"^option \(gogoproto\.[a-z_]+\) = [a-z]+;\n", "", text, flags=re.M)
     text = _drop_http_options(text)
     # Field options such as [(gogoproto.nullable) = false] (none in 3.4's three files).

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from halb.etcd.errors import Action, Compacted, EtcdError, PermissionDenied
+from halb.etcd.channel import closed_under_us
+from halb.etcd.errors import (
+    Action,
+    AuthFailed,
+    Compacted,
+    EtcdError,
+    EtcdUnavailable,
+    PermissionDenied,
+)
 from halb.etcd.kv import EventKind, KeyValue, RangeResult, WatchEvent, prefix_end
 
 if TYPE_CHECKING:
@@ -83,12 +91,16 @@ async def watch(
         bound = client.stubs()
         token = client.token
         call = bound.watch.Watch(metadata=client.metadata(), wait_for_ready=True)
+        log.debug("watch of %r from %d on channel %d", key, resume.next, bound.generation)
         try:
-            create = rpc.WatchCreateRequest(key=key, range_end=range_end, start_revision=resume.next)
+            create = rpc.WatchCreateRequest(
+                key=key, range_end=range_end, start_revision=resume.next
+            )
             await call.write(rpc.WatchRequest(create_request=create))
             while True:
                 resp = await call.read()
                 if resp is grpc.aio.EOF:
+                    log.debug("watch of %r: stream ended; resuming at %d", key, resume.next)
                     break
                 if resp.canceled:
                     if resp.compact_revision:
@@ -96,21 +108,27 @@ async def watch(
                     reason = str(resp.cancel_reason)
                     if "permission denied" in reason:
                         raise PermissionDenied(f"watch of {key!r}: {reason}")
+                    if "user name is empty" in reason:
+                        raise AuthFailed(f"watch of {key!r}: {reason} (no token, no client CN)")
                     # An expired token: etcd answers created+canceled, then goes quiet.
                     log.info("etcd canceled the watch of %r (%s); re-creating", key, reason)
-                    if "auth" in reason or "token" in reason:
+                    if "auth token" in reason or "auth store" in reason:
                         await client.renew_token(token)
                     break
                 failures = 0
                 for ev in resume.accept([_event(e) for e in resp.events]):
                     yield ev
+        except asyncio.CancelledError:
+            if not closed_under_us():
+                raise
+            log.debug("watch of %r: channel replaced; resuming at %d", key, resume.next)
         except grpc.aio.AioRpcError as exc:
             action = await client.handle(bound.generation, exc)
             if action is Action.FINAL:
                 raise client.error_of(exc) from None
             log.debug("watch of %r broke (%s); resuming at %d", key, exc.code().name, resume.next)
         except (asyncio.InvalidStateError, EtcdError) as exc:
-            if isinstance(exc, Compacted | PermissionDenied):
+            if isinstance(exc, Compacted | PermissionDenied | AuthFailed):
                 raise
             log.debug("watch of %r broke (%s); resuming at %d", key, exc, resume.next)
         finally:
@@ -125,7 +143,6 @@ async def read_then_watch(
     """A Snapshot (one Range), then every event after it; a new Snapshot whenever the
     watch had to be restarted from a fresh read (compaction). Read failures are
     retried with backoff; final errors (permission denied, auth) propagate."""
-    from halb.etcd.errors import EtcdUnavailable
 
     failures = 0
     while True:

@@ -45,8 +45,8 @@ from halb.net.netns import setns
 
 __all__ = [
     "AUTH_PREFIX",
-    "ETCD_BINARY",
     "ETCDCTL_BINARY",
+    "ETCD_BINARY",
     "SERVER_NAME",
     "USER_PASSWORD",
     "ClusterTls",
@@ -82,8 +82,10 @@ class EtcdServer:
         initial_cluster: str | None = None,
         peer_port: int | None = None,
         tls: ClusterTls | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.binary = binary
+        self.extra_args = extra_args
         self.netns = netns
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
@@ -144,6 +146,7 @@ class EtcdServer:
             f"--election-timeout={self.election_ms}",
             "--log-level=warn",
             *tls,
+            *self.extra_args,
         ]
 
     def spawn(self) -> None:
@@ -303,8 +306,10 @@ class EtcdCluster:
         auth: bool = False,
         heartbeat_ms: int = 50,
         election_ms: int = 500,
+        token_ttl: int | None = None,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="halbt-etcdc-"))
+        extra = (f"--auth-token-ttl={token_ttl}",) if token_ttl else ()
         self.tls = ClusterTls.make(self.dir) if tls else None
         self.auth = auth
         peers = [free_port() for _ in range(size)]
@@ -318,6 +323,7 @@ class EtcdCluster:
                 initial_cluster=initial,
                 peer_port=peers[i],
                 tls=self.tls,
+                extra_args=extra,
             )
             for i in range(size)
         ]
@@ -345,7 +351,7 @@ class EtcdCluster:
                 f"--cacert={self.tls.ca}",
                 f"--cert={self.tls.client_cert}",
                 f"--key={self.tls.client_key}",
-                f"--insecure-discovery=false",
+                "--insecure-discovery=false",
             ]
         if user == "root" and self._auth_on:
             argv.append(f"--user=root:{ROOT_PASSWORD}")
