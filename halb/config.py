@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from halb import timing
 from halb.model import (
     Backend,
     DataplaneKind,
@@ -50,13 +51,9 @@ __all__ = [
     "parse_config_text",
 ]
 
-MIN_LEASE_TTL = 1.0
-DEFAULT_HEARTBEAT_INTERVAL = 0.1
-# Dataplanes whose adapter enforces a dead-man deadline (forwarding and ARP).
-DEADMAN_DATAPLANES = frozenset({DataplaneKind.XDP, DataplaneKind.NFT})
-# The XDP program reads a coarse clock (one tick: 4 ms at HZ=250); nft expires set
-# elements on its own clock, also at tick granularity.
-DEADMAN_TICK_MARGIN = 0.02
+# Timing lives in halb.timing; these names stay importable from here.
+MIN_LEASE_TTL = timing.MIN_LEASE_TTL
+DEADMAN_DATAPLANES = timing.DEADMAN_DATAPLANES
 
 SUPPORTED_FORWARDING: dict[DataplaneKind, tuple[Forwarding, ...]] = {
     DataplaneKind.XDP: (Forwarding.DSR, Forwarding.TUNNEL),
@@ -324,18 +321,12 @@ class FailoverConfig(_Model):
     heartbeat_timeout: float = Field(default=0.5, gt=0, le=60)
 
     def interval_for(self, kind: DataplaneKind) -> float:
-        if self.heartbeat_interval is not None:
-            return self.heartbeat_interval
-        return DEFAULT_HEARTBEAT_INTERVAL if kind in DEADMAN_DATAPLANES else 0.0
+        return timing.heartbeat_interval_for(self.heartbeat_interval, kind)
 
     def fence_wait(self, kind: DataplaneKind) -> float:
-        """How long a standby waits after revoking a silent leader's lease: that
-        leader's last heartbeat deadline, one interval for the other groups sharing its
-        dataplane switch, and a clock tick of the dataplane's coarse clock."""
-        interval = self.interval_for(kind)
-        if interval <= 0:
-            return 0.0
-        return self.heartbeat_timeout + interval + DEADMAN_TICK_MARGIN
+        """How long a standby waits after revoking a silent leader's lease
+        (halb.timing.fence_wait)."""
+        return timing.fence_wait(self.interval_for(kind), self.heartbeat_timeout)
 
 
 class ServiceTlsConfig(_Model):
@@ -356,6 +347,17 @@ class ClusterConfig(_Model):
     state_dir: str = "/var/lib/halb"
 
     # -- lookups used by the agent and planning -----------------------------------------
+
+    def timings(self, rank: int = 0) -> timing.Timings:
+        """Every derived interval for a node of priority ``rank`` (0 = the best) in a
+        group: halb.timing owns the derivation and its safety argument."""
+        return timing.derive(
+            lease_ttl=self.etcd.lease_ttl,
+            heartbeat_interval=self.failover.heartbeat_interval,
+            heartbeat_timeout=self.failover.heartbeat_timeout,
+            kind=self.dataplane.kind,
+            rank=rank,
+        )
 
     def node(self, name: str) -> NodeConfig:
         for n in self.nodes:
@@ -508,16 +510,23 @@ def _etcd_issues(etcd: EtcdConfig) -> Iterator[ConfigIssue]:
         yield ConfigIssue(missing, "a client certificate needs both cert and key")
 
 
+def _timing_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
+    """The safety argument's invariants (halb.timing), once the fields are sane."""
+    if timing.ttl_issue(cfg.etcd.lease_ttl) is not None or any(_failover_issues(cfg)):
+        return  # already reported with their own field paths
+    for problem in cfg.timings().violations():
+        yield ConfigIssue("failover", f"derived timings are unsafe: {problem}")
+
+
 def _semantic(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     kind = cfg.dataplane.kind
     yield from _etcd_issues(cfg.etcd)
-    if cfg.etcd.lease_ttl < MIN_LEASE_TTL:
-        yield ConfigIssue(
-            "etcd.lease_ttl",
-            f"{cfg.etcd.lease_ttl:g} is below the minimum of {MIN_LEASE_TTL:g} second",
-        )
+    ttl_problem = timing.ttl_issue(cfg.etcd.lease_ttl)
+    if ttl_problem is not None:
+        yield ConfigIssue("etcd.lease_ttl", ttl_problem)
 
     yield from _failover_issues(cfg)
+    yield from _timing_issues(cfg)
 
     node_index: dict[str, int] = {}
     for i, n in enumerate(cfg.nodes):

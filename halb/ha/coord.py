@@ -61,7 +61,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,6 +90,7 @@ from halb.ha.machine import (
     Undrain,
 )
 from halb.model import Term
+from halb.timing import lease_timings, rpc_timeout_for
 
 __all__ = [
     "Backoff",
@@ -287,13 +287,14 @@ class Coordinator:
         self.keys = keys
         self.node = node
         self.priority = priority
-        # etcd lease TTLs are whole seconds.
-        self.ttl = max(1, math.ceil(ttl))
+        # halb.timing derives the cadence and the margin (tests may override them).
+        lease = lease_timings(ttl)
+        self.ttl = lease.lease_ttl
         self.emit = emit
         self.clock = clock or MonotonicClock()
-        self.keepalive_interval = keepalive_interval or self.ttl / 4
-        self.fence_margin = fence_margin if fence_margin is not None else 0.3 * self.ttl
-        self.rpc_timeout = rpc_timeout or max(0.2, self.keepalive_interval)
+        self.keepalive_interval = keepalive_interval or lease.keepalive_interval
+        self.fence_margin = fence_margin if fence_margin is not None else lease.fence_margin
+        self.rpc_timeout = rpc_timeout or rpc_timeout_for(self.keepalive_interval)
         self.state_dir = state_dir
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout

@@ -21,10 +21,11 @@ from halb.ha.coord import Coordinator, GroupKeys, close_client, open_client
 from halb.ha.machine import Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
 from halb.net.netns import entered
-from halb.net.vip import InterfaceVips, vip_lifetime
+from halb.net.vip import InterfaceVips
 from halb.testing.etcd import EtcdServer
 from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.waits import until
+from halb.timing import vip_lifetime
 
 pytestmark = [
     pytest.mark.kernel,

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,6 +252,63 @@ def test_planned_failover_via_cli(ha: dict[str, Any]) -> None:
     assert doc["last_failover"]["to"] == "lb2"
     bad = halb("failover", "--to", "nosuch")
     assert bad.returncode == 2 and "nosuch" in bad.stderr
+
+
+def vip_holders(vip: str) -> set[str]:
+    holders = set()
+    for node in ("lb1", "lb2"):
+        out = subprocess.run(
+            ["ip", "-n", SITE.ns(node), "-br", "addr", "show", "eth0"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if f"{vip}/32" in out:
+            holders.add(node)
+    return holders
+
+
+def test_a_vip_added_by_config_apply_moves_with_a_planned_failover_and_never_doubles(
+    ha: dict[str, Any],
+) -> None:
+    """Regression (issue 13): a VIP added by `halb config apply` was added by the agent's
+    reload path outside the term, so a planned failover left it on the old node for its
+    kernel lifetime, both nodes answering ARP for it."""
+    no_preempt(ha)
+    extra = f"{SITE.net(0)}.101"
+    doc = yaml.safe_load((Path(ha["lab_dir"]) / "no-preempt.yaml").read_text())
+    added = json.loads(json.dumps(doc["vip_groups"][0]["vips"][0]))
+    added["address"] = extra
+    doc["vip_groups"][0]["vips"].append(added)
+    two = Path(ha["lab_dir"]) / "two-vips.yaml"
+    two.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = halb("config", "apply", str(two))
+    assert r.returncode == 0, r.stderr
+    wait_until("lb1 to hold the added VIP", lambda: vip_holders(extra) == {"lb1"}, 10)
+
+    samples: list[set[str]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(vip_holders(extra))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        time.sleep(0.3)
+        r = halb("failover", "--to", "lb2")
+        assert r.returncode == 0, r.stderr
+        wait_until("lb2 to hold the added VIP", lambda: "lb2" in vip_holders(extra), 5)
+        time.sleep(2.5)  # past the VIP's kernel lifetime and the kernel's sweep
+    finally:
+        stop.set()
+        sampler.join(5)
+    doubled = [i for i, s in enumerate(samples) if len(s) > 1]
+    assert not doubled, f"{len(doubled)} of {len(samples)} samples show {extra} on both nodes"
+    assert samples[-1] == {"lb2"}, samples[-5:]
+    assert leader(ha["config"]) == "lb2"
 
 
 def test_drain_hands_over_and_undrain_takes_it_back(ha: dict[str, Any]) -> None:
