@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,14 @@ from typing import Any
 import aetcd
 
 from halb.agent import etcdio
+from halb.agent.causes import ObservedMachine, change_cause
 from halb.agent.factory import make_dataplane
 from halb.agent.floating import FloatingVips
 from halb.agent.health import HealthRole, TermRoles
 from halb.agent.linkwatch import watch_link
 from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
+from halb.agent.statuspub import publish_status
 from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
 from halb.aio import within
 from halb.checks.view import HealthView
@@ -48,85 +49,24 @@ from halb.dataplane.base import ApplyResult, Dataplane
 from halb.ha.coord import Coordinator, GroupKeys
 from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
-    Action,
-    CampaignWon,
     Drain,
     Event,
-    FenceDeadlinePassed,
-    HandoverObserved,
     LeaderObserved,
-    LeaderUnresponsive,
-    LeaseLost,
     Machine,
     MachineConfig,
-    Shutdown,
     State,
-    TimerFired,
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
 from halb.net.vip import InterfaceVips
 
-__all__ = ["Agent", "AgentError", "describe_cause"]
+__all__ = ["Agent", "AgentError"]
 
 log = logging.getLogger("halb.agent")
-
-STATUS_INTERVAL = 1.0
 
 
 class AgentError(RuntimeError):
     """A reason the agent cannot start, already worded for the operator."""
-
-
-def describe_cause(ev: Event) -> str:
-    """Why a state change happened, in words an operator reads in `halb status`."""
-    match ev:
-        case CampaignWon():
-            return "won the election"
-        case LeaderObserved(leader=None):
-            return "leader key gone (leader lease expired or revoked)"
-        case LeaderObserved(leader=leader) if leader is not None:
-            return f"leader is {leader.holder} (term {leader.term})"
-        case FenceDeadlinePassed():
-            return (
-                "keepalives or heartbeats to etcd failed: self-fenced before a standby "
-                "could take over"
-            )
-        case LeaseLost():
-            return "lease lost"
-        case HandoverObserved(handover=h) if h is not None:
-            return f"handover to {h.target} requested ({h.reason})"
-        case Drain():
-            return "node drained"
-        case Undrain():
-            return "node undrained"
-        case Shutdown():
-            return "agent stopping"
-        case LeaderUnresponsive(term=term):
-            return f"no heartbeat from the leader of term {term}: revoking its lease"
-        case TimerFired(timer=t):
-            return f"{t} timer fired"
-    return type(ev).__name__
-
-
-class ObservedMachine(Machine):
-    """A Machine that reports every state or term change with the event that caused it."""
-
-    def __init__(
-        self, cfg: MachineConfig, on_change: Callable[[State, State, Event, Machine], None]
-    ) -> None:
-        super().__init__(cfg)
-        self._on_change = on_change
-        # The state before the event being reported (what the change came from).
-        self.before = self.st
-
-    def feed(self, ev: Event) -> Sequence[Action]:
-        self.before = self.st
-        before_state, before_term = self.st.state, self.st.term
-        actions = super().feed(ev)
-        if self.st.state is not before_state or self.st.term != before_term:
-            self._on_change(before_state, self.st.state, ev, self)
-        return actions
 
 
 @dataclass
@@ -226,21 +166,9 @@ class Agent:
         g = self.groups.get(group)
         if g is None:
             return
-        cause = describe_cause(ev)
-        if isinstance(ev, Drain) and self.link_down and self.node is not None:
-            cause = f"interface {self.node.interface} down"
         before = m.before if isinstance(m, ObservedMachine) else m.st
-        if (
-            new is State.ACTIVE
-            and old is not State.ACTIVE
-            and before.forced is not None
-            and before.forced == before.last_term
-        ):
-            # The vacancy just filled was left by a revoke for missing heartbeats.
-            cause = (
-                f"took over from a silent leader: no heartbeat of term {before.forced}, "
-                "its lease revoked, the fence waited out"
-            )
+        down = self.node.interface if self.link_down and self.node is not None else None
+        cause = change_cause(ev, old, new, before, down)
         g.status.state = new.value
         g.status.term = str(m.st.term) if m.st.term else None
         g.status.since = time.time()
@@ -303,31 +231,14 @@ class Agent:
         )
 
     async def _publish_status(self, client: aetcd.Client) -> None:
-        """Keep our status document in etcd, on a lease of our own, so it vanishes
-        with us. Errors are logged and retried: status never takes ownership down."""
         assert self.cfg is not None
-        keys = etcdio.keys_of(self.cfg)
-        ttl = self.cfg.timings().status_ttl
-        lease: Any = None
-        while True:
-            try:
-                if lease is None:
-                    lease = await client.lease(ttl)
-                else:
-                    reply = await lease.refresh()
-                    if int(getattr(reply, "TTL", 0)) <= 0:  # expired while we were away
-                        lease = await client.lease(ttl)
-                await client.put(keys.status(self.node_name), self._status().to_json(), lease=lease)
-            except (TimeoutError, aetcd.ClientError, OSError) as exc:
-                log.debug("status publish failed: %s", exc)
-                lease = None
-            except Exception:
-                # Status is for people; it must never take VIP ownership down with it.
-                log.exception("status publish failed unexpectedly")
-                lease = None
-            self._status_dirty.clear()
-            with contextlib.suppress(TimeoutError):
-                await within(self._status_dirty.wait(), STATUS_INTERVAL)
+        await publish_status(
+            client,
+            etcdio.keys_of(self.cfg).status(self.node_name),
+            self.cfg.timings().status_ttl,
+            lambda: self._status().to_json(),
+            self._status_dirty,
+        )
 
     # -- config reload -------------------------------------------------------------------
 
@@ -395,6 +306,7 @@ class Agent:
         new = replace(mc, preempt=g.cfg.preempt, preempt_delay=g.cfg.preempt_delay)
         rt.announce_count = g.cfg.announce.count
         rt.announce_interval = g.cfg.announce.interval
+        rt.announce_refresh = g.cfg.announce.refresh
         if new != mc:
             rt.machine.cfg = new
             log.info(
@@ -451,6 +363,7 @@ class Agent:
             addresses=[v.address for v in g.vips],
             announce_count=g.announce.count,
             announce_interval=g.announce.interval,
+            announce_refresh=g.announce.refresh,
             # The first group's active node also publishes the cluster's health view.
             sync=(
                 TermRoles(self.sync, self.health, keys.leader)
