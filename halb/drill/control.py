@@ -40,7 +40,7 @@ def _request_handover(target: Target, to: str) -> float:
     async def main() -> float:
         client = etcdio.connect(target.cfg)
         try:
-            await client.connect()
+            await client.check()
             t = time.time()
             keys = GroupKeys(target.cfg.etcd.prefix, target.cfg.cluster, target.group)
             await request_handover(client, keys, to)

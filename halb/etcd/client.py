@@ -140,7 +140,7 @@ class ClientSettings:
             tls,
             user,
             password,
-            call_timeout=max(2.0, float(getattr(etcd, "dial_timeout", 2.0))),
+            call_timeout=float(getattr(etcd, "dial_timeout", 2.0)),
         )
 
 
