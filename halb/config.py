@@ -274,8 +274,14 @@ class VipConfig(_Model):
 
 
 class AnnounceConfig(_Model):
+    """Gratuitous ARP / unsolicited NA: ``count`` rounds ``interval`` apart when a term
+    starts, then one round every ``refresh`` seconds for as long as the node holds the
+    VIPs (keepalived's garp_master_refresh), so switches and neighbours that missed the
+    move (a flap, a healed partition) learn it again; 0 turns the refresh off."""
+
     count: int = Field(default=3, ge=1, le=100)
     interval: Seconds = 0.2
+    refresh: float = Field(default=5.0, ge=0, le=3600)
 
 
 class NatConfig(_Model):

@@ -305,6 +305,7 @@ class Agent:
         new = replace(mc, preempt=g.cfg.preempt, preempt_delay=g.cfg.preempt_delay)
         rt.announce_count = g.cfg.announce.count
         rt.announce_interval = g.cfg.announce.interval
+        rt.announce_refresh = g.cfg.announce.refresh
         if new != mc:
             rt.machine.cfg = new
             log.info(
@@ -361,6 +362,7 @@ class Agent:
             addresses=[v.address for v in g.vips],
             announce_count=g.announce.count,
             announce_interval=g.announce.interval,
+            announce_refresh=g.announce.refresh,
             # The first group's active node also publishes the cluster's health view.
             sync=(
                 TermRoles(self.sync, self.health, keys.leader)

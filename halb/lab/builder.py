@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import shutil
-import sys
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +14,9 @@ import yaml
 
 from halb.config import parse_config
 from halb.lab import netns
+from halb.lab.errors import LabError
 from halb.lab.netns import run
+from halb.lab.procs import spawn, start_agent, start_backend, wait_for
 from halb.lab.topology import (
     BACK,
     BRIDGES,
@@ -43,26 +42,8 @@ __all__ = ["LabError", "down", "load_state", "up"]
 Progress = Callable[[str], None]
 
 
-class LabError(RuntimeError):
-    pass
-
-
 def _noop(_msg: str) -> None:
     pass
-
-
-def spawn(argv: Sequence[str], logfile: Path, ns: str | None = None, append: bool = False) -> int:
-    """Start a detached process (own session, reparented to init); return its pid.
-
-    Going through `sh -c '... &'` leaves no child of ours behind to reap.
-    """
-    full = netns.netns_exec(ns, argv) if ns else list(argv)
-    redirect = ">>" if append else ">"
-    script = (
-        f"setsid {shlex.join(full)} {redirect}{shlex.quote(str(logfile))} 2>&1 </dev/null & echo $!"
-    )
-    out = run(["sh", "-c", script])
-    return int(out.strip())
 
 
 def _ns_cmd(ns: str, *args: str) -> None:
@@ -138,15 +119,6 @@ def _build_host_link(p: LabPlan) -> None:
     run(["ip", "link", "set", link, "up"])
 
 
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise LabError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 def _etcd_healthy(endpoint: str) -> bool:
     try:
         with urllib.request.urlopen(f"{endpoint}/health", timeout=0.5) as r:
@@ -173,26 +145,7 @@ def _start_etcd(p: LabPlan, pids: dict[str, int]) -> None:
         "--logger", "zap", "--log-level", "warn",
     ]  # fmt: skip
     pids["etcd"] = spawn(argv, p.lab_dir / "logs" / "etcd.log")
-    _wait("etcd to become healthy", lambda: _etcd_healthy(p.etcd_endpoint), 20)
-
-
-def backend_argv(name: str, lab_dir: Path) -> list[str]:
-    ready = lab_dir / "run" / f"{name}.ready"
-    return [
-        sys.executable, "-m", "halb.lab.backend_server", name,
-        "--echo-port", str(ECHO_PORT), "--http-port", str(HTTP_PORT),
-        "--udp-port", str(UDP_PORT), "--ready-file", str(ready),
-    ]  # fmt: skip
-
-
-def start_backend(name: str, namespace: str, lab_dir: Path) -> int:
-    """Start one backend server and wait until it serves; returns its pid."""
-    ready = lab_dir / "run" / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    pid = spawn(backend_argv(name, lab_dir), lab_dir / "logs" / f"{name}.log", ns=namespace,
-                append=True)  # fmt: skip
-    _wait(f"the server on {name}", ready.exists, 20)
-    return pid
+    wait_for("etcd to become healthy", lambda: _etcd_healthy(p.etcd_endpoint), 20)
 
 
 def _start_backends(p: LabPlan, pids: dict[str, int]) -> None:
@@ -297,8 +250,6 @@ def up(
         _write_state(p, state)
         if agents:
             progress(f"agents on {', '.join(n.name for n in p.nodes)}")
-            from halb.lab.faults import start_agent
-
             for n in p.nodes:
                 start_agent(n.namespace, p.config_path, lab_dir)
     except BaseException:

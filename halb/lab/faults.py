@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from halb.lab import netns
+from halb.lab import netns, procs
+from halb.lab.errors import FaultError
 from halb.lab.netns import run
-from halb.lab.topology import NS_PREFIX, site_from_env
+from halb.lab.procs import agent_pid, short_name, start_agent
+from halb.lab.topology import NS_PREFIX
 
 __all__ = ["FAULTS", "FaultError", "agent_pid", "apply_fault", "start_agent", "stop_agent"]
 
@@ -30,49 +31,6 @@ FAULTS = (
 _FAULT_TABLE = "halb_lab_fault"
 
 
-class FaultError(RuntimeError):
-    pass
-
-
-def _ns(node: str) -> str:
-    return site_from_env().ns(node)
-
-
-def _short(node: str) -> str:
-    return node.removeprefix(site_from_env().prefix)
-
-
-def agent_pid(node: str) -> int | None:
-    """The pid of the `halb agent` running in the node's namespace, if any."""
-    for pid in netns.netns_pids(_ns(node)):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        is_agent = b"agent" in argv and any(a.endswith(b"halb") for a in argv)
-        if is_agent and netns.pid_alive(pid):
-            return pid
-    return None
-
-
-def agent_argv(node: str, config: Path) -> list[str]:
-    halb = str(Path(sys.executable).with_name("halb"))
-    # The lab's config has sync.insecure: true, which an agent accepts only when told.
-    return [
-        halb, "agent", "--config", str(config), "--node", _short(node), "--allow-insecure-sync"
-    ]  # fmt: skip
-
-
-def start_agent(node: str, config: Path, lab_dir: Path | None = None) -> int:
-    from halb.lab.builder import spawn
-
-    if (pid := agent_pid(node)) is not None:
-        raise FaultError(f"an agent already runs on {_short(node)} (pid {pid})")
-    log = (lab_dir or config.parent) / "logs" / f"agent-{_short(node)}.log"
-    # Append: a restarted agent's log follows the previous run's.
-    return spawn(agent_argv(node, config), log, ns=_ns(node), append=True)
-
-
 def stop_agent(node: str) -> None:
     pid = agent_pid(node)
     if pid is not None:
@@ -82,7 +40,7 @@ def stop_agent(node: str) -> None:
 def _signal(node: str, sig: signal.Signals) -> int:
     pid = agent_pid(node)
     if pid is None:
-        raise FaultError(f"no agent runs on {_short(node)}")
+        raise FaultError(f"no agent runs on {short_name(node)}")
     os.kill(pid, sig)
     return pid
 
@@ -205,10 +163,8 @@ def stop_backend(name: str, state: dict[str, Any]) -> str:
 
 
 def start_backend(name: str, state: dict[str, Any]) -> str:
-    from halb.lab.builder import start_backend as spawn_backend
-
     entry = _backend(name, state)
     if (pid := server_pid(name, state)) is not None:
         raise FaultError(f"a server already runs on {name} (pid {pid})")
-    pid = spawn_backend(entry["name"], entry["namespace"], Path(state["lab_dir"]))
+    pid = procs.start_backend(entry["name"], entry["namespace"], Path(state["lab_dir"]))
     return f"started the server on {name} (pid {pid})"
