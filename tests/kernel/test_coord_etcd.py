@@ -26,7 +26,7 @@ from halb.ha.coord import (
     request_handover,
     set_drain,
 )
-from halb.ha.machine import Leader, Machine, MachineConfig, State
+from halb.ha.machine import CampaignLost, CampaignWon, Leader, Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
 from halb.model import IPAddress, Term
 from halb.testing.etcd import EtcdServer
@@ -568,5 +568,62 @@ def test_lease_resume_after_restart_keeps_the_term(etcd: EtcdServer, tmp_path: P
         a3 = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)
         await until(lambda: cluster.active() == ["a"], 3, "a to lead again")
         assert a3.machine.term != term
+
+    run(etcd, body)
+
+
+class LostReplyClient:
+    """A real client whose first transaction is applied twice, as when the reply of
+    the first attempt is lost and the etcd client retries it: the caller sees only the
+    retry's answer."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._client = client
+        self.doubled = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def txn(self, *args: Any, **kw: Any) -> Any:
+        if not self.doubled:
+            self.doubled = True
+            await self._client.txn(*args, **kw)
+        return await self._client.txn(*args, **kw)
+
+
+@pytest.mark.parametrize("rival", [False, True])
+def test_a_retried_campaign_neither_wins_twice_nor_steals_a_term(
+    etcd: EtcdServer, rival: bool
+) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
+        events: list[Any] = []
+        client = LostReplyClient(EtcdClient(ClientSettings((etcd.endpoint,))))
+        coord = Coordinator(client, KEYS, "a", 200, ttl=2, emit=events.append)  # type: ignore[arg-type]
+        task = asyncio.create_task(coord.run())
+        try:
+            await until(lambda: coord.lease_id is not None, 5, "a lease")
+            lease = coord.lease_id
+            assert lease is not None
+            if rival:
+                other = await admin.grant(5)
+                await admin.put(KEYS.leader, b'{"node": "b", "priority": 100}', lease=other.id)
+            await coord.campaign(lease)
+            outcome = [e for e in events if isinstance(e, CampaignWon | CampaignLost)]
+            held = await admin.get(KEYS.leader)
+            assert held is not None
+            if rival:
+                # The doubled txn found b's key both times: lost, b's term untouched.
+                assert isinstance(outcome[0], CampaignLost)
+                assert outcome[0].leader is not None and outcome[0].leader.holder == "b"
+                assert held.lease != lease
+            else:
+                # The first attempt won; the retry found our own key: still a win, at
+                # the key's create revision (one term, not two).
+                assert outcome == [CampaignWon(Term(lease, held.create_revision))]
+                assert held.lease == lease and held.version == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
 
     run(etcd, body)
