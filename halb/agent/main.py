@@ -102,6 +102,7 @@ class Agent:
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
         self.health: HealthRole | None = None
+        self.etcd: EtcdClient | None = None
         self.metrics = AgentMetrics(node)
         self.link_down = False
         self._status_dirty = asyncio.Event()
@@ -226,6 +227,7 @@ class Agent:
             groups={name: g.status for name, g in self.groups.items()},
             last_failover=self.last_failover,
             sync={**sync_stats(self.sync), "rejected_configs": self.rejected_configs},
+            etcd=self.etcd.report() if self.etcd is not None else {},
             updated=time.time(),
         )
 
@@ -390,7 +392,7 @@ class Agent:
 
     async def run(self) -> None:
         self.cfg = self._load_local()
-        client = etcdio.connect(self.cfg, self.node_name)
+        client = self.etcd = etcdio.connect(self.cfg, self.node_name)
         try:
             await self._stored_config(client, self.cfg)
             self.node = self._node_of(self.cfg)
