@@ -25,8 +25,9 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -79,6 +80,8 @@ class Outages:
     count: int = 0  # outages that ended in a success
     last_s: float = 0.0  # how long the last one lasted
     last_ended: float = 0.0  # wall-clock time it ended
+    # (wall-clock end, seconds) of the latest outages, for drills.
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=16))
 
     def failed(self, now: float) -> None:
         if self.failing_since is None:
@@ -89,6 +92,7 @@ class Outages:
             self.last_s = now - self.failing_since
             self.last_ended = wall
             self.count += 1
+            self.recent.append((round(wall, 3), round(self.last_s, 4)))
             self.failing_since = None
 
 
@@ -193,6 +197,7 @@ class EtcdClient:
             "outages": o.count,
             "last_outage_s": round(o.last_s, 4),
             "last_outage_end": o.last_ended,
+            "recent_outages": list(o.recent),
         }
 
     def attempt_failed(self) -> None:

@@ -722,14 +722,14 @@ class Coordinator:
     async def _watch_loop(self) -> None:
         backoff = Backoff()
         while True:
+            exc: BaseException | None = None
             try:
                 await self._follow(backoff)
-            except _RETRY as exc:
-                delay = backoff.next()
-                log.warning(
-                    "watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay
-                )
-                await self.clock.sleep(delay)
+            except* _RETRY as group:  # _follow's task group wraps what its watches raise
+                exc = group.exceptions[0]
+            delay = backoff.next()
+            log.warning("watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay)
+            await self.clock.sleep(delay)
 
     async def _follow(self, backoff: Backoff) -> None:
         """The group's keys, then the drain key (first views in that order), each read
