@@ -23,8 +23,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aetcd
-
 from halb.agent import etcdio
 from halb.agent.causes import ObservedMachine, change_cause
 from halb.agent.factory import make_dataplane
@@ -46,6 +44,7 @@ from halb.config import (
     parse_config_text,
 )
 from halb.dataplane.base import ApplyResult, Dataplane
+from halb.etcd import EtcdClient, EtcdError
 from halb.ha.coord import Coordinator, GroupKeys
 from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
@@ -103,6 +102,7 @@ class Agent:
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
         self.health: HealthRole | None = None
+        self.etcd: EtcdClient | None = None
         self.metrics = AgentMetrics(node)
         self.link_down = False
         self._status_dirty = asyncio.Event()
@@ -132,13 +132,13 @@ class Agent:
                 f"({', '.join(n.name for n in cfg.nodes)})"
             ) from None
 
-    async def _stored_config(self, client: aetcd.Client, cfg: ClusterConfig) -> None:
+    async def _stored_config(self, client: EtcdClient, cfg: ClusterConfig) -> None:
         """Adopt the cluster's stored config revision if there is a valid one."""
         try:
             stored = await within(
                 etcdio.read_config(client, etcdio.keys_of(cfg)), cfg.etcd.dial_timeout
             )
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.warning(
                 "cannot read the stored config from etcd (%s); using %s", exc, self.config_path
             )
@@ -227,10 +227,11 @@ class Agent:
             groups={name: g.status for name, g in self.groups.items()},
             last_failover=self.last_failover,
             sync={**sync_stats(self.sync), "rejected_configs": self.rejected_configs},
+            etcd=self.etcd.report() if self.etcd is not None else {},
             updated=time.time(),
         )
 
-    async def _publish_status(self, client: aetcd.Client) -> None:
+    async def _publish_status(self, client: EtcdClient) -> None:
         assert self.cfg is not None
         await publish_status(
             client,
@@ -242,7 +243,7 @@ class Agent:
 
     # -- config reload -------------------------------------------------------------------
 
-    async def _follow_config(self, client: aetcd.Client) -> None:
+    async def _follow_config(self, client: EtcdClient) -> None:
         assert self.cfg is not None
         async for stored in etcdio.watch_config(client, etcdio.keys_of(self.cfg)):
             if stored.revision <= self.config_revision:
@@ -315,7 +316,7 @@ class Agent:
             # Re-present the current leader so a standby re-decides whether to preempt.
             rt.emit(LeaderObserved(rt.machine.st.leader))
 
-    async def _reload_file(self, client: aetcd.Client) -> None:
+    async def _reload_file(self, client: EtcdClient) -> None:
         """SIGHUP: validate the file and store it, so every agent applies it."""
         try:
             text = self.config_path.read_text()
@@ -327,14 +328,14 @@ class Agent:
         try:
             rev = await etcdio.publish_config(client, new, text)
             log.info("SIGHUP: stored %s as config revision %d", self.config_path, rev)
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.error("SIGHUP: cannot store the config in etcd (%s); applying locally", exc)
             await self._apply_config(new, self.config_revision)
 
     # -- main ----------------------------------------------------------------------------
 
     def _make_group(
-        self, g: VipGroupConfig, port: VipPort, client: aetcd.Client, deadlines: DeadlineMux
+        self, g: VipGroupConfig, port: VipPort, client: EtcdClient, deadlines: DeadlineMux
     ) -> _Group:
         cfg, node = self.cfg, self.node
         assert cfg is not None and node is not None
@@ -391,7 +392,7 @@ class Agent:
 
     async def run(self) -> None:
         self.cfg = self._load_local()
-        client = etcdio.connect(self.cfg)
+        client = self.etcd = etcdio.connect(self.cfg, self.node_name)
         try:
             await self._stored_config(client, self.cfg)
             self.node = self._node_of(self.cfg)
@@ -427,7 +428,7 @@ class Agent:
             await client.close()
         log.info("agent %s stopped", self.node_name)
 
-    async def _run_groups(self, client: aetcd.Client) -> None:
+    async def _run_groups(self, client: EtcdClient) -> None:
         cfg, node, dp = self.cfg, self.node, self.dataplane
         assert cfg is not None and node is not None and dp is not None
         loop = asyncio.get_running_loop()
@@ -467,7 +468,7 @@ class Agent:
                 for t in aux:
                     t.cancel()
             # Our status goes with us at once rather than at its lease's expiry.
-            with contextlib.suppress(TimeoutError, aetcd.ClientError, OSError):
+            with contextlib.suppress(TimeoutError, EtcdError, OSError):
                 await within(client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0)
 
     async def _program(self, cfg: ClusterConfig) -> ApplyResult:
@@ -524,7 +525,7 @@ class Agent:
         except Exception:
             log.exception("backend health stopped; the dataplane keeps its last view")
 
-    async def _on_hup(self, hup: asyncio.Event, client: aetcd.Client) -> None:
+    async def _on_hup(self, hup: asyncio.Event, client: EtcdClient) -> None:
         while True:
             await hup.wait()
             hup.clear()

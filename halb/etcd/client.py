@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -68,6 +70,30 @@ T = TypeVar("T")
 
 ENV_USER = "HALB_ETCD_USER"
 ENV_PASSWORD = "HALB_ETCD_PASSWORD"
+
+
+@dataclass(slots=True)
+class Outages:
+    """How the client fared: for status documents and drills (monotonic times)."""
+
+    failing_since: float | None = None  # first failed attempt of the current outage
+    count: int = 0  # outages that ended in a success
+    last_s: float = 0.0  # how long the last one lasted
+    last_ended: float = 0.0  # wall-clock time it ended
+    # (wall-clock end, seconds) of the latest outages, for drills.
+    recent: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=16))
+
+    def failed(self, now: float) -> None:
+        if self.failing_since is None:
+            self.failing_since = now
+
+    def succeeded(self, now: float, wall: float) -> None:
+        if self.failing_since is not None:
+            self.last_s = now - self.failing_since
+            self.last_ended = wall
+            self.count += 1
+            self.recent.append((round(wall, 3), round(self.last_s, 4)))
+            self.failing_since = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +166,7 @@ class ClientSettings:
             tls,
             user,
             password,
-            call_timeout=max(2.0, float(getattr(etcd, "dial_timeout", 2.0))),
+            call_timeout=float(getattr(etcd, "dial_timeout", 2.0)),
         )
 
 
@@ -160,6 +186,26 @@ class EtcdClient:
         self._token: str | None = None
         self._token_lock = asyncio.Lock()
         self._lease_keeper: Any = None
+        self.outages = Outages()
+
+    def report(self) -> dict[str, Any]:
+        """The client's state for a status document."""
+        o = self.outages
+        return {
+            "member": str(self.channels.preferred),
+            "rotations": self.channels.generation,
+            "outages": o.count,
+            "last_outage_s": round(o.last_s, 4),
+            "last_outage_end": o.last_ended,
+            "recent_outages": list(o.recent),
+        }
+
+    def attempt_failed(self) -> None:
+        self.outages.failed(time.monotonic())
+
+    def attempt_ok(self) -> None:
+        if self.outages.failing_since is not None:
+            self.outages.succeeded(time.monotonic(), time.time())
 
     # -- plumbing shared with the lease and watch streams ----------------------------------
 
@@ -258,16 +304,21 @@ class EtcdClient:
             per = min(self.settings.attempt_timeout, remaining)
             md = self.metadata() if auth else (("hasleader", "true"),)
             try:
-                return await method(stubs)(request, timeout=per, metadata=md, wait_for_ready=True)
+                resp = await method(stubs)(request, timeout=per, metadata=md, wait_for_ready=True)
+                self.attempt_ok()
+                return resp
             except asyncio.CancelledError:
                 if not closed_under_us():
                     raise
                 last = "channel replaced"
+                self.attempt_failed()
             except grpc.aio.AioRpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
                 action = await self.handle(stubs.generation, exc)
                 if action is Action.FINAL:
+                    self.attempt_ok()  # etcd answered, with an error
                     raise self.error_of(exc) from None
+                self.attempt_failed()
                 # A refusal comes back at once (no leader yet, member gone): pause so a
                 # client does not spin while etcd elects a leader.
                 await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))

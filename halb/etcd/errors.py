@@ -98,6 +98,10 @@ def classify(code: grpc.StatusCode, details: str) -> Verdict:
         return Verdict(Action.ROTATE if rotate else Action.RETRY, EtcdUnavailable)
     if code == grpc.StatusCode.CANCELLED:
         return Verdict(Action.RETRY, EtcdUnavailable)  # our own channel swap
+    if code == grpc.StatusCode.INTERNAL and "from Core" in text:
+        # gRPC's own transport ("Internal error from Core": a call started on a
+        # channel being closed), not an answer from etcd.
+        return Verdict(Action.RETRY, EtcdUnavailable)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests" in text:
         return Verdict(Action.RETRY, EtcdUnavailable)
     return Verdict(Action.FINAL, EtcdError)

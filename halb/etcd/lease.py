@@ -122,17 +122,20 @@ class LeaseKeeper:
                     self._forget(stream, lease, fut)
                     raise
                 last = "channel replaced"
+                self.client.attempt_failed()
                 self._forget(stream, lease, fut)
                 self._discard(stream)
                 continue
             except TimeoutError:
                 last = f"no answer within {per:.2f}s"
+                self.client.attempt_failed()
                 self._forget(stream, lease, fut)
                 await self.client.handle(stream.generation, TimeoutError())
                 self._discard(stream)
                 continue
             except grpc.aio.AioRpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
+                self.client.attempt_failed()
                 self._forget(stream, lease, fut)
                 self._discard(stream)
                 if await self.client.handle(stream.generation, exc) is Action.FINAL:
@@ -143,10 +146,12 @@ class LeaseKeeper:
                 # The stream ended under us (channel swapped, member gone): write to a
                 # finished grpc.aio stream raises InvalidStateError.
                 last = str(exc) or type(exc).__name__
+                self.client.attempt_failed()
                 self._forget(stream, lease, fut)
                 self._discard(stream)
                 await asyncio.sleep(min(0.02, max(0.0, deadline - loop.time())))
                 continue
+            self.client.attempt_ok()
             took = loop.time() - sent
             if took > settings.slow_ack:
                 self.client.channels.rotate(

@@ -67,6 +67,9 @@ class Snapshot:
     revision: int
     kvs: tuple[KeyValue, ...]
 
+    def first(self) -> KeyValue | None:
+        return self.kvs[0] if self.kvs else None
+
     @classmethod
     def of(cls, result: RangeResult) -> Snapshot:
         return cls(result.revision, result.kvs)
