@@ -1,20 +1,7 @@
 """etcd adapter for one VIP group on one node: lease, campaign, watch -> machine events.
 
-Keys (``P`` = ``<etcd.prefix>/<cluster>``)::
-
-    P/groups/<group>/leader    {"node": "lb1", "priority": 200, "lease": "<hex>"}
-                               created only if absent (create-revision == 0), on the
-                               node's lease. Term = (kv.lease, kv.create_revision).
-    P/groups/<group>/handover  {"target": "lb2", "term": "<lease hex>@<rev>" | null,
-                               "reason": "preempt" | "planned", "by": "lb1"}
-                               Asks the leader of that term to hand over to target.
-                               Written by a preempting node on its own lease (gone if
-                               it dies), or by the CLI without a lease; whoever wins
-                               the next term deletes it.
-    P/groups/<group>/heartbeat {"term": "<lease hex>@<rev>", "seq": n}
-                               put by the active every ``heartbeat_interval`` on its
-                               lease, only while the leader key holds its term.
-    P/drain/<node>             present = the node is drained (value: free text reason).
+Keys: halb.keys (the leader, handover and heartbeat keys of the group, the node's drain
+key); their values: halb.ha.values; operator actions on them: halb.ha.admin.
 
 Every node holds one lease per group (so resigning one group revokes only that group's
 key) and keeps it alive every ``keepalive_interval`` (TTL/4 by default). The fence
@@ -67,15 +54,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from halb.aio import within
+from halb.aio import Backoff, within
 from halb.etcd import (
     Compare,
     EtcdClient,
@@ -98,7 +82,6 @@ from halb.ha.machine import (
     Drain,
     Event,
     FenceDeadlinePassed,
-    Handover,
     HandoverObserved,
     KeepaliveOk,
     Leader,
@@ -108,19 +91,19 @@ from halb.ha.machine import (
     LeaseLost,
     Undrain,
 )
+from halb.ha.values import (
+    handover_value,
+    heartbeat_term,
+    heartbeat_value,
+    leader_value,
+    parse_handover,
+    parse_leader,
+)
+from halb.keys import GroupKeys
 from halb.model import Term
 from halb.timing import lease_timings, rpc_timeout_for
 
-__all__ = [
-    "Backoff",
-    "Coordinator",
-    "GroupKeys",
-    "clear_drain",
-    "parse_handover",
-    "parse_leader",
-    "request_handover",
-    "set_drain",
-]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
@@ -128,122 +111,6 @@ T = TypeVar("T")
 
 # Errors that mean "etcd did not answer as hoped, try again later".
 _RETRY = (EtcdError, asyncio.TimeoutError, OSError)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupKeys:
-    prefix: str
-    cluster: str
-    group: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix.rstrip('/')}/{self.cluster}"
-
-    @property
-    def group_prefix(self) -> bytes:
-        return f"{self.base}/groups/{self.group}/".encode()
-
-    @property
-    def leader(self) -> bytes:
-        return self.group_prefix + b"leader"
-
-    @property
-    def handover(self) -> bytes:
-        return self.group_prefix + b"handover"
-
-    @property
-    def heartbeat(self) -> bytes:
-        return self.group_prefix + b"heartbeat"
-
-    def drain(self, node: str) -> bytes:
-        return f"{self.base}/drain/{node}".encode()
-
-
-class Backoff:
-    """Exponential backoff with jitter: 0.1 s doubling to ``cap``."""
-
-    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
-        self.first = first
-        self.cap = cap
-        self._next = first
-
-    def reset(self) -> None:
-        self._next = self.first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self.cap, self._next * 2)
-        return delay * random.uniform(0.8, 1.0)
-
-
-def _term_str(term: Term) -> str:
-    return f"{term.lease_id:x}@{term.revision}"
-
-
-def _parse_term(text: Any) -> Term | None:
-    if not isinstance(text, str) or "@" not in text:
-        return None
-    lease, _, rev = text.partition("@")
-    try:
-        return Term(int(lease, 16), int(rev))
-    except ValueError:
-        return None
-
-
-def _heartbeat_term(value: bytes) -> Term | None:
-    try:
-        return _parse_term(json.loads(value).get("term"))
-    except (ValueError, AttributeError):
-        return None
-
-
-def parse_leader(value: bytes, lease: int, create_revision: int) -> Leader:
-    """The leader key's value; the term comes from the key's metadata, not the value."""
-    try:
-        data = json.loads(value)
-        holder, priority = str(data["node"]), int(data["priority"])
-    except (ValueError, KeyError, TypeError):
-        log.warning("leader key holds unreadable value %r; treating holder as unknown", value)
-        holder, priority = "?", 0
-    return Leader(holder, priority, Term(lease, create_revision))
-
-
-def parse_handover(value: bytes) -> Handover | None:
-    try:
-        data = json.loads(value)
-        return Handover(
-            str(data["target"]), _parse_term(data.get("term")), str(data.get("reason", ""))
-        )
-    except (ValueError, KeyError, TypeError):
-        log.warning("handover key holds unreadable value %r; ignoring it", value)
-        return None
-
-
-def _handover_value(target: str, term: Term | None, reason: str, by: str) -> bytes:
-    return json.dumps(
-        {
-            "target": target,
-            "term": _term_str(term) if term else None,
-            "reason": reason,
-            "by": by,
-        }
-    ).encode()
-
-
-async def request_handover(
-    client: EtcdClient, keys: GroupKeys, target: str, *, term: Term | None = None
-) -> None:
-    """Planned failover (CLI): ask the current leader to hand the group to ``target``."""
-    await client.put(keys.handover, _handover_value(target, term, "planned", "cli"))
-
-
-async def set_drain(client: EtcdClient, keys: GroupKeys, node: str, reason: str = "") -> None:
-    await client.put(keys.drain(node), reason.encode())
-
-
-async def clear_drain(client: EtcdClient, keys: GroupKeys, node: str) -> None:
-    await client.delete(keys.drain(node))
 
 
 class Coordinator:
@@ -394,7 +261,7 @@ class Coordinator:
             kv = await self._rpc(lambda t: self.client.get(self.keys.heartbeat, timeout=t))
         except _RETRY:
             return False
-        if kv is None or kv.mod_revision <= self._hb_seen or _heartbeat_term(kv.value) != term:
+        if kv is None or kv.mod_revision <= self._hb_seen or heartbeat_term(kv.value) != term:
             return False
         if self._watched != term:
             return True  # the term changed meanwhile; the new one has its own clock
@@ -556,9 +423,7 @@ class Coordinator:
 
     async def campaign(self, lease: int) -> None:
         """Create the leader key on ``lease`` if absent; emit CampaignWon / CampaignLost."""
-        value = json.dumps(
-            {"node": self.node, "priority": self.priority, "lease": f"{lease:x}"}
-        ).encode()
+        value = leader_value(self.node, self.priority, lease)
         backoff = Backoff()
         while self._lease == lease:
             try:
@@ -621,7 +486,7 @@ class Coordinator:
             while self._lease == term.lease_id:
                 sent = self.clock.now()
                 self._hb_seq += 1
-                value = json.dumps({"term": _term_str(term), "seq": self._hb_seq}).encode()
+                value = heartbeat_value(term, self._hb_seq)
                 ok: bool | None
                 try:
                     ok = await self._put_if_term(term, self.keys.heartbeat, value, term.lease_id)
@@ -649,7 +514,7 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        value = _handover_value(self.node, term, UNRESPONSIVE, self.node)
+        value = handover_value(self.node, term, UNRESPONSIVE, self.node)
         backoff = Backoff()
         while True:
             if self._lease != lease:
@@ -701,7 +566,7 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        value = _handover_value(target, term, reason, self.node)
+        value = handover_value(target, term, reason, self.node)
         try:
             await self._rpc(
                 lambda t: self.client.put(self.keys.handover, value, lease=lease, timeout=t)
@@ -803,7 +668,7 @@ class Coordinator:
         elif key == self.keys.handover:
             self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
         elif key == self.keys.heartbeat:
-            if put and _heartbeat_term(ev.kv.value) == self._watched:
+            if put and heartbeat_term(ev.kv.value) == self._watched:
                 self._watched_since = self.clock.now()
                 self._hb_seen = revision
         elif key == self.keys.drain(self.node):
