@@ -52,7 +52,6 @@ Usage (the runtime does this)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -75,6 +74,7 @@ from halb.etcd import (
     read_then_watch,
 )
 from halb.ha.clock import Clock, MonotonicClock
+from halb.ha.leasefile import LeaseFile
 from halb.ha.machine import (
     UNRESPONSIVE,
     CampaignLost,
@@ -99,6 +99,7 @@ from halb.ha.values import (
     parse_handover,
     parse_leader,
 )
+from halb.ha.watchdog import LeaderWatchdog
 from halb.keys import GroupKeys
 from halb.model import Term
 from halb.timing import lease_timings, rpc_timeout_for
@@ -153,6 +154,9 @@ class Coordinator:
         self.fence_margin = fence_margin if fence_margin is not None else lease.fence_margin
         self.rpc_timeout = rpc_timeout or rpc_timeout_for(self.keepalive_interval)
         self.state_dir = state_dir
+        self._lease_file = LeaseFile(
+            state_dir / f"lease-{keys.cluster}-{keys.group}" if state_dir is not None else None
+        )
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         # Lower-ranked standbys notice a silent leader a little later, so usually
@@ -164,9 +168,7 @@ class Coordinator:
         self._hb_seq = 0
         # Standby side: the leader's term as last seen, when its last heartbeat (or
         # the term itself) was seen, and whether it was reported unresponsive.
-        self._watched: Term | None = None
-        self._watched_since = 0.0
-        self._reported: Term | None = None
+        self.watchdog = LeaderWatchdog(heartbeat_timeout + watchdog_slack)
         # Shutting down: no new lease (and no lease file) after the last resign.
         self._retired = False
         self._lease: int | None = None
@@ -174,8 +176,6 @@ class Coordinator:
         self.last_keepalive_ok: float | None = None
         # etcd revision of the newest leader/handover view emitted (reads and watch).
         self._view_revision = 0
-        # mod revision of the newest heartbeat of the watched term seen.
-        self._hb_seen = 0
 
     # -- observable state ----------------------------------------------------------------
 
@@ -207,9 +207,7 @@ class Coordinator:
 
     @property
     def lease_file(self) -> Path | None:
-        if self.state_dir is None:
-            return None
-        return self.state_dir / f"lease-{self.keys.cluster}-{self.keys.group}"
+        return self._lease_file.path
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -223,52 +221,40 @@ class Coordinator:
                 tg.create_task(self._watchdog_loop(), name=f"watchdog-{self.keys.group}")
 
     def _observe_leader(self, leader: Leader | None) -> None:
-        """Restart the heartbeat clock for a newly seen term (or after a re-read, when
-        heartbeats may have been missed while the watch was down)."""
-        term = leader.term if leader is not None else None
-        if term != self._watched:
-            self._reported = None
-        self._watched = term
-        self._watched_since = self.clock.now()
+        self.watchdog.observe_leader(leader.term if leader is not None else None, self.clock.now())
 
     async def _watchdog_loop(self) -> None:
-        limit = self.heartbeat_timeout + self.watchdog_slack
         while True:
             await self.clock.sleep(self.heartbeat_interval / 2)
-            term = self._watched
-            if term is None or term == self._reported:
+            suspect = self.watchdog.suspect(self.clock.now(), self._lease)
+            if suspect is None:
                 continue
-            if self._lease is not None and term.lease_id == self._lease:
-                continue  # our own term
-            silent = self.clock.now() - self._watched_since
-            if silent > limit and await self._heartbeat_moved(term):
+            term, silent = suspect
+            if await self._heartbeat_moved(term):
                 continue
-            if silent > limit:
-                log.warning(
-                    "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
-                    term,
-                    silent,
-                    limit,
-                )
-                self._reported = term
-                self.emit(LeaderUnresponsive(term))
+            log.warning(
+                "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
+                term,
+                silent,
+                self.watchdog.limit,
+            )
+            self.watchdog.report(term)
+            self.emit(LeaderUnresponsive(term))
 
     async def _heartbeat_moved(self, term: Term) -> bool:
-        """Whether the heartbeat key holds a beat of ``term`` newer than the watch has
-        shown (the watch may be moving off a failed etcd member); if so the heartbeat
-        clock restarts from now."""
+        """Whether the heartbeat key, read now, shows ``term`` alive after all."""
         try:
             kv = await self._rpc(lambda t: self.client.get(self.keys.heartbeat, timeout=t))
         except _RETRY:
             return False
-        if kv is None or kv.mod_revision <= self._hb_seen or heartbeat_term(kv.value) != term:
+        if kv is None:
             return False
-        if self._watched != term:
-            return True  # the term changed meanwhile; the new one has its own clock
-        log.info("heartbeat of term %s seen by a read, not yet by the watch", term)
-        self._hb_seen = kv.mod_revision
-        self._watched_since = self.clock.now()
-        return True
+        moved = self.watchdog.moved(
+            term, heartbeat_term(kv.value), kv.mod_revision, self.clock.now()
+        )
+        if moved:
+            log.info("heartbeat of term %s seen by a read, not yet by the watch", term)
+        return moved
 
     async def _keepalive(self, lease: int, timeout: float) -> int:
         return await self.client.keepalive(lease, timeout=timeout)
@@ -345,12 +331,8 @@ class Coordinator:
             return int(lease.id), sent, False
 
     async def _try_resume(self) -> tuple[int, float] | None:
-        path = self.lease_file
-        if path is None or not path.exists():
-            return None
-        try:
-            lease = int(path.read_text().strip(), 16)
-        except (OSError, ValueError):
+        lease = self._lease_file.load()
+        if lease is None:
             return None
         try:
             info = await self._rpc(lambda t: self.client.time_to_live(lease, timeout=t))
@@ -360,8 +342,7 @@ class Coordinator:
             return None
         if ttl <= 0:
             log.info("stored lease %x has expired; granting a new one", lease)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self._lease_file.remove()
             return None
         self._granted_ttl = info.granted_ttl or self.ttl
         # TimeToLive is whole seconds: renew it now so the fence deadline is exact.
@@ -377,24 +358,13 @@ class Coordinator:
         return lease, sent
 
     def _store_lease(self, lease: int) -> None:
-        path = self.lease_file
-        if path is None or self._retired:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(f"{lease:x}\n")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("cannot store lease id in %s: %s", path, exc)
+        if not self._retired:
+            self._lease_file.store(lease)
 
     def _drop_lease(self) -> None:
         self._lease = None
         self.last_keepalive_ok = None
-        path = self.lease_file
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        self._lease_file.remove()
 
     async def _fence_loop(self) -> None:
         while True:
@@ -636,7 +606,7 @@ class Coordinator:
         )
         self._observe_leader(leader)
         # A fresh read (after a reconnect, say): judge the leader's heartbeats anew.
-        self._reported = None
+        self.watchdog.reread()
         self.emit(LeaderObserved(leader))
         self.emit(HandoverObserved(parse_handover(handover_kv.value) if handover_kv else None))
 
@@ -668,8 +638,7 @@ class Coordinator:
         elif key == self.keys.handover:
             self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
         elif key == self.keys.heartbeat:
-            if put and heartbeat_term(ev.kv.value) == self._watched:
-                self._watched_since = self.clock.now()
-                self._hb_seen = revision
+            if put:
+                self.watchdog.heartbeat(heartbeat_term(ev.kv.value), revision, self.clock.now())
         elif key == self.keys.drain(self.node):
             self.emit(Drain() if put else Undrain())
