@@ -192,7 +192,7 @@ async def sync_phase(
 
     peers = frozenset({"lba", "lbb"})
     server = FlowSyncServer(
-        a,  # NftDataplane.snapshot() is the FlowSource
+        a,  # NftDataplane.snapshot_records() is the FlowSnapshot
         term=TERM,
         security=SyncSecurity("lba", peers, None, None),
         address="127.0.0.1:0",

@@ -2,7 +2,7 @@
 
 The active (this process) and the standby (a child process, so each side has its own
 core and GIL, as on two nodes) run the real server and client. Flows travel as packed
-records (halb.sync.records). Measured:
+records (halb.flows.records). Measured:
 
   baseline    encode + decode (parse and validate the records) of the same delta
               batches in one process, no gRPC
@@ -56,8 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from halb.config import ClusterConfig, TlsFiles, parse_config
 from halb.dataplane.xdp.adapter import XdpDataplane
+from halb.flows import records
 from halb.model import Flow, Protocol, Service, Term
-from halb.sync import certs, codec, records
+from halb.sync import certs, codec
 from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.server import FlowSyncServer, ServerOptions
 from halb.sync.tls import SyncSecurity
@@ -561,7 +562,7 @@ class ProgramPackets:
 
         from halb.dataplane.xdp import libbpf as lb
         from halb.dataplane.xdp.adapter import PROGRAM
-        from halb.dataplane.xdp.packets import ETH_P_IP, eth, ipv4, tcp
+        from halb.testing.packets import ETH_P_IP, eth, ipv4, tcp
 
         f0 = flow(0)
         tmpl = eth("02:00:00:00:00:01", "02:00:00:00:00:02", ETH_P_IP,

@@ -180,9 +180,38 @@ class TlsFiles(_Model):
         )
 
 
+class EtcdTls(_Model):
+    """TLS to the etcd members: the CA that signed their certificates, this node's
+    client certificate and key (etcd's --client-cert-auth), and the name every
+    member's certificate carries (endpoints are dialled by address)."""
+
+    ca: str = Field(min_length=1)
+    cert: str | None = Field(default=None, min_length=1)
+    key: str | None = Field(default=None, min_length=1)
+    server_name: str | None = Field(default=None, min_length=1)
+
+    def for_node(self, node: str) -> EtcdTls:
+        """``{node}`` in a path replaced by the node's name."""
+        return EtcdTls(
+            ca=self.ca.format(node=node),
+            cert=self.cert.format(node=node) if self.cert else None,
+            key=self.key.format(node=node) if self.key else None,
+            server_name=self.server_name,
+        )
+
+
+class EtcdAuth(_Model):
+    """etcd user; the password comes from ``password_file`` or HALB_ETCD_PASSWORD
+    (never the config itself, which is stored in etcd, nor the command line)."""
+
+    user: str = Field(min_length=1)
+    password_file: str | None = Field(default=None, min_length=1)
+
+
 class EtcdConfig(_Model):
     endpoints: list[Endpoint] = Field(min_length=1)
-    tls: TlsFiles | None = None
+    tls: EtcdTls | None = None
+    auth: EtcdAuth | None = None
     lease_ttl: float = Field(default=2.0, description="Leader lease TTL in seconds (>= 1).")
     prefix: str = "/halb"
     # Lab only: the agent never needs it; the CLI uses it to reach a lab etcd.
@@ -245,8 +274,14 @@ class VipConfig(_Model):
 
 
 class AnnounceConfig(_Model):
+    """Gratuitous ARP / unsolicited NA: ``count`` rounds ``interval`` apart when a term
+    starts, then one round every ``refresh`` seconds for as long as the node holds the
+    VIPs (keepalived's garp_master_refresh), so switches and neighbours that missed the
+    move (a flap, a healed partition) learn it again; 0 turns the refresh off."""
+
     count: int = Field(default=3, ge=1, le=100)
     interval: Seconds = 0.2
+    refresh: float = Field(default=5.0, ge=0, le=3600)
 
 
 class NatConfig(_Model):
@@ -460,6 +495,27 @@ def _failover_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
         )
 
 
+def _etcd_issues(etcd: EtcdConfig) -> Iterator[ConfigIssue]:
+    https = [ep.startswith("https://") for ep in etcd.endpoints]
+    if any(https) and not all(https):
+        first = https.index(not https[0])
+        yield ConfigIssue(
+            f"etcd.endpoints[{first}]",
+            f"{etcd.endpoints[first]!r}: mixes http:// and https:// endpoints; one scheme for all",
+        )
+    elif all(https) and etcd.tls is None:
+        yield ConfigIssue("etcd.tls", "https:// endpoints need etcd.tls (at least ca)")
+    elif not any(https) and etcd.tls is not None:
+        yield ConfigIssue(
+            "etcd.endpoints[0]",
+            f"{etcd.endpoints[0]!r}: etcd.tls is set, so the endpoints must be https://",
+        )
+    tls = etcd.tls
+    if tls is not None and (tls.cert is None) != (tls.key is None):
+        missing = "etcd.tls.key" if tls.key is None else "etcd.tls.cert"
+        yield ConfigIssue(missing, "a client certificate needs both cert and key")
+
+
 def _timing_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     """The safety argument's invariants (halb.timing), once the fields are sane."""
     if timing.ttl_issue(cfg.etcd.lease_ttl) is not None or any(_failover_issues(cfg)):
@@ -470,15 +526,7 @@ def _timing_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
 
 def _semantic(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     kind = cfg.dataplane.kind
-    for i, ep in enumerate(cfg.etcd.endpoints):
-        if ep.startswith("https://"):
-            yield ConfigIssue(
-                f"etcd.endpoints[{i}]",
-                f"{ep!r}: TLS to etcd is not supported yet (the etcd client, aetcd 1.0, has "
-                "none); use http:// on a trusted management network",
-            )
-    if cfg.etcd.tls is not None:
-        yield ConfigIssue("etcd.tls", "TLS to etcd is not supported yet (aetcd 1.0 has none)")
+    yield from _etcd_issues(cfg.etcd)
     ttl_problem = timing.ttl_issue(cfg.etcd.lease_ttl)
     if ttl_problem is not None:
         yield ConfigIssue("etcd.lease_ttl", ttl_problem)

@@ -23,8 +23,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aetcd
-
 from halb.agent import etcdio, sdnotify
 from halb.agent.causes import ObservedMachine, change_cause
 from halb.agent.factory import make_dataplane
@@ -46,7 +44,8 @@ from halb.config import (
     parse_config_text,
 )
 from halb.dataplane.base import ApplyResult, Dataplane
-from halb.ha.coord import Coordinator, GroupKeys
+from halb.etcd import EtcdClient, EtcdError
+from halb.ha.coord import Coordinator
 from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
     Drain,
@@ -58,6 +57,7 @@ from halb.ha.machine import (
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
+from halb.keys import GroupKeys
 from halb.net.vip import InterfaceVips
 
 __all__ = ["Agent", "AgentError"]
@@ -103,6 +103,7 @@ class Agent:
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
         self.health: HealthRole | None = None
+        self.etcd: EtcdClient | None = None
         self.metrics = AgentMetrics(node)
         self.link_down = False
         self._status_dirty = asyncio.Event()
@@ -132,13 +133,13 @@ class Agent:
                 f"({', '.join(n.name for n in cfg.nodes)})"
             ) from None
 
-    async def _stored_config(self, client: aetcd.Client, cfg: ClusterConfig) -> None:
+    async def _stored_config(self, client: EtcdClient, cfg: ClusterConfig) -> None:
         """Adopt the cluster's stored config revision if there is a valid one."""
         try:
             stored = await within(
                 etcdio.read_config(client, etcdio.keys_of(cfg)), cfg.etcd.dial_timeout
             )
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.warning(
                 "cannot read the stored config from etcd (%s); using %s", exc, self.config_path
             )
@@ -227,10 +228,11 @@ class Agent:
             groups={name: g.status for name, g in self.groups.items()},
             last_failover=self.last_failover,
             sync={**sync_stats(self.sync), "rejected_configs": self.rejected_configs},
+            etcd=self.etcd.report() if self.etcd is not None else {},
             updated=time.time(),
         )
 
-    async def _publish_status(self, client: aetcd.Client) -> None:
+    async def _publish_status(self, client: EtcdClient) -> None:
         assert self.cfg is not None
         await publish_status(
             client,
@@ -242,7 +244,7 @@ class Agent:
 
     # -- config reload -------------------------------------------------------------------
 
-    async def _follow_config(self, client: aetcd.Client) -> None:
+    async def _follow_config(self, client: EtcdClient) -> None:
         assert self.cfg is not None
         async for stored in etcdio.watch_config(client, etcdio.keys_of(self.cfg)):
             if stored.revision <= self.config_revision:
@@ -306,6 +308,7 @@ class Agent:
         new = replace(mc, preempt=g.cfg.preempt, preempt_delay=g.cfg.preempt_delay)
         rt.announce_count = g.cfg.announce.count
         rt.announce_interval = g.cfg.announce.interval
+        rt.announce_refresh = g.cfg.announce.refresh
         if new != mc:
             rt.machine.cfg = new
             log.info(
@@ -314,7 +317,7 @@ class Agent:
             # Re-present the current leader so a standby re-decides whether to preempt.
             rt.emit(LeaderObserved(rt.machine.st.leader))
 
-    async def _reload_file(self, client: aetcd.Client) -> None:
+    async def _reload_file(self, client: EtcdClient) -> None:
         """SIGHUP: validate the file and store it, so every agent applies it."""
         try:
             text = self.config_path.read_text()
@@ -326,14 +329,14 @@ class Agent:
         try:
             rev = await etcdio.publish_config(client, new, text)
             log.info("SIGHUP: stored %s as config revision %d", self.config_path, rev)
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.error("SIGHUP: cannot store the config in etcd (%s); applying locally", exc)
             await self._apply_config(new, self.config_revision)
 
     # -- main ----------------------------------------------------------------------------
 
     def _make_group(
-        self, g: VipGroupConfig, port: VipPort, client: aetcd.Client, deadlines: DeadlineMux
+        self, g: VipGroupConfig, port: VipPort, client: EtcdClient, deadlines: DeadlineMux
     ) -> _Group:
         cfg, node = self.cfg, self.node
         assert cfg is not None and node is not None
@@ -362,6 +365,7 @@ class Agent:
             addresses=[v.address for v in g.vips],
             announce_count=g.announce.count,
             announce_interval=g.announce.interval,
+            announce_refresh=g.announce.refresh,
             # The first group's active node also publishes the cluster's health view.
             sync=(
                 TermRoles(self.sync, self.health, keys.leader)
@@ -389,7 +393,7 @@ class Agent:
 
     async def run(self) -> None:
         self.cfg = self._load_local()
-        client = etcdio.connect(self.cfg)
+        client = self.etcd = etcdio.connect(self.cfg, self.node_name)
         try:
             await self._stored_config(client, self.cfg)
             self.node = self._node_of(self.cfg)
@@ -425,7 +429,7 @@ class Agent:
             await client.close()
         log.info("agent %s stopped", self.node_name)
 
-    async def _run_groups(self, client: aetcd.Client) -> None:
+    async def _run_groups(self, client: EtcdClient) -> None:
         cfg, node, dp = self.cfg, self.node, self.dataplane
         assert cfg is not None and node is not None and dp is not None
         loop = asyncio.get_running_loop()
@@ -466,7 +470,7 @@ class Agent:
                 for t in aux:
                     t.cancel()
             # Our status goes with us at once rather than at its lease's expiry.
-            with contextlib.suppress(TimeoutError, aetcd.ClientError, OSError):
+            with contextlib.suppress(TimeoutError, EtcdError, OSError):
                 await within(client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0)
 
     def _joined(self) -> bool:
@@ -528,7 +532,7 @@ class Agent:
         except Exception:
             log.exception("backend health stopped; the dataplane keeps its last view")
 
-    async def _on_hup(self, hup: asyncio.Event, client: aetcd.Client) -> None:
+    async def _on_hup(self, hup: asyncio.Event, client: EtcdClient) -> None:
         while True:
             await hup.wait()
             hup.clear()

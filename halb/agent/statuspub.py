@@ -8,11 +8,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
-
-import aetcd
 
 from halb.aio import within
+from halb.etcd import EtcdClient, EtcdError
 
 __all__ = ["STATUS_INTERVAL", "publish_status"]
 
@@ -23,24 +21,20 @@ STATUS_INTERVAL = 1.0
 
 
 async def publish_status(
-    client: aetcd.Client,
+    client: EtcdClient,
     key: bytes,
     ttl: int,
     render: Callable[[], bytes],
     dirty: asyncio.Event,
 ) -> None:
     """Until cancelled: put ``render()`` at ``key`` on a lease of ``ttl`` seconds."""
-    lease: Any = None
+    lease: int | None = None
     while True:
         try:
-            if lease is None:
-                lease = await client.lease(ttl)
-            else:
-                reply = await lease.refresh()
-                if int(getattr(reply, "TTL", 0)) <= 0:  # expired while we were away
-                    lease = await client.lease(ttl)
+            if lease is None or await client.keepalive(lease) <= 0:  # 0: expired meanwhile
+                lease = (await client.grant(ttl)).id
             await client.put(key, render(), lease=lease)
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.debug("status publish failed: %s", exc)
             lease = None
         except Exception:

@@ -17,27 +17,23 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
 
 from halb.config import ClusterConfig
-from halb.dataplane.base import Dataplane
+from halb.dataplane.base import Dataplane, FlowSource
 from halb.ha.machine import Leader
 from halb.ha.runtime import SyncRoles
-from halb.model import Flow, Term
+from halb.model import Term
 from halb.sync.client import ClientOptions, FlowSyncClient
-from halb.sync.records import FlowBatch
-from halb.sync.server import FlowSource, FlowSyncServer, ServerOptions
+from halb.sync.server import FlowSyncServer, ServerOptions
 from halb.sync.tls import InsecureNotAllowed, SyncSecurity
 
 __all__ = [
     "AgentSyncRoles",
-    "DumpScanSource",
-    "LiveFlowSource",
     "SyncFactory",
     "SyncSetupError",
-    "default_source_factory",
     "make_sync_roles",
     "sync_stats",
     "sync_update_config",
@@ -46,76 +42,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# (upserts, deletes): Flow objects (nft, DumpScanSource) or packed records (XDP).
-Push = Callable[[FlowBatch, FlowBatch], None]
 SyncFactory = Callable[[ClusterConfig, str, Dataplane], SyncRoles]
 
 RETRY_INITIAL = 0.2
 RETRY_MAX = 5.0
-
-
-@runtime_checkable
-class LiveFlowSource(FlowSource, Protocol):
-    """A dataplane's flows as FlowSync needs them on the active node.
-
-    snapshot() (worker thread) returns every current flow (a source may add
-    snapshot_records(), see FlowSource); run(push) learns changes until cancelled and
-    reports each change set with push(upserts, deletes) on the event-loop thread
-    (upserts and deletes of one call disjoint; Flow objects or packed records). XDP: scans of its
-    flow map (halb.dataplane.xdp.flowsource); nft: conntrack events.
-    """
-
-    async def run(self, push: Push) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class DumpScanSource:
-    """Any Dataplane: diff consecutive dump_flows(). Hashes every Flow on every scan,
-    so it is for small tables (tests, FakeDataplane); real adapters bring their own."""
-
-    def __init__(self, dataplane: Dataplane, interval: float = 0.05) -> None:
-        self._dp = dataplane
-        self.interval = interval
-        self._flows: set[Flow] = set()
-
-    def snapshot(self) -> list[Flow]:
-        return self._dp.dump_flows()
-
-    async def run(self, push: Push) -> None:
-        while True:
-            cur = set(await asyncio.to_thread(self._dp.dump_flows))
-            ups, dels = list(cur - self._flows), list(self._flows - cur)
-            self._flows = cur
-            if ups or dels:
-                # A flow that changed backend is a delete of the old and an upsert of
-                # the new: push the deletes first, separately, to keep that order.
-                if dels:
-                    push([], dels)
-                if ups:
-                    push(ups, [])
-            await asyncio.sleep(self.interval)
-
-    def close(self) -> None:
-        pass
-
-    def stats(self) -> dict[str, Any]:
-        return {"entries": len(self._flows)}
-
-
-def default_source_factory(dataplane: Dataplane) -> Callable[[], LiveFlowSource]:
-    """The best flow source this dataplane offers."""
-    from halb.dataplane.xdp.adapter import XdpDataplane
-
-    if isinstance(dataplane, XdpDataplane):
-        from halb.dataplane.xdp.flowsource import XdpFlowSource
-
-        return lambda: XdpFlowSource.from_dataplane(dataplane)
-    # An adapter with a source of its own (nft: conntrack events) offers flow_source().
-    make = getattr(dataplane, "flow_source", None)
-    if callable(make):
-        return lambda: make()
-    return lambda: DumpScanSource(dataplane)
 
 
 class AgentSyncRoles:
@@ -128,7 +58,7 @@ class AgentSyncRoles:
         node: str,
         dataplane: Dataplane,
         security: SyncSecurity,
-        source_factory: Callable[[], LiveFlowSource] | None = None,
+        source_factory: Callable[[], FlowSource] | None = None,
         server_options: ServerOptions | None = None,
         client_options: ClientOptions | None = None,
     ) -> None:
@@ -136,11 +66,12 @@ class AgentSyncRoles:
         self.node = node
         self.dataplane = dataplane
         self.security = security
-        self._source_factory = source_factory or default_source_factory(dataplane)
+        # The dataplane's own flow source unless a test injects another.
+        self._source_factory = source_factory or dataplane.flow_source
         self._server_options = server_options
         self._client_options = client_options
         self._server: FlowSyncServer | None = None
-        self._source: LiveFlowSource | None = None
+        self._source: FlowSource | None = None
         self._clients: dict[str, FlowSyncClient] = {}  # leader node -> client
         self._last_server: dict[str, Any] = {}
         self._last_client: dict[str, Any] = {}
@@ -276,10 +207,8 @@ class AgentSyncRoles:
             "peers": peers,
             "refused": dict(st.refused),
         }
-        stats = getattr(self._source, "stats", None)
-        if callable(stats):
-            src = stats()
-            src_doc = src if isinstance(src, dict) else asdict(src)
+        if self._source is not None:
+            src_doc = _stats_doc(self._source.stats())
             doc["flows"] = src_doc.get("entries")
             if "last_scan_seconds" in src_doc:
                 doc["scan_ms"] = round(src_doc["last_scan_seconds"] * 1e3, 1)
@@ -296,6 +225,13 @@ class AgentSyncRoles:
             return _client_doc(next(iter(self._clients.values())))
         last = self._last_client or self._last_server
         return {"role": "idle", **({"previous": last} if last else {})}
+
+
+def _stats_doc(stats: object) -> dict[str, Any]:
+    """A source's stats() (a dataclass or a mapping) as a plain dict."""
+    if is_dataclass(stats) and not isinstance(stats, type):
+        return asdict(stats)
+    return dict(stats) if isinstance(stats, Mapping) else {}
 
 
 def _client_doc(client: FlowSyncClient) -> dict[str, Any]:

@@ -11,13 +11,26 @@ worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from halb.flows.records import FlowBatch
 from halb.model import Backend, Flow, Service, ServiceKey
 
-__all__ = ["ApplyResult", "Counter", "Counters", "Dataplane", "RecordDataplane"]
+__all__ = [
+    "ApplyResult",
+    "Counter",
+    "Counters",
+    "Dataplane",
+    "FlowSnapshot",
+    "FlowSource",
+    "Push",
+    "RecordDataplane",
+]
+
+# (upserts, deletes), disjoint within one call: Flow objects or packed flow records.
+Push = Callable[[FlowBatch, FlowBatch], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,11 @@ class Dataplane(Protocol):
 
     def counters(self) -> Counters: ...
 
+    def flow_source(self) -> FlowSource:
+        """A live source of this dataplane's flows for the active node's FlowSync server
+        (a new one per call; the caller closes it). Blocking: called in a worker thread."""
+        ...
+
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Arm (or disarm with None) a dead-man switch: stop forwarding VIP traffic after
         this CLOCK_MONOTONIC instant unless re-armed. Adapters that cannot do it ignore it."""
@@ -71,12 +89,42 @@ class Dataplane(Protocol):
 
 
 @runtime_checkable
+class FlowSnapshot(Protocol):
+    """What a FlowSync server needs from a flow source to answer a subscription."""
+
+    def snapshot_records(self) -> bytes:
+        """Every current flow as packed records (halb.flows.records). Blocking; called
+        in a worker thread."""
+        ...
+
+
+@runtime_checkable
+class FlowSource(FlowSnapshot, Protocol):
+    """A dataplane's flows as the active node streams them (Dataplane.flow_source()).
+
+    run(push) learns changes until cancelled and reports each change set with
+    push(upserts, deletes) on the event-loop thread. XDP: ring-buffer creation events
+    plus scans of its flow map; nft: conntrack events plus reconciles; IPVS and the
+    in-memory fake: diffs of consecutive dumps (halb.dataplane.dumpscan).
+    """
+
+    async def run(self, push: Push) -> None: ...
+
+    def stats(self) -> object:
+        """Counters for the status document: a dataclass or a mapping of scalars; an
+        ``entries`` field, when present, is the number of flows the source knows."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
 class RecordDataplane(Protocol):
-    """Optional flow methods over packed flow records (halb.sync.records: N fixed-size
+    """Optional flow methods over packed flow records (halb.flows.records: N fixed-size
     records back to back), for adapters that can take a whole batch without one Flow
     object per entry (XDP: bulk conversion to map entries and batch map writes).
 
-    FlowSync reaches a dataplane through halb.sync.records.install/delete/dump, which
+    FlowSync reaches a dataplane through halb.flows.records.install/delete/dump, which
     use these when present and fall back to the Flow methods otherwise (nft, IPVS).
     Records given to install_records are already validated against the config; like
     install_flows, it skips those whose service or backend this node does not hold.

@@ -11,9 +11,11 @@ from typing import Any
 from halb.agent import etcdio
 from halb.drill import partition
 from halb.drill.progress import Progress
-from halb.drill.target import DrillError, DrillOptions, Target
+from halb.drill.target import ETCD_FAULTS, DrillError, DrillOptions, Target
 from halb.drill.watch import LeaderWatch, read_leader
-from halb.ha.coord import GroupKeys, request_handover
+from halb.etcd import EtcdError
+from halb.ha.admin import request_handover
+from halb.keys import GroupKeys
 from halb.lab import faults
 
 __all__ = [
@@ -40,7 +42,7 @@ def _request_handover(target: Target, to: str) -> float:
     async def main() -> float:
         client = etcdio.connect(target.cfg)
         try:
-            await client.connect()
+            await client.check()
             t = time.time()
             keys = GroupKeys(target.cfg.etcd.prefix, target.cfg.cluster, target.group)
             await request_handover(client, keys, to)
@@ -66,7 +68,34 @@ def inject(
         raise DrillError(f"--fault {opts.fault} needs the lab; elsewhere use --fault-cmd")
     if opts.fault == "partition":
         return t, partition.cut(target.lab, node)
+    if opts.fault in ETCD_FAULTS:
+        st = statuses.get(node)
+        member = st.etcd.get("member") if st is not None else None
+        return t, faults.apply_fault(node, opts.fault, target.lab, etcd_member=member)
     return t, faults.apply_fault(node, opts.fault, target.lab)
+
+
+def etcd_notes(before: dict[str, Any], after: dict[str, Any], fault_at: float) -> list[str]:
+    """What an etcd fault did to each node's etcd client and term: how long its
+    coordinator's calls failed before they worked on another member, and whether its
+    term (lease) of any group changed."""
+    moves, terms = [], []
+    for name in sorted(after):
+        st = after[name]
+        e = st.etcd or {}
+        since = [s for end, s in e.get("recent_outages", []) if end >= fault_at]
+        if since:
+            moves.append(f"{name} {max(since):.3f}s (now on {e.get('member')})")
+        else:
+            moves.append(f"{name} none (on {e.get('member')})")
+        old = before.get(name)
+        for group, gs in st.groups.items():
+            was = old.groups.get(group) if old is not None else None
+            if was is not None and was.term != gs.term:
+                terms.append(f"{name}/{group} term {was.term} -> {gs.term}")
+    notes = ["etcd client outage per node: " + ", ".join(moves)]
+    notes.append("terms: " + ("; ".join(terms) if terms else "none lost or changed"))
+    return notes
 
 
 def heal(target: Target, opts: DrillOptions) -> list[str]:
@@ -88,7 +117,10 @@ def settle(target: Target, want: str, timeout: float, progress: Progress) -> Non
     deadline = time.monotonic() + timeout
     asked = False
     while True:
-        leader, statuses = read_leader(target.cfg, target.group)
+        try:
+            leader, statuses = read_leader(target.cfg, target.group)
+        except EtcdError:  # etcd electing, a member restarting: not settled yet
+            leader, statuses = None, {}
         nodes = {n.name for n in target.cfg.nodes}
         synced = all(s.sync.get("synced", True) for n, s in statuses.items() if n != leader)
         if leader == want and set(statuses) >= nodes and synced:

@@ -21,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from halb.drill.client import ClientArpCapture, Traffic, neigh_mac
-from halb.drill.control import Controller
+from halb.drill.control import Controller, etcd_notes
 from halb.drill.progress import Progress
 from halb.drill.report import DrillResult, build_result
-from halb.drill.target import FAULTS, LAB_ONLY, DrillError, DrillOptions, Target, resolve_target
+from halb.drill.target import (
+    ETCD_FAULTS,
+    FAULTS,
+    LAB_ONLY,
+    DrillError,
+    DrillOptions,
+    Target,
+    resolve_target,
+)
 from halb.drill.watch import LeaderWatch, PollWatch
+from halb.etcd import EtcdError
 from halb.lab.observe import ArpCapture
 
 # The watch polls: it sees a change up to a poll plus a read late.
@@ -119,6 +128,11 @@ def run_one(
         )
     if target.lab is None:
         result.notes.append("ARP seen from the client only: replies to other hosts are not")
+    if opts.fault in ETCD_FAULTS:
+        try:
+            result.notes.extend(etcd_notes(statuses, ctl.statuses(), fault_at))
+        except EtcdError as exc:
+            result.notes.append(f"node statuses unreadable after the fault: {exc}")
     return result
 
 

@@ -13,6 +13,7 @@ from halb.config import ClusterConfig, load_config
 from halb.lab import builder
 
 __all__ = [
+    "ETCD_FAULTS",
     "FAULTS",
     "LAB_ONLY",
     "DrillError",
@@ -21,8 +22,11 @@ __all__ = [
     "resolve_target",
 ]
 
-FAULTS = ("kill", "stop", "term", "link-down", "etcd-cut", "partition", "planned")
-LAB_ONLY = {"kill", "stop", "term", "link-down", "etcd-cut", "partition"}
+# etcd-member: SIGKILL the etcd member the active node's client uses; etcd-leader: the
+# raft leader; etcd-hang: SIGSTOP the member in use (3-member lab etcd).
+ETCD_FAULTS = ("etcd-member", "etcd-leader", "etcd-hang")
+FAULTS = ("kill", "stop", "term", "link-down", "etcd-cut", "partition", "planned", *ETCD_FAULTS)
+LAB_ONLY = {"kill", "stop", "term", "link-down", "etcd-cut", "partition", *ETCD_FAULTS}
 
 
 class DrillError(RuntimeError):

@@ -1,20 +1,7 @@
 """etcd adapter for one VIP group on one node: lease, campaign, watch -> machine events.
 
-Keys (``P`` = ``<etcd.prefix>/<cluster>``)::
-
-    P/groups/<group>/leader    {"node": "lb1", "priority": 200, "lease": "<hex>"}
-                               created only if absent (create-revision == 0), on the
-                               node's lease. Term = (kv.lease, kv.create_revision).
-    P/groups/<group>/handover  {"target": "lb2", "term": "<lease hex>@<rev>" | null,
-                               "reason": "preempt" | "planned", "by": "lb1"}
-                               Asks the leader of that term to hand over to target.
-                               Written by a preempting node on its own lease (gone if
-                               it dies), or by the CLI without a lease; whoever wins
-                               the next term deletes it.
-    P/groups/<group>/heartbeat {"term": "<lease hex>@<rev>", "seq": n}
-                               put by the active every ``heartbeat_interval`` on its
-                               lease, only while the leader key holds its term.
-    P/drain/<node>             present = the node is drained (value: free text reason).
+Keys: halb.keys (the leader, handover and heartbeat keys of the group, the node's drain
+key); their values: halb.ha.values; operator actions on them: halb.ha.admin.
 
 Every node holds one lease per group (so resigning one group revokes only that group's
 key) and keeps it alive every ``keepalive_interval`` (TTL/4 by default). The fence
@@ -35,10 +22,17 @@ revoked. A standby's watchdog emits ``LeaderUnresponsive`` once per term when no
 heartbeat of the current leader's term arrived for ``heartbeat_timeout`` (plus its rank
 slack); ``force_takeover`` then records the reason and revokes the leader's lease.
 
-aetcd's watch ends with ConnectionFailedError when etcd restarts and is not re-created
-(PLATFORM.md): the watch loop re-reads the keys (emitting the current view, which the
-machine takes idempotently), then re-creates the watch from the read revision + 1, with
-exponential backoff between attempts.
+Watches (halb.etcd.read_then_watch): one read of the group's keys and of the drain
+key, then watches from the read revision + 1 that the client resumes across member
+failures without losing or repeating an event; after a compaction (or a final error,
+retried with backoff) the keys are read again and the current view re-emitted, which
+the machine takes idempotently. Before reporting a leader unresponsive, the watchdog
+reads the heartbeat key itself: a watch that was moving to another etcd member must
+not make a live leader look silent.
+
+Election transactions are create-if-absent and safe to retry: the client may retry a
+campaign whose first attempt was applied but whose reply was lost; the retry then
+fails its compare, and a leader key found on our own lease means we won.
 
 Lease resume: with a ``state_dir`` the lease id is stored in
 ``<state_dir>/lease-<cluster>-<group>``; at start-up a stored lease that LeaseTimeToLive
@@ -47,7 +41,7 @@ new one, so an agent restarted within the TTL keeps its term.
 
 Usage (the runtime does this)::
 
-    client = open_client(cfg.etcd.endpoints[0])
+    client = halb.agent.etcdio.connect(cfg, node)   # an EtcdClient on every endpoint
     coord = Coordinator(client, GroupKeys(prefix, cluster, group), node, priority,
                         ttl=2, emit=queue.put_nowait, state_dir=Path(cfg.state_dir))
     async with asyncio.TaskGroup() as tg:
@@ -58,20 +52,29 @@ Usage (the runtime does this)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import functools
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlparse
+from typing import TypeVar
 
-import aetcd
-
-from halb.aio import within
+from halb.aio import Backoff, within
+from halb.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdError,
+    EventKind,
+    Get,
+    KeyValue,
+    LeaseNotFound,
+    Put,
+    RangeResult,
+    Snapshot,
+    WatchEvent,
+    read_then_watch,
+)
 from halb.ha.clock import Clock, MonotonicClock
+from halb.ha.leasefile import LeaseFile
 from halb.ha.machine import (
     UNRESPONSIVE,
     CampaignLost,
@@ -79,7 +82,6 @@ from halb.ha.machine import (
     Drain,
     Event,
     FenceDeadlinePassed,
-    Handover,
     HandoverObserved,
     KeepaliveOk,
     Leader,
@@ -89,171 +91,27 @@ from halb.ha.machine import (
     LeaseLost,
     Undrain,
 )
+from halb.ha.values import (
+    handover_value,
+    heartbeat_term,
+    heartbeat_value,
+    leader_value,
+    parse_handover,
+    parse_leader,
+)
+from halb.ha.watchdog import LeaderWatchdog
+from halb.keys import GroupKeys
 from halb.model import Term
 from halb.timing import lease_timings, rpc_timeout_for
 
-__all__ = [
-    "Backoff",
-    "Coordinator",
-    "GroupKeys",
-    "clear_drain",
-    "close_client",
-    "open_client",
-    "parse_handover",
-    "parse_leader",
-    "request_handover",
-    "set_drain",
-]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 # Errors that mean "etcd did not answer as hoped, try again later".
-_RETRY = (aetcd.ClientError, asyncio.TimeoutError, OSError)
-
-
-def open_client(endpoint: str, *, timeout: float = 2.0) -> aetcd.Client:
-    """An aetcd client for ``http://host:port`` that reconnects quickly after etcd
-    restarts (gRPC's default reconnect backoff starts at 1 s and grows to 120 s)."""
-    url = urlparse(endpoint)
-    if url.scheme != "http" or url.hostname is None:
-        raise ValueError(f"{endpoint!r}: only http://host:port is supported by aetcd 1.0")
-    return aetcd.Client(
-        host=url.hostname,
-        port=url.port or 2379,
-        timeout=timeout,
-        options={
-            "grpc.initial_reconnect_backoff_ms": 100,
-            "grpc.min_reconnect_backoff_ms": 100,
-            "grpc.max_reconnect_backoff_ms": 1000,
-        },
-    )
-
-
-async def close_client(client: aetcd.Client, timeout: float = 3.0) -> None:
-    """Close an aetcd client, bounded: its watcher's shutdown puts into a bounded
-    request queue that nobody drains once the stream is dead, and can block forever."""
-    try:
-        await within(client.close(), timeout)
-    except (TimeoutError, aetcd.ClientError) as exc:
-        log.warning("etcd client did not close cleanly: %s", exc or type(exc).__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupKeys:
-    prefix: str
-    cluster: str
-    group: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix.rstrip('/')}/{self.cluster}"
-
-    @property
-    def group_prefix(self) -> bytes:
-        return f"{self.base}/groups/{self.group}/".encode()
-
-    @property
-    def leader(self) -> bytes:
-        return self.group_prefix + b"leader"
-
-    @property
-    def handover(self) -> bytes:
-        return self.group_prefix + b"handover"
-
-    @property
-    def heartbeat(self) -> bytes:
-        return self.group_prefix + b"heartbeat"
-
-    def drain(self, node: str) -> bytes:
-        return f"{self.base}/drain/{node}".encode()
-
-
-class Backoff:
-    """Exponential backoff with jitter: 0.1 s doubling to ``cap``."""
-
-    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
-        self.first = first
-        self.cap = cap
-        self._next = first
-
-    def reset(self) -> None:
-        self._next = self.first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self.cap, self._next * 2)
-        return delay * random.uniform(0.8, 1.0)
-
-
-def _term_str(term: Term) -> str:
-    return f"{term.lease_id:x}@{term.revision}"
-
-
-def _parse_term(text: Any) -> Term | None:
-    if not isinstance(text, str) or "@" not in text:
-        return None
-    lease, _, rev = text.partition("@")
-    try:
-        return Term(int(lease, 16), int(rev))
-    except ValueError:
-        return None
-
-
-def _heartbeat_term(value: bytes) -> Term | None:
-    try:
-        return _parse_term(json.loads(value).get("term"))
-    except (ValueError, AttributeError):
-        return None
-
-
-def parse_leader(value: bytes, lease: int, create_revision: int) -> Leader:
-    """The leader key's value; the term comes from the key's metadata, not the value."""
-    try:
-        data = json.loads(value)
-        holder, priority = str(data["node"]), int(data["priority"])
-    except (ValueError, KeyError, TypeError):
-        log.warning("leader key holds unreadable value %r; treating holder as unknown", value)
-        holder, priority = "?", 0
-    return Leader(holder, priority, Term(lease, create_revision))
-
-
-def parse_handover(value: bytes) -> Handover | None:
-    try:
-        data = json.loads(value)
-        return Handover(
-            str(data["target"]), _parse_term(data.get("term")), str(data.get("reason", ""))
-        )
-    except (ValueError, KeyError, TypeError):
-        log.warning("handover key holds unreadable value %r; ignoring it", value)
-        return None
-
-
-def _handover_value(target: str, term: Term | None, reason: str, by: str) -> bytes:
-    return json.dumps(
-        {
-            "target": target,
-            "term": _term_str(term) if term else None,
-            "reason": reason,
-            "by": by,
-        }
-    ).encode()
-
-
-async def request_handover(
-    client: aetcd.Client, keys: GroupKeys, target: str, *, term: Term | None = None
-) -> None:
-    """Planned failover (CLI): ask the current leader to hand the group to ``target``."""
-    await client.put(keys.handover, _handover_value(target, term, "planned", "cli"))
-
-
-async def set_drain(client: aetcd.Client, keys: GroupKeys, node: str, reason: str = "") -> None:
-    await client.put(keys.drain(node), reason.encode())
-
-
-async def clear_drain(client: aetcd.Client, keys: GroupKeys, node: str) -> None:
-    await client.delete(keys.drain(node))
+_RETRY = (EtcdError, asyncio.TimeoutError, OSError)
 
 
 class Coordinator:
@@ -267,7 +125,7 @@ class Coordinator:
 
     def __init__(
         self,
-        client: aetcd.Client,
+        client: EtcdClient,
         keys: GroupKeys,
         node: str,
         priority: int,
@@ -296,6 +154,9 @@ class Coordinator:
         self.fence_margin = fence_margin if fence_margin is not None else lease.fence_margin
         self.rpc_timeout = rpc_timeout or rpc_timeout_for(self.keepalive_interval)
         self.state_dir = state_dir
+        self._lease_file = LeaseFile(
+            state_dir / f"lease-{keys.cluster}-{keys.group}" if state_dir is not None else None
+        )
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         # Lower-ranked standbys notice a silent leader a little later, so usually
@@ -307,9 +168,7 @@ class Coordinator:
         self._hb_seq = 0
         # Standby side: the leader's term as last seen, when its last heartbeat (or
         # the term itself) was seen, and whether it was reported unresponsive.
-        self._watched: Term | None = None
-        self._watched_since = 0.0
-        self._reported: Term | None = None
+        self.watchdog = LeaderWatchdog(heartbeat_timeout + watchdog_slack)
         # Shutting down: no new lease (and no lease file) after the last resign.
         self._retired = False
         self._lease: int | None = None
@@ -348,9 +207,7 @@ class Coordinator:
 
     @property
     def lease_file(self) -> Path | None:
-        if self.state_dir is None:
-            return None
-        return self.state_dir / f"lease-{self.keys.cluster}-{self.keys.group}"
+        return self._lease_file.path
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -364,36 +221,48 @@ class Coordinator:
                 tg.create_task(self._watchdog_loop(), name=f"watchdog-{self.keys.group}")
 
     def _observe_leader(self, leader: Leader | None) -> None:
-        """Restart the heartbeat clock for a newly seen term (or after a re-read, when
-        heartbeats may have been missed while the watch was down)."""
-        term = leader.term if leader is not None else None
-        if term != self._watched:
-            self._reported = None
-        self._watched = term
-        self._watched_since = self.clock.now()
+        self.watchdog.observe_leader(leader.term if leader is not None else None, self.clock.now())
 
     async def _watchdog_loop(self) -> None:
-        limit = self.heartbeat_timeout + self.watchdog_slack
         while True:
             await self.clock.sleep(self.heartbeat_interval / 2)
-            term = self._watched
-            if term is None or term == self._reported:
+            suspect = self.watchdog.suspect(self.clock.now(), self._lease)
+            if suspect is None:
                 continue
-            if self._lease is not None and term.lease_id == self._lease:
-                continue  # our own term
-            silent = self.clock.now() - self._watched_since
-            if silent > limit:
-                log.warning(
-                    "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
-                    term,
-                    silent,
-                    limit,
-                )
-                self._reported = term
-                self.emit(LeaderUnresponsive(term))
+            term, silent = suspect
+            if await self._heartbeat_moved(term):
+                continue
+            log.warning(
+                "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
+                term,
+                silent,
+                self.watchdog.limit,
+            )
+            self.watchdog.report(term)
+            self.emit(LeaderUnresponsive(term))
 
-    async def _rpc(self, call: Awaitable[T]) -> T:
-        return await within(call, self.rpc_timeout)
+    async def _heartbeat_moved(self, term: Term) -> bool:
+        """Whether the heartbeat key, read now, shows ``term`` alive after all."""
+        try:
+            kv = await self._rpc(lambda t: self.client.get(self.keys.heartbeat, timeout=t))
+        except _RETRY:
+            return False
+        if kv is None:
+            return False
+        moved = self.watchdog.moved(
+            term, heartbeat_term(kv.value), kv.mod_revision, self.clock.now()
+        )
+        if moved:
+            log.info("heartbeat of term %s seen by a read, not yet by the watch", term)
+        return moved
+
+    async def _keepalive(self, lease: int, timeout: float) -> int:
+        return await self.client.keepalive(lease, timeout=timeout)
+
+    async def _rpc(self, call: Callable[[float], Awaitable[T]]) -> T:
+        """One client call under the coordinator's deadline; the client retries and
+        moves between etcd members inside it."""
+        return await within(call(self.rpc_timeout), self.rpc_timeout + 0.1)
 
     # -- lease -----------------------------------------------------------------------------
 
@@ -419,7 +288,7 @@ class Coordinator:
             lease = self._lease
             sent = self.clock.now()
             try:
-                reply = await self._rpc(self.client.refresh_lease(lease))
+                ttl = await self._rpc(functools.partial(self._keepalive, lease))
             except _RETRY as exc:
                 if not failing:
                     log.warning("keepalive of lease %x failed: %s", lease, exc or type(exc))
@@ -428,7 +297,7 @@ class Coordinator:
                 continue
             if self._lease != lease:
                 continue  # resigned or fenced meanwhile
-            if reply is None or reply.TTL <= 0:
+            if ttl <= 0:
                 log.warning("lease %x is gone on the etcd side", lease)
                 self._drop_lease()
                 self.emit(LeaseLost(lease))
@@ -450,7 +319,7 @@ class Coordinator:
         while True:
             sent = self.clock.now()
             try:
-                lease = await self._rpc(self.client.lease(self.ttl))
+                lease = await self._rpc(lambda t: self.client.grant(self.ttl, timeout=t))
             except _RETRY as exc:
                 delay = backoff.next()
                 log.warning("lease grant failed (%s); retrying in %.2fs", exc, delay)
@@ -462,56 +331,40 @@ class Coordinator:
             return int(lease.id), sent, False
 
     async def _try_resume(self) -> tuple[int, float] | None:
-        path = self.lease_file
-        if path is None or not path.exists():
+        lease = self._lease_file.load()
+        if lease is None:
             return None
         try:
-            lease = int(path.read_text().strip(), 16)
-        except (OSError, ValueError):
-            return None
-        try:
-            info = await self._rpc(self.client.get_lease_info(lease, keys=False))
-            ttl = int(info.TTL)
+            info = await self._rpc(lambda t: self.client.time_to_live(lease, timeout=t))
+            ttl = info.ttl
         except _RETRY as exc:
             log.info("cannot check stored lease %x (%s); granting a new one", lease, exc)
             return None
         if ttl <= 0:
             log.info("stored lease %x has expired; granting a new one", lease)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self._lease_file.remove()
             return None
-        self._granted_ttl = int(info.grantedTTL) or self.ttl
+        self._granted_ttl = info.granted_ttl or self.ttl
         # TimeToLive is whole seconds: renew it now so the fence deadline is exact.
         sent = self.clock.now()
         try:
-            reply = await self._rpc(self.client.refresh_lease(lease))
+            left = await self._rpc(lambda t: self.client.keepalive(lease, timeout=t))
         except _RETRY as exc:
             log.info("cannot renew stored lease %x (%s); granting a new one", lease, exc)
             return None
-        if reply is None or reply.TTL <= 0:
+        if left <= 0:
             return None
         log.info("resumed lease %x (%ss were left)", lease, ttl)
         return lease, sent
 
     def _store_lease(self, lease: int) -> None:
-        path = self.lease_file
-        if path is None or self._retired:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(f"{lease:x}\n")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("cannot store lease id in %s: %s", path, exc)
+        if not self._retired:
+            self._lease_file.store(lease)
 
     def _drop_lease(self) -> None:
         self._lease = None
         self.last_keepalive_ok = None
-        path = self.lease_file
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        self._lease_file.remove()
 
     async def _fence_loop(self) -> None:
         while True:
@@ -540,58 +393,57 @@ class Coordinator:
 
     async def campaign(self, lease: int) -> None:
         """Create the leader key on ``lease`` if absent; emit CampaignWon / CampaignLost."""
-        value = json.dumps(
-            {"node": self.node, "priority": self.priority, "lease": f"{lease:x}"}
-        ).encode()
-        tx = self.client.transactions
+        value = leader_value(self.node, self.priority, lease)
         backoff = Backoff()
         while self._lease == lease:
             try:
-                ok, responses = await self._rpc(
-                    self.client.transaction(
-                        compare=[tx.create(self.keys.leader) == 0],
-                        success=[tx.put(self.keys.leader, value, lease=lease)],
-                        failure=[tx.get(self.keys.leader)],
+                result = await self._rpc(
+                    lambda t: self.client.txn(
+                        [Compare.create(self.keys.leader, "==", 0)],
+                        [Put(self.keys.leader, value, lease)],
+                        [Get(self.keys.leader)],
+                        timeout=t,
                     )
                 )
-            except aetcd.ClientError as exc:
-                if "lease not found" in str(exc):
-                    log.warning("campaign: lease %x is gone", lease)
-                    if self._lease == lease:
-                        self._drop_lease()
-                        self.emit(LeaseLost(lease))
-                    return
-                await self.clock.sleep(backoff.next())
-                continue
+            except LeaseNotFound:
+                log.warning("campaign: lease %x is gone", lease)
+                if self._lease == lease:
+                    self._drop_lease()
+                    self.emit(LeaseLost(lease))
+                return
             except _RETRY:
                 await self.clock.sleep(backoff.next())
                 continue
-            if ok:
-                term = Term(lease, int(responses[0].response_put.header.revision))
+            if result.succeeded:
+                term = Term(lease, result.revision)
                 log.info("%s won group %s, term %s", self.node, self.keys.group, term)
                 self.emit(CampaignWon(term))
-            else:
-                found = responses[0] if responses else []
-                leader = None
-                if found:
-                    kv = found[0][1]
-                    leader = parse_leader(kv.value, kv.lease, kv.create_revision)
-                log.info("%s lost the campaign for %s to %s", self.node, self.keys.group, leader)
-                self.emit(CampaignLost(leader))
+                return
+            found = result.responses[0] if result.responses else None
+            kv = found.first() if isinstance(found, RangeResult) else None
+            if kv is not None and kv.lease == lease:
+                # Our own key: an earlier attempt of this campaign was applied and its
+                # reply lost, so the client retried. We won then, at its revision.
+                term = Term(lease, kv.create_revision)
+                log.info("%s won group %s, term %s (retried)", self.node, self.keys.group, term)
+                self.emit(CampaignWon(term))
+                return
+            leader = parse_leader(kv.value, kv.lease, kv.create_revision) if kv else None
+            log.info("%s lost the campaign for %s to %s", self.node, self.keys.group, leader)
+            self.emit(CampaignLost(leader))
             return
 
     async def _put_if_term(self, term: Term, key: bytes, value: bytes, lease: int) -> bool:
         """Put ``key`` on ``lease`` only while the leader key holds ``term``; False if it
         no longer does. etcd errors are raised."""
-        tx = self.client.transactions
-        ok, _ = await self._rpc(
-            self.client.transaction(
-                compare=[tx.create(self.keys.leader) == term.revision],
-                success=[tx.put(key, value, lease=lease)],
-                failure=[],
+        result = await self._rpc(
+            lambda t: self.client.txn(
+                [Compare.create(self.keys.leader, "==", term.revision)],
+                [Put(key, value, lease)],
+                timeout=t,
             )
         )
-        return bool(ok)
+        return result.succeeded
 
     async def heartbeat(self, term: Term, ready: Callable[[], None] | None = None) -> None:
         """Active side, until cancelled: put the heartbeat key every interval while the
@@ -604,15 +456,13 @@ class Coordinator:
             while self._lease == term.lease_id:
                 sent = self.clock.now()
                 self._hb_seq += 1
-                value = json.dumps({"term": _term_str(term), "seq": self._hb_seq}).encode()
+                value = heartbeat_value(term, self._hb_seq)
                 ok: bool | None
                 try:
                     ok = await self._put_if_term(term, self.keys.heartbeat, value, term.lease_id)
-                except aetcd.ClientError as exc:
-                    if "lease not found" in str(exc):
-                        log.warning("heartbeat: lease of term %s is gone", term)
-                        return
-                    ok = None
+                except LeaseNotFound:
+                    log.warning("heartbeat: lease of term %s is gone", term)
+                    return
                 except _RETRY:
                     ok = None
                 if ok is False:
@@ -634,7 +484,7 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        value = _handover_value(self.node, term, UNRESPONSIVE, self.node)
+        value = handover_value(self.node, term, UNRESPONSIVE, self.node)
         backoff = Backoff()
         while True:
             if self._lease != lease:
@@ -668,15 +518,13 @@ class Coordinator:
         backoff = Backoff()
         while True:
             try:
-                await self._rpc(self.client.revoke_lease(lease))
+                await self._rpc(lambda t: self.client.revoke(lease, timeout=t))
                 log.info("revoked lease %x", lease)
                 return
-            except aetcd.ClientError as exc:
-                if "not found" in str(exc):
-                    return  # already expired or revoked
-                err: BaseException = exc
+            except LeaseNotFound:
+                return  # already expired or revoked
             except _RETRY as exc:
-                err = exc
+                err: BaseException = exc
             if self.clock.now() > give_up:
                 log.warning("could not revoke lease %x (%s); it has expired by now", lease, err)
                 return
@@ -688,9 +536,11 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        value = _handover_value(target, term, reason, self.node)
+        value = handover_value(target, term, reason, self.node)
         try:
-            await self._rpc(self.client.put(self.keys.handover, value, lease=lease))
+            await self._rpc(
+                lambda t: self.client.put(self.keys.handover, value, lease=lease, timeout=t)
+            )
             log.info("asked the leader of term %s to hand %s to %s", term, self.keys.group, target)
         except _RETRY as exc:
             # The machine re-arms the preempt timer, so the request will be repeated.
@@ -698,7 +548,7 @@ class Coordinator:
 
     async def clear_handover(self) -> None:
         try:
-            await self._rpc(self.client.delete(self.keys.handover))
+            await self._rpc(lambda t: self.client.delete(self.keys.handover, timeout=t))
         except _RETRY as exc:
             log.warning("could not delete the handover request: %s", exc)
 
@@ -707,50 +557,48 @@ class Coordinator:
     async def _watch_loop(self) -> None:
         backoff = Backoff()
         while True:
+            exc: BaseException | None = None
             try:
-                await self._read_and_watch(backoff)
-            except _RETRY as exc:
-                delay = backoff.next()
-                log.warning(
-                    "watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay
-                )
-                await self.clock.sleep(delay)
+                await self._follow(backoff)
+            except* _RETRY as group:  # _follow's task group wraps what its watches raise
+                exc = group.exceptions[0]
+            delay = backoff.next()
+            log.warning("watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay)
+            await self.clock.sleep(delay)
 
-    async def _read_and_watch(self, backoff: Backoff) -> None:
-        group = await self._rpc(self.client.get_prefix(self.keys.group_prefix))
-        revision = int(group.header.revision)
-        drain_key = self.keys.drain(self.node)
-        drained = await self._rpc(self.client.get(drain_key))
-        self._emit_group_view(group)
-        self.emit(Drain() if drained is not None else Undrain())
+    async def _follow(self, backoff: Backoff) -> None:
+        """The group's keys, then the drain key (first views in that order), each read
+        then watched; returns only by raising."""
+        group_seen = asyncio.Event()
 
-        start = revision + 1
-        watches = [
-            await self._rpc(self.client.watch_prefix(self.keys.group_prefix, start_revision=start)),
-            await self._rpc(self.client.watch(drain_key, start_revision=start)),
-        ]
-        backoff.reset()
-        pumps = [asyncio.create_task(self._pump(w)) for w in watches]
-        try:
-            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # raises the watch's error
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for w in watches:
-                with contextlib.suppress(*_RETRY):
-                    await within(w.cancel(), 1.0)
+        async def group() -> None:
+            async for item in read_then_watch(self.client, self.keys.group_prefix, prefix=True):
+                if isinstance(item, Snapshot):
+                    self._emit_group_view(item.revision, item.kvs)
+                    group_seen.set()
+                    backoff.reset()
+                else:
+                    self._on_event(item)
 
-    def _emit_group_view(self, group: Any) -> None:
-        revision = int(group.header.revision)
+        async def drain() -> None:
+            await group_seen.wait()
+            async for item in read_then_watch(self.client, self.keys.drain(self.node)):
+                if isinstance(item, Snapshot):
+                    self.emit(Drain() if item.kvs else Undrain())
+                else:
+                    self._on_event(item)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(group(), name=f"watch-group-{self.keys.group}")
+            tg.create_task(drain(), name=f"watch-drain-{self.keys.group}")
+
+    def _emit_group_view(self, revision: int, kvs: tuple[KeyValue, ...]) -> None:
         if revision < self._view_revision:
             return  # the watch already delivered something newer
         self._view_revision = revision
-        kvs = {bytes(kv.key): kv for kv in group}
-        leader_kv = kvs.get(self.keys.leader)
-        handover_kv = kvs.get(self.keys.handover)
+        by_key = {kv.key: kv for kv in kvs}
+        leader_kv = by_key.get(self.keys.leader)
+        handover_kv = by_key.get(self.keys.handover)
         leader = (
             parse_leader(leader_kv.value, leader_kv.lease, leader_kv.create_revision)
             if leader_kv
@@ -758,42 +606,39 @@ class Coordinator:
         )
         self._observe_leader(leader)
         # A fresh read (after a reconnect, say): judge the leader's heartbeats anew.
-        self._reported = None
+        self.watchdog.reread()
         self.emit(LeaderObserved(leader))
         self.emit(HandoverObserved(parse_handover(handover_kv.value) if handover_kv else None))
 
     async def _reread(self) -> None:
         """Re-read the group's keys (after a new lease: the machine forgot its view)."""
         try:
-            group = await self._rpc(self.client.get_prefix(self.keys.group_prefix))
+            group = await self._rpc(
+                lambda t: self.client.range(self.keys.group_prefix, prefix=True, timeout=t)
+            )
         except _RETRY as exc:
             log.info(
                 "re-read of group %s failed (%s); the watch will catch up", self.keys.group, exc
             )
             return
-        self._emit_group_view(group)
+        self._emit_group_view(group.revision, group.kvs)
 
-    async def _pump(self, watch: aetcd.Watch) -> None:
-        async for ev in watch:
-            key = bytes(ev.kv.key)
-            put = ev.kind == aetcd.EventKind.PUT
-            revision = int(ev.kv.mod_revision)
-            if revision < self._view_revision:
-                continue  # older than a read already emitted
-            if key in (self.keys.leader, self.keys.handover):
-                self._view_revision = revision
-            if key == self.keys.leader:
-                leader = (
-                    parse_leader(ev.kv.value, ev.kv.lease, ev.kv.create_revision) if put else None
-                )
-                self._observe_leader(leader)
-                self.emit(LeaderObserved(leader))
-            elif key == self.keys.handover:
-                self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
-            elif key == self.keys.heartbeat:
-                if put and _heartbeat_term(ev.kv.value) == self._watched:
-                    self._watched_since = self.clock.now()
-            elif key == self.keys.drain(self.node):
-                self.emit(Drain() if put else Undrain())
-        # The iterator ending without an error means the watch was cancelled server-side.
-        raise aetcd.ConnectionFailedError("watch ended")
+    def _on_event(self, ev: WatchEvent) -> None:
+        key = ev.kv.key
+        put = ev.kind is EventKind.PUT
+        revision = ev.revision
+        if revision < self._view_revision:
+            return  # older than a read already emitted
+        if key in (self.keys.leader, self.keys.handover):
+            self._view_revision = revision
+        if key == self.keys.leader:
+            leader = parse_leader(ev.kv.value, ev.kv.lease, ev.kv.create_revision) if put else None
+            self._observe_leader(leader)
+            self.emit(LeaderObserved(leader))
+        elif key == self.keys.handover:
+            self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
+        elif key == self.keys.heartbeat:
+            if put:
+                self.watchdog.heartbeat(heartbeat_term(ev.kv.value), revision, self.clock.now())
+        elif key == self.keys.drain(self.node):
+            self.emit(Drain() if put else Undrain())

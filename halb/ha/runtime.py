@@ -2,7 +2,8 @@
 
 One asyncio task per *term*: when the machine enters ACTIVE(term) the runtime starts
 a task that adds the VIPs (with a kernel lifetime), runs the sync-server role and
-announces the VIPs ``announce.count`` times every ``announce.interval`` seconds,
+announces the VIPs ``announce.count`` times every ``announce.interval`` seconds (then
+every ``announce.refresh`` seconds for the rest of the term),
 re-checking that the machine still holds the term before every add and every send.
 Leaving the term cancels that task; its ``finally`` removes the VIPs (or, on a restart
 in place, leaves them to their lifetime). Nothing else ever adds a VIP: a config change
@@ -157,6 +158,7 @@ class GroupRuntime:
         addresses: Sequence[IPAddress],
         announce_count: int = 3,
         announce_interval: float = 0.2,
+        announce_refresh: float = 0.0,
         lifetime: int | None = None,
         clock: Clock | None = None,
         sync: SyncRoles | None = None,
@@ -170,6 +172,7 @@ class GroupRuntime:
         self.addresses = list(addresses)
         self.announce_count = announce_count
         self.announce_interval = announce_interval
+        self.announce_refresh = announce_refresh
         self.lifetime = lifetime
         self.clock = clock or MonotonicClock()
         self.sync = sync
@@ -180,6 +183,7 @@ class GroupRuntime:
         self._preempt_deferred_since: float | None = None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.announcements = 0  # rounds sent, for tests and metrics
+        self.refreshes = 0  # refresh rounds sent
         self._term: _TermTask | None = None
         self._follow: asyncio.Task[None] | None = None
         self._timers: dict[Timer, asyncio.Task[None]] = {}
@@ -398,6 +402,15 @@ class GroupRuntime:
             self.announcements += 1
             if i + 1 < self.announce_count:
                 await self.clock.sleep(self.announce_interval)
+        # Refresh for the rest of the term, ownership checked before every round.
+        while self.announce_refresh > 0:
+            await self.clock.sleep(self.announce_refresh)
+            if not self._owns(term):
+                log.info("%s: lost term %s, refresh announcements stop", self.name, term)
+                return
+            for vip in list(tt.added):
+                self.vips.announce(vip)
+            self.refreshes += 1
 
     async def _refresh(self, term: Term) -> None:
         tt = self._term

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from halb.sync.records import RECORD_SIZE
+from halb.flows.records import RECORD_SIZE
 
 __all__ = ["Batcher", "Delta"]
 

@@ -13,6 +13,9 @@ State before address: wait_synced() resolves once a full snapshot is installed, 
 stop() returns only after the dataplane write in progress has finished, so a
 promoted node that awaits stop() knows every flow it received is in its dataplane.
 
+The bookkeeping (sequences, acks, term checks, resync decisions, what to write) is
+halb.sync.session.ClientSession; this module is the I/O around it.
+
 Writes are pipelined one deep: a batch's dataplane write runs in a worker thread
 while the next message is read and validated (the XDP write is mostly a syscall,
 which releases the GIL); writes stay in order, and a batch is acknowledged (by a
@@ -25,19 +28,20 @@ import asyncio
 import logging
 import random
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from halb.aio import cancel_and_wait, within
-from halb.config import ClusterConfig
+from halb.config import ClusterConfig, group_services
 from halb.dataplane.base import Dataplane
-from halb.model import Term
-from halb.sync import codec, records, tls
-from halb.sync.codec import DecodedBatch, DropReason, RecordIndex
+from halb.flows import records
+from halb.flows.records import RecordIndex
+from halb.model import Service, Term
+from halb.sync import tls
 from halb.sync.pb import SYNC_METHOD
+from halb.sync.session import ClientSession, Reconnect, Synced, Write
 
 __all__ = ["ClientOptions", "ClientStats", "FlowSyncClient"]
 
@@ -58,6 +62,7 @@ class ClientStats:
     node: str
     peer: str
     target: str
+    group: str
     connected: bool
     synced: bool
     known_term: Term | None
@@ -82,10 +87,17 @@ class ClientStats:
 class _Reconnect(Exception):
     """End this stream and subscribe again (after backoff unless `now`)."""
 
-    def __init__(self, why: str, *, full: bool = False, now: bool = False) -> None:
+    def __init__(self, why: str, *, now: bool = False) -> None:
         super().__init__(why)
-        self.full = full
         self.now = now
+
+
+def services_of(config: ClusterConfig, group: str) -> list[Service]:
+    """The services whose flows a stream of ``group`` may carry ("": every group's);
+    none for a group the config no longer has."""
+    if not group:
+        return config.services()
+    return [s for g in config.vip_groups if g.name == group for s in group_services(g)]
 
 
 class FlowSyncClient:
@@ -100,43 +112,31 @@ class FlowSyncClient:
         known_term: Term | None = None,
         target: str | None = None,
         options: ClientOptions | None = None,
+        group: str = "",
     ) -> None:
         """peer: the node believed active (its certificate must name it); target:
-        host:port to dial, default that node's sync_address."""
+        host:port to dial, default that node's sync_address; group: the VIP group
+        followed (only its services' flows are accepted), "" for a server's only one."""
         self._node = node
+        self._group = group
         self._dp = dataplane
         self._security = security
         self._opt = options or ClientOptions()
-        self._index = RecordIndex(config.services())
         self._peer = peer
         self._target = target or config.node(peer).sync_address
-        self._known_term = known_term
-        self._stream_term: Term | None = None
-        self._session = 0
-        self._applied = 0  # last DELTA sequence whose write has finished
-        self._received = 0  # last DELTA sequence accepted for writing
-        self._head = 0
-        # The flows installed on the active's behalf, connection (record bytes [0, 38))
-        # -> record: what a full resync must compare against to remove flows that
-        # ended while we were away. By connection, so a flow that moved to another
-        # backend replaces its old record instead of leaving it to be deleted later.
-        self._mirror: dict[bytes, bytes] = {}
-        self._snap_seen: dict[bytes, bytes] | None = None
+        self._s = ClientSession(RecordIndex(services_of(config, group)), known_term=known_term)
         self._synced = asyncio.Event()
         self._connected = False
-        self._in_sync = False
         self._last_msg: float | None = None
         self._inflight: asyncio.Future[Any] | None = None
         self._ack_due = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._call: Any = None
-        self._drops: Counter[DropReason] = Counter()
         self._installed = 0
         self._deleted = 0
-        self._snapshots = 0
+        self._snapshots = 0  # installed (counted once every write has landed)
         self._resumes = 0
         self._reconnects = 0
-        self._stale_streams = 0
         self._last_resync: float | None = None
         self._last_error: str | None = None
 
@@ -144,8 +144,7 @@ class FlowSyncClient:
 
     def set_term(self, term: Term) -> None:
         """The newest term known from etcd. Never moves back."""
-        if self._known_term is None or codec.term_is_older(self._known_term, term):
-            self._known_term = term
+        self._s.set_term(term)
 
     def retarget(self, peer: str, target: str, term: Term | None = None) -> None:
         """Follow a new active node; the current stream ends and the next one goes there."""
@@ -157,7 +156,7 @@ class FlowSyncClient:
             self._cancel_call()
 
     def update_config(self, config: ClusterConfig) -> None:
-        self._index = RecordIndex(config.services())
+        self._s.update_index(RecordIndex(services_of(config, self._group)))
 
     @property
     def synced(self) -> bool:
@@ -203,8 +202,6 @@ class FlowSyncClient:
                 why, now = "the active closed the stream", False
             except _Reconnect as exc:
                 why, now = str(exc), exc.now
-                if exc.full:
-                    self._session = 0
             except grpc.aio.AioRpcError as exc:
                 why, now = f"{exc.code().name}: {exc.details()}", False
             except asyncio.InvalidStateError:
@@ -216,9 +213,9 @@ class FlowSyncClient:
                 why, now = f"unexpected error: {exc!r}", False
             finally:
                 # A stream that got in sync proves the peer works: restart the backoff.
-                progressed = self._in_sync
+                progressed = self._s.in_sync
                 self._connected = False
-                self._in_sync = False
+                self._s.in_sync = False
             self._last_error = why
             self._reconnects += 1
             if progressed:
@@ -260,7 +257,6 @@ class FlowSyncClient:
         """One subscription, until it ends or fails."""
         # The resume point is what is in the dataplane: let the last write land first.
         await self._settle()
-        self._received = self._applied
         async with self._channel() as channel:
             call = channel.stream_stream(
                 SYNC_METHOD, request_serializer=_identity, response_deserializer=_identity
@@ -268,16 +264,7 @@ class FlowSyncClient:
             self._call = call
             acker: asyncio.Task[None] | None = None
             try:
-                await call.write(
-                    codec.request_subscribe(
-                        node=self._node,
-                        known_term=self._known_term,
-                        session=self._session,
-                        last_sequence=self._applied,
-                    )
-                )
-                self._snap_seen = None
-                self._in_sync = False
+                await call.write(self._s.subscribe(node=self._node, group=self._group))
                 self._ack_due.clear()
                 acker = asyncio.create_task(self._send_acks(call))
                 timeout = self._opt.heartbeat_timeout
@@ -295,18 +282,12 @@ class FlowSyncClient:
                         return
                     self._connected = True
                     self._last_msg = time.monotonic()
-                    result = codec.decode_response(data, self._index, self._drops, self._known_term)
-                    if result is DropReason.STALE_TERM:
-                        self._stale_streams += 1
-                        raise _Reconnect(
-                            f"the stream's term is older than the known term {self._known_term}"
-                        )
-                    if isinstance(result, DropReason):
-                        # A lost delta shows up as a sequence gap and forces a resync.
-                        self._drops[result] += 1
-                        log.warning("flow sync: dropped a message from %s (%s)", self._peer, result)
-                        continue
-                    await self._apply(result)
+                    dropped = sum(self._s.drops.values())
+                    actions = self._s.receive(data)
+                    if not actions and sum(self._s.drops.values()) > dropped:
+                        log.warning("flow sync: dropped a message from %s", self._peer)
+                    for action in actions:
+                        await self._do(action)
                     # Ack every message: liveness for the active's dead-peer check (a long
                     # snapshot has no heartbeats); finished writes ask for one as well.
                     self._ack_due.set()
@@ -324,92 +305,42 @@ class FlowSyncClient:
         while True:
             await self._ack_due.wait()
             self._ack_due.clear()
-            await call.write(codec.request_ack(self._applied, self._in_sync))
+            await call.write(self._s.ack())
 
     # -- applying ------------------------------------------------------------------
 
-    async def _apply(self, b: DecodedBatch) -> None:
-        """Apply one decoded message to the dataplane and the local bookkeeping."""
-        if self._known_term is None or codec.term_is_older(self._known_term, b.term):
-            self._known_term = b.term  # a newer leader than etcd told us about yet
-        if b.kind == "snapshot":
-            await self._apply_snapshot(b)
-            return
-        if b.snapshot_pending:
-            return  # the active is taking a snapshot for us: only proof of life
-        if not self._in_sync:
-            # No snapshot on this stream: the server accepted our resume point, so its
-            # first delta or heartbeat carries our session.
-            if self._snap_seen is not None or b.session != self._session or not self._session:
-                raise _Reconnect(f"unexpected {b.kind} before the snapshot", full=True, now=True)
-            self._in_sync = True
-            self._resumes += 1
-            self._synced.set()
-            log.info("flow sync with %s resumed at sequence %d", self._peer, self._applied)
-        if b.kind == "heartbeat":
-            self._head = max(b.sequence, self._received)
-            return
-        if b.sequence != self._received + 1:
-            raise _Reconnect(
-                f"sequence gap: got {b.sequence} after {self._received}", full=True, now=True
-            )
-        seq = b.sequence
-        await self._write(b.deletes, b.upserts, applied=seq)
-        self._received = seq
-        # Recorded before the write lands: if it fails, the stream restarts and a full
-        # resync compares against this; deleting a flow never installed is harmless.
-        if b.deletes:
-            pop = self._mirror.pop
-            for k in records.conn_keys(b.deletes):
-                pop(k, None)
-        if b.upserts:
-            self._mirror.update(records.by_conn(b.upserts))
-        self._head = max(self._head, seq)
-
-    async def _apply_snapshot(self, b: DecodedBatch) -> None:
-        if b.snapshot_begin:
-            self._in_sync = False
-            self._snap_seen = {}
-            self._session = 0  # no valid resume point until this snapshot completes
-            self._stream_term = b.term
-        elif self._snap_seen is None:
-            raise _Reconnect("a snapshot continued without its beginning", full=True, now=True)
-        assert self._snap_seen is not None
-        self._snap_seen.update(records.by_conn(b.upserts))
-        await self._write(b"", b.upserts)
-        if not b.snapshot_end:
-            return
-        seen, self._snap_seen = self._snap_seen, None
-        stale = [self._mirror[k] for k in self._mirror.keys() - seen.keys()]
-        if stale:
-            # Flows learned earlier that the active no longer has: they ended while we
-            # were disconnected, or belonged to a previous active.
-            await self._write(b"".join(stale), b"")
-        await self._settle()  # synced means installed
-        self._mirror = seen
-        self._session = b.session
-        self._applied = self._received = b.sequence
-        self._head = max(self._head, b.sequence)
-        self._snapshots += 1
-        self._last_resync = time.time()
-        self._in_sync = True
-        self._synced.set()
-        log.info(
-            "flow sync: installed a snapshot of %d flows from %s "
-            "(term %s, sequence %d, %d stale removed)",
-            len(seen),
-            self._peer,
-            b.term,
-            b.sequence,
-            len(stale),
-        )
+    async def _do(self, action: Write | Synced | Reconnect) -> None:
+        match action:
+            case Write(deletes=deletes, upserts=upserts, applied=applied):
+                await self._write(deletes, upserts, applied=applied)
+            case Synced(resumed=resumed, flows=flows, stale=stale):
+                await self._settle()  # synced means installed
+                self._synced.set()
+                if resumed:
+                    self._resumes += 1
+                    log.info("flow sync with %s resumed at sequence %d", self._peer,
+                             self._s.applied)  # fmt: skip
+                    return
+                self._snapshots += 1
+                self._last_resync = time.time()
+                log.info(
+                    "flow sync: installed a snapshot of %d flows from %s "
+                    "(term %s, sequence %d, %d stale removed)",
+                    flows,
+                    self._peer,
+                    self._s.stream_term,
+                    self._s.received,
+                    stale,
+                )
+            case Reconnect(why=why, now=now):
+                raise _Reconnect(why, now=now)
 
     async def _write(self, deletes: bytes, upserts: bytes, *, applied: int = 0) -> None:
         """Start a dataplane write once the one in flight has finished, and return
         without waiting for it. ``applied``: the DELTA sequence this write completes."""
         await self._settle()
         if not deletes and not upserts:
-            self._applied = max(self._applied, applied)
+            self._s.landed(applied)
             return
         fut = asyncio.ensure_future(asyncio.to_thread(self._write_blocking, deletes, upserts))
         self._inflight = fut
@@ -417,7 +348,7 @@ class FlowSyncClient:
 
             def landed(f: asyncio.Future[Any]) -> None:
                 if not f.cancelled() and f.exception() is None:
-                    self._applied = max(self._applied, applied)
+                    self._s.landed(applied)
                     self._ack_due.set()
 
             fut.add_done_callback(landed)
@@ -444,20 +375,22 @@ class FlowSyncClient:
     # -- stats ---------------------------------------------------------------------
 
     def stats(self) -> ClientStats:
+        ss = self._s
         return ClientStats(
             node=self._node,
             peer=self._peer,
             target=self._target,
+            group=self._group,
             connected=self._connected,
             synced=self.synced,
-            known_term=self._known_term,
-            stream_term=self._stream_term,
-            session=self._session,
-            applied_sequence=self._applied,
-            head_sequence=self._head,
-            lag_sequence=max(0, self._head - self._applied),
+            known_term=ss.known_term,
+            stream_term=ss.stream_term,
+            session=ss.session,
+            applied_sequence=ss.applied,
+            head_sequence=ss.head,
+            lag_sequence=ss.lag,
             last_message_age=None if self._last_msg is None else time.monotonic() - self._last_msg,
-            flows=len(self._mirror),
+            flows=ss.flows,
             entries_installed=self._installed,
             entries_deleted=self._deleted,
             snapshots=self._snapshots,
@@ -465,8 +398,8 @@ class FlowSyncClient:
             reconnects=self._reconnects,
             last_resync=self._last_resync,
             last_error=self._last_error,
-            dropped={str(k): v for k, v in sorted(self._drops.items())},
-            stale_term_streams=self._stale_streams,
+            dropped={str(k): v for k, v in sorted(ss.drops.items())},
+            stale_term_streams=ss.stale_streams,
         )
 
 

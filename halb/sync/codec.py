@@ -1,6 +1,6 @@
 """Pure FlowSync codec: protobuf messages around packed flow records.
 
-No I/O. Flows travel as packed records (halb.sync.records): the server encodes each
+No I/O. Flows travel as packed records (halb.flows.records): the server encodes each
 batch once (serialized bytes shared by every standby); the client parses a message
 and validates its records in bulk before they reach the dataplane. Validation is what
 the design demands of a standby: only flows whose VIP:port/protocol is a configured
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from halb.flows.records import RECORD_SIZE, DropReason, RecordIndex
 from halb.model import Term
 from halb.sync.pb import sync_pb2
-from halb.sync.records import RECORD_SIZE, DropReason, RecordIndex
 
 __all__ = [
     "DecodedBatch",
@@ -202,11 +202,12 @@ def decode_response(
 
 
 def request_subscribe(
-    *, node: str, known_term: Term | None, session: int, last_sequence: int
+    *, node: str, known_term: Term | None, session: int, last_sequence: int, group: str = ""
 ) -> bytes:
     req = sync_pb2.SyncRequest()
     sub = req.subscribe
     sub.node = node
+    sub.group = group
     sub.session = session
     sub.last_sequence = last_sequence
     if known_term is not None:

@@ -5,7 +5,7 @@ deltas; the server coalesces the deltas into numbered batches, encodes each batc
 once, keeps a bounded backlog of them and streams them to every subscribed standby.
 
 Concurrency rules: push()/flush() and every handler run on the event loop thread;
-only FlowSource.snapshot() runs in a worker thread. A snapshot reflects at least every
+only the source's snapshot_records() runs in a worker thread. A snapshot reflects at least every
 batch up to the head sequence read *before* it was taken; replaying the batches after
 that head is idempotent (upserts and deletes of whole flows), so nothing is missed.
 """
@@ -19,37 +19,22 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import grpc
 
 from halb.aio import within
-from halb.model import Flow, Term
-from halb.sync import codec, records, tls
+from halb.dataplane.base import FlowSnapshot
+from halb.flows import records
+from halb.flows.records import FlowBatch
+from halb.model import Term
+from halb.sync import codec, tls
 from halb.sync.batching import Batcher, Delta
 from halb.sync.pb import SERVICE, sync_pb2
-from halb.sync.records import FlowBatch
 
-__all__ = ["FlowSource", "FlowSyncServer", "PeerStats", "ServerOptions", "ServerStats"]
+__all__ = ["FlowSyncServer", "PeerStats", "ServerOptions", "ServerStats"]
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class FlowSource(Protocol):
-    """What the server needs from a dataplane: a full snapshot, taken on demand.
-
-    Deltas are pushed separately with FlowSyncServer.push() (XDP: the diff of each
-    periodic batch scan of its flow map; nft: conntrack events).
-
-    A source may also offer ``snapshot_records() -> bytes`` (the same flows as packed
-    records, halb.sync.records); the server then uses it instead, so a large table
-    never becomes one Flow object per entry.
-    """
-
-    def snapshot(self) -> list[Flow]:
-        """Every current flow. Blocking; called in a worker thread."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +106,7 @@ class _Resync(Exception):
 class FlowSyncServer:
     def __init__(
         self,
-        source: FlowSource,
+        source: FlowSnapshot,
         *,
         term: Term,
         security: tls.SyncSecurity,
@@ -458,16 +443,10 @@ class FlowSyncServer:
                 return head
             why = "the backlog overflowed while the snapshot was being sent"
 
-    def _snapshot_records(self) -> bytes:
-        take = getattr(self._source, "snapshot_records", None)
-        if callable(take):
-            return bytes(take())
-        return records.from_flows(self._source.snapshot())
-
     async def _take_snapshot(self, context: Any) -> bytes:
         """The source's snapshot as records, taken in a thread, heartbeating meanwhile:
         dumping a large kernel table can outlast the standby's heartbeat timeout."""
-        task = asyncio.ensure_future(asyncio.to_thread(self._snapshot_records))
+        task = asyncio.ensure_future(asyncio.to_thread(self._source.snapshot_records))
         while True:
             done, _ = await asyncio.wait([task], timeout=self._opt.heartbeat_interval)
             if done:

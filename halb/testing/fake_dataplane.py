@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from halb.dataplane.base import ApplyResult, Counters
+from halb.dataplane.dumpscan import DumpScanSource
 from halb.model import Flow, Service, ServiceKey
 
 __all__ = ["FakeDataplane"]
@@ -52,6 +53,9 @@ class FakeDataplane:
 
     def counters(self) -> Counters:
         return Counters()
+
+    def flow_source(self) -> DumpScanSource:
+        return DumpScanSource(self)
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         self.deadline_ns = monotonic_ns

@@ -20,6 +20,8 @@ import importlib.util, json, sys
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.loader import BpfObject
 from halb.sync import pb
+from halb.etcd import proto
+stubs = proto.load()
 path = build_bpf()
 obj = BpfObject(path)
 out = {
@@ -29,6 +31,8 @@ out = {
     "service": pb.SERVICE,
     "pb2": pb.sync_pb2.__file__,
     "halb": __import__("halb").__file__,
+    "etcd_rpc": stubs.rpc.__file__,
+    "etcd_kv_stub": hasattr(stubs.rpc_grpc, "KVStub"),
 }
 obj.close()
 print(json.dumps(out))
@@ -94,6 +98,7 @@ def test_shipped_bpf_object_and_proto(installed: Path, tmp_path: Path) -> None:
     assert out["halb"].startswith(site), "halb imported from the checkout, not the venv"
     assert out["object"].startswith(site) and out["object"].endswith("balancer.bpf.o")
     assert out["pb2"].startswith(site)
+    assert out["etcd_rpc"].startswith(site) and out["etcd_kv_stub"]
     assert not out["grpc_tools"], "grpcio-tools is a build-time tool, not a runtime dependency"
     from halb.dataplane.xdp.layout import MAP_TYPES
 

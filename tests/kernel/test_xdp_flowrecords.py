@@ -11,8 +11,8 @@ import pytest
 
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.adapter import XdpDataplane
+from halb.flows import records
 from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
-from halb.sync import records
 from halb.testing.sync_cluster import veth_dataplanes
 
 pytestmark = pytest.mark.kernel

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from halb.agent.syncroles import LiveFlowSource, default_source_factory
+from halb.dataplane.base import FlowSource
 from halb.dataplane.xdp import flowsource
 from halb.dataplane.xdp.adapter import XdpDataplane
 from halb.dataplane.xdp.flowsource import XdpFlowSource
+from halb.flows.records import to_flows
 from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
-from halb.sync.records import to_flows
 
 pytestmark = pytest.mark.kernel
 
@@ -88,11 +88,11 @@ def scan(src: XdpFlowSource) -> tuple[list[Flow], list[Flow]]:
     return sorted(to_flows(d.upserts)), sorted(to_flows(d.deletes))
 
 
-def test_the_agent_picks_the_map_scanning_source(dp: XdpDataplane) -> None:
-    source = default_source_factory(dp)()
+def test_the_adapter_offers_its_event_and_scan_source(dp: XdpDataplane) -> None:
+    source = dp.flow_source()
     try:
         assert isinstance(source, XdpFlowSource)
-        assert isinstance(source, LiveFlowSource)
+        assert isinstance(source, FlowSource)
     finally:
         source.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import re
 import subprocess
@@ -170,6 +171,29 @@ def test_frozen_leader_is_replaced_and_sends_no_arp_after_it_resumes(
     assert any(f.src_mac == lb1_mac for f in claims), "lb1 never announced the VIP"
     late = [f for f in claims if f.src_mac == lb1_mac and f.time > resumed]
     assert late == [], f"resumed lb1 claimed the VIP: {late}"
+
+
+def test_the_active_refreshes_its_gratuitous_arp_and_the_standby_never_does(
+    ha: dict[str, Any],
+) -> None:
+    lb1_mac = next(n["mac"] for n in ha["nodes"] if n["name"] == "lb1")
+    doc = yaml.safe_load(Path(ha["config"]).read_text())
+    doc["vip_groups"][0]["announce"]["refresh"] = 0.5
+    fast = Path(ha["lab_dir"]) / "garp-refresh.yaml"
+    fast.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = halb("config", "apply", str(fast))
+    assert r.returncode == 0, r.stderr
+    # The running term takes the new cadence after its current (default 5 s) refresh.
+    time.sleep(5.6)
+    with ArpCapture() as cap:
+        time.sleep(2.3)
+    claims = cap.announcements(VIP)
+    frames = sorted(f.time for f in claims if f.src_mac == lb1_mac)
+    # One round is a gratuitous request and reply, a few microseconds apart.
+    mine = [t for i, t in enumerate(frames) if i == 0 or t - frames[i - 1] > 0.05]
+    assert len(mine) >= 4, f"lb1 refreshed {len(mine)} times in 2.3 s"
+    assert all(0.3 < b - a < 0.9 for a, b in itertools.pairwise(mine)), mine
+    assert all(f.src_mac == lb1_mac for f in claims), "the standby announced the VIP"
 
 
 def arp_fence_drops(node: str) -> int:

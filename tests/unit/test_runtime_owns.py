@@ -178,3 +178,33 @@ def test_set_addresses_adds_nothing_once_ownership_is_gone() -> None:
         await rt._end_term()
 
     asyncio.run(scenario())
+
+
+def test_announcements_are_refreshed_while_the_term_holds_and_stop_when_it_does_not() -> None:
+    from halb.testing.clock import FakeClock
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        machine = Machine(MachineConfig("lb1", 100))
+        for ev in (LeaseGranted(TERM.lease_id), LeaderObserved(None), CampaignWon(TERM)):
+            machine.feed(ev)
+        vips, coord = Vips(), Coord(deadline=1e12)
+        rt = GroupRuntime(
+            machine,
+            coord,
+            vips,
+            addresses=[VIP],
+            announce_count=1,
+            announce_refresh=5.0,
+            clock=clock,
+        )
+        tt = _TermTask(TERM)
+        tt.added.append(VIP)
+        task = asyncio.create_task(rt._announce(tt))
+        await clock.advance(12)
+        assert (vips.announced, rt.refreshes) == (3, 2)  # at 0, 5 and 10 s
+        coord.fence_deadline = 0.0  # past the fence: not owning any more
+        await clock.advance(10)
+        assert vips.announced == 3 and task.done()
+
+    asyncio.run(scenario())

@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
+from halb.flows.records import from_flows, to_flows
 from halb.model import Flow, Protocol
 from halb.sync.batching import Batcher, Delta
-from halb.sync.records import from_flows, to_flows
 
 pytestmark = pytest.mark.unit
 

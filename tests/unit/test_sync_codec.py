@@ -1,6 +1,6 @@
 """FlowSync codec: stream messages around packed flow records, validated on decode.
 
-The record layout and its validation on their own: tests/unit/test_sync_records.py."""
+The record layout and its validation on their own: tests/unit/test_flow_records.py."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from halb.config import ClusterConfig, parse_config
+from halb.flows import records
 from halb.model import Flow, Protocol, Term
-from halb.sync import codec, records
+from halb.sync import codec
 from halb.sync.codec import DecodedBatch, DropReason, RecordIndex
 from halb.sync.pb import sync_pb2
 from halb.testing.sync_cluster import validation_doc

@@ -10,8 +10,8 @@ import numpy as np
 
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.flowsource import MapState, _without, _without_keys
+from halb.flows import records
 from halb.model import Flow, Protocol
-from halb.sync import records
 
 VIP = ip_address("10.0.0.100")
 

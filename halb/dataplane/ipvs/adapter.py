@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from typing import IO
 
 from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.dumpscan import DumpScanSource
 from halb.dataplane.ipvs.conntab import ENDED_STATES, parse_conns
 from halb.dataplane.ipvs.injector import SyncInjector
 from halb.dataplane.ipvs.kernel import FWD_METHOD, KernelService, desired_state
@@ -52,6 +53,8 @@ __all__ = ["DEFAULT_SYNC_ID", "SYSCTLS", "IpvsDataplane", "IpvsDataplaneError"]
 
 log = logging.getLogger(__name__)
 
+# How often the active rescans its connection table for FlowSync.
+SCAN_INTERVAL = 0.05
 DEFAULT_SYNC_ID = 72  # 'H': the backup daemon ignores messages with another id
 SYSCTLS = {
     "net/ipv4/vs/sloppy_tcp": "1",
@@ -233,6 +236,13 @@ class IpvsDataplane:
                 if (b.address, b.port) in by_addr:
                     per_backend[(key, b)] = _counter(by_addr[(b.address, b.port)])
         return Counters(per_service, per_backend)
+
+    def flow_source(self) -> DumpScanSource:
+        """halb.dataplane.base.Dataplane.flow_source: rescans of /proc/net/ip_vs_conn
+        every SCAN_INTERVAL. IPVS raises no connection events for userspace; its only
+        change feed is the master sync daemon's multicast (not used yet, see the
+        module docstring)."""
+        return DumpScanSource(self, interval=SCAN_INTERVAL)
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """IPVS has no timed switch; the VIP lifetime is this dataplane's dead-man switch."""

@@ -26,6 +26,7 @@ from halb.dataplane.nft.fence import NftFence
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
 from halb.dataplane.nft.source import NftFlowSource
+from halb.flows import records
 from halb.model import Backend, Flow, IPAddress, Service, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -205,9 +206,9 @@ class NftDataplane:
     def dump_flows(self) -> list[Flow]:
         return [fe.flow for fe in self.dump_entries()]
 
-    def snapshot(self) -> list[Flow]:
-        """halb.sync.server.FlowSource: every current flow."""
-        return self.dump_flows()
+    def snapshot_records(self) -> bytes:
+        """halb.dataplane.base.FlowSnapshot: every current flow."""
+        return records.from_flows(self.dump_flows())
 
     def dump_entries(self) -> list[FlowEntry]:
         """Flows with their fullnat SNAT binding (address and port)."""
@@ -246,8 +247,8 @@ class NftDataplane:
         )
 
     def flow_source(self) -> NftFlowSource:
-        """The active node's FlowSync source: conntrack events plus periodic and
-        on-overflow reconcile (halb.agent.syncroles picks it up)."""
+        """halb.dataplane.base.Dataplane.flow_source: conntrack events plus periodic and
+        on-overflow reconciles (halb.dataplane.nft.source)."""
         return NftFlowSource(self)
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The active node's live flow source for FlowSync on the nft dataplane.
 
-halb.agent.syncroles.LiveFlowSource over conntrack: NEW/UPDATE/DESTROY events of halb's
+halb.dataplane.base.FlowSource over conntrack: NEW/UPDATE/DESTROY events of halb's
 services become pushed upserts and deletes as they happen (events from the adapter's
 own installs are already filtered out by FlowEvents, so a flow synced in is never
 echoed back). Two things close the gaps events leave:
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from halb.dataplane.nft.events import FlowDelta, FlowEvents, Resync
+from halb.flows import records
 from halb.model import Flow
 
 if TYPE_CHECKING:
@@ -60,8 +61,8 @@ class NftFlowSource:
         self._touched: set[_Key] | None = None
         self._stats = SourceStats()
 
-    def snapshot(self) -> list[Flow]:
-        return self._dp.dump_flows()
+    def snapshot_records(self) -> bytes:
+        return records.from_flows(self._dp.dump_flows())
 
     async def run(self, push: Push) -> None:
         await self._reconcile(push)

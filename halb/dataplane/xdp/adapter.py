@@ -35,6 +35,7 @@ from pathlib import Path
 from halb.dataplane.base import ApplyResult, Counter, Counters
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.build import build_bpf
+from halb.dataplane.xdp.flowsource import XdpFlowSource
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
@@ -55,6 +56,7 @@ from halb.dataplane.xdp.layout import (
 from halb.dataplane.xdp.layout import Counter as RawCounter
 from halb.dataplane.xdp.loader import BpfMap, BpfObject, XdpMode
 from halb.dataplane.xdp.neigh import interface_mac, resolve_mac
+from halb.flows.records import from_flows, service_backend_key, to_flows
 from halb.lb.maglev import build_table, changed_slots
 from halb.model import (
     Backend,
@@ -65,7 +67,6 @@ from halb.model import (
     Service,
     ServiceKey,
 )
-from halb.sync.records import from_flows, service_backend_key, to_flows
 from halb.timing import DEADMAN_EARLY_TICKS
 
 __all__ = [
@@ -373,7 +374,7 @@ class XdpDataplane:
 
     # -- flows -----------------------------------------------------------------------------
 
-    # Flows go through packed records (halb.sync.records) converted in bulk
+    # Flows go through packed records (halb.flows.records) converted in bulk
     # (halb.dataplane.xdp.flowrecords): FlowSync hands records over as they came off the
     # wire, and the Flow methods are the same path with one conversion at the edge.
 
@@ -428,6 +429,11 @@ class XdpDataplane:
     def _sum(self, map_name: str, index: int) -> Counter:
         per_cpu = self._maps[map_name].lookup(index) or []
         return Counter(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu))
+
+    def flow_source(self) -> XdpFlowSource:
+        """halb.dataplane.base.Dataplane.flow_source: ring-buffer creation events plus
+        scans of the flow map (halb.dataplane.xdp.flowsource)."""
+        return XdpFlowSource.from_dataplane(self)
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC), VIP traffic and ARP / neighbour

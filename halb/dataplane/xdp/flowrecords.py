@@ -1,4 +1,4 @@
-"""The XDP flow map <-> packed flow records (halb.sync.records), in bulk.
+"""The XDP flow map <-> packed flow records (halb.flows.records), in bulk.
 
 FlowSync moves flows from the active's flow map into the standby's as packed records.
 Here both conversions work on whole batches with numpy, and the map is read and
@@ -30,8 +30,8 @@ import numpy as np
 from halb.dataplane.xdp import libbpf as lb
 from halb.dataplane.xdp.layout import FAMILY_V4, FAMILY_V6, FlowKey, FlowValue
 from halb.dataplane.xdp.loader import BpfMap
+from halb.flows import records as rec
 from halb.model import IPAddress
-from halb.sync import records as rec
 
 __all__ = [
     "KEY_SIZE",
@@ -145,7 +145,7 @@ def records_to_keys(records: bytes) -> bytes:
 
 def records_to_map(records: bytes, backend_ids: Mapping[bytes, int]) -> tuple[bytes, bytes]:
     """Raw keys and values for records; backend_ids maps a record's bytes [18, 56)
-    (service and backend, see halb.sync.records.service_backend_key) to the backend
+    (service and backend, see halb.flows.records.service_backend_key) to the backend
     id. Records whose pair is not in it are left out (count: len(keys) // KEY_SIZE)."""
     r = rec.rows(records)
     if not len(r):

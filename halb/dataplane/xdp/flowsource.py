@@ -21,7 +21,7 @@ key gets a 64-bit hash, the entries are kept sorted by it, and a scan finds ever
 among the previous scan's by binary search and compares the bytes (a hash collision
 only ever costs an extra upsert, or a Python check, never a missed change). No Python
 object is made per entry; only changed entries are translated, all at once into
-packed flow records (halb.sync.records, via halb.dataplane.xdp.flowrecords), with the
+packed flow records (halb.flows.records, via halb.dataplane.xdp.flowrecords), with the
 backend map read at that moment; the server streams those records as they are. The
 pause between scans grows with their cost so scanning takes at most ``cpu_share`` of
 a core. Why both and the figures: halb/dataplane/xdp/README.md.
@@ -59,8 +59,8 @@ from halb.dataplane.xdp.layout import (
 )
 from halb.dataplane.xdp.loader import BpfMap, open_pinned_maps
 from halb.dataplane.xdp.ringbuf import RingBuffer
+from halb.flows import records as rec
 from halb.model import Flow, IPAddress
-from halb.sync import records as rec
 
 if TYPE_CHECKING:
     from halb.dataplane.xdp.adapter import XdpDataplane

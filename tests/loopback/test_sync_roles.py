@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from halb.agent.syncroles import AgentSyncRoles, DumpScanSource, SyncSetupError, make_sync_roles
+from halb.agent.syncroles import AgentSyncRoles, SyncSetupError, make_sync_roles
 from halb.config import ClusterConfig, parse_config
+from halb.dataplane.dumpscan import DumpScanSource
 from halb.ha.machine import Leader
 from halb.model import Flow, Protocol, Term
 from halb.sync.client import ClientOptions
@@ -21,7 +22,7 @@ from halb.sync.tls import SyncSecurity
 from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.sync_cluster import two_node_doc
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.loopback
 
 TERM = Term(lease_id=0x5EED, revision=7)
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from halb.config import parse_config
+from halb.flows import records
+from halb.flows.records import RECORD_SIZE, DropReason, RecordIndex
 from halb.model import Flow, Protocol
-from halb.sync import records
-from halb.sync.records import RECORD_SIZE, DropReason, RecordIndex
 from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.sync_cluster import validation_doc
 

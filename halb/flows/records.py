@@ -101,6 +101,11 @@ class DropReason(enum.StrEnum):
     UNKNOWN_SERVICE = "unknown_service"  # VIP:port/proto not configured
     UNKNOWN_BACKEND = "unknown_backend"  # backend not a backend of that service
     STALE_TERM = "stale_term"  # the stream belongs to an older term
+    # Whole messages the client session refuses (halb.sync.session): each forces a
+    # full resync on a new stream.
+    SEQUENCE_GAP = "sequence_gap"  # a delta that does not follow the last one
+    OUT_OF_ORDER = "out_of_order"  # a batch the stream's state does not allow here: a
+    # delta before the snapshot, a snapshot part without its beginning, another session
 
 
 # Reason codes in the vectorised checks; 0 = valid.

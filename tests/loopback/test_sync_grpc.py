@@ -21,8 +21,9 @@ import grpc
 import pytest
 
 from halb.config import ClusterConfig, TlsFiles, parse_config
+from halb.flows import records
 from halb.model import Flow, Protocol, Term
-from halb.sync import certs, codec, records
+from halb.sync import certs, codec
 from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.pb import SERVICE, sync_pb2
 from halb.sync.server import FlowSyncServer, ServerOptions
@@ -31,7 +32,7 @@ from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.sync_cluster import NODES, two_node_doc
 from halb.testing.waits import until
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.loopback
 
 ip = ipaddress.ip_address
 TERM = Term(lease_id=0xABC, revision=100)
@@ -54,24 +55,24 @@ def flow(i: int, backend: str = "10.0.0.21", vport: int = 80) -> Flow:
 
 
 class Source:
-    """A FlowSource over a FakeDataplane (what the active's adapter would be)."""
+    """A FlowSnapshot over a FakeDataplane (what the active's adapter would be)."""
 
     def __init__(self, flows: Iterable[Flow] = ()) -> None:
         self.dp = FakeDataplane()
         self.dp.install_flows(flows)
         self.snapshots = 0
 
-    def snapshot(self) -> list[Flow]:
+    def snapshot_records(self) -> bytes:
         self.snapshots += 1
-        return list(self.dp.flows)
+        return records.from_flows(self.dp.flows)
 
 
 class SlowSource(Source):
     """A source whose snapshot takes longer than the standby's heartbeat timeout."""
 
-    def snapshot(self) -> list[Flow]:
+    def snapshot_records(self) -> bytes:
         time.sleep(1.5)
-        return super().snapshot()
+        return super().snapshot_records()
 
 
 class RecordingDataplane(FakeDataplane):

@@ -1,0 +1,1 @@
+"""Flow state as the dataplanes and FlowSync share it: packed flow records."""
