@@ -156,7 +156,7 @@ def test_rolling_upgrade_under_traffic_loses_nothing(site: Site) -> None:
         f"ANSIBLE_CONFIG={ANSIBLE_DIR / 'ansible.cfg'} {play} > {site.workdir}/upgrade.log 2>&1;"
         f" echo $? > {rc_file}"
     )
-    t0 = time.monotonic()
+    t0, start = time.monotonic(), time.time()
     doc = site.drill(
         "--fault",
         "kill",
@@ -168,10 +168,14 @@ def test_rolling_upgrade_under_traffic_loses_nothing(site: Site) -> None:
         "0.05",
         timeout=420,
     )
+    # The traffic must have covered the whole upgrade.
+    covered = rc_file.exists()
     while not rc_file.exists() and time.monotonic() - t0 < 400:
         time.sleep(1)
     log = (site.workdir / "upgrade.log").read_text()
     assert rc_file.exists() and rc_file.read_text().strip() == "0", log[-4000:]
+    print(f"\nupgrade.yml took {rc_file.stat().st_mtime - start:.0f} s")
+    assert covered, "the upgrade outlasted the drill's traffic"
     summary = _no_loss(doc, "rolling upgrade")
     assert summary["new_failed"] == 0
     assert log.count("Drain this node") == 2, log[-4000:]
