@@ -31,12 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import grpc
 import grpc.aio
 
 from halb.etcd import kv as kvmod
-from halb.etcd.channel import Channels, TlsFiles, closed_under_us, parse_endpoints, resolve
+from halb.etcd.channel import (
+    Channels,
+    Member,
+    TlsFiles,
+    closed_under_us,
+    parse_endpoints,
+    resolve,
+)
 from halb.etcd.errors import (
     Action,
     AuthFailed,
@@ -187,12 +195,58 @@ class EtcdClient:
         self._token_lock = asyncio.Lock()
         self._lease_keeper: Any = None
         self.outages = Outages()
+        # Which member answers: etcd member id -> endpoint (from MemberList), and the
+        # member seen serving on which channel generation. gRPC may move to another
+        # member within one channel (a refused one), so the order alone does not say.
+        self._member_ids: dict[int, Member] = {}
+        self._serving: tuple[int, Member] | None = None
+        self._listing: asyncio.Task[None] | None = None
+
+    @property
+    def serving(self) -> Member:
+        """The member answering on the current channel (as last seen), else the one
+        the channel tries first."""
+        s = self._serving
+        if s is not None and s[0] == self.channels.generation:
+            return s[1]
+        return self.channels.preferred
+
+    def saw(self, generation: int, header: Any) -> None:
+        """Note which member answered (a reply header's member id; not for keepalives,
+        whose replies carry the raft leader's id)."""
+        member = self._member_ids.get(int(header.member_id))
+        if member is not None:
+            self._serving = (generation, member)
+        elif self._listing is None or self._listing.done():
+            self._listing = asyncio.get_running_loop().create_task(self._list_members())
+
+    async def _list_members(self) -> None:
+        try:
+            resp = await self.member_list()
+        except EtcdError:
+            return
+        by_dial = {(m.address, m.port): m for m in self.channels.order}
+        for mem in resp.members:
+            for url in mem.clientURLs:
+                parsed = urlparse(url)
+                try:
+                    key = (parsed.hostname or "", parsed.port or 2379)
+                except ValueError:
+                    continue
+                if key in by_dial:
+                    self._member_ids[int(mem.ID)] = by_dial[key]
+
+    def rotate(self, generation: int, reason: str) -> None:
+        """Leave the member serving on channel ``generation``: a new channel, it last."""
+        s = self._serving
+        bad = s[1] if s is not None and s[0] == generation else None
+        self.channels.rotate(generation, reason, bad)
 
     def report(self) -> dict[str, Any]:
         """The client's state for a status document."""
         o = self.outages
         return {
-            "member": str(self.channels.preferred),
+            "member": str(self.serving),
             "rotations": self.channels.generation,
             "outages": o.count,
             "last_outage_s": round(o.last_s, 4),
@@ -264,11 +318,11 @@ class EtcdClient:
         """Act on one failed attempt on channel ``gen``: rotate or renew; returns what
         the caller should do next (FINAL: raise)."""
         if isinstance(exc, TimeoutError):
-            self.channels.rotate(gen, "no answer within the attempt timeout")
+            self.rotate(gen, "no answer within the attempt timeout")
             return Action.ROTATE
         verdict = classify(exc.code(), exc.details() or "")
         if verdict.action is Action.ROTATE:
-            self.channels.rotate(gen, exc.details() or exc.code().name)
+            self.rotate(gen, exc.details() or exc.code().name)
         elif verdict.action is Action.RENEW_TOKEN:
             await self.renew_token(self._token)
         return verdict.action
@@ -306,6 +360,7 @@ class EtcdClient:
             try:
                 resp = await method(stubs)(request, timeout=per, metadata=md, wait_for_ready=True)
                 self.attempt_ok()
+                self.saw(stubs.generation, resp.header)
                 return resp
             except asyncio.CancelledError:
                 if not closed_under_us():

@@ -154,9 +154,7 @@ class LeaseKeeper:
             self.client.attempt_ok()
             took = loop.time() - sent
             if took > settings.slow_ack:
-                self.client.channels.rotate(
-                    stream.generation, f"keepalive answered in {took * 1000:.0f} ms"
-                )
+                self.client.rotate(stream.generation, f"keepalive answered in {took * 1000:.0f} ms")
             return ttl
 
     @staticmethod

@@ -119,6 +119,7 @@ async def watch(
                         await client.renew_token(token)
                     break
                 failures = 0
+                client.saw(bound.generation, resp.header)
                 for ev in resume.accept([_event(e) for e in resp.events]):
                     yield ev
         except asyncio.CancelledError:

@@ -33,7 +33,9 @@ dead-man switch to it. Until the first heartbeat of a term succeeds the term is 
 *ready*: no VIP is added on the strength of a campaign that a standby may already have
 revoked. A standby's watchdog emits ``LeaderUnresponsive`` once per term when no
 heartbeat of the current leader's term arrived for ``heartbeat_timeout`` (plus its rank
-slack); ``force_takeover`` then records the reason and revokes the leader's lease.
+slack) while etcd answered the standby itself (time when its own etcd calls fail, as
+while etcd elects a leader, does not count); ``force_takeover`` then records the
+reason and revokes the leader's lease.
 
 Watches (halb.etcd.read_then_watch): one read of the group's keys and of the drain
 key, then watches from the read revision + 1 that the client resumes across member
@@ -373,6 +375,11 @@ class Coordinator:
                 continue
             if self._lease is not None and term.lease_id == self._lease:
                 continue  # our own term
+            if self.client.outages.failing_since is not None:
+                # etcd does not answer us either (electing a leader, say): the leader's
+                # heartbeats cannot get through now; judge it only once etcd answers.
+                self._watched_since = self.clock.now()
+                continue
             silent = self.clock.now() - self._watched_since
             if silent > limit and await self._heartbeat_moved(term):
                 continue

@@ -198,3 +198,36 @@ def test_expired_token_is_renewed_for_calls_and_watches() -> None:
                 assert events == [b"/halb/w/1", b"/halb/w/2"]
 
         asyncio.run(body())
+
+
+def test_the_member_actually_serving_is_the_one_left_when_it_hangs() -> None:
+    """gRPC moves off a killed member inside one channel, so the endpoint order alone
+    does not say who serves; reply headers do. After m0 is killed (the client now on
+    m1) and restarted, a hung m1 is the member demoted, not the healthy m0."""
+    with EtcdCluster(3) as cluster:
+
+        async def body() -> None:
+            async with EtcdClient(settings(cluster)) as client:
+                await client.put(b"/a", b"1")
+                await asyncio.sleep(0.2)  # the member list behind the reply headers
+                await client.put(b"/a", b"2")
+                first = client.serving
+                assert first.port == cluster.members[0].port
+                cluster.members[0].stop(kill=True)
+                await client.put(b"/a", b"3")
+                await client.put(b"/a", b"4")
+                moved = client.serving
+                assert moved.port != first.port
+                cluster.members[0].start()
+                hung = next(m for m in cluster.members if m.port == moved.port)
+                hung.freeze()
+                t0 = time.monotonic()
+                await client.put(b"/a", b"5")
+                took = time.monotonic() - t0
+                print(f"\nhung serving member left in {took:.3f}s")
+                assert client.channels.order[-1].port == moved.port
+                assert client.serving.port != moved.port
+                assert took < 1.0
+                hung.thaw()
+
+        asyncio.run(body())
