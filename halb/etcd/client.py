@@ -84,7 +84,8 @@ ENV_PASSWORD = "HALB_ETCD_PASSWORD"
 class Outages:
     """How the client fared: for status documents and drills (monotonic times)."""
 
-    failing_since: float | None = None  # first failed attempt of the current outage
+    last_ok: float | None = None  # the latest successful call
+    failing_since: float | None = None  # the last success before the current outage
     count: int = 0  # outages that ended in a success
     last_s: float = 0.0  # how long the last one lasted
     last_ended: float = 0.0  # wall-clock time it ended
@@ -93,9 +94,11 @@ class Outages:
 
     def failed(self, now: float) -> None:
         if self.failing_since is None:
-            self.failing_since = now
+            # From the last answer on: the failed attempt itself may have waited.
+            self.failing_since = self.last_ok if self.last_ok is not None else now
 
     def succeeded(self, now: float, wall: float) -> None:
+        self.last_ok = now
         if self.failing_since is not None:
             self.last_s = now - self.failing_since
             self.last_ended = wall
@@ -126,6 +129,12 @@ class ClientSettings:
     attempt_timeout: float = 0.3
     call_timeout: float = 2.0
     slow_ack: float = 0.25  # a keepalive answered slower than this: leave the member
+
+    def attempt_per(self, total: float) -> float:
+        """One attempt's limit inside a call of ``total`` seconds: ``attempt_timeout``,
+        but at most half the call, so one hung member never takes a whole short call
+        (the coordinator's heartbeats get a fraction of a second)."""
+        return min(self.attempt_timeout, total / 2)
 
     @classmethod
     def of(
@@ -258,8 +267,7 @@ class EtcdClient:
         self.outages.failed(time.monotonic())
 
     def attempt_ok(self) -> None:
-        if self.outages.failing_since is not None:
-            self.outages.succeeded(time.monotonic(), time.time())
+        self.outages.succeeded(time.monotonic(), time.time())
 
     # -- plumbing shared with the lease and watch streams ----------------------------------
 
@@ -355,7 +363,7 @@ class EtcdClient:
                     f"members: {', '.join(str(m) for m in self.channels.order)})"
                 )
             stubs = self.stubs()
-            per = min(self.settings.attempt_timeout, remaining)
+            per = min(self.settings.attempt_per(total), remaining)
             md = self.metadata() if auth else (("hasleader", "true"),)
             try:
                 resp = await method(stubs)(request, timeout=per, metadata=md, wait_for_ready=True)

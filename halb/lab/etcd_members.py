@@ -140,16 +140,19 @@ def start_members(p: LabPlan, pids: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def _etcdctl(p: LabPlan, *args: str, root: bool = False) -> None:
-    d = p.etcd_tls_dir
-    argv = [
-        shutil.which("etcdctl") or "etcdctl",
-        f"--endpoints={','.join(p.etcd_endpoints)}",
-        f"--cacert={d / 'ca.pem'}",
-        f"--cert={d / 'client.pem'}",
-        f"--key={d / 'client-key.pem'}",
-    ]
-    if root:
-        argv.append(f"--user=root:{(d / 'root-password').read_text()}")
+    _run_etcdctl(p.etcd_endpoints, p.etcd_tls_dir if p.etcd_tls else None, args, root=root)
+
+
+def _run_etcdctl(
+    endpoints: list[str], tls_dir: Path | None, args: tuple[str, ...], *, root: bool
+) -> str:
+    argv = [shutil.which("etcdctl") or "etcdctl", f"--endpoints={','.join(endpoints)}"]
+    if tls_dir is not None:
+        d = tls_dir
+        argv += [f"--cacert={d / 'ca.pem'}", f"--cert={d / 'client.pem'}"]
+        argv.append(f"--key={d / 'client-key.pem'}")
+        if root:
+            argv.append(f"--user=root:{(d / 'root-password').read_text()}")
     done = subprocess.run(
         [*argv, *args],
         capture_output=True,
@@ -159,9 +162,8 @@ def _etcdctl(p: LabPlan, *args: str, root: bool = False) -> None:
         check=False,
     )
     if done.returncode != 0:
-        raise LabError(
-            f"etcdctl {args[0]} {args[1] if len(args) > 1 else ''}: {done.stderr.strip()}"
-        )
+        raise LabError(f"etcdctl {' '.join(args[:2])}: {done.stderr.strip()}")
+    return done.stdout
 
 
 def _enable_auth(p: LabPlan) -> None:
@@ -240,6 +242,8 @@ def etcd_fault(fault: str, state: dict[str, Any], in_use: str | None = None) -> 
         m = leader_member(state)
     else:
         m = (_member_at(state, in_use) if in_use else None) or dict(members[0])
+        # These two are about a follower: a killed or hung leader is etcd-leader's case.
+        _make_follower(state, m)
     pid = _pid(state, m["name"])
     if not _alive(pid):
         raise LabError(f"etcd member {m['name']} is not running")
@@ -247,6 +251,27 @@ def etcd_fault(fault: str, state: dict[str, Any], in_use: str | None = None) -> 
     sig = signal.SIGSTOP if fault == "etcd-hang" else signal.SIGKILL
     os.kill(pid, sig)
     return f"{sig.name} etcd member {m['name']} ({m['endpoint']}, pid {pid})"
+
+
+def _make_follower(state: dict[str, Any], member: dict[str, Any]) -> None:
+    """Move raft leadership off ``member`` if it has it (etcdctl move-leader)."""
+    leader = leader_member(state)
+    if leader["name"] != member["name"]:
+        return
+    tls = Path(state["lab_dir"]) / "etcd-tls" if state.get("etcd_tls") else None
+    listing = json.loads(
+        _run_etcdctl([leader["endpoint"]], tls, ("member", "list", "-w", "json"), root=True)
+    )
+    other = next(m for m in listing["members"] if m["name"] != member["name"])
+    _run_etcdctl([leader["endpoint"]], tls, ("move-leader", f"{other['ID']:x}"), root=True)
+
+    def moved() -> bool:
+        try:
+            return bool(leader_member(state)["name"] != member["name"])
+        except LabError:
+            return False  # electing
+
+    wait_for(f"etcd leadership to move off {member['name']}", moved, 10)
 
 
 def heal_members(state: dict[str, Any]) -> list[str]:
