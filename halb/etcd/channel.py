@@ -37,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_GRACE = 1.0  # seconds an abandoned channel's calls may finish before it is closed
+_GRACE = 0.1  # seconds an abandoned channel's calls may finish; its streams then re-open
 
 
 @dataclass(frozen=True, slots=True)

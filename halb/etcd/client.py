@@ -210,6 +210,7 @@ class EtcdClient:
         self._member_ids: dict[int, Member] = {}
         self._serving: tuple[int, Member] | None = None
         self._listing: asyncio.Task[None] | None = None
+        self._listed_at = -1e9  # monotonic time of the last MemberList
 
     @property
     def serving(self) -> Member:
@@ -226,7 +227,10 @@ class EtcdClient:
         member = self._member_ids.get(int(header.member_id))
         if member is not None:
             self._serving = (generation, member)
-        elif self._listing is None or self._listing.done():
+        elif (self._listing is None or self._listing.done()) and (
+            time.monotonic() - self._listed_at > 5.0  # ids not in the list: do not spin
+        ):
+            self._listed_at = time.monotonic()
             self._listing = asyncio.get_running_loop().create_task(self._list_members())
 
     async def _list_members(self) -> None:
@@ -525,6 +529,8 @@ class EtcdClient:
     # -- lifetime --------------------------------------------------------------------------
 
     async def close(self) -> None:
+        if self._listing is not None:
+            self._listing.cancel()
         if self._lease_keeper is not None:
             await self._lease_keeper.close()
         await self.channels.close()
