@@ -234,3 +234,46 @@ def test_the_member_actually_serving_is_the_one_left_when_it_hangs() -> None:
                 hung.thaw()
 
         asyncio.run(body())
+
+
+def test_a_watch_moved_to_a_member_that_forgot_the_token_renews_it() -> None:
+    """Simple tokens are kept alive per member by use: the members the client does not
+    talk to let it expire. A watch moved to one of them is refused under the old token
+    (etcd answers "invalid auth token", or "permission denied" like a real denial); the
+    watch renews the token once and carries on; nothing is lost."""
+    with EtcdCluster(3, tls=True, auth=True, token_ttl=1) as cluster:
+
+        async def body() -> None:
+            async with EtcdClient(settings(cluster)) as client:
+                await client.check()
+                events: list[bytes] = []
+                got_snapshot = asyncio.Event()
+
+                async def follow() -> None:
+                    async for item in read_then_watch(client, b"/halb/r/", prefix=True):
+                        if isinstance(item, Snapshot):
+                            got_snapshot.set()
+                        elif item.kind is EventKind.PUT:
+                            events.append(item.kv.key)
+
+                task = asyncio.create_task(follow())
+                await asyncio.wait_for(got_snapshot.wait(), 5)
+                for i in range(6):  # in use on m0 only: m1 and m2 let the token expire
+                    await client.put(b"/halb/r/0", str(i).encode())
+                    await asyncio.sleep(0.5)
+                await client.put(b"/halb/r/1", b"1")
+                cluster.make_follower(0)  # a follower's death: no election in the way
+                cluster.members[0].stop(kill=True)  # the client moves to m1
+                await client.put(b"/halb/r/2", b"2")
+                deadline = time.monotonic() + 5
+                while b"/halb/r/2" not in events and time.monotonic() < deadline:
+                    if task.done():
+                        break
+                    await asyncio.sleep(0.05)
+                assert not task.done(), task.exception()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                assert events[-2:] == [b"/halb/r/1", b"/halb/r/2"]
+                assert events.count(b"/halb/r/1") == 1
+
+        asyncio.run(body())

@@ -36,6 +36,7 @@ C = grpc.StatusCode
         (C.DEADLINE_EXCEEDED, "Deadline Exceeded", Action.ROTATE),
         (C.UNAUTHENTICATED, "etcdserver: invalid auth token", Action.RENEW_TOKEN),
         (C.CANCELLED, "Channel closed!", Action.RETRY),
+        (C.UNKNOWN, "context deadline exceeded", Action.ROTATE),
         (C.INVALID_ARGUMENT, "etcdserver: key is not provided", Action.FINAL),
     ],
 )
