@@ -31,6 +31,7 @@ from halb.ha.machine import Leader
 from halb.ha.runtime import SyncRoles
 from halb.model import Term
 from halb.sync.client import ClientOptions, FlowSyncClient
+from halb.sync.feed import FlowFeed
 from halb.sync.server import FlowSyncServer, ServerOptions, ServerStats
 from halb.sync.tls import InsecureNotAllowed, SyncSecurity
 
@@ -112,13 +113,15 @@ class AgentSyncRoles:
     async def serve(self, group: str, term: Term) -> None:
         """Serve ``group``'s flows under ``term`` until cancelled."""
         server = await self._running_server()
-        await self._start_source()
-        feed = server.add_feed(group, _GroupSnapshot(self, group), term)
+        feed: FlowFeed | None = None
         try:
+            await self._start_source()
+            feed = server.add_feed(group, _GroupSnapshot(self, group), term)
             await asyncio.get_running_loop().create_future()  # until the term ends
         finally:
-            self._last[group] = self._feed_doc(feed.stats(server.address, server.refused))
-            server.remove_feed(feed)
+            if feed is not None:
+                self._last[group] = self._feed_doc(feed.stats(server.address, server.refused))
+                server.remove_feed(feed)
             if not server.feeds:
                 # Shielded: the term is over either way; the source must not keep
                 # running (its XDP events ring is armed only on an active node).
