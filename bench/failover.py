@@ -30,8 +30,9 @@ from typing import Any
 
 os.environ.setdefault("HALB_LAB_INSTANCE", "3")
 
+from halb.agent.etcdio import connect
 from halb.config import load_config
-from halb.ha.coord import GroupKeys, close_client, open_client, request_handover
+from halb.ha.coord import GroupKeys, request_handover
 from halb.lab import builder, faults
 from halb.lab.observe import leader, wait_until
 from halb.lab.topology import site_from_env
@@ -129,7 +130,7 @@ def one_run(state: dict[str, Any], fault: str, timeout: float = 15.0) -> float:
 
 async def request_planned(config_path: str, target: str) -> float:
     cfg = load_config(Path(config_path))
-    client = open_client(cfg.etcd.endpoints[0])
+    client = connect(cfg)
     try:
         await client.get(b"/")  # connected before the clock starts
         t0 = time.time()
@@ -138,7 +139,7 @@ async def request_planned(config_path: str, target: str) -> float:
         )
         return t0
     finally:
-        await close_client(client)
+        await client.close()
 
 
 def main() -> int:

@@ -52,9 +52,9 @@ from halb.drill.run import (
     run_drills,
 )
 from halb.lab import builder, netns
-from halb.lab.builder import spawn
 from halb.lab.netns import run
 from halb.lab.observe import http_get, leader, wait_until
+from halb.lab.procs import spawn
 
 PACKAGES = {"keepalived": "keepalived", "conntrackd": "conntrackd", "tcpdump": "tcpdump"}
 

@@ -562,7 +562,7 @@ class ProgramPackets:
 
         from halb.dataplane.xdp import libbpf as lb
         from halb.dataplane.xdp.adapter import PROGRAM
-        from halb.dataplane.xdp.packets import ETH_P_IP, eth, ipv4, tcp
+        from halb.testing.packets import ETH_P_IP, eth, ipv4, tcp
 
         f0 = flow(0)
         tmpl = eth("02:00:00:00:00:01", "02:00:00:00:00:02", ETH_P_IP,

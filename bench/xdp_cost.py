@@ -53,10 +53,10 @@ from halb.dataplane.xdp.layout import (
     mac_to_bytes,
 )
 from halb.dataplane.xdp.loader import BpfObject
-from halb.dataplane.xdp.packets import ETH_P_IP, XDP_PASS, XDP_TX, eth, ipv4, tcp
 from halb.dataplane.xdp.ringbuf import RingBuffer
 from halb.lb import maglev
 from halb.lb.maglev import build_table
+from halb.testing.packets import ETH_P_IP, XDP_PASS, XDP_TX, eth, ipv4, tcp
 
 VIP = "10.0.0.100"
 CLIENT = "192.0.2.7"

@@ -15,6 +15,7 @@ log = logging.getLogger("halb.build")
 STEPS = (
     ("halb.dataplane.xdp.build", "build_bpf"),
     ("halb.sync.protogen", "generate"),
+    ("halb.etcd.proto", "generate"),
 )
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from halb import timing
 from halb.model import (
     Backend,
     DataplaneKind,
@@ -50,13 +51,9 @@ __all__ = [
     "parse_config_text",
 ]
 
-MIN_LEASE_TTL = 1.0
-DEFAULT_HEARTBEAT_INTERVAL = 0.1
-# Dataplanes whose adapter enforces a dead-man deadline (forwarding and ARP).
-DEADMAN_DATAPLANES = frozenset({DataplaneKind.XDP, DataplaneKind.NFT})
-# The XDP program reads a coarse clock (one tick: 4 ms at HZ=250); nft expires set
-# elements on its own clock, also at tick granularity.
-DEADMAN_TICK_MARGIN = 0.02
+# Timing lives in halb.timing; these names stay importable from here.
+MIN_LEASE_TTL = timing.MIN_LEASE_TTL
+DEADMAN_DATAPLANES = timing.DEADMAN_DATAPLANES
 
 SUPPORTED_FORWARDING: dict[DataplaneKind, tuple[Forwarding, ...]] = {
     DataplaneKind.XDP: (Forwarding.DSR, Forwarding.TUNNEL),
@@ -183,9 +180,38 @@ class TlsFiles(_Model):
         )
 
 
+class EtcdTls(_Model):
+    """TLS to the etcd members: the CA that signed their certificates, this node's
+    client certificate and key (etcd's --client-cert-auth), and the name every
+    member's certificate carries (endpoints are dialled by address)."""
+
+    ca: str = Field(min_length=1)
+    cert: str | None = Field(default=None, min_length=1)
+    key: str | None = Field(default=None, min_length=1)
+    server_name: str | None = Field(default=None, min_length=1)
+
+    def for_node(self, node: str) -> EtcdTls:
+        """``{node}`` in a path replaced by the node's name."""
+        return EtcdTls(
+            ca=self.ca.format(node=node),
+            cert=self.cert.format(node=node) if self.cert else None,
+            key=self.key.format(node=node) if self.key else None,
+            server_name=self.server_name,
+        )
+
+
+class EtcdAuth(_Model):
+    """etcd user; the password comes from ``password_file`` or HALB_ETCD_PASSWORD
+    (never the config itself, which is stored in etcd, nor the command line)."""
+
+    user: str = Field(min_length=1)
+    password_file: str | None = Field(default=None, min_length=1)
+
+
 class EtcdConfig(_Model):
     endpoints: list[Endpoint] = Field(min_length=1)
-    tls: TlsFiles | None = None
+    tls: EtcdTls | None = None
+    auth: EtcdAuth | None = None
     lease_ttl: float = Field(default=2.0, description="Leader lease TTL in seconds (>= 1).")
     prefix: str = "/halb"
     # Lab only: the agent never needs it; the CLI uses it to reach a lab etcd.
@@ -248,8 +274,14 @@ class VipConfig(_Model):
 
 
 class AnnounceConfig(_Model):
+    """Gratuitous ARP / unsolicited NA: ``count`` rounds ``interval`` apart when a term
+    starts, then one round every ``refresh`` seconds for as long as the node holds the
+    VIPs (keepalived's garp_master_refresh), so switches and neighbours that missed the
+    move (a flap, a healed partition) learn it again; 0 turns the refresh off."""
+
     count: int = Field(default=3, ge=1, le=100)
     interval: Seconds = 0.2
+    refresh: float = Field(default=5.0, ge=0, le=3600)
 
 
 class NatConfig(_Model):
@@ -295,18 +327,12 @@ class FailoverConfig(_Model):
     heartbeat_timeout: float = Field(default=0.5, gt=0, le=60)
 
     def interval_for(self, kind: DataplaneKind) -> float:
-        if self.heartbeat_interval is not None:
-            return self.heartbeat_interval
-        return DEFAULT_HEARTBEAT_INTERVAL if kind in DEADMAN_DATAPLANES else 0.0
+        return timing.heartbeat_interval_for(self.heartbeat_interval, kind)
 
     def fence_wait(self, kind: DataplaneKind) -> float:
-        """How long a standby waits after revoking a silent leader's lease: that
-        leader's last heartbeat deadline, one interval for the other groups sharing its
-        dataplane switch, and a clock tick of the dataplane's coarse clock."""
-        interval = self.interval_for(kind)
-        if interval <= 0:
-            return 0.0
-        return self.heartbeat_timeout + interval + DEADMAN_TICK_MARGIN
+        """How long a standby waits after revoking a silent leader's lease
+        (halb.timing.fence_wait)."""
+        return timing.fence_wait(self.interval_for(kind), self.heartbeat_timeout)
 
 
 class ServiceTlsConfig(_Model):
@@ -327,6 +353,17 @@ class ClusterConfig(_Model):
     state_dir: str = "/var/lib/halb"
 
     # -- lookups used by the agent and planning -----------------------------------------
+
+    def timings(self, rank: int = 0) -> timing.Timings:
+        """Every derived interval for a node of priority ``rank`` (0 = the best) in a
+        group: halb.timing owns the derivation and its safety argument."""
+        return timing.derive(
+            lease_ttl=self.etcd.lease_ttl,
+            heartbeat_interval=self.failover.heartbeat_interval,
+            heartbeat_timeout=self.failover.heartbeat_timeout,
+            kind=self.dataplane.kind,
+            rank=rank,
+        )
 
     def node(self, name: str) -> NodeConfig:
         for n in self.nodes:
@@ -458,24 +495,44 @@ def _failover_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
         )
 
 
+def _etcd_issues(etcd: EtcdConfig) -> Iterator[ConfigIssue]:
+    https = [ep.startswith("https://") for ep in etcd.endpoints]
+    if any(https) and not all(https):
+        first = https.index(not https[0])
+        yield ConfigIssue(
+            f"etcd.endpoints[{first}]",
+            f"{etcd.endpoints[first]!r}: mixes http:// and https:// endpoints; one scheme for all",
+        )
+    elif all(https) and etcd.tls is None:
+        yield ConfigIssue("etcd.tls", "https:// endpoints need etcd.tls (at least ca)")
+    elif not any(https) and etcd.tls is not None:
+        yield ConfigIssue(
+            "etcd.endpoints[0]",
+            f"{etcd.endpoints[0]!r}: etcd.tls is set, so the endpoints must be https://",
+        )
+    tls = etcd.tls
+    if tls is not None and (tls.cert is None) != (tls.key is None):
+        missing = "etcd.tls.key" if tls.key is None else "etcd.tls.cert"
+        yield ConfigIssue(missing, "a client certificate needs both cert and key")
+
+
+def _timing_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
+    """The safety argument's invariants (halb.timing), once the fields are sane."""
+    if timing.ttl_issue(cfg.etcd.lease_ttl) is not None or any(_failover_issues(cfg)):
+        return  # already reported with their own field paths
+    for problem in cfg.timings().violations():
+        yield ConfigIssue("failover", f"derived timings are unsafe: {problem}")
+
+
 def _semantic(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     kind = cfg.dataplane.kind
-    for i, ep in enumerate(cfg.etcd.endpoints):
-        if ep.startswith("https://"):
-            yield ConfigIssue(
-                f"etcd.endpoints[{i}]",
-                f"{ep!r}: TLS to etcd is not supported yet (the etcd client, aetcd 1.0, has "
-                "none); use http:// on a trusted management network",
-            )
-    if cfg.etcd.tls is not None:
-        yield ConfigIssue("etcd.tls", "TLS to etcd is not supported yet (aetcd 1.0 has none)")
-    if cfg.etcd.lease_ttl < MIN_LEASE_TTL:
-        yield ConfigIssue(
-            "etcd.lease_ttl",
-            f"{cfg.etcd.lease_ttl:g} is below the minimum of {MIN_LEASE_TTL:g} second",
-        )
+    yield from _etcd_issues(cfg.etcd)
+    ttl_problem = timing.ttl_issue(cfg.etcd.lease_ttl)
+    if ttl_problem is not None:
+        yield ConfigIssue("etcd.lease_ttl", ttl_problem)
 
     yield from _failover_issues(cfg)
+    yield from _timing_issues(cfg)
 
     node_index: dict[str, int] = {}
     for i, n in enumerate(cfg.nodes):

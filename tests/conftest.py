@@ -1,5 +1,6 @@
-"""Test tiers by directory: unit (no root, no network), kernel and lab (root, namespaces),
-vm (QEMU). Root-only tiers are skipped with a reason when not root; CI runs as root."""
+"""Test tiers by directory: unit (no root, no network), loopback (no root: a real etcd
+and gRPC on 127.0.0.1, loopback servers), kernel and lab (root, namespaces), vm (QEMU).
+Root-only tiers are skipped with a reason when not root; CI runs as root."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "kernel", "lab", "vm")
+TIERS = ("unit", "loopback", "kernel", "lab", "vm")
 ROOT_TIERS = {"kernel", "lab", "vm"}
 
 

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
-import aetcd
 
 from halb.agent.keys import ClusterKeys
 from halb.agent.status import LeaderInfo, NodeStatus, parse_status
 from halb.config import ClusterConfig, ConfigError, ConfigIssue, parse_config_text
-from halb.ha.coord import GroupKeys, open_client, parse_leader
+from halb.etcd import ClientSettings, EtcdClient, EtcdError, Snapshot, read_then_watch
+from halb.ha.coord import GroupKeys, parse_leader
 
 __all__ = [
     "ClusterSnapshot",
@@ -24,23 +24,21 @@ __all__ = [
     "publish_config",
     "read_cluster",
     "read_config",
+    "watch_config",
 ]
 
+log = logging.getLogger(__name__)
 
-def connect(cfg: ClusterConfig) -> aetcd.Client:
-    endpoint = cfg.etcd.endpoints[0]
-    if not endpoint.startswith("http://") or cfg.etcd.tls is not None:
-        # aetcd 1.0 has no TLS: refuse rather than silently talk plaintext.
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    "etcd.endpoints[0]" if not endpoint.startswith("http://") else "etcd.tls",
-                    "TLS to etcd is not supported by this build's etcd client (aetcd 1.0); "
-                    "use http:// endpoints on a trusted management network",
-                )
-            ]
-        )
-    return open_client(endpoint, timeout=cfg.etcd.dial_timeout)
+
+def connect(cfg: ClusterConfig, node: str | None = None) -> EtcdClient:
+    """The one way halb opens etcd: every endpoint, TLS and auth from ``cfg.etcd``
+    (``{node}`` in its TLS paths filled in with ``node``; credentials may come from the
+    environment). Bad settings raise ConfigError naming the field."""
+    try:
+        return EtcdClient(ClientSettings.of(cfg.etcd, node=node))
+    except ValueError as exc:
+        path, _, msg = str(exc).partition(": ")
+        raise ConfigError([ConfigIssue(path, msg or str(exc))]) from None
 
 
 def keys_of(cfg: ClusterConfig) -> ClusterKeys:
@@ -53,14 +51,14 @@ class StoredConfig:
     revision: int  # etcd mod revision of the config key: the cluster's config revision
 
 
-async def read_config(client: aetcd.Client, keys: ClusterKeys) -> StoredConfig | None:
+async def read_config(client: EtcdClient, keys: ClusterKeys) -> StoredConfig | None:
     got = await client.get(keys.config)
     if got is None:
         return None
     return StoredConfig(got.value.decode(), got.mod_revision)
 
 
-async def publish_config(client: aetcd.Client, cfg: ClusterConfig, text: str) -> int:
+async def publish_config(client: EtcdClient, cfg: ClusterConfig, text: str) -> int:
     """Store a validated config; returns its revision (unchanged text: no new revision)."""
     parse_config_text(text)  # never store what agents would reject
     keys = keys_of(cfg)
@@ -68,25 +66,23 @@ async def publish_config(client: aetcd.Client, cfg: ClusterConfig, text: str) ->
     if current is not None and current.text == text:
         return current.revision
     put = await client.put(keys.config, text.encode())
-    return int(put.header.revision)
+    return put.revision
 
 
-async def watch_config(client: aetcd.Client, keys: ClusterKeys) -> AsyncIterator[StoredConfig]:
-    """Yield the stored config whenever it changes (re-created after etcd restarts)."""
+async def watch_config(client: EtcdClient, keys: ClusterKeys) -> AsyncIterator[StoredConfig]:
+    """The stored config now (if any), then every new one. Read, then watched from the
+    read's revision + 1, so a config stored in between is not missed; the watch resumes
+    across etcd member failures and re-reads after a compaction."""
     last = 0
     while True:
         try:
-            current = await read_config(client, keys)
-            if current is not None and current.revision > last:
-                last = current.revision
-                yield current
-            watch = await client.watch(keys.config, start_revision=last + 1 if last else None)
-            async for event in watch:
-                kv = event.kv
-                if kv.mod_revision > last and kv.value:
+            async for item in read_then_watch(client, keys.config):
+                kv = item.first() if isinstance(item, Snapshot) else item.kv
+                if kv is not None and kv.value and kv.mod_revision > last:
                     last = kv.mod_revision
                     yield StoredConfig(kv.value.decode(), kv.mod_revision)
-        except (TimeoutError, aetcd.ClientError, OSError):
+        except EtcdError as exc:
+            log.warning("config watch failed (%s); retrying", exc)
             await asyncio.sleep(0.5)
 
 
@@ -97,7 +93,7 @@ class ClusterSnapshot:
     drained: set[str]
 
 
-async def read_cluster(client: aetcd.Client, cfg: ClusterConfig) -> ClusterSnapshot:
+async def read_cluster(client: EtcdClient, cfg: ClusterConfig) -> ClusterSnapshot:
     keys = keys_of(cfg)
     leaders: dict[str, LeaderInfo] = {}
     for g in cfg.vip_groups:
@@ -107,17 +103,17 @@ async def read_cluster(client: aetcd.Client, cfg: ClusterConfig) -> ClusterSnaps
             continue
         leader = parse_leader(got.value, got.lease, got.create_revision)
         ttl: float | None = None
-        with contextlib.suppress(aetcd.ClientError):
-            info = await client.get_lease_info(got.lease, keys=False)
-            ttl = float(info.TTL) if info.TTL >= 0 else None
+        with contextlib.suppress(EtcdError):
+            info = await client.time_to_live(got.lease)
+            ttl = float(info.ttl) if info.ttl >= 0 else None
         leaders[g.name] = LeaderInfo(leader.holder, str(leader.term), ttl)
     statuses: dict[str, NodeStatus] = {}
-    for kv in await client.get_prefix(keys.status_prefix):
+    for kv in await client.range(keys.status_prefix, prefix=True):
         st = parse_status(kv.value)
         if st is not None:
             statuses[st.node] = st
     drained: set[str] = set()
     drain_prefix = f"{keys.base}/drain/".encode()
-    for kv in await client.get_prefix(drain_prefix):
+    for kv in await client.range(drain_prefix, prefix=True):
         drained.add(kv.key[len(drain_prefix) :].decode())
     return ClusterSnapshot(leaders, statuses, drained)

@@ -14,8 +14,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-import aetcd
-
 from halb.aio import within
 from halb.checks.factory import targets_from_config
 from halb.checks.publish import (
@@ -30,6 +28,7 @@ from halb.checks.scheduler import CheckScheduler
 from halb.checks.state import BackendHealth, Damping
 from halb.checks.view import HealthView, ViewError, effective_services, states_from_view
 from halb.config import ClusterConfig
+from halb.etcd import EtcdClient, EtcdError
 from halb.ha.machine import Leader
 from halb.ha.runtime import SyncRoles
 from halb.model import Service, Term
@@ -44,7 +43,7 @@ class HealthRole:
         self,
         cfg: ClusterConfig,
         node: str,
-        client: aetcd.Client,
+        client: EtcdClient,
         on_view: Callable[[HealthView], Awaitable[None]],
     ) -> None:
         self.cfg = cfg
@@ -77,7 +76,7 @@ class HealthRole:
         """Start from the published view (a node that takes over starts from it)."""
         try:
             view = await within(read_view(self.client, self.keys), 2.0)
-        except (TimeoutError, aetcd.ClientError, OSError, ViewError) as exc:
+        except (TimeoutError, EtcdError, OSError, ViewError) as exc:
             log.warning("no published health view to start from: %s", exc)
             return
         if view is not None:

@@ -19,20 +19,19 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import aetcd
-
 from halb.agent import etcdio
+from halb.agent.causes import ObservedMachine, change_cause
 from halb.agent.factory import make_dataplane
 from halb.agent.floating import FloatingVips
 from halb.agent.health import HealthRole, TermRoles
 from halb.agent.linkwatch import watch_link
 from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
+from halb.agent.statuspub import publish_status
 from halb.agent.syncroles import SyncFactory, sync_close, sync_stats, sync_update_config, tune_gc
 from halb.aio import within
 from halb.checks.view import HealthView
@@ -45,88 +44,28 @@ from halb.config import (
     parse_config_text,
 )
 from halb.dataplane.base import ApplyResult, Dataplane
+from halb.etcd import EtcdClient, EtcdError
 from halb.ha.coord import Coordinator, GroupKeys
 from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
-    Action,
-    CampaignWon,
     Drain,
     Event,
-    FenceDeadlinePassed,
-    HandoverObserved,
     LeaderObserved,
-    LeaderUnresponsive,
-    LeaseLost,
     Machine,
     MachineConfig,
-    Shutdown,
     State,
-    TimerFired,
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
-from halb.net.vip import InterfaceVips, vip_lifetime
+from halb.net.vip import InterfaceVips
 
-__all__ = ["Agent", "AgentError", "describe_cause"]
+__all__ = ["Agent", "AgentError"]
 
 log = logging.getLogger("halb.agent")
-
-STATUS_INTERVAL = 1.0
 
 
 class AgentError(RuntimeError):
     """A reason the agent cannot start, already worded for the operator."""
-
-
-def describe_cause(ev: Event) -> str:
-    """Why a state change happened, in words an operator reads in `halb status`."""
-    match ev:
-        case CampaignWon():
-            return "won the election"
-        case LeaderObserved(leader=None):
-            return "leader key gone (leader lease expired or revoked)"
-        case LeaderObserved(leader=leader) if leader is not None:
-            return f"leader is {leader.holder} (term {leader.term})"
-        case FenceDeadlinePassed():
-            return (
-                "keepalives or heartbeats to etcd failed: self-fenced before a standby "
-                "could take over"
-            )
-        case LeaseLost():
-            return "lease lost"
-        case HandoverObserved(handover=h) if h is not None:
-            return f"handover to {h.target} requested ({h.reason})"
-        case Drain():
-            return "node drained"
-        case Undrain():
-            return "node undrained"
-        case Shutdown():
-            return "agent stopping"
-        case LeaderUnresponsive(term=term):
-            return f"no heartbeat from the leader of term {term}: revoking its lease"
-        case TimerFired(timer=t):
-            return f"{t} timer fired"
-    return type(ev).__name__
-
-
-class ObservedMachine(Machine):
-    """A Machine that reports every state or term change with the event that caused it."""
-
-    def __init__(
-        self, cfg: MachineConfig, on_change: Callable[[State, State, Event, Machine], None]
-    ) -> None:
-        super().__init__(cfg)
-        self._on_change = on_change
-        # The state before the event being reported (what the change came from).
-        self.before = self.st
-
-    def feed(self, ev: Event) -> Sequence[Action]:
-        self.before = self.st
-        before_state, before_term = self.st.state, self.st.term
-        actions = super().feed(ev)
-        if self.st.state is not before_state or self.st.term != before_term:
-            self._on_change(before_state, self.st.state, ev, self)
-        return actions
 
 
 @dataclass
@@ -163,6 +102,7 @@ class Agent:
         self.started = time.time()
         self.last_failover: dict[str, Any] | None = None
         self.health: HealthRole | None = None
+        self.etcd: EtcdClient | None = None
         self.metrics = AgentMetrics(node)
         self.link_down = False
         self._status_dirty = asyncio.Event()
@@ -192,13 +132,13 @@ class Agent:
                 f"({', '.join(n.name for n in cfg.nodes)})"
             ) from None
 
-    async def _stored_config(self, client: aetcd.Client, cfg: ClusterConfig) -> None:
+    async def _stored_config(self, client: EtcdClient, cfg: ClusterConfig) -> None:
         """Adopt the cluster's stored config revision if there is a valid one."""
         try:
             stored = await within(
                 etcdio.read_config(client, etcdio.keys_of(cfg)), cfg.etcd.dial_timeout
             )
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.warning(
                 "cannot read the stored config from etcd (%s); using %s", exc, self.config_path
             )
@@ -226,21 +166,9 @@ class Agent:
         g = self.groups.get(group)
         if g is None:
             return
-        cause = describe_cause(ev)
-        if isinstance(ev, Drain) and self.link_down and self.node is not None:
-            cause = f"interface {self.node.interface} down"
         before = m.before if isinstance(m, ObservedMachine) else m.st
-        if (
-            new is State.ACTIVE
-            and old is not State.ACTIVE
-            and before.forced is not None
-            and before.forced == before.last_term
-        ):
-            # The vacancy just filled was left by a revoke for missing heartbeats.
-            cause = (
-                f"took over from a silent leader: no heartbeat of term {before.forced}, "
-                "its lease revoked, the fence waited out"
-            )
+        down = self.node.interface if self.link_down and self.node is not None else None
+        cause = change_cause(ev, old, new, before, down)
         g.status.state = new.value
         g.status.term = str(m.st.term) if m.st.term else None
         g.status.since = time.time()
@@ -299,39 +227,23 @@ class Agent:
             groups={name: g.status for name, g in self.groups.items()},
             last_failover=self.last_failover,
             sync={**sync_stats(self.sync), "rejected_configs": self.rejected_configs},
+            etcd=self.etcd.report() if self.etcd is not None else {},
             updated=time.time(),
         )
 
-    async def _publish_status(self, client: aetcd.Client) -> None:
-        """Keep our status document in etcd, on a lease of our own, so it vanishes
-        with us. Errors are logged and retried: status never takes ownership down."""
+    async def _publish_status(self, client: EtcdClient) -> None:
         assert self.cfg is not None
-        keys = etcdio.keys_of(self.cfg)
-        ttl = max(2, int(self.cfg.etcd.lease_ttl * 3))
-        lease: Any = None
-        while True:
-            try:
-                if lease is None:
-                    lease = await client.lease(ttl)
-                else:
-                    reply = await lease.refresh()
-                    if int(getattr(reply, "TTL", 0)) <= 0:  # expired while we were away
-                        lease = await client.lease(ttl)
-                await client.put(keys.status(self.node_name), self._status().to_json(), lease=lease)
-            except (TimeoutError, aetcd.ClientError, OSError) as exc:
-                log.debug("status publish failed: %s", exc)
-                lease = None
-            except Exception:
-                # Status is for people; it must never take VIP ownership down with it.
-                log.exception("status publish failed unexpectedly")
-                lease = None
-            self._status_dirty.clear()
-            with contextlib.suppress(TimeoutError):
-                await within(self._status_dirty.wait(), STATUS_INTERVAL)
+        await publish_status(
+            client,
+            etcdio.keys_of(self.cfg).status(self.node_name),
+            self.cfg.timings().status_ttl,
+            lambda: self._status().to_json(),
+            self._status_dirty,
+        )
 
     # -- config reload -------------------------------------------------------------------
 
-    async def _follow_config(self, client: aetcd.Client) -> None:
+    async def _follow_config(self, client: EtcdClient) -> None:
         assert self.cfg is not None
         async for stored in etcdio.watch_config(client, etcdio.keys_of(self.cfg)):
             if stored.revision <= self.config_revision:
@@ -383,7 +295,7 @@ class Agent:
             new_vips = [v.address for v in gcfg.vips]
             g.cfg = gcfg
             if old_vips != new_vips:
-                await self._update_vips(g, old_vips, new_vips)
+                await g.runtime.set_addresses(new_vips)
             self._update_election(g)
         self.config_revision = revision
         self._status_dirty.set()
@@ -395,6 +307,7 @@ class Agent:
         new = replace(mc, preempt=g.cfg.preempt, preempt_delay=g.cfg.preempt_delay)
         rt.announce_count = g.cfg.announce.count
         rt.announce_interval = g.cfg.announce.interval
+        rt.announce_refresh = g.cfg.announce.refresh
         if new != mc:
             rt.machine.cfg = new
             log.info(
@@ -403,22 +316,7 @@ class Agent:
             # Re-present the current leader so a standby re-decides whether to preempt.
             rt.emit(LeaderObserved(rt.machine.st.leader))
 
-    async def _update_vips(self, g: _Group, old: list[Any], new: list[Any]) -> None:
-        rt = g.runtime
-        rt.addresses[:] = new
-        term = rt.machine.term
-        if term is None:
-            return
-        # Active: follow the change now, checking the term before each add.
-        for vip in new:
-            if vip not in old and rt.machine.holds(term):
-                await rt.vips.add(vip, rt.lifetime)
-                rt.vips.announce(vip)
-        for vip in old:
-            if vip not in new:
-                await rt.vips.remove(vip)
-
-    async def _reload_file(self, client: aetcd.Client) -> None:
+    async def _reload_file(self, client: EtcdClient) -> None:
         """SIGHUP: validate the file and store it, so every agent applies it."""
         try:
             text = self.config_path.read_text()
@@ -430,20 +328,23 @@ class Agent:
         try:
             rev = await etcdio.publish_config(client, new, text)
             log.info("SIGHUP: stored %s as config revision %d", self.config_path, rev)
-        except (TimeoutError, aetcd.ClientError, OSError) as exc:
+        except (TimeoutError, EtcdError, OSError) as exc:
             log.error("SIGHUP: cannot store the config in etcd (%s); applying locally", exc)
             await self._apply_config(new, self.config_revision)
 
     # -- main ----------------------------------------------------------------------------
 
     def _make_group(
-        self, g: VipGroupConfig, port: VipPort, client: aetcd.Client, deadlines: DeadlineMux
+        self, g: VipGroupConfig, port: VipPort, client: EtcdClient, deadlines: DeadlineMux
     ) -> _Group:
         cfg, node = self.cfg, self.node
         assert cfg is not None and node is not None
         members = sorted(cfg.group_nodes(g), key=lambda n: -n.priority)
         rank = [n.name for n in members].index(node.name)
         keys = GroupKeys(cfg.etcd.prefix, cfg.cluster, g.name)
+        # Lower-priority nodes campaign and judge heartbeats a little later, so the
+        # best standby usually acts alone (halb.timing).
+        timings = cfg.timings(rank)
         status = GroupStatus()
         machine = ObservedMachine(
             MachineConfig(
@@ -451,10 +352,8 @@ class Agent:
                 priority=node.priority,
                 preempt=g.preempt,
                 preempt_delay=g.preempt_delay,
-                # Lower-priority nodes wait a little before campaigning for a vacant
-                # group, so the best standby usually wins without a later preemption.
-                campaign_delay=0.05 * rank,
-                fence_wait=cfg.failover.fence_wait(cfg.dataplane.kind),
+                campaign_delay=timings.campaign_delay,
+                fence_wait=timings.fence_wait,
             ),
             lambda old, new, ev, m: self._on_change(g.name, old, new, ev, m),
         )
@@ -465,6 +364,7 @@ class Agent:
             addresses=[v.address for v in g.vips],
             announce_count=g.announce.count,
             announce_interval=g.announce.interval,
+            announce_refresh=g.announce.refresh,
             # The first group's active node also publishes the cluster's health view.
             sync=(
                 TermRoles(self.sync, self.health, keys.leader)
@@ -479,21 +379,20 @@ class Agent:
             keys,
             node.name,
             node.priority,
-            ttl=cfg.etcd.lease_ttl,
+            ttl=timings.lease.lease_ttl,
             emit=lambda ev: self._from_coord(g.name, ev),
             state_dir=Path(cfg.state_dir) / node.name,
-            heartbeat_interval=cfg.failover.interval_for(cfg.dataplane.kind),
-            heartbeat_timeout=cfg.failover.heartbeat_timeout,
-            # Same skew as the campaign: the best standby usually revokes alone.
-            watchdog_slack=0.05 * rank,
+            heartbeat_interval=timings.heartbeat_interval,
+            heartbeat_timeout=timings.heartbeat_timeout,
+            watchdog_slack=timings.watchdog_slack,
         )
         rt.coord = coord
-        rt.lifetime = vip_lifetime(coord.ttl, coord.fence_margin)
+        rt.lifetime = timings.vip_lifetime
         return _Group(g, rt, status)
 
     async def run(self) -> None:
         self.cfg = self._load_local()
-        client = etcdio.connect(self.cfg)
+        client = self.etcd = etcdio.connect(self.cfg, self.node_name)
         try:
             await self._stored_config(client, self.cfg)
             self.node = self._node_of(self.cfg)
@@ -530,7 +429,7 @@ class Agent:
             await client.close()
         log.info("agent %s stopped", self.node_name)
 
-    async def _run_groups(self, client: aetcd.Client) -> None:
+    async def _run_groups(self, client: EtcdClient) -> None:
         cfg, node, dp = self.cfg, self.node, self.dataplane
         assert cfg is not None and node is not None and dp is not None
         loop = asyncio.get_running_loop()
@@ -570,7 +469,7 @@ class Agent:
                 for t in aux:
                     t.cancel()
             # Our status goes with us at once rather than at its lease's expiry.
-            with contextlib.suppress(TimeoutError, aetcd.ClientError, OSError):
+            with contextlib.suppress(TimeoutError, EtcdError, OSError):
                 await within(client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0)
 
     async def _program(self, cfg: ClusterConfig) -> ApplyResult:
@@ -627,7 +526,7 @@ class Agent:
         except Exception:
             log.exception("backend health stopped; the dataplane keeps its last view")
 
-    async def _on_hup(self, hup: asyncio.Event, client: aetcd.Client) -> None:
+    async def _on_hup(self, hup: asyncio.Event, client: EtcdClient) -> None:
         while True:
             await hup.wait()
             hup.clear()

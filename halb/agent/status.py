@@ -36,6 +36,8 @@ class NodeStatus:
     groups: dict[str, GroupStatus] = field(default_factory=dict)
     last_failover: dict[str, Any] | None = None  # {"time", "group", "cause", "from", "to"}
     sync: dict[str, Any] = field(default_factory=dict)
+    # The etcd client: member in use, rotations, last outage (halb.etcd EtcdClient.report).
+    etcd: dict[str, Any] = field(default_factory=dict)
     updated: float = 0.0
 
     def to_json(self) -> bytes:

@@ -1,4 +1,4 @@
-"""etcd adapter for the backend view and operator drains (aetcd).
+"""etcd adapter for the backend view and operator drains (halb.etcd).
 
 Keys (``P`` = ``<etcd.prefix>/<cluster>``)::
 
@@ -29,24 +29,19 @@ Every node (standbys, and the active for its own dataplane)::
     async for drains in watch_drains(client, keys):          # active only: input of
         ...                                                  # the next publish
 
-Both watches read the current value first (yielded at once), then follow changes; when
-etcd restarts (aetcd ends the watch with ConnectionFailedError and does not re-create
-it, see PLATFORM.md) they re-read and re-watch with backoff, so a consumer only ever sees
-a stream of values (duplicates suppressed).
+Both watches read the current value first (yielded at once), then follow changes
+(halb.etcd.read_then_watch: resumed across etcd member failures, re-read after a
+compaction; other etcd errors re-read with backoff), so a consumer only ever sees a
+stream of values (duplicates suppressed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import aetcd
-
-from halb.aio import within
 from halb.checks.scheduler import CheckScheduler
 from halb.checks.state import BackendHealth
 from halb.checks.view import (
@@ -58,6 +53,15 @@ from halb.checks.view import (
     split_backend_key,
 )
 from halb.config import ClusterConfig
+from halb.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdError,
+    EventKind,
+    Put,
+    Snapshot,
+    read_then_watch,
+)
 from halb.ha.coord import Backoff
 from halb.model import Service
 
@@ -78,7 +82,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Errors that mean "etcd did not answer as hoped, try again later".
-_RETRY = (aetcd.ClientError, asyncio.TimeoutError, OSError)
+_RETRY = (EtcdError, asyncio.TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,23 +135,20 @@ class LeaderGuard:
 
 
 async def publish_view(
-    client: aetcd.Client, keys: HealthKeys, view: HealthView, *, guard: LeaderGuard | None = None
+    client: EtcdClient, keys: HealthKeys, view: HealthView, *, guard: LeaderGuard | None = None
 ) -> bool:
     """Write ``view``; False when the guard failed (we no longer hold the term)."""
     value = view.to_json()
     if guard is None:
         await client.put(keys.view, value)
         return True
-    tx = client.transactions
-    ok, _ = await client.transaction(
-        compare=[tx.create(guard.key) == guard.create_revision],
-        success=[tx.put(keys.view, value)],
-        failure=[],
+    result = await client.txn(
+        [Compare.create(guard.key, "==", guard.create_revision)], [Put(keys.view, value)]
     )
-    return bool(ok)
+    return result.succeeded
 
 
-async def read_view(client: aetcd.Client, keys: HealthKeys) -> HealthView | None:
+async def read_view(client: EtcdClient, keys: HealthKeys) -> HealthView | None:
     """The published view, None when none was published. Raises ViewError if unreadable."""
     got = await client.get(keys.view)
     return None if got is None else HealthView.from_json(bytes(got.value))
@@ -161,13 +162,13 @@ def _drain_value(key: str, value: bytes) -> Drain | None:
         return None
 
 
-async def read_drains(client: aetcd.Client, keys: HealthKeys) -> dict[str, Drain]:
+async def read_drains(client: EtcdClient, keys: HealthKeys) -> dict[str, Drain]:
     drains, _ = await _read_drains(client, keys)
     return drains
 
 
-async def _read_drains(client: aetcd.Client, keys: HealthKeys) -> tuple[dict[str, Drain], int]:
-    got = await client.get_prefix(keys.drain_prefix)
+async def _read_drains(client: EtcdClient, keys: HealthKeys) -> tuple[dict[str, Drain], int]:
+    got = await client.range(keys.drain_prefix, prefix=True)
     drains: dict[str, Drain] = {}
     for kv in got:
         key = keys.backend_of(bytes(kv.key))
@@ -176,17 +177,17 @@ async def _read_drains(client: aetcd.Client, keys: HealthKeys) -> tuple[dict[str
         drain = _drain_value(key, bytes(kv.value))
         if drain is not None:
             drains[key] = drain
-    return drains, int(got.header.revision)
+    return drains, got.revision
 
 
-async def set_drain(client: aetcd.Client, keys: HealthKeys, backend_key: str, drain: Drain) -> None:
+async def set_drain(client: EtcdClient, keys: HealthKeys, backend_key: str, drain: Drain) -> None:
     await client.put(keys.drain(backend_key), drain.to_json())
 
 
-async def clear_drain(client: aetcd.Client, keys: HealthKeys, backend_key: str) -> bool:
+async def clear_drain(client: EtcdClient, keys: HealthKeys, backend_key: str) -> bool:
     """Remove a drain; False when there was none."""
     result = await client.delete(keys.drain(backend_key))
-    return bool(getattr(result, "deleted", 0))
+    return result.deleted > 0
 
 
 # --- the active node's publisher ----------------------------------------------------------
@@ -202,7 +203,7 @@ class HealthPublisher:
 
     def __init__(
         self,
-        client: aetcd.Client,
+        client: EtcdClient,
         keys: HealthKeys,
         *,
         node: str,
@@ -227,7 +228,7 @@ class HealthPublisher:
     ) -> HealthView | None:
         """Publish the view for these inputs if it changed; return the view in force,
         or None when the guard refused (this node lost its term: stop publishing).
-        etcd errors propagate (aetcd.ClientError, TimeoutError): retry on the next change.
+        etcd errors propagate (halb.etcd.EtcdError, TimeoutError): retry on the next change.
         """
         async with self._lock:
             return await self._publish(services, states, drains)
@@ -339,42 +340,29 @@ def _changes(old: HealthView | None, new: HealthView) -> str:
 # --- watches ----------------------------------------------------------------------------------
 
 
-async def _cancel(watch: Any) -> None:
-    with contextlib.suppress(*_RETRY):
-        await within(watch.cancel(), 1.0)
-
-
 async def watch_views(
-    client: aetcd.Client, keys: HealthKeys, *, backoff: Backoff | None = None
+    client: EtcdClient, keys: HealthKeys, *, backoff: Backoff | None = None
 ) -> AsyncGenerator[HealthView, None]:
-    """The current view, then every new one; survives etcd restarts. Unreadable values
-    are logged and skipped (the previous view stays in force)."""
+    """The current view, then every new one; survives etcd member failures and
+    restarts. Unreadable values are logged and skipped (the previous view stays in
+    force)."""
     backoff = backoff or Backoff()
     last: HealthView | None = None
     while True:
         try:
-            # A range read has a header revision even when the key is absent.
-            got = await client.get_prefix(keys.view)
-            start = int(got.header.revision) + 1
-            for kv in got:
-                if bytes(kv.key) == keys.view:
-                    view = _parse_view(bytes(kv.value))
-                    if view is not None and view != last:
-                        last = view
-                        yield view
-            watch = await client.watch(keys.view, start_revision=start)
-            backoff.reset()
-            try:
-                async for ev in watch:
-                    if ev.kind != aetcd.EventKind.PUT:
-                        continue
-                    view = _parse_view(bytes(ev.kv.value))
-                    if view is not None and view != last:
-                        last = view
-                        yield view
-                raise aetcd.ConnectionFailedError("watch ended")
-            finally:
-                await _cancel(watch)
+            async for item in read_then_watch(client, keys.view):
+                backoff.reset()
+                if isinstance(item, Snapshot):
+                    kv = item.first()
+                    value = kv.value if kv is not None else None
+                else:
+                    value = item.kv.value if item.kind is EventKind.PUT else None
+                if value is None:
+                    continue
+                view = _parse_view(value)
+                if view is not None and view != last:
+                    last = view
+                    yield view
         except _RETRY as exc:
             delay = backoff.next()
             log.warning("health view watch interrupted (%s); re-reading in %.2fs", exc, delay)
@@ -390,37 +378,37 @@ def _parse_view(value: bytes) -> HealthView | None:
 
 
 async def watch_drains(
-    client: aetcd.Client, keys: HealthKeys, *, backoff: Backoff | None = None
+    client: EtcdClient, keys: HealthKeys, *, backoff: Backoff | None = None
 ) -> AsyncGenerator[dict[str, Drain], None]:
     """All drains now, then the full set again after every change; survives etcd
-    restarts."""
+    member failures and restarts."""
     backoff = backoff or Backoff()
     last: dict[str, Drain] | None = None
     while True:
         try:
-            drains, revision = await _read_drains(client, keys)
-            if drains != last:
-                last = dict(drains)
-                yield dict(drains)
-            watch = await client.watch_prefix(keys.drain_prefix, start_revision=revision + 1)
-            backoff.reset()
-            try:
-                async for ev in watch:
-                    key = keys.backend_of(bytes(ev.kv.key))
+            drains: dict[str, Drain] = {}
+            async for item in read_then_watch(client, keys.drain_prefix, prefix=True):
+                backoff.reset()
+                if isinstance(item, Snapshot):
+                    drains = {}
+                    for kv in item.kvs:
+                        key = keys.backend_of(kv.key)
+                        drain = _drain_value(key, kv.value) if key is not None else None
+                        if key is not None and drain is not None:
+                            drains[key] = drain
+                else:
+                    key = keys.backend_of(item.kv.key)
                     if key is None:
                         continue
-                    if ev.kind == aetcd.EventKind.PUT:
-                        drain = _drain_value(key, bytes(ev.kv.value))
+                    if item.kind is EventKind.PUT:
+                        drain = _drain_value(key, item.kv.value)
                         if drain is not None:
                             drains[key] = drain
                     else:
                         drains.pop(key, None)
-                    if drains != last:
-                        last = dict(drains)
-                        yield dict(drains)
-                raise aetcd.ConnectionFailedError("watch ended")
-            finally:
-                await _cancel(watch)
+                if drains != last:
+                    last = dict(drains)
+                    yield dict(drains)
         except _RETRY as exc:
             delay = backoff.next()
             log.warning("drain watch interrupted (%s); re-reading in %.2fs", exc, delay)

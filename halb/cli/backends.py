@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import getpass
 import ipaddress
@@ -11,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import aetcd
 import click
 
 from halb.checks.publish import HealthKeys, clear_drain, read_drains, read_view, set_drain
@@ -23,9 +21,10 @@ from halb.cli.common import (
     fail,
     load_or_exit,
     output_option,
+    run_etcd,
 )
 from halb.config import ClusterConfig
-from halb.ha.coord import open_client
+from halb.etcd import EtcdClient
 from halb.model import Backend, Service
 
 __all__ = ["backend_group", "backend_rows", "backends_cmd", "resolve_backend"]
@@ -33,30 +32,10 @@ __all__ = ["backend_group", "backend_rows", "backends_cmd", "resolve_backend"]
 T = TypeVar("T")
 
 
-def _run(cfg: ClusterConfig, work: Callable[[aetcd.Client, HealthKeys], Awaitable[T]]) -> T:
-    """Run ``work`` against the first etcd endpoint that answers."""
-
-    async def main() -> T:
-        errors: list[str] = []
-        for endpoint in cfg.etcd.endpoints:
-            try:
-                client = open_client(endpoint, timeout=cfg.etcd.dial_timeout)
-            except ValueError as exc:
-                errors.append(str(exc))
-                continue
-            try:
-                await client.connect()
-                return await work(client, HealthKeys.from_config(cfg))
-            except (TimeoutError, aetcd.ClientError, OSError) as exc:
-                errors.append(f"{endpoint}: {type(exc).__name__}: {exc}")
-            finally:
-                await client.close()
-        raise ConnectionError("; ".join(errors))
-
+def _run(cfg: ClusterConfig, work: Callable[[EtcdClient, HealthKeys], Awaitable[T]]) -> T:
+    """Run ``work`` against the cluster's etcd (every endpoint)."""
     try:
-        return asyncio.run(main())
-    except ConnectionError as exc:
-        fail(f"no etcd endpoint answered ({exc})")
+        return run_etcd(cfg, lambda client: work(client, HealthKeys.from_config(cfg)))
     except ViewError as exc:
         fail(f"the published health view is unreadable: {exc}")
     raise AssertionError("unreachable")
@@ -120,7 +99,7 @@ def backends_cmd(config_path: str | None, output: str) -> None:
     last check result and the reason, as published in etcd by the active node."""
     cfg = load_or_exit(config_path)
 
-    async def work(client: aetcd.Client, keys: HealthKeys) -> tuple[HealthView | None, Any]:
+    async def work(client: EtcdClient, keys: HealthKeys) -> tuple[HealthView | None, Any]:
         return await read_view(client, keys), await read_drains(client, keys)
 
     view, drains = _run(cfg, work)
@@ -237,7 +216,7 @@ def drain_cmd(config_path: str | None, reason: str, service: str, backend: str) 
     by = f"{getpass.getuser()}@{socket.gethostname()}"
     drain = Drain(reason=reason, since=time.time(), by=by)
 
-    async def work(client: aetcd.Client, keys: HealthKeys) -> None:
+    async def work(client: EtcdClient, keys: HealthKeys) -> None:
         await set_drain(client, keys, key, drain)
 
     _run(cfg, work)
@@ -253,7 +232,7 @@ def undrain_cmd(config_path: str | None, service: str, backend: str) -> None:
     cfg = load_or_exit(config_path)
     key = _resolve_or_exit(cfg, service, backend)
 
-    async def work(client: aetcd.Client, keys: HealthKeys) -> bool:
+    async def work(client: EtcdClient, keys: HealthKeys) -> bool:
         return await clear_drain(client, keys, key)
 
     existed = _run(cfg, work)

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aetcd
 import click
 
 from halb.agent import etcdio
@@ -22,31 +21,17 @@ from halb.cli.common import (
     fail,
     load_or_exit,
     output_option,
+    run_etcd,
 )
 from halb.config import ClusterConfig, ConfigError, parse_config_text
+from halb.etcd import EtcdClient
 from halb.ha.coord import GroupKeys, clear_drain, request_handover, set_drain
 
 T = TypeVar("T")
 
 
-def _run(cfg: ClusterConfig, work: Callable[[aetcd.Client], Awaitable[T]]) -> T:
-    async def main() -> T:
-        client = etcdio.connect(cfg)
-        try:
-            await client.connect()
-            return await work(client)
-        finally:
-            await client.close()
-
-    try:
-        return asyncio.run(main())
-    except ConfigError as exc:
-        for issue in exc.issues:
-            click.echo(f"error: {issue}", err=True)
-        raise SystemExit(EXIT_BAD_INPUT) from None
-    except (TimeoutError, aetcd.ClientError, OSError) as exc:
-        fail(f"etcd at {', '.join(cfg.etcd.endpoints)} did not answer: {exc}")
-        raise AssertionError("unreachable") from None
+def _run(cfg: ClusterConfig, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
+    return run_etcd(cfg, work)
 
 
 def _ago(ts: float | None) -> str:
@@ -121,7 +106,7 @@ def _group(cfg: ClusterConfig, name: str | None) -> str:
 
 
 async def _wait_leader(
-    client: aetcd.Client,
+    client: EtcdClient,
     cfg: ClusterConfig,
     group: str,
     pred: Callable[[str | None], bool],
@@ -160,7 +145,7 @@ def failover(
     if target is not None and target not in {n.name for n in cfg.nodes}:
         fail(f"--to: node {target!r} is not defined in the config", 2)
 
-    async def work(client: aetcd.Client) -> tuple[str | None, str | None, float]:
+    async def work(client: EtcdClient) -> tuple[str | None, str | None, float]:
         snap = await etcdio.read_cluster(client, cfg)
         li = snap.leaders.get(gname)
         if li is None:
@@ -213,7 +198,7 @@ def _drain_cmd(drain: bool) -> click.Command:
         if node not in {n.name for n in cfg.nodes}:
             fail(f"node {node!r} is not defined in the config", 2)
 
-        async def work(client: aetcd.Client) -> list[str]:
+        async def work(client: EtcdClient) -> list[str]:
             keys = GroupKeys(cfg.etcd.prefix, cfg.cluster, cfg.vip_groups[0].name)
             if not drain:
                 await clear_drain(client, keys, node)
@@ -275,7 +260,7 @@ def apply(config_path: str | None, file: str, wait: bool, timeout: float) -> Non
     if current.cluster != new.cluster:
         fail(f"{file} is for cluster {new.cluster!r}, not {current.cluster!r}", EXIT_BAD_INPUT)
 
-    async def work(client: aetcd.Client) -> tuple[int, dict[str, Any]]:
+    async def work(client: EtcdClient) -> tuple[int, dict[str, Any]]:
         rev = await etcdio.publish_config(client, new, text)
         lagging: dict[str, Any] = {}
         if wait:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from halb.config import ClusterConfig, ConfigError, load_config
+from halb.etcd import EtcdClient, EtcdError
 
 __all__ = [
     "LAB_CONFIG",
@@ -19,7 +22,10 @@ __all__ = [
     "load_or_exit",
     "output_option",
     "resolve_config_path",
+    "run_etcd",
 ]
+
+T = TypeVar("T")
 
 LAB_CONFIG = Path("/run/halb-lab/halb.yaml")  # instance 0; see lab_config_path()
 SYSTEM_CONFIG = Path("/etc/halb/halb.yaml")
@@ -84,3 +90,29 @@ output_option = click.option(
     show_default=True,
     help="json is a stable interface for scripts.",
 )
+
+
+def run_etcd(cfg: ClusterConfig, work: Callable[[EtcdClient], Awaitable[T]]) -> T:
+    """Run ``work`` with a client on every endpoint of ``cfg.etcd`` (TLS and auth from
+    the config or HALB_ETCD_USER / HALB_ETCD_PASSWORD; ``{node}`` in TLS paths from
+    HALB_NODE). TLS, auth and reachability problems are reported first, in plain words.
+    """
+    from halb.agent import etcdio  # the agent side owns how etcd is opened
+
+    async def main() -> T:
+        client = etcdio.connect(cfg, os.environ.get("HALB_NODE"))
+        try:
+            await client.check()
+            return await work(client)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(f"error: {issue}", err=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except (TimeoutError, EtcdError, OSError) as exc:
+        fail(f"no etcd endpoint answered ({type(exc).__name__}: {exc})")
+        raise AssertionError("unreachable") from None

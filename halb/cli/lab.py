@@ -43,16 +43,40 @@ def _progress(msg: str) -> None:
     show_default=True,
     help="Start `halb agent` on every balancer (logs in /run/halb-lab/logs).",
 )
-def up(nodes: int, backends: int, dataplane: str, agents: bool) -> None:
+@click.option(
+    "--etcd-members",
+    type=click.Choice(["1", "3"]),
+    default="1",
+    show_default=True,
+    help="etcd members on the management segment.",
+)
+@click.option(
+    "--etcd-tls/--no-etcd-tls",
+    default=False,
+    show_default=True,
+    help="etcd with TLS (client certificates), auth on and a role limited to the cluster's prefix.",
+)
+def up(
+    nodes: int, backends: int, dataplane: str, agents: bool, etcd_members: str, etcd_tls: bool
+) -> None:
     """Build the lab: namespaces, bridges, etcd, backend servers, its config, and an
     agent on every balancer node."""
     _require_root()
     try:
-        state = builder.up(nodes, backends, dataplane, progress=_progress, agents=agents)
+        state = builder.up(
+            nodes,
+            backends,
+            dataplane,
+            progress=_progress,
+            agents=agents,
+            etcd_members_n=int(etcd_members),
+            etcd_tls=etcd_tls,
+        )
     except (builder.LabError, CommandError, ValueError) as exc:
         fail(str(exc))
         return
-    click.echo(f"lab is up: VIP {state['vip']}, config {state['config']}, etcd {state['etcd']}")
+    etcd = ", ".join(state["etcd_endpoints"])
+    click.echo(f"lab is up: VIP {state['vip']}, config {state['config']}, etcd {etcd}")
     client = state["client"]["namespace"]
     click.echo(f"try: halb lab status; halb lab exec {client} -- curl -s http://{state['vip']}/")
 

@@ -35,10 +35,17 @@ revoked. A standby's watchdog emits ``LeaderUnresponsive`` once per term when no
 heartbeat of the current leader's term arrived for ``heartbeat_timeout`` (plus its rank
 slack); ``force_takeover`` then records the reason and revokes the leader's lease.
 
-aetcd's watch ends with ConnectionFailedError when etcd restarts and is not re-created
-(PLATFORM.md): the watch loop re-reads the keys (emitting the current view, which the
-machine takes idempotently), then re-creates the watch from the read revision + 1, with
-exponential backoff between attempts.
+Watches (halb.etcd.read_then_watch): one read of the group's keys and of the drain
+key, then watches from the read revision + 1 that the client resumes across member
+failures without losing or repeating an event; after a compaction (or a final error,
+retried with backoff) the keys are read again and the current view re-emitted, which
+the machine takes idempotently. Before reporting a leader unresponsive, the watchdog
+reads the heartbeat key itself: a watch that was moving to another etcd member must
+not make a live leader look silent.
+
+Election transactions are create-if-absent and safe to retry: the client may retry a
+campaign whose first attempt was applied but whose reply was lost; the retry then
+fails its compare, and a leader key found on our own lease means we won.
 
 Lease resume: with a ``state_dir`` the lease id is stored in
 ``<state_dir>/lease-<cluster>-<group>``; at start-up a stored lease that LeaseTimeToLive
@@ -47,7 +54,7 @@ new one, so an agent restarted within the TTL keeps its term.
 
 Usage (the runtime does this)::
 
-    client = open_client(cfg.etcd.endpoints[0])
+    client = halb.agent.etcdio.connect(cfg, node)   # an EtcdClient on every endpoint
     coord = Coordinator(client, GroupKeys(prefix, cluster, group), node, priority,
                         ttl=2, emit=queue.put_nowait, state_dir=Path(cfg.state_dir))
     async with asyncio.TaskGroup() as tg:
@@ -59,19 +66,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
-
-import aetcd
 
 from halb.aio import within
+from halb.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdError,
+    EventKind,
+    Get,
+    KeyValue,
+    LeaseNotFound,
+    Put,
+    RangeResult,
+    Snapshot,
+    WatchEvent,
+    read_then_watch,
+)
 from halb.ha.clock import Clock, MonotonicClock
 from halb.ha.machine import (
     UNRESPONSIVE,
@@ -91,14 +109,13 @@ from halb.ha.machine import (
     Undrain,
 )
 from halb.model import Term
+from halb.timing import lease_timings, rpc_timeout_for
 
 __all__ = [
     "Backoff",
     "Coordinator",
     "GroupKeys",
     "clear_drain",
-    "close_client",
-    "open_client",
     "parse_handover",
     "parse_leader",
     "request_handover",
@@ -110,34 +127,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that mean "etcd did not answer as hoped, try again later".
-_RETRY = (aetcd.ClientError, asyncio.TimeoutError, OSError)
-
-
-def open_client(endpoint: str, *, timeout: float = 2.0) -> aetcd.Client:
-    """An aetcd client for ``http://host:port`` that reconnects quickly after etcd
-    restarts (gRPC's default reconnect backoff starts at 1 s and grows to 120 s)."""
-    url = urlparse(endpoint)
-    if url.scheme != "http" or url.hostname is None:
-        raise ValueError(f"{endpoint!r}: only http://host:port is supported by aetcd 1.0")
-    return aetcd.Client(
-        host=url.hostname,
-        port=url.port or 2379,
-        timeout=timeout,
-        options={
-            "grpc.initial_reconnect_backoff_ms": 100,
-            "grpc.min_reconnect_backoff_ms": 100,
-            "grpc.max_reconnect_backoff_ms": 1000,
-        },
-    )
-
-
-async def close_client(client: aetcd.Client, timeout: float = 3.0) -> None:
-    """Close an aetcd client, bounded: its watcher's shutdown puts into a bounded
-    request queue that nobody drains once the stream is dead, and can block forever."""
-    try:
-        await within(client.close(), timeout)
-    except (TimeoutError, aetcd.ClientError) as exc:
-        log.warning("etcd client did not close cleanly: %s", exc or type(exc).__name__)
+_RETRY = (EtcdError, asyncio.TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,17 +232,17 @@ def _handover_value(target: str, term: Term | None, reason: str, by: str) -> byt
 
 
 async def request_handover(
-    client: aetcd.Client, keys: GroupKeys, target: str, *, term: Term | None = None
+    client: EtcdClient, keys: GroupKeys, target: str, *, term: Term | None = None
 ) -> None:
     """Planned failover (CLI): ask the current leader to hand the group to ``target``."""
     await client.put(keys.handover, _handover_value(target, term, "planned", "cli"))
 
 
-async def set_drain(client: aetcd.Client, keys: GroupKeys, node: str, reason: str = "") -> None:
+async def set_drain(client: EtcdClient, keys: GroupKeys, node: str, reason: str = "") -> None:
     await client.put(keys.drain(node), reason.encode())
 
 
-async def clear_drain(client: aetcd.Client, keys: GroupKeys, node: str) -> None:
+async def clear_drain(client: EtcdClient, keys: GroupKeys, node: str) -> None:
     await client.delete(keys.drain(node))
 
 
@@ -267,7 +257,7 @@ class Coordinator:
 
     def __init__(
         self,
-        client: aetcd.Client,
+        client: EtcdClient,
         keys: GroupKeys,
         node: str,
         priority: int,
@@ -287,13 +277,14 @@ class Coordinator:
         self.keys = keys
         self.node = node
         self.priority = priority
-        # etcd lease TTLs are whole seconds.
-        self.ttl = max(1, math.ceil(ttl))
+        # halb.timing derives the cadence and the margin (tests may override them).
+        lease = lease_timings(ttl)
+        self.ttl = lease.lease_ttl
         self.emit = emit
         self.clock = clock or MonotonicClock()
-        self.keepalive_interval = keepalive_interval or self.ttl / 4
-        self.fence_margin = fence_margin if fence_margin is not None else 0.3 * self.ttl
-        self.rpc_timeout = rpc_timeout or max(0.2, self.keepalive_interval)
+        self.keepalive_interval = keepalive_interval or lease.keepalive_interval
+        self.fence_margin = fence_margin if fence_margin is not None else lease.fence_margin
+        self.rpc_timeout = rpc_timeout or rpc_timeout_for(self.keepalive_interval)
         self.state_dir = state_dir
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -316,6 +307,8 @@ class Coordinator:
         self.last_keepalive_ok: float | None = None
         # etcd revision of the newest leader/handover view emitted (reads and watch).
         self._view_revision = 0
+        # mod revision of the newest heartbeat of the watched term seen.
+        self._hb_seen = 0
 
     # -- observable state ----------------------------------------------------------------
 
@@ -381,6 +374,8 @@ class Coordinator:
             if self._lease is not None and term.lease_id == self._lease:
                 continue  # our own term
             silent = self.clock.now() - self._watched_since
+            if silent > limit and await self._heartbeat_moved(term):
+                continue
             if silent > limit:
                 log.warning(
                     "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
@@ -391,8 +386,30 @@ class Coordinator:
                 self._reported = term
                 self.emit(LeaderUnresponsive(term))
 
-    async def _rpc(self, call: Awaitable[T]) -> T:
-        return await within(call, self.rpc_timeout)
+    async def _heartbeat_moved(self, term: Term) -> bool:
+        """Whether the heartbeat key holds a beat of ``term`` newer than the watch has
+        shown (the watch may be moving off a failed etcd member); if so the heartbeat
+        clock restarts from now."""
+        try:
+            kv = await self._rpc(lambda t: self.client.get(self.keys.heartbeat, timeout=t))
+        except _RETRY:
+            return False
+        if kv is None or kv.mod_revision <= self._hb_seen or _heartbeat_term(kv.value) != term:
+            return False
+        if self._watched != term:
+            return True  # the term changed meanwhile; the new one has its own clock
+        log.info("heartbeat of term %s seen by a read, not yet by the watch", term)
+        self._hb_seen = kv.mod_revision
+        self._watched_since = self.clock.now()
+        return True
+
+    async def _keepalive(self, lease: int, timeout: float) -> int:
+        return await self.client.keepalive(lease, timeout=timeout)
+
+    async def _rpc(self, call: Callable[[float], Awaitable[T]]) -> T:
+        """One client call under the coordinator's deadline; the client retries and
+        moves between etcd members inside it."""
+        return await within(call(self.rpc_timeout), self.rpc_timeout + 0.1)
 
     # -- lease -----------------------------------------------------------------------------
 
@@ -418,7 +435,7 @@ class Coordinator:
             lease = self._lease
             sent = self.clock.now()
             try:
-                reply = await self._rpc(self.client.refresh_lease(lease))
+                ttl = await self._rpc(functools.partial(self._keepalive, lease))
             except _RETRY as exc:
                 if not failing:
                     log.warning("keepalive of lease %x failed: %s", lease, exc or type(exc))
@@ -427,7 +444,7 @@ class Coordinator:
                 continue
             if self._lease != lease:
                 continue  # resigned or fenced meanwhile
-            if reply is None or reply.TTL <= 0:
+            if ttl <= 0:
                 log.warning("lease %x is gone on the etcd side", lease)
                 self._drop_lease()
                 self.emit(LeaseLost(lease))
@@ -449,7 +466,7 @@ class Coordinator:
         while True:
             sent = self.clock.now()
             try:
-                lease = await self._rpc(self.client.lease(self.ttl))
+                lease = await self._rpc(lambda t: self.client.grant(self.ttl, timeout=t))
             except _RETRY as exc:
                 delay = backoff.next()
                 log.warning("lease grant failed (%s); retrying in %.2fs", exc, delay)
@@ -469,8 +486,8 @@ class Coordinator:
         except (OSError, ValueError):
             return None
         try:
-            info = await self._rpc(self.client.get_lease_info(lease, keys=False))
-            ttl = int(info.TTL)
+            info = await self._rpc(lambda t: self.client.time_to_live(lease, timeout=t))
+            ttl = info.ttl
         except _RETRY as exc:
             log.info("cannot check stored lease %x (%s); granting a new one", lease, exc)
             return None
@@ -479,15 +496,15 @@ class Coordinator:
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
-        self._granted_ttl = int(info.grantedTTL) or self.ttl
+        self._granted_ttl = info.granted_ttl or self.ttl
         # TimeToLive is whole seconds: renew it now so the fence deadline is exact.
         sent = self.clock.now()
         try:
-            reply = await self._rpc(self.client.refresh_lease(lease))
+            left = await self._rpc(lambda t: self.client.keepalive(lease, timeout=t))
         except _RETRY as exc:
             log.info("cannot renew stored lease %x (%s); granting a new one", lease, exc)
             return None
-        if reply is None or reply.TTL <= 0:
+        if left <= 0:
             return None
         log.info("resumed lease %x (%ss were left)", lease, ttl)
         return lease, sent
@@ -542,55 +559,56 @@ class Coordinator:
         value = json.dumps(
             {"node": self.node, "priority": self.priority, "lease": f"{lease:x}"}
         ).encode()
-        tx = self.client.transactions
         backoff = Backoff()
         while self._lease == lease:
             try:
-                ok, responses = await self._rpc(
-                    self.client.transaction(
-                        compare=[tx.create(self.keys.leader) == 0],
-                        success=[tx.put(self.keys.leader, value, lease=lease)],
-                        failure=[tx.get(self.keys.leader)],
+                result = await self._rpc(
+                    lambda t: self.client.txn(
+                        [Compare.create(self.keys.leader, "==", 0)],
+                        [Put(self.keys.leader, value, lease)],
+                        [Get(self.keys.leader)],
+                        timeout=t,
                     )
                 )
-            except aetcd.ClientError as exc:
-                if "lease not found" in str(exc):
-                    log.warning("campaign: lease %x is gone", lease)
-                    if self._lease == lease:
-                        self._drop_lease()
-                        self.emit(LeaseLost(lease))
-                    return
-                await self.clock.sleep(backoff.next())
-                continue
+            except LeaseNotFound:
+                log.warning("campaign: lease %x is gone", lease)
+                if self._lease == lease:
+                    self._drop_lease()
+                    self.emit(LeaseLost(lease))
+                return
             except _RETRY:
                 await self.clock.sleep(backoff.next())
                 continue
-            if ok:
-                term = Term(lease, int(responses[0].response_put.header.revision))
+            if result.succeeded:
+                term = Term(lease, result.revision)
                 log.info("%s won group %s, term %s", self.node, self.keys.group, term)
                 self.emit(CampaignWon(term))
-            else:
-                found = responses[0] if responses else []
-                leader = None
-                if found:
-                    kv = found[0][1]
-                    leader = parse_leader(kv.value, kv.lease, kv.create_revision)
-                log.info("%s lost the campaign for %s to %s", self.node, self.keys.group, leader)
-                self.emit(CampaignLost(leader))
+                return
+            found = result.responses[0] if result.responses else None
+            kv = found.first() if isinstance(found, RangeResult) else None
+            if kv is not None and kv.lease == lease:
+                # Our own key: an earlier attempt of this campaign was applied and its
+                # reply lost, so the client retried. We won then, at its revision.
+                term = Term(lease, kv.create_revision)
+                log.info("%s won group %s, term %s (retried)", self.node, self.keys.group, term)
+                self.emit(CampaignWon(term))
+                return
+            leader = parse_leader(kv.value, kv.lease, kv.create_revision) if kv else None
+            log.info("%s lost the campaign for %s to %s", self.node, self.keys.group, leader)
+            self.emit(CampaignLost(leader))
             return
 
     async def _put_if_term(self, term: Term, key: bytes, value: bytes, lease: int) -> bool:
         """Put ``key`` on ``lease`` only while the leader key holds ``term``; False if it
         no longer does. etcd errors are raised."""
-        tx = self.client.transactions
-        ok, _ = await self._rpc(
-            self.client.transaction(
-                compare=[tx.create(self.keys.leader) == term.revision],
-                success=[tx.put(key, value, lease=lease)],
-                failure=[],
+        result = await self._rpc(
+            lambda t: self.client.txn(
+                [Compare.create(self.keys.leader, "==", term.revision)],
+                [Put(key, value, lease)],
+                timeout=t,
             )
         )
-        return bool(ok)
+        return result.succeeded
 
     async def heartbeat(self, term: Term, ready: Callable[[], None] | None = None) -> None:
         """Active side, until cancelled: put the heartbeat key every interval while the
@@ -607,11 +625,9 @@ class Coordinator:
                 ok: bool | None
                 try:
                     ok = await self._put_if_term(term, self.keys.heartbeat, value, term.lease_id)
-                except aetcd.ClientError as exc:
-                    if "lease not found" in str(exc):
-                        log.warning("heartbeat: lease of term %s is gone", term)
-                        return
-                    ok = None
+                except LeaseNotFound:
+                    log.warning("heartbeat: lease of term %s is gone", term)
+                    return
                 except _RETRY:
                     ok = None
                 if ok is False:
@@ -667,15 +683,13 @@ class Coordinator:
         backoff = Backoff()
         while True:
             try:
-                await self._rpc(self.client.revoke_lease(lease))
+                await self._rpc(lambda t: self.client.revoke(lease, timeout=t))
                 log.info("revoked lease %x", lease)
                 return
-            except aetcd.ClientError as exc:
-                if "not found" in str(exc):
-                    return  # already expired or revoked
-                err: BaseException = exc
+            except LeaseNotFound:
+                return  # already expired or revoked
             except _RETRY as exc:
-                err = exc
+                err: BaseException = exc
             if self.clock.now() > give_up:
                 log.warning("could not revoke lease %x (%s); it has expired by now", lease, err)
                 return
@@ -689,7 +703,9 @@ class Coordinator:
             return
         value = _handover_value(target, term, reason, self.node)
         try:
-            await self._rpc(self.client.put(self.keys.handover, value, lease=lease))
+            await self._rpc(
+                lambda t: self.client.put(self.keys.handover, value, lease=lease, timeout=t)
+            )
             log.info("asked the leader of term %s to hand %s to %s", term, self.keys.group, target)
         except _RETRY as exc:
             # The machine re-arms the preempt timer, so the request will be repeated.
@@ -697,7 +713,7 @@ class Coordinator:
 
     async def clear_handover(self) -> None:
         try:
-            await self._rpc(self.client.delete(self.keys.handover))
+            await self._rpc(lambda t: self.client.delete(self.keys.handover, timeout=t))
         except _RETRY as exc:
             log.warning("could not delete the handover request: %s", exc)
 
@@ -706,50 +722,48 @@ class Coordinator:
     async def _watch_loop(self) -> None:
         backoff = Backoff()
         while True:
+            exc: BaseException | None = None
             try:
-                await self._read_and_watch(backoff)
-            except _RETRY as exc:
-                delay = backoff.next()
-                log.warning(
-                    "watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay
-                )
-                await self.clock.sleep(delay)
+                await self._follow(backoff)
+            except* _RETRY as group:  # _follow's task group wraps what its watches raise
+                exc = group.exceptions[0]
+            delay = backoff.next()
+            log.warning("watch on %s ended (%s); re-reading in %.2fs", self.keys.group, exc, delay)
+            await self.clock.sleep(delay)
 
-    async def _read_and_watch(self, backoff: Backoff) -> None:
-        group = await self._rpc(self.client.get_prefix(self.keys.group_prefix))
-        revision = int(group.header.revision)
-        drain_key = self.keys.drain(self.node)
-        drained = await self._rpc(self.client.get(drain_key))
-        self._emit_group_view(group)
-        self.emit(Drain() if drained is not None else Undrain())
+    async def _follow(self, backoff: Backoff) -> None:
+        """The group's keys, then the drain key (first views in that order), each read
+        then watched; returns only by raising."""
+        group_seen = asyncio.Event()
 
-        start = revision + 1
-        watches = [
-            await self._rpc(self.client.watch_prefix(self.keys.group_prefix, start_revision=start)),
-            await self._rpc(self.client.watch(drain_key, start_revision=start)),
-        ]
-        backoff.reset()
-        pumps = [asyncio.create_task(self._pump(w)) for w in watches]
-        try:
-            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # raises the watch's error
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for w in watches:
-                with contextlib.suppress(*_RETRY):
-                    await within(w.cancel(), 1.0)
+        async def group() -> None:
+            async for item in read_then_watch(self.client, self.keys.group_prefix, prefix=True):
+                if isinstance(item, Snapshot):
+                    self._emit_group_view(item.revision, item.kvs)
+                    group_seen.set()
+                    backoff.reset()
+                else:
+                    self._on_event(item)
 
-    def _emit_group_view(self, group: Any) -> None:
-        revision = int(group.header.revision)
+        async def drain() -> None:
+            await group_seen.wait()
+            async for item in read_then_watch(self.client, self.keys.drain(self.node)):
+                if isinstance(item, Snapshot):
+                    self.emit(Drain() if item.kvs else Undrain())
+                else:
+                    self._on_event(item)
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(group(), name=f"watch-group-{self.keys.group}")
+            tg.create_task(drain(), name=f"watch-drain-{self.keys.group}")
+
+    def _emit_group_view(self, revision: int, kvs: tuple[KeyValue, ...]) -> None:
         if revision < self._view_revision:
             return  # the watch already delivered something newer
         self._view_revision = revision
-        kvs = {bytes(kv.key): kv for kv in group}
-        leader_kv = kvs.get(self.keys.leader)
-        handover_kv = kvs.get(self.keys.handover)
+        by_key = {kv.key: kv for kv in kvs}
+        leader_kv = by_key.get(self.keys.leader)
+        handover_kv = by_key.get(self.keys.handover)
         leader = (
             parse_leader(leader_kv.value, leader_kv.lease, leader_kv.create_revision)
             if leader_kv
@@ -764,35 +778,33 @@ class Coordinator:
     async def _reread(self) -> None:
         """Re-read the group's keys (after a new lease: the machine forgot its view)."""
         try:
-            group = await self._rpc(self.client.get_prefix(self.keys.group_prefix))
+            group = await self._rpc(
+                lambda t: self.client.range(self.keys.group_prefix, prefix=True, timeout=t)
+            )
         except _RETRY as exc:
             log.info(
                 "re-read of group %s failed (%s); the watch will catch up", self.keys.group, exc
             )
             return
-        self._emit_group_view(group)
+        self._emit_group_view(group.revision, group.kvs)
 
-    async def _pump(self, watch: aetcd.Watch) -> None:
-        async for ev in watch:
-            key = bytes(ev.kv.key)
-            put = ev.kind == aetcd.EventKind.PUT
-            revision = int(ev.kv.mod_revision)
-            if revision < self._view_revision:
-                continue  # older than a read already emitted
-            if key in (self.keys.leader, self.keys.handover):
-                self._view_revision = revision
-            if key == self.keys.leader:
-                leader = (
-                    parse_leader(ev.kv.value, ev.kv.lease, ev.kv.create_revision) if put else None
-                )
-                self._observe_leader(leader)
-                self.emit(LeaderObserved(leader))
-            elif key == self.keys.handover:
-                self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
-            elif key == self.keys.heartbeat:
-                if put and _heartbeat_term(ev.kv.value) == self._watched:
-                    self._watched_since = self.clock.now()
-            elif key == self.keys.drain(self.node):
-                self.emit(Drain() if put else Undrain())
-        # The iterator ending without an error means the watch was cancelled server-side.
-        raise aetcd.ConnectionFailedError("watch ended")
+    def _on_event(self, ev: WatchEvent) -> None:
+        key = ev.kv.key
+        put = ev.kind is EventKind.PUT
+        revision = ev.revision
+        if revision < self._view_revision:
+            return  # older than a read already emitted
+        if key in (self.keys.leader, self.keys.handover):
+            self._view_revision = revision
+        if key == self.keys.leader:
+            leader = parse_leader(ev.kv.value, ev.kv.lease, ev.kv.create_revision) if put else None
+            self._observe_leader(leader)
+            self.emit(LeaderObserved(leader))
+        elif key == self.keys.handover:
+            self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
+        elif key == self.keys.heartbeat:
+            if put and _heartbeat_term(ev.kv.value) == self._watched:
+                self._watched_since = self.clock.now()
+                self._hb_seen = revision
+        elif key == self.keys.drain(self.node):
+            self.emit(Drain() if put else Undrain())

@@ -77,6 +77,7 @@ __all__ = [
     "LeaseLost",
     "Machine",
     "MachineConfig",
+    "PromiseGiven",
     "RefreshVips",
     "RemoveVips",
     "RequestHandover",
@@ -108,6 +109,8 @@ class State(enum.StrEnum):
 class Timer(enum.StrEnum):
     PREEMPT = "preempt"
     CAMPAIGN = "campaign"
+    # A promise to a holder (halb.ha.hold) binds this node until it fires.
+    PROMISE = "promise"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,15 @@ class Undrain:
 class TimerFired:
     timer: Timer
     token: int
+
+
+@dataclass(frozen=True, slots=True)
+class PromiseGiven:
+    """This node promised (halb.ha.hold) not to campaign nor force a takeover for the
+    next ``duration`` seconds; a later promise extends, never shortens. The runtime
+    also feeds one at start-up (a restarted node may have promised and forgotten)."""
+
+    duration: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,6 +403,11 @@ class GroupState:
     # A term whose lease was revoked for missing heartbeats: no campaign for the
     # vacancy it leaves before ``fence_wait``.
     forced: Term | None = None
+    # Bound by a promise to a holder (Timer.PROMISE armed): no campaign, no forced
+    # takeover, no preemption until it runs out.
+    promised: bool = False
+    # A silent leader reported while promised: acted on once the promise runs out.
+    unresponsive: Term | None = None
     # Armed timers: kind -> (token, delay).
     timers: tuple[tuple[Timer, int, float], ...] = ()
     next_token: int = 1
@@ -454,6 +471,10 @@ def step(cfg: MachineConfig, st: GroupState, ev: Event) -> tuple[GroupState, lis
             _leader_observed(cfg, s, leader)
         case LeaderUnresponsive(term=term):
             _leader_unresponsive(cfg, s, term)
+        case PromiseGiven(duration=duration):
+            if duration > 0:
+                s.set(promised=True)
+                s.arm(Timer.PROMISE, duration)
         case CampaignWon(term=term):
             _campaign_won(cfg, s, term)
         case CampaignLost(leader=leader):
@@ -481,6 +502,11 @@ def step(cfg: MachineConfig, st: GroupState, ev: Event) -> tuple[GroupState, lis
             s.set(timers=tuple(t for t in s.st.timers if t[0] is not kind))
             if kind is Timer.PREEMPT:
                 _preempt_fired(cfg, s)
+            elif kind is Timer.PROMISE:
+                pending = s.st.unresponsive
+                s.set(promised=False, unresponsive=None)
+                if pending is not None:
+                    _leader_unresponsive(cfg, s, pending)
             else:
                 _settle(cfg, s, campaign_now=True)
                 return s.st, s.actions
@@ -602,6 +628,9 @@ def _leader_unresponsive(cfg: MachineConfig, s: _Step, term: Term) -> None:
         or leader.holder == cfg.node
     ):
         return
+    if st.promised:
+        s.set(unresponsive=term)  # bound by a promise: act once it runs out
+        return
     # Not yet ``forced``: that is set by the reason the coordinator writes before it
     # revokes (everyone sees it, and it is not set if the revoke never happens).
     s.actions.append(ForceTakeover(term))
@@ -656,6 +685,7 @@ def _should_preempt(cfg: MachineConfig, st: GroupState) -> bool:
     leader = st.leader
     return (
         cfg.preempt
+        and not st.promised
         and st.state is State.STANDBY
         and st.lease is not None
         and not st.drained
@@ -697,6 +727,7 @@ def _settle(cfg: MachineConfig, s: _Step, *, campaign_now: bool = False) -> None
         and st.leader_known
         and st.leader is None
         and not st.drained
+        and not st.promised
     )
     if not eligible:
         s.cancel(Timer.CAMPAIGN)
@@ -738,6 +769,12 @@ class Machine:
 
     def holds(self, term: Term) -> bool:
         return self.term == term
+
+    @property
+    def contending(self) -> bool:
+        """Holding the group or campaigning for it: such a node cannot promise a
+        holder not to win it (halb.ha.hold)."""
+        return self.st.state in (State.ACTIVE, State.CAMPAIGNING)
 
     def feed(self, ev: Event) -> Sequence[Action]:
         self.st, actions = step(self.cfg, self.st, ev)

@@ -2,10 +2,13 @@
 
 One asyncio task per *term*: when the machine enters ACTIVE(term) the runtime starts
 a task that adds the VIPs (with a kernel lifetime), runs the sync-server role and
-announces the VIPs ``announce.count`` times every ``announce.interval`` seconds,
+announces the VIPs ``announce.count`` times every ``announce.interval`` seconds (then
+every ``announce.refresh`` seconds for the rest of the term),
 re-checking that the machine still holds the term before every add and every send.
 Leaving the term cancels that task; its ``finally`` removes the VIPs (or, on a restart
-in place, leaves them to their lifetime). Nothing else ever adds a VIP.
+in place, leaves them to their lifetime). Nothing else ever adds a VIP: a config change
+goes through ``set_addresses``, which applies it under the same checks, and every address
+a term added is removed when it ends.
 
 Everything with I/O is injected, so the runtime is unit-tested with fakes and
 integration-tested with real etcd and a real namespace:
@@ -141,6 +144,12 @@ class _TermTask:
         self.serve = False
         self.announce = False
         self.keep_vips = False
+        # Set once the term may hold VIPs (after its first heartbeat, if any): from
+        # then on the addresses follow ``GroupRuntime.addresses``.
+        self.holding = False
+        # Every address this term added (or was adding when cancelled): all of them
+        # go when the term ends.
+        self.added: list[IPAddress] = []
         self.task: asyncio.Task[None] | None = None
 
 
@@ -154,6 +163,7 @@ class GroupRuntime:
         addresses: Sequence[IPAddress],
         announce_count: int = 3,
         announce_interval: float = 0.2,
+        announce_refresh: float = 0.0,
         lifetime: int | None = None,
         clock: Clock | None = None,
         sync: SyncRoles | None = None,
@@ -167,6 +177,7 @@ class GroupRuntime:
         self.addresses = list(addresses)
         self.announce_count = announce_count
         self.announce_interval = announce_interval
+        self.announce_refresh = announce_refresh
         self.lifetime = lifetime
         self.clock = clock or MonotonicClock()
         self.sync = sync
@@ -177,17 +188,30 @@ class GroupRuntime:
         self._preempt_deferred_since: float | None = None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.announcements = 0  # rounds sent, for tests and metrics
+        self.refreshes = 0  # refresh rounds sent
         self._term: _TermTask | None = None
         self._follow: asyncio.Task[None] | None = None
         self._timers: dict[Timer, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._state_changed = asyncio.Condition()
+        # VIP adds and removes of the term and of set_addresses, one at a time.
+        self._vip_lock = asyncio.Lock()
 
     # -- inputs --------------------------------------------------------------------------
 
     def emit(self, ev: Event) -> None:
         """Queue an event (the coordinator's ``emit``); never blocks."""
         self.events.put_nowait(ev)
+
+    async def set_addresses(self, addresses: Sequence[IPAddress]) -> None:
+        """A new VIP list (config reload). A term that holds its VIPs adds the new ones
+        under the same ownership checks as its start and removes the dropped ones; a
+        term still starting picks the list up itself. The only way to change VIPs."""
+        self.addresses = list(addresses)
+        tt = self._term
+        if tt is not None and tt.holding and tt.task is not None and not tt.task.done():
+            for vip in await self._reconcile_vips(tt):
+                self.vips.announce(vip)
 
     async def stop(self, *, handoff: bool = True) -> None:
         """SIGTERM: hand off (or detach for a restart in place); ``run`` then returns."""
@@ -302,7 +326,6 @@ class GroupRuntime:
 
     async def _run_term(self, tt: _TermTask) -> None:
         term = tt.term
-        added: list[IPAddress] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 coord = self.coord
@@ -317,17 +340,18 @@ class GroupRuntime:
                     # A won campaign may already have been revoked by a standby that
                     # thought us dead: only a heartbeat of this term proves otherwise.
                     await beating.wait()
-                for vip in self.addresses:
-                    if not self._owns(term):
-                        return
-                    await self.vips.add(vip, self.lifetime)
-                    added.append(vip)
+                if not self._owns(term):
+                    return
+                tt.holding = True
+                await self._reconcile_vips(tt)
+                if not self._owns(term):
+                    return
                 self._arm_deadline()
-                log.info("%s: term %s holds %s", self.name, term, ", ".join(map(str, added)))
+                log.info("%s: term %s holds %s", self.name, term, ", ".join(map(str, tt.added)))
                 if tt.serve and self.sync is not None:
                     tg.create_task(self.sync.serve(self.name, term))
                 if tt.announce:
-                    tg.create_task(self._announce(term))
+                    tg.create_task(self._announce(tt))
                 # The term lasts until the machine ends it (cancellation).
                 await asyncio.get_running_loop().create_future()
         except asyncio.CancelledError:
@@ -335,12 +359,15 @@ class GroupRuntime:
         except Exception:
             log.exception("%s: term %s task failed", self.name, term)
         finally:
+            tt.holding = False
             if not tt.keep_vips:
-                for vip in added:
-                    try:
-                        await self.vips.remove(vip)
-                    except Exception:
-                        log.exception("%s: could not remove VIP %s", self.name, vip)
+                # After any add in flight (set_addresses) has landed, so it goes too.
+                async with self._vip_lock:
+                    for vip in tt.added:
+                        try:
+                            await self.vips.remove(vip)
+                        except Exception:
+                            log.exception("%s: could not remove VIP %s", self.name, vip)
                 # A clean end: this node is a hot standby now and may keep forwarding
                 # stray packets for the VIP (clients whose ARP still names it).
                 if self.dataplane is not None:
@@ -349,16 +376,46 @@ class GroupRuntime:
             else:
                 log.info("%s: term %s detached, VIPs left to their lifetime", self.name, term)
 
-    async def _announce(self, term: Term) -> None:
+    async def _reconcile_vips(self, tt: _TermTask) -> list[IPAddress]:
+        """Make the term hold exactly ``self.addresses``: each add only while it owns
+        the term (checked before every add). Returns the addresses added."""
+        new: list[IPAddress] = []
+        async with self._vip_lock:
+            for vip in [v for v in tt.added if v not in self.addresses]:
+                tt.added.remove(vip)
+                await self.vips.remove(vip)
+                log.info("%s: term %s no longer holds %s", self.name, tt.term, vip)
+            for vip in self.addresses:
+                if vip in tt.added:
+                    continue
+                if not (tt.holding and self._owns(tt.term)):
+                    break
+                # Listed before the add: a cancellation mid-add still removes it.
+                tt.added.append(vip)
+                await self.vips.add(vip, self.lifetime)
+                new.append(vip)
+        return new
+
+    async def _announce(self, tt: _TermTask) -> None:
+        term = tt.term
         for i in range(self.announce_count):
             if not self._owns(term):
                 log.info("%s: lost term %s, announcements stop", self.name, term)
                 return
-            for vip in self.addresses:
+            for vip in list(tt.added):
                 self.vips.announce(vip)
             self.announcements += 1
             if i + 1 < self.announce_count:
                 await self.clock.sleep(self.announce_interval)
+        # Refresh for the rest of the term, ownership checked before every round.
+        while self.announce_refresh > 0:
+            await self.clock.sleep(self.announce_refresh)
+            if not self._owns(term):
+                log.info("%s: lost term %s, refresh announcements stop", self.name, term)
+                return
+            for vip in list(tt.added):
+                self.vips.announce(vip)
+            self.refreshes += 1
 
     async def _refresh(self, term: Term) -> None:
         tt = self._term
@@ -367,8 +424,9 @@ class GroupRuntime:
         if not self._owns(term):
             return
         if self.lifetime is not None:
-            for vip in self.addresses:
-                await self.vips.add(vip, self.lifetime)
+            async with self._vip_lock:
+                for vip in list(tt.added):
+                    await self.vips.add(vip, self.lifetime)
         self._arm_deadline()
 
     def _synced_for_preempt(self) -> bool:

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from halb.lab import faults
-from halb.lab.builder import spawn
+from halb.lab import faults, procs
 from halb.lab.observe import cluster_status, wait_until
+from halb.lab.procs import spawn
 
 __all__ = [
     "active",
@@ -69,7 +69,7 @@ def apply_config(lab: dict[str, Any], doc: dict[str, Any]) -> None:
 
 def start_agents(lab: dict[str, Any], extra: list[str]) -> None:
     for n in lab["nodes"]:
-        argv = faults.agent_argv(n["name"], Path(lab["config"])) + extra
+        argv = procs.agent_argv(n["name"], Path(lab["config"])) + extra
         log = Path(lab["lab_dir"]) / "logs" / f"agent-{n['name']}.log"
         spawn(argv, log, ns=n["namespace"], append=True)
 

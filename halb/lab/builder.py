@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import shutil
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +12,10 @@ from typing import Any
 import yaml
 
 from halb.config import parse_config
-from halb.lab import netns
+from halb.lab import etcd_members, netns
+from halb.lab.errors import LabError
 from halb.lab.netns import run
+from halb.lab.procs import start_agent, start_backend
 from halb.lab.topology import (
     BACK,
     BRIDGES,
@@ -43,26 +41,8 @@ __all__ = ["LabError", "down", "load_state", "up"]
 Progress = Callable[[str], None]
 
 
-class LabError(RuntimeError):
-    pass
-
-
 def _noop(_msg: str) -> None:
     pass
-
-
-def spawn(argv: Sequence[str], logfile: Path, ns: str | None = None, append: bool = False) -> int:
-    """Start a detached process (own session, reparented to init); return its pid.
-
-    Going through `sh -c '... &'` leaves no child of ours behind to reap.
-    """
-    full = netns.netns_exec(ns, argv) if ns else list(argv)
-    redirect = ">>" if append else ">"
-    script = (
-        f"setsid {shlex.join(full)} {redirect}{shlex.quote(str(logfile))} 2>&1 </dev/null & echo $!"
-    )
-    out = run(["sh", "-c", script])
-    return int(out.strip())
 
 
 def _ns_cmd(ns: str, *args: str) -> None:
@@ -135,64 +115,9 @@ def _build_host_link(p: LabPlan) -> None:
     )  # fmt: skip
     _ns_cmd(sw, "link", "set", "host-m", "master", BRIDGES[2], "up")
     run(["ip", "addr", "add", p.host_address, "dev", link])
+    for extra in p.etcd_addresses[1:]:  # more etcd members on the management segment
+        run(["ip", "addr", "add", f"{extra}/24", "dev", link])
     run(["ip", "link", "set", link, "up"])
-
-
-def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise LabError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def _etcd_healthy(endpoint: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{endpoint}/health", timeout=0.5) as r:
-            return bool(json.load(r).get("health") == "true")
-    except (OSError, ValueError):
-        return False
-
-
-def _start_etcd(p: LabPlan, pids: dict[str, int]) -> None:
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        raise LabError("etcd not found: run scripts/setup (Debian package etcd-server)")
-    ip = p.host_address.split("/")[0]
-    argv = [
-        etcd, "--name", "halb-lab", "--data-dir", str(p.lab_dir / "etcd"),
-        "--listen-client-urls", f"http://{ip}:2379",
-        "--advertise-client-urls", f"http://{ip}:2379",
-        "--listen-peer-urls", f"http://{ip}:2380",
-        "--initial-advertise-peer-urls", f"http://{ip}:2380",
-        "--initial-cluster", f"halb-lab=http://{ip}:2380",
-        "--heartbeat-interval", "50", "--election-timeout", "500",
-        # The agents' fast-takeover heartbeats write 20 revisions a second per group.
-        "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
-        "--logger", "zap", "--log-level", "warn",
-    ]  # fmt: skip
-    pids["etcd"] = spawn(argv, p.lab_dir / "logs" / "etcd.log")
-    _wait("etcd to become healthy", lambda: _etcd_healthy(p.etcd_endpoint), 20)
-
-
-def backend_argv(name: str, lab_dir: Path) -> list[str]:
-    ready = lab_dir / "run" / f"{name}.ready"
-    return [
-        sys.executable, "-m", "halb.lab.backend_server", name,
-        "--echo-port", str(ECHO_PORT), "--http-port", str(HTTP_PORT),
-        "--udp-port", str(UDP_PORT), "--ready-file", str(ready),
-    ]  # fmt: skip
-
-
-def start_backend(name: str, namespace: str, lab_dir: Path) -> int:
-    """Start one backend server and wait until it serves; returns its pid."""
-    ready = lab_dir / "run" / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    pid = spawn(backend_argv(name, lab_dir), lab_dir / "logs" / f"{name}.log", ns=namespace,
-                append=True)  # fmt: skip
-    _wait(f"the server on {name}", ready.exists, 20)
-    return pid
 
 
 def _start_backends(p: LabPlan, pids: dict[str, int]) -> None:
@@ -227,6 +152,9 @@ def status_doc(p: LabPlan, dataplane: str, pids: dict[str, int]) -> dict[str, An
         "udp_port": UDP_PORT,
         "config": str(p.config_path),
         "etcd": p.etcd_endpoint,
+        "etcd_endpoints": p.etcd_endpoints,
+        "etcd_members": etcd_members.member_records(p),
+        "etcd_tls": p.etcd_tls,
         "dataplane": dataplane,
         "lab_dir": str(p.lab_dir),
         "switch": p.site.switch_ns,
@@ -267,10 +195,12 @@ def up(
     site: LabSite | None = None,
     progress: Progress = _noop,
     agents: bool = True,
+    etcd_members_n: int = 1,
+    etcd_tls: bool = False,
 ) -> dict[str, Any]:
     """Build the lab; on any failure remove whatever was built and re-raise."""
     site = site or site_from_env()
-    p = plan(n_nodes, n_backends, site)
+    p = plan(n_nodes, n_backends, site, etcd_members=etcd_members_n, etcd_tls=etcd_tls)
     lab_dir = site.lab_dir
     if lab_namespaces(site) or load_state(site) is not None:
         raise LabError("a lab is already up (or left over): run `halb lab down` first")
@@ -289,16 +219,18 @@ def up(
         progress(f"host link {site.host_link} {p.host_address}")
         _build_host_link(p)
         p.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        progress(f"etcd on {p.etcd_endpoint}")
-        _start_etcd(p, pids)
+        if p.etcd_tls:
+            progress(f"etcd certificates in {p.etcd_tls_dir}")
+            etcd_members.make_tls(p)
+        what = "TLS, auth, role on " + p.etcd_role_prefix if p.etcd_tls else "plaintext"
+        progress(f"etcd on {', '.join(p.etcd_endpoints)} ({what})")
+        etcd_members.start_members(p, pids)
         progress(f"backend servers on {', '.join(b.name for b in p.backends)}")
         _start_backends(p, pids)
         state = status_doc(p, dataplane, pids)
         _write_state(p, state)
         if agents:
             progress(f"agents on {', '.join(n.name for n in p.nodes)}")
-            from halb.lab.faults import start_agent
-
             for n in p.nodes:
                 start_agent(n.namespace, p.config_path, lab_dir)
     except BaseException:
@@ -349,17 +281,6 @@ def down(
 
 
 def _lab_processes(lab_dir: Path) -> list[int]:
-    """The lab's etcd (the one lab process outside the namespaces), found by its data
-    directory even when the state file is gone."""
-    found = []
-    marker = b"--data-dir\0" + str(lab_dir / "etcd").encode() + b"\0"
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(int(entry.name))
-    return found
+    """The lab's etcd members (the lab processes outside the namespaces), found by their
+    data directories even when the state file is gone."""
+    return etcd_members.member_pids(lab_dir / "etcd")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-from halb.lab import netns
+from halb.lab import netns, procs
+from halb.lab.errors import FaultError, LabError
+from halb.lab.etcd_members import ETCD_FAULTS, etcd_fault, heal_members
 from halb.lab.netns import run
-from halb.lab.topology import NS_PREFIX, site_from_env
+from halb.lab.procs import agent_pid, is_stopped, short_name, start_agent
+from halb.lab.topology import NS_PREFIX
 
 __all__ = ["FAULTS", "FaultError", "agent_pid", "apply_fault", "start_agent", "stop_agent"]
 
@@ -24,53 +26,11 @@ FAULTS = (
     "link-up",
     "etcd-cut",
     "etcd-heal",
+    *ETCD_FAULTS,
 )
 
 # A table of our own in the node's namespace: cutting etcd never touches the dataplane's.
 _FAULT_TABLE = "halb_lab_fault"
-
-
-class FaultError(RuntimeError):
-    pass
-
-
-def _ns(node: str) -> str:
-    return site_from_env().ns(node)
-
-
-def _short(node: str) -> str:
-    return node.removeprefix(site_from_env().prefix)
-
-
-def agent_pid(node: str) -> int | None:
-    """The pid of the `halb agent` running in the node's namespace, if any."""
-    for pid in netns.netns_pids(_ns(node)):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        is_agent = b"agent" in argv and any(a.endswith(b"halb") for a in argv)
-        if is_agent and netns.pid_alive(pid):
-            return pid
-    return None
-
-
-def agent_argv(node: str, config: Path) -> list[str]:
-    halb = str(Path(sys.executable).with_name("halb"))
-    # The lab's config has sync.insecure: true, which an agent accepts only when told.
-    return [
-        halb, "agent", "--config", str(config), "--node", _short(node), "--allow-insecure-sync"
-    ]  # fmt: skip
-
-
-def start_agent(node: str, config: Path, lab_dir: Path | None = None) -> int:
-    from halb.lab.builder import spawn
-
-    if (pid := agent_pid(node)) is not None:
-        raise FaultError(f"an agent already runs on {_short(node)} (pid {pid})")
-    log = (lab_dir or config.parent) / "logs" / f"agent-{_short(node)}.log"
-    # Append: a restarted agent's log follows the previous run's.
-    return spawn(agent_argv(node, config), log, ns=_ns(node), append=True)
 
 
 def stop_agent(node: str) -> None:
@@ -82,16 +42,17 @@ def stop_agent(node: str) -> None:
 def _signal(node: str, sig: signal.Signals) -> int:
     pid = agent_pid(node)
     if pid is None:
-        raise FaultError(f"no agent runs on {_short(node)}")
+        raise FaultError(f"no agent runs on {short_name(node)}")
     os.kill(pid, sig)
     return pid
 
 
-def _etcd_cut(ns: str, endpoint_ip: str) -> None:
+def _etcd_cut(ns: str, member_ips: list[str]) -> None:
+    ips = "{ " + ", ".join(member_ips) + " }"
     rules = f"""
 table inet {_FAULT_TABLE} {{
-  chain out {{ type filter hook output priority -10; ip daddr {endpoint_ip} tcp dport 2379 drop; }}
-  chain in {{ type filter hook input priority -10; ip saddr {endpoint_ip} tcp sport 2379 drop; }}
+  chain out {{ type filter hook output priority -10; ip daddr {ips} tcp dport 2379 drop; }}
+  chain in {{ type filter hook input priority -10; ip saddr {ips} tcp sport 2379 drop; }}
 }}
 """
     run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input_text=rules)
@@ -101,8 +62,17 @@ def _etcd_heal(ns: str) -> None:
     run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", _FAULT_TABLE], check=False)
 
 
-def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
-    """Inject ``fault`` on lab node ``node``; returns a line saying what was done."""
+def apply_fault(
+    node: str, fault: str, state: dict[str, Any], *, etcd_member: str | None = None
+) -> str:
+    """Inject ``fault`` on lab node ``node``; returns a line saying what was done. The
+    etcd faults hit a member of the lab's etcd: ``etcd_member`` (``host:port``, the one
+    the node's client uses) or the first; etcd-leader the raft leader."""
+    if fault in ETCD_FAULTS:
+        try:
+            return etcd_fault(fault, state, etcd_member)
+        except LabError as exc:
+            raise FaultError(str(exc)) from None
     if fault == "server-stop":
         return stop_backend(node, state)
     if fault == "server-start":
@@ -114,7 +84,9 @@ def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
     node = ns
     if ns not in netns.list_namespaces(NS_PREFIX):
         raise FaultError(f"no lab namespace {ns!r} (is the lab up?)")
-    etcd_ip = state["etcd"].split("//", 1)[1].rsplit(":", 1)[0]
+    etcd_ips = [m["address"] for m in state.get("etcd_members", [])] or [
+        state["etcd"].split("//", 1)[1].rsplit(":", 1)[0]
+    ]
     if fault == "kill":
         return f"SIGKILL agent pid {_signal(node, signal.SIGKILL)}"
     if fault == "stop":
@@ -130,8 +102,8 @@ def apply_fault(node: str, fault: str, state: dict[str, Any]) -> str:
         run(["ip", "-n", ns, "link", "set", "eth0", "up" if up else "down"])
         return f"{ns} eth0 {'up' if up else 'down'}"
     if fault == "etcd-cut":
-        _etcd_cut(ns, etcd_ip)
-        return f"{ns}: traffic to and from etcd {etcd_ip}:2379 dropped"
+        _etcd_cut(ns, etcd_ips)
+        return f"{ns}: traffic to and from etcd {', '.join(etcd_ips)} (:2379) dropped"
     if fault == "etcd-heal":
         _etcd_heal(ns)
         return f"{ns}: etcd traffic restored"
@@ -146,7 +118,7 @@ def heal(state: dict[str, Any]) -> list[str]:
     for n in state["nodes"]:
         ns = n["namespace"]
         pid = agent_pid(ns)
-        if pid is not None and _stopped(pid):
+        if pid is not None and is_stopped(pid):
             os.kill(pid, signal.SIGCONT)
             done.append(f"{n['name']}: SIGCONT")
         if "state DOWN" in run(["ip", "-n", ns, "link", "show", "eth0"]):
@@ -163,15 +135,7 @@ def heal(state: dict[str, Any]) -> list[str]:
         if pid is None:
             start_agent(ns, config)
             done.append(f"{n['name']}: agent started")
-    return done
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] == "T"
+    return heal_members(state) + done
 
 
 def _backend(name: str, state: dict[str, Any]) -> dict[str, Any]:
@@ -205,10 +169,8 @@ def stop_backend(name: str, state: dict[str, Any]) -> str:
 
 
 def start_backend(name: str, state: dict[str, Any]) -> str:
-    from halb.lab.builder import start_backend as spawn_backend
-
     entry = _backend(name, state)
     if (pid := server_pid(name, state)) is not None:
         raise FaultError(f"a server already runs on {name} (pid {pid})")
-    pid = spawn_backend(entry["name"], entry["namespace"], Path(state["lab_dir"]))
+    pid = procs.start_backend(entry["name"], entry["namespace"], Path(state["lab_dir"]))
     return f"started the server on {name} (pid {pid})"

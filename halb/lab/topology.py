@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "ECHO_PORT",
+    "ETCD_USER",
     "HTTP_PORT",
     "LAB_DIR",
     "NS_PREFIX",
@@ -39,6 +40,9 @@ UDP_PORT = 9001
 SYNC_PORT = 7700
 ADMIN_PORT = 7701
 METRICS_PORT = 9700
+# etcd members on the host's management link: .1 (the single member), then .5 and .6.
+ETCD_OCTETS = (1, 5, 6)
+ETCD_USER = "halb"
 
 FRONT, BACK, MGMT = 0, 1, 2
 BRIDGES = {FRONT: "br-front", BACK: "br-back", MGMT: "br-mgmt"}
@@ -162,6 +166,8 @@ class LabPlan:
     backends: tuple[Host, ...]
     site: LabSite = LabSite()
     extra: dict[str, Any] = field(default_factory=dict)
+    etcd_members: int = 1
+    etcd_tls: bool = False  # TLS with client certificates, auth on, a prefix-limited role
 
     @property
     def vip(self) -> str:
@@ -201,8 +207,32 @@ class LabPlan:
         return (self.site.switch_ns, *(h.namespace for h in self.hosts))
 
     @property
+    def etcd_addresses(self) -> tuple[str, ...]:
+        """The members' addresses on the management segment (on the host's link)."""
+        net = self.site.net(MGMT)
+        return tuple(f"{net}.{octet}" for octet in ETCD_OCTETS[: self.etcd_members])
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        scheme = "https" if self.etcd_tls else "http"
+        return [f"{scheme}://{ip}:2379" for ip in self.etcd_addresses]
+
+    @property
     def etcd_endpoint(self) -> str:
-        return f"http://{self.host_address.split('/')[0]}:2379"
+        return self.etcd_endpoints[0]
+
+    @property
+    def etcd_tls_dir(self) -> Path:
+        return self.lab_dir / "etcd-tls"
+
+    @property
+    def etcd_server_name(self) -> str:
+        return f"etcd.{self.site.cluster}"
+
+    @property
+    def etcd_role_prefix(self) -> str:
+        """The keys the lab's etcd user may touch: this cluster's, nothing else."""
+        return f"/halb/{self.site.cluster}/"
 
     @property
     def config_path(self) -> Path:
@@ -241,8 +271,17 @@ def _host(
     return Host(site.prefix, name, role, index, tuple(links), loopback)
 
 
-def plan(n_nodes: int = 2, n_backends: int = 3, site: LabSite | None = None) -> LabPlan:
+def plan(
+    n_nodes: int = 2,
+    n_backends: int = 3,
+    site: LabSite | None = None,
+    *,
+    etcd_members: int = 1,
+    etcd_tls: bool = False,
+) -> LabPlan:
     site = site or LabSite()
+    if etcd_members not in (1, 3):
+        raise ValueError(f"--etcd-members must be 1 or 3, not {etcd_members}")
     if not 1 <= n_nodes <= MAX_NODES:
         raise ValueError(f"--nodes must be between 1 and {MAX_NODES}, not {n_nodes}")
     if not 1 <= n_backends <= MAX_BACKENDS:
@@ -258,7 +297,14 @@ def plan(n_nodes: int = 2, n_backends: int = 3, site: LabSite | None = None) -> 
         _host(site, f"be{i}", "be", i, 20 + i, (FRONT, BACK), vips)
         for i in range(1, n_backends + 1)
     )
-    return LabPlan(client=base.client, nodes=nodes, backends=backends, site=site)
+    return LabPlan(
+        client=base.client,
+        nodes=nodes,
+        backends=backends,
+        site=site,
+        etcd_members=etcd_members,
+        etcd_tls=etcd_tls,
+    )
 
 
 def _prime_above(n: int) -> int:
@@ -330,7 +376,7 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
         group["nat"] = {"gateway": p.nat_gateway, "snat": p.snat}
     cfg: dict[str, Any] = {
         "cluster": p.site.cluster,
-        "etcd": {"endpoints": [p.etcd_endpoint], "lease_ttl": 1.0},
+        "etcd": {"endpoints": p.etcd_endpoints, "lease_ttl": 1.0},
         # Generic XDP: on veth, native XDP_TX needs a program on the peer too, and
         # both measure alike end to end (PLATFORM.md).
         "dataplane": {"kind": dataplane, "xdp_mode": "generic"},
@@ -342,6 +388,15 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
         "admin": {"insecure": True},
         "state_dir": str(p.lab_dir / "state"),
     }
+    if p.etcd_tls:
+        d = p.etcd_tls_dir
+        cfg["etcd"]["tls"] = {
+            "ca": str(d / "ca.pem"),
+            "cert": str(d / "client.pem"),
+            "key": str(d / "client-key.pem"),
+            "server_name": p.etcd_server_name,
+        }
+        cfg["etcd"]["auth"] = {"user": ETCD_USER, "password_file": str(d / "password")}
     # Fast takeover (the dataplane's dead-man switch fences a silent node): a local etcd
     # answers in milliseconds, so six missed heartbeats mean a dead or frozen agent.
     cfg["failover"] = {"heartbeat_interval": 0.05, "heartbeat_timeout": 0.3}

@@ -41,7 +41,6 @@ __all__ = [
     "GarpSender",
     "InterfaceVips",
     "VipAddresses",
-    "vip_lifetime",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,13 +49,6 @@ IFA_F_NODAD = 0x02
 IFA_F_NOPREFIXROUTE = 0x200
 INFINITY_LIFE = 0xFFFFFFFF
 ETH_P_ALL = 0x0003
-
-
-def vip_lifetime(lease_ttl: float, fence_margin: float) -> int:
-    """The VIP address lifetime (whole seconds) for a lease TTL: the kernel should drop a
-    frozen leader's VIP no later than the process itself would have fenced. Never below
-    1 s (the kernel's unit), so with a 1 s TTL the lifetime is only a backstop."""
-    return max(1, int(lease_ttl - fence_margin))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """Generate the Python protobuf / gRPC modules for protos/halb/v1 into halb/_proto.
 
-The generated tree is git-ignored. It is written at build time (``python -m
-halb.sync.protogen``) and, in a source checkout, again by halb.sync.pb on first import
-whenever the stamp says it is missing or stale.
+The generated tree is git-ignored. It is written at build time only (``python -m
+halb.build``, which scripts/setup runs, or ``python -m halb.sync.protogen``), with type
+stubs (``--pyi_out``) beside the modules; halb.sync.pb refuses a tree the stamp calls
+missing or stale (check_fresh) instead of regenerating it at import time.
 
 Layout and import paths: protoc runs with ``-I protos``, so the files are named
 ``halb/v1/sync.proto`` inside the descriptor pool (the name other languages see), and
@@ -25,11 +26,26 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["PROTO_FILES", "default_out_dir", "generate", "is_fresh", "proto_root", "stamp_for"]
+__all__ = [
+    "PROTO_FILES",
+    "StaleProtoError",
+    "check_fresh",
+    "default_out_dir",
+    "generate",
+    "is_fresh",
+    "proto_root",
+    "stamp_for",
+]
 
 PROTO_FILES = ("halb/v1/sync.proto",)
 _STAMP = "STAMP.json"
 _PKG_PREFIX = "halb._proto"
+# What protoc writes; in the stamp so a tree generated with fewer outputs is stale.
+_OUTPUTS = ("python", "grpc_python", "pyi")
+
+
+class StaleProtoError(RuntimeError):
+    """The generated modules are missing or older than the protos / generator."""
 
 
 def proto_root() -> Path:
@@ -55,6 +71,7 @@ def stamp_for(root: Path) -> dict[str, object]:
         "protos": digests,
         "grpcio-tools": _version("grpcio-tools"),
         "protobuf": _version("protobuf"),
+        "outputs": list(_OUTPUTS),
     }
 
 
@@ -71,6 +88,18 @@ def is_fresh(out_dir: Path | None = None, root: Path | None = None) -> bool:
     return bool(have == stamp_for(src))
 
 
+def check_fresh(out_dir: Path | None = None, root: Path | None = None) -> None:
+    """Raise StaleProtoError, saying how to fix it, unless the generated tree is fresh."""
+    out = out_dir or default_out_dir()
+    if not is_fresh(out, root):
+        state = "stale" if (out / _STAMP).exists() else "missing"
+        raise StaleProtoError(
+            f"the generated protobuf modules in {out} are {state} (not built from the current"
+            " protos/, grpcio-tools, protobuf and outputs): run `python -m halb.build`"
+            " (scripts/setup does)"
+        )
+
+
 def _protoc(root: Path, out: Path) -> None:
     # Imported here: grpc_tools is a build-time tool, and importing it costs ~100 ms.
     from grpc_tools import protoc
@@ -82,6 +111,7 @@ def _protoc(root: Path, out: Path) -> None:
         f"-I{include}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
+        f"--pyi_out={out}",
         *(str(root / name) for name in PROTO_FILES),
     ]
     rc = protoc.main(args)
@@ -136,6 +166,8 @@ def generate(out_dir: Path | str | None = None, root: Path | str | None = None) 
             _fix_imports(tmp)
             _add_inits(tmp)
             (tmp / _STAMP).write_text(json.dumps(stamp_for(src), indent=2, sort_keys=True) + "\n")
+            # mkdtemp made it 0700: every user who runs halb (not only root) imports it.
+            tmp.chmod(0o755)
             old = None
             if out.exists():
                 old = out.parent / f".{out.name}-old-{os.getpid()}"

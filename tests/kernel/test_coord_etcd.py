@@ -1,6 +1,6 @@
 """Election, preemption, handover, reconnect and fencing against a real etcd.
 
-Each node is the real stack minus the network: Coordinator (aetcd) -> Machine ->
+Each node is the real stack minus the network: Coordinator (halb.etcd) -> Machine ->
 GroupRuntime, with a recording VIP port (the VIP adapter has its own kernel tests).
 Measured figures are printed (run with ``-s`` to see them).
 """
@@ -16,19 +16,17 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-import aetcd
 import pytest
 
+from halb.etcd import ClientSettings, EtcdClient, EventKind
 from halb.ha.coord import (
     Coordinator,
     GroupKeys,
-    close_client,
-    open_client,
     parse_leader,
     request_handover,
     set_drain,
 )
-from halb.ha.machine import Leader, Machine, MachineConfig, State
+from halb.ha.machine import CampaignLost, CampaignWon, Leader, Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
 from halb.model import IPAddress, Term
 from halb.testing.etcd import EtcdServer
@@ -65,32 +63,32 @@ class RecordingVips:
 
 
 class FlakyClient:
-    """A real aetcd client whose keepalives can be made to hang (a network fault
+    """A real etcd client whose keepalives can be made to hang (a network fault
     between this node and etcd), while etcd itself keeps running."""
 
-    def __init__(self, client: aetcd.Client) -> None:
+    def __init__(self, client: EtcdClient) -> None:
         self._client = client
         self.block_keepalive = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
-    async def refresh_lease(self, lease_id: int) -> Any:
+    async def keepalive(self, lease_id: int, **kw: Any) -> Any:
         if self.block_keepalive:
             await asyncio.sleep(3600)
-        return await self._client.refresh_lease(lease_id)
+        return await self._client.keepalive(lease_id, **kw)
 
-    async def revoke_lease(self, lease_id: int) -> Any:
+    async def revoke(self, lease_id: int, **kw: Any) -> Any:
         # Partitioned: the fenced node's resign cannot reach etcd either.
         if self.block_keepalive:
             await asyncio.sleep(3600)
-        return await self._client.revoke_lease(lease_id)
+        return await self._client.revoke(lease_id, **kw)
 
-    async def transaction(self, *args: Any, **kw: Any) -> Any:
+    async def txn(self, *args: Any, **kw: Any) -> Any:
         # Heartbeats and campaigns are transactions.
         if self.block_keepalive:
             await asyncio.sleep(3600)
-        return await self._client.transaction(*args, **kw)
+        return await self._client.txn(*args, **kw)
 
 
 class GatedSync:
@@ -142,7 +140,7 @@ class Cluster:
         heartbeat: tuple[float, float] | None = None,
         sync: GatedSync | None = None,
     ) -> Node:
-        raw = open_client(self.etcd.endpoint)
+        raw = EtcdClient(ClientSettings((self.etcd.endpoint,)))
         client: Any = FlakyClient(raw) if flaky else raw
         interval, timeout = heartbeat or (0.0, 0.0)
         machine = Machine(
@@ -181,7 +179,7 @@ class Cluster:
         if node.task is not None and not node.task.done():
             await node.rt.stop(handoff=handoff)
             await asyncio.wait_for(node.task, 10)
-        await close_client(node.client)
+        await node.client.close()
 
     async def crash(self, name: str) -> None:
         """The agent dies: no resign; its lease runs out on the etcd side."""
@@ -190,7 +188,7 @@ class Cluster:
         node.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await node.task
-        await close_client(node.client)
+        await node.client.close()
 
     async def close(self) -> None:
         for name in list(self.nodes):
@@ -208,7 +206,7 @@ class Cluster:
             await asyncio.sleep(0.005)
 
 
-async def leader_in_etcd(client: aetcd.Client) -> Leader | None:
+async def leader_in_etcd(client: EtcdClient) -> Leader | None:
     kv = await client.get(KEYS.leader)
     return None if kv is None else parse_leader(kv.value, kv.lease, kv.create_revision)
 
@@ -219,11 +217,11 @@ def etcd() -> Any:
         yield server
 
 
-def run(etcd: EtcdServer, body: Callable[[Cluster, aetcd.Client], Awaitable[None]]) -> None:
+def run(etcd: EtcdServer, body: Callable[[Cluster, EtcdClient], Awaitable[None]]) -> None:
     async def main() -> None:
         cluster = Cluster(etcd)
         mon = asyncio.create_task(cluster.monitor())
-        admin = open_client(etcd.endpoint)
+        admin = EtcdClient(ClientSettings((etcd.endpoint,)))
         try:
             # A hang fails here, with its stack, long before pytest-timeout.
             async with asyncio.timeout(120):
@@ -234,7 +232,7 @@ def run(etcd: EtcdServer, body: Callable[[Cluster, aetcd.Client], Awaitable[None
             with contextlib.suppress(asyncio.CancelledError):
                 await mon
             await cluster.close()
-            await close_client(admin)
+            await admin.close()
 
     asyncio.run(main())
 
@@ -246,7 +244,7 @@ def run(etcd: EtcdServer, body: Callable[[Cluster, aetcd.Client], Awaitable[None
 def test_election_converges_on_highest_priority(
     etcd: EtcdServer, priorities: tuple[int, ...]
 ) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         names = [f"lb{i}" for i in range(len(priorities))]
         for name, prio in zip(names, priorities, strict=True):
             await cluster.start(name, prio, preempt_delay=0.3)
@@ -268,7 +266,7 @@ def test_election_converges_on_highest_priority(
 
 
 def test_preemption_waits_for_hold_down(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("low", 100)
         await until(lambda: cluster.active() == ["low"], 5, "low to lead")
         high = await cluster.start("high", 200, preempt_delay=1.5)
@@ -288,7 +286,7 @@ def test_preemption_waits_for_hold_down(etcd: EtcdServer) -> None:
 
 
 def test_preemption_waits_for_the_flow_sync(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("b", 100)
         await until(lambda: cluster.active() == ["b"], 5, "b to lead")
         sync = GatedSync()
@@ -302,7 +300,7 @@ def test_preemption_waits_for_the_flow_sync(etcd: EtcdServer) -> None:
 
 
 def test_preempt_false_keeps_the_leader(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("low", 100, preempt=False)
         await until(lambda: cluster.active() == ["low"], 5, "low to lead")
         await cluster.start("high", 200, preempt=False, preempt_delay=0.2)
@@ -319,7 +317,7 @@ def test_preempt_false_keeps_the_leader(etcd: EtcdServer) -> None:
 
 
 def test_resign_hands_over_well_under_a_second(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("a", 200, preempt=False)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, preempt=False)
@@ -341,13 +339,13 @@ def test_external_revoke_ends_the_term_at_once(etcd: EtcdServer) -> None:
     # the same moment, so it cannot promise no overlap (a partitioned leader would keep
     # its VIP until its fence deadline): operators use the handover key instead. Here
     # only the leader runs, to measure how fast it lets go.
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=2)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         lease = a.coord.lease_id
         assert lease is not None
         t0 = time.monotonic()
-        await admin.revoke_lease(lease)
+        await admin.revoke(lease)
         took = await until(lambda: not a.vips.held, 2, "a to drop the VIP")
         print(f"\nexternal revoke: VIP dropped in {took * 1000:.0f} ms")
         assert a.machine.term is None or a.machine.term.lease_id != lease
@@ -360,7 +358,7 @@ def test_external_revoke_ends_the_term_at_once(etcd: EtcdServer) -> None:
 
 
 def test_planned_failover_to_named_node(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("a", 200, preempt=False)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         await cluster.start("b", 100, preempt=False)
@@ -377,7 +375,7 @@ def test_planned_failover_to_named_node(etcd: EtcdServer) -> None:
 
 
 def test_drain_moves_the_group_and_blocks_campaign(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("a", 200)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         await cluster.start("b", 100)
@@ -397,7 +395,7 @@ def test_drain_moves_the_group_and_blocks_campaign(etcd: EtcdServer) -> None:
 
 
 def test_dead_leader_detected_after_ttl(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         await cluster.start("a", 200, ttl=1)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=1)
@@ -424,7 +422,7 @@ def test_crashed_leader_is_replaced_long_before_its_ttl(etcd: EtcdServer) -> Non
     """Heartbeats: with a 5 s lease, a dead leader is replaced in about twice the
     heartbeat timeout, by a revoke of its lease rather than by its expiry."""
 
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=5, heartbeat=HB)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=5, heartbeat=HB)
@@ -439,8 +437,8 @@ def test_crashed_leader_is_replaced_long_before_its_ttl(etcd: EtcdServer) -> Non
         took = await until(lambda: cluster.active() == ["b"], 4, "b to take over")
         print(f"\ncrashed leader (TTL 5 s, heartbeat 50/300 ms): takeover after {took:.2f}s")
         # Revoked, not expired: etcd no longer knows the lease at all.
-        info = await admin.get_lease_info(old.term.lease_id)
-        assert info.TTL == -1
+        info = await admin.time_to_live(old.term.lease_id)
+        assert info.ttl == -1
         # And b waited out the fence after the revoke (timeout + interval + tick).
         assert took >= HB[1] + sum(HB)
 
@@ -453,7 +451,7 @@ def test_leader_cut_from_etcd_fences_before_the_standby_takes_over(etcd: EtcdSer
     lease after the heartbeat timeout, adds it only after the fence wait. The monitor
     asserts there is no instant with two owners."""
 
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=5, heartbeat=HB, flaky=True)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=5, heartbeat=HB)
@@ -475,7 +473,7 @@ def test_leader_cut_from_etcd_fences_before_the_standby_takes_over(etcd: EtcdSer
 
 
 def test_etcd_restart_recreates_watch_and_rereads_leader(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=3)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         b = await cluster.start("b", 100, ttl=3)
@@ -491,7 +489,7 @@ def test_etcd_restart_recreates_watch_and_rereads_leader(etcd: EtcdServer) -> No
         # The watches work again: a change now is seen by both nodes.
         lease = a.coord.lease_id
         assert lease is not None
-        await admin.revoke_lease(lease)
+        await admin.revoke(lease)
         took = await until(lambda: cluster.active() == ["b"], 3, "b to take over")
         print(f"\nafter etcd restart: revoke seen and handed over in {took * 1000:.0f} ms")
         # And a long outage: etcd gone past the fence deadline, then back.
@@ -505,20 +503,17 @@ def test_etcd_restart_recreates_watch_and_rereads_leader(etcd: EtcdServer) -> No
 
 
 def test_keepalive_failure_fences_before_etcd_expires_lease(etcd: EtcdServer) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=2, flaky=True)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         deleted: list[float] = []
 
         async def watch_key() -> None:
-            w = await admin.watch(KEYS.leader)
-            try:
-                async for ev in w:
-                    if ev.kind == aetcd.EventKind.DELETE:
-                        deleted.append(time.monotonic())
-                        return
-            finally:
-                await w.cancel()
+            start = (await admin.range(KEYS.leader)).revision + 1
+            async for ev in admin.watch(KEYS.leader, start_revision=start):
+                if ev.kind is EventKind.DELETE:
+                    deleted.append(time.monotonic())
+                    return
 
         watcher = asyncio.create_task(watch_key())
         await asyncio.sleep(0.3)
@@ -543,7 +538,7 @@ def test_a_retired_coordinator_grants_no_lease_after_its_last_resign(
     """Stopping: the resign must be the end. Without retire() the lease loop grants a
     fresh lease at its next turn and stores it for the next start to 'resume'."""
 
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=1, state_dir=tmp_path)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         lease = a.coord.lease_id
@@ -558,7 +553,7 @@ def test_a_retired_coordinator_grants_no_lease_after_its_last_resign(
 
 
 def test_lease_resume_after_restart_keeps_the_term(etcd: EtcdServer, tmp_path: Path) -> None:
-    async def body(cluster: Cluster, admin: aetcd.Client) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
         a = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)
         await until(lambda: cluster.active() == ["a"], 5, "a to lead")
         term = a.machine.term
@@ -573,5 +568,62 @@ def test_lease_resume_after_restart_keeps_the_term(etcd: EtcdServer, tmp_path: P
         a3 = await cluster.start("a", 200, ttl=3, state_dir=tmp_path)
         await until(lambda: cluster.active() == ["a"], 3, "a to lead again")
         assert a3.machine.term != term
+
+    run(etcd, body)
+
+
+class LostReplyClient:
+    """A real client whose first transaction is applied twice, as when the reply of
+    the first attempt is lost and the etcd client retries it: the caller sees only the
+    retry's answer."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._client = client
+        self.doubled = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def txn(self, *args: Any, **kw: Any) -> Any:
+        if not self.doubled:
+            self.doubled = True
+            await self._client.txn(*args, **kw)
+        return await self._client.txn(*args, **kw)
+
+
+@pytest.mark.parametrize("rival", [False, True])
+def test_a_retried_campaign_neither_wins_twice_nor_steals_a_term(
+    etcd: EtcdServer, rival: bool
+) -> None:
+    async def body(cluster: Cluster, admin: EtcdClient) -> None:
+        events: list[Any] = []
+        client = LostReplyClient(EtcdClient(ClientSettings((etcd.endpoint,))))
+        coord = Coordinator(client, KEYS, "a", 200, ttl=2, emit=events.append)  # type: ignore[arg-type]
+        task = asyncio.create_task(coord.run())
+        try:
+            await until(lambda: coord.lease_id is not None, 5, "a lease")
+            lease = coord.lease_id
+            assert lease is not None
+            if rival:
+                other = await admin.grant(5)
+                await admin.put(KEYS.leader, b'{"node": "b", "priority": 100}', lease=other.id)
+            await coord.campaign(lease)
+            outcome = [e for e in events if isinstance(e, CampaignWon | CampaignLost)]
+            held = await admin.get(KEYS.leader)
+            assert held is not None
+            if rival:
+                # The doubled txn found b's key both times: lost, b's term untouched.
+                assert isinstance(outcome[0], CampaignLost)
+                assert outcome[0].leader is not None and outcome[0].leader.holder == "b"
+                assert held.lease != lease
+            else:
+                # The first attempt won; the retry found our own key: still a win, at
+                # the key's create revision (one term, not two).
+                assert outcome == [CampaignWon(Term(lease, held.create_revision))]
+                assert held.lease == lease and held.version == 1
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
 
     run(etcd, body)

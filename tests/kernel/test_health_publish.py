@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aetcd
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -34,7 +33,7 @@ from halb.checks.state import NO_DAMPING, BackendHealth, Health, Thresholds, ini
 from halb.checks.view import Drain, HealthView, backend_key, effective_services
 from halb.cli.main import cli
 from halb.config import ClusterConfig, parse_config
-from halb.ha.coord import open_client
+from halb.etcd import ClientSettings, EtcdClient, EtcdError
 from halb.lb.maglev import build_table
 from halb.testing.etcd import EtcdServer
 
@@ -108,9 +107,9 @@ def down() -> BackendHealth:
 
 
 @contextlib.asynccontextmanager
-async def client_of(etcd: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    client = open_client(etcd.endpoint)
-    await client.connect()
+async def client_of(etcd: EtcdServer) -> AsyncIterator[EtcdClient]:
+    client = EtcdClient(ClientSettings((etcd.endpoint,)))
+    await client.check()
     try:
         yield client
     finally:
@@ -178,7 +177,7 @@ def test_a_deposed_leader_cannot_overwrite_the_view(etcd: EtcdServer) -> None:
     async def body() -> None:
         async with client_of(etcd) as c:
             put = await c.put(leader, b'{"node": "lb1", "priority": 200}')
-            rev = int(put.header.revision)
+            rev = put.revision
             pub = HealthPublisher(
                 c, keys, node="lb1", term=f"1@{rev}", guard=LeaderGuard(leader, rev)
             )
@@ -220,7 +219,7 @@ def test_watches_survive_an_etcd_restart(etcd: EtcdServer) -> None:
                             await pub.publish(cfg.services(), {k1: down()}, {})
                             await set_drain(active, keys, k1, Drain(reason="after restart"))
                             return
-                        except (aetcd.ClientError, TimeoutError):
+                        except (EtcdError, TimeoutError):
                             await asyncio.sleep(0.1)
                     raise AssertionError("etcd did not come back")
 
@@ -379,7 +378,7 @@ def test_run_publisher_follows_checks_and_drains_until_the_term_ends(etcd: EtcdS
 
     async def body() -> None:
         async with client_of(etcd) as active, client_of(etcd) as standby:
-            rev = int((await active.put(leader, b"lb1")).header.revision)
+            rev = (await active.put(leader, b"lb1")).revision
             sched = CheckScheduler(targets, damping=NO_DAMPING)
             pub = HealthPublisher(
                 active, keys, node="lb1", term="t", guard=LeaderGuard(leader, rev)

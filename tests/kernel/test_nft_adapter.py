@@ -15,8 +15,8 @@ from halb.dataplane.nft import nftcmd
 from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.netns import read_sysctl
 from halb.dataplane.nft.ruleset import RenderError
-from halb.dataplane.nft.topo import BACKENDS, SNAT, VIP, Topology
 from halb.model import Backend, Forwarding, Protocol, Scheduler, Service, ServiceKey
+from halb.testing.nft_topo import BACKENDS, SNAT, VIP, Topology
 
 pytestmark = pytest.mark.kernel
 

@@ -16,7 +16,6 @@ from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.conntrack import Conntrack
 from halb.dataplane.nft.events import FlowDelta, FlowEvents, Resync
 from halb.dataplane.nft.flows import FlowEntry
-from halb.dataplane.nft.topo import BACKENDS, SNAT, VIP, Topology
 from halb.model import (
     Backend,
     Flow,
@@ -27,6 +26,7 @@ from halb.model import (
     Service,
     ServiceKey,
 )
+from halb.testing.nft_topo import BACKENDS, SNAT, VIP, Topology
 
 pytestmark = pytest.mark.kernel
 

@@ -17,14 +17,16 @@ from typing import Any
 
 import pytest
 
-from halb.ha.coord import Coordinator, GroupKeys, close_client, open_client
+from halb.etcd import ClientSettings, EtcdClient
+from halb.ha.coord import Coordinator, GroupKeys
 from halb.ha.machine import Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
 from halb.net.netns import entered
-from halb.net.vip import InterfaceVips, vip_lifetime
+from halb.net.vip import InterfaceVips
 from halb.testing.etcd import EtcdServer
 from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.waits import until
+from halb.timing import vip_lifetime
 
 pytestmark = [
     pytest.mark.kernel,
@@ -86,7 +88,7 @@ class Agent:
         port = InterfaceVips("v0")
         with entered(self.netns):
             await port.__aenter__()
-        self.client = open_client(self.etcd.endpoint)
+        self.client = EtcdClient(ClientSettings((self.etcd.endpoint,)))
         machine = Machine(MachineConfig("lb1", 100))
         try:
             coord_margin = 0.3 * self.ttl
@@ -114,7 +116,7 @@ class Agent:
                     await rt.stop()
                     await asyncio.wait_for(self.task, 10)
         finally:
-            await close_client(self.client)
+            await self.client.close()
             port.close()
 
 
@@ -158,7 +160,7 @@ def test_winning_adds_vip_and_announces(netns: str, etcd: EtcdServer) -> None:
 def test_external_revoke_removes_the_vip(netns: str, etcd: EtcdServer) -> None:
     async def body() -> float:
         agent = Agent(netns, etcd, ttl=2)
-        admin = open_client(etcd.endpoint)
+        admin = EtcdClient(ClientSettings((etcd.endpoint,)))
         try:
             async with agent.running():
                 assert agent.rt is not None and agent.coord is not None
@@ -167,7 +169,7 @@ def test_external_revoke_removes_the_vip(netns: str, etcd: EtcdServer) -> None:
                 term = agent.rt.machine.term
                 lease = agent.coord.lease_id
                 t0 = time.monotonic()
-                await admin.revoke_lease(lease)
+                await admin.revoke(lease)
                 await until(lambda: not vip_present(netns), 2, "VIP removed")
                 took = time.monotonic() - t0
                 # It wins a new term on a new lease and the VIP comes back.
@@ -175,7 +177,7 @@ def test_external_revoke_removes_the_vip(netns: str, etcd: EtcdServer) -> None:
                 assert agent.rt.machine.term != term
                 return took
         finally:
-            await close_client(admin)
+            await admin.close()
 
     took = in_ns(netns, body)
     print(f"\nexternal revoke: VIP gone from the interface in {took * 1000:.0f} ms")

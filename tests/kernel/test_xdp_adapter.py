@@ -20,7 +20,9 @@ from halb.dataplane.xdp.adapter import XdpDataplane, deadline_granularity_ns, ne
 from halb.dataplane.xdp.layout import addr_from_words
 from halb.dataplane.xdp.loader import xdp_prog_id
 from halb.dataplane.xdp.neigh import interface_mac
-from halb.dataplane.xdp.packets import (
+from halb.lb.maglev import build_table, changed_slots
+from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
+from halb.testing.packets import (
     ETH_P_IP,
     XDP_DROP,
     XDP_PASS,
@@ -31,8 +33,6 @@ from halb.dataplane.xdp.packets import (
     neighbour_solicitation,
     tcp,
 )
-from halb.lb.maglev import build_table, changed_slots
-from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
 
 pytestmark = pytest.mark.kernel
 

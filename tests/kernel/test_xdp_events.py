@@ -23,10 +23,10 @@ from halb.dataplane.xdp.adapter import PROGRAM, XdpDataplane
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.flowsource import XdpFlowSource
 from halb.dataplane.xdp.layout import CFG_F_FLOW_EVENTS, FlowEvent
-from halb.dataplane.xdp.packets import ETH_P_IP, XDP_TX, eth, ipv4, tcp
 from halb.dataplane.xdp.ringbuf import RingBuffer
 from halb.flows.records import to_flows
 from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
+from halb.testing.packets import ETH_P_IP, XDP_TX, eth, ipv4, tcp
 
 pytestmark = pytest.mark.kernel
 

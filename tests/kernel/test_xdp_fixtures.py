@@ -32,7 +32,8 @@ from halb.dataplane.xdp.layout import (
     mac_to_bytes,
 )
 from halb.dataplane.xdp.loader import BpfObject
-from halb.dataplane.xdp.packets import (
+from halb.model import IPAddress
+from halb.testing.packets import (
     ETH_P_IP,
     ETH_P_IPV6,
     TCP_ACK,
@@ -49,7 +50,6 @@ from halb.dataplane.xdp.packets import (
     tcp,
     udp,
 )
-from halb.model import IPAddress
 
 pytestmark = pytest.mark.kernel
 

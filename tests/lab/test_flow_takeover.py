@@ -36,8 +36,8 @@ from halb.lab.agents import cli_flows as _cli_flows
 from halb.lab.agents import logs_on_failure
 from halb.lab.agents import node_status as _node
 from halb.lab.agents import restart_agents as _restart_agents
-from halb.lab.holders import CONNECTIONS, Client
 from halb.lab.observe import wait_until
+from halb.testing.holders import CONNECTIONS, Client
 
 pytestmark = pytest.mark.lab
 

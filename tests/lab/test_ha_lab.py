@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +173,29 @@ def test_frozen_leader_is_replaced_and_sends_no_arp_after_it_resumes(
     assert late == [], f"resumed lb1 claimed the VIP: {late}"
 
 
+def test_the_active_refreshes_its_gratuitous_arp_and_the_standby_never_does(
+    ha: dict[str, Any],
+) -> None:
+    lb1_mac = next(n["mac"] for n in ha["nodes"] if n["name"] == "lb1")
+    doc = yaml.safe_load(Path(ha["config"]).read_text())
+    doc["vip_groups"][0]["announce"]["refresh"] = 0.5
+    fast = Path(ha["lab_dir"]) / "garp-refresh.yaml"
+    fast.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = halb("config", "apply", str(fast))
+    assert r.returncode == 0, r.stderr
+    # The running term takes the new cadence after its current (default 5 s) refresh.
+    time.sleep(5.6)
+    with ArpCapture() as cap:
+        time.sleep(2.3)
+    claims = cap.announcements(VIP)
+    frames = sorted(f.time for f in claims if f.src_mac == lb1_mac)
+    # One round is a gratuitous request and reply, a few microseconds apart.
+    mine = [t for i, t in enumerate(frames) if i == 0 or t - frames[i - 1] > 0.05]
+    assert len(mine) >= 4, f"lb1 refreshed {len(mine)} times in 2.3 s"
+    assert all(0.3 < b - a < 0.9 for a, b in itertools.pairwise(mine)), mine
+    assert all(f.src_mac == lb1_mac for f in claims), "the standby announced the VIP"
+
+
 def arp_fence_drops(node: str) -> int:
     r = halb("dataplane", "show", "--node", node, "--output", "json")
     assert r.returncode == 0, r.stderr
@@ -251,6 +276,63 @@ def test_planned_failover_via_cli(ha: dict[str, Any]) -> None:
     assert doc["last_failover"]["to"] == "lb2"
     bad = halb("failover", "--to", "nosuch")
     assert bad.returncode == 2 and "nosuch" in bad.stderr
+
+
+def vip_holders(vip: str) -> set[str]:
+    holders = set()
+    for node in ("lb1", "lb2"):
+        out = subprocess.run(
+            ["ip", "-n", SITE.ns(node), "-br", "addr", "show", "eth0"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if f"{vip}/32" in out:
+            holders.add(node)
+    return holders
+
+
+def test_a_vip_added_by_config_apply_moves_with_a_planned_failover_and_never_doubles(
+    ha: dict[str, Any],
+) -> None:
+    """Regression (issue 13): a VIP added by `halb config apply` was added by the agent's
+    reload path outside the term, so a planned failover left it on the old node for its
+    kernel lifetime, both nodes answering ARP for it."""
+    no_preempt(ha)
+    extra = f"{SITE.net(0)}.101"
+    doc = yaml.safe_load((Path(ha["lab_dir"]) / "no-preempt.yaml").read_text())
+    added = json.loads(json.dumps(doc["vip_groups"][0]["vips"][0]))
+    added["address"] = extra
+    doc["vip_groups"][0]["vips"].append(added)
+    two = Path(ha["lab_dir"]) / "two-vips.yaml"
+    two.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = halb("config", "apply", str(two))
+    assert r.returncode == 0, r.stderr
+    wait_until("lb1 to hold the added VIP", lambda: vip_holders(extra) == {"lb1"}, 10)
+
+    samples: list[set[str]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(vip_holders(extra))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        time.sleep(0.3)
+        r = halb("failover", "--to", "lb2")
+        assert r.returncode == 0, r.stderr
+        wait_until("lb2 to hold the added VIP", lambda: "lb2" in vip_holders(extra), 5)
+        time.sleep(2.5)  # past the VIP's kernel lifetime and the kernel's sweep
+    finally:
+        stop.set()
+        sampler.join(5)
+    doubled = [i for i, s in enumerate(samples) if len(s) > 1]
+    assert not doubled, f"{len(doubled)} of {len(samples)} samples show {extra} on both nodes"
+    assert samples[-1] == {"lb2"}, samples[-5:]
+    assert leader(ha["config"]) == "lb2"
 
 
 def test_drain_hands_over_and_undrain_takes_it_back(ha: dict[str, Any]) -> None:

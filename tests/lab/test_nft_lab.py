@@ -42,11 +42,11 @@ from halb.lab.agents import (
     status,
     wait_settled,
 )
-from halb.lab.holders import CONNECTIONS, Client
 from halb.lab.netns import run
 from halb.lab.observe import wait_until
 from halb.lab.topology import site_from_env
 from halb.net.netns import in_netns
+from halb.testing.holders import CONNECTIONS, Client
 
 pytestmark = pytest.mark.lab
 

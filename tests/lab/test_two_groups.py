@@ -41,8 +41,8 @@ from halb.lab.agents import (
     status,
     stop_agents,
 )
-from halb.lab.holders import Client
 from halb.lab.observe import wait_until
+from halb.testing.holders import Client
 
 pytestmark = pytest.mark.lab
 

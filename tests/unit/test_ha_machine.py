@@ -33,6 +33,7 @@ from halb.ha.machine import (
     LeaseLost,
     Machine,
     MachineConfig,
+    PromiseGiven,
     RefreshVips,
     RemoveVips,
     RequestHandover,
@@ -588,6 +589,61 @@ def test_shutdown_standby_stops_client_timers_and_lease() -> None:
     assert a == [CancelTimer(Timer.PREEMPT), StopSyncClient(), Resign(LEASE)]
 
 
+# --- promises to a holder (halb.ha.hold) -------------------------------------------------
+
+
+def promise_timer(actions: Sequence[Action]) -> ArmTimer:
+    (armed,) = [a for a in timers(actions) if a.timer is Timer.PROMISE]
+    return armed
+
+
+def test_a_promised_node_does_not_campaign_until_the_promise_runs_out() -> None:
+    m = machine()
+    armed = promise_timer(feed(m, PromiseGiven(0.5)))
+    assert armed.delay == 0.5
+    # Lease and an empty leader key: would campaign at once, but it promised.
+    assert feed(m, LeaseGranted(LEASE), LeaderObserved(None)) == []
+    assert st(m) is State.STANDBY
+    assert feed(m, TimerFired(Timer.PROMISE, armed.token)) == [Campaign(LEASE)]
+
+
+def test_a_renewed_promise_rearms_and_the_old_timer_is_ignored() -> None:
+    m = machine()
+    first = promise_timer(feed(m, PromiseGiven(0.5), LeaseGranted(LEASE), LeaderObserved(None)))
+    second = promise_timer(feed(m, PromiseGiven(0.5)))
+    assert second.token != first.token
+    assert feed(m, TimerFired(Timer.PROMISE, first.token)) == []
+    assert st(m) is State.STANDBY
+    assert feed(m, TimerFired(Timer.PROMISE, second.token)) == [Campaign(LEASE)]
+
+
+def test_a_silent_leader_reported_while_promised_is_acted_on_when_it_runs_out() -> None:
+    m = machine(fence_wait=0.4)
+    standby_following(m, B_LOW)
+    armed = promise_timer(feed(m, PromiseGiven(0.5)))
+    assert not any(isinstance(a, ForceTakeover) for a in feed(m, LeaderUnresponsive(T_B)))
+    assert ForceTakeover(T_B) in feed(m, TimerFired(Timer.PROMISE, armed.token))
+
+
+def test_a_promised_node_does_not_preempt() -> None:
+    m = machine(preempt_delay=1.0)
+    standby_following(m, B_LOW)  # a lower leader: the preempt timer is armed
+    a = feed(m, PromiseGiven(0.5))
+    assert CancelTimer(Timer.PREEMPT) in a
+    armed = promise_timer(a)
+    again = feed(m, TimerFired(Timer.PROMISE, armed.token))
+    assert [t.timer for t in timers(again)] == [Timer.PREEMPT]
+
+
+def test_contending_is_holding_or_campaigning() -> None:
+    m = machine()
+    assert not m.contending
+    feed(m, LeaseGranted(LEASE), LeaderObserved(None))
+    assert st(m) is State.CAMPAIGNING and m.contending
+    feed(m, CampaignWon(T_ME))
+    assert m.contending
+
+
 # --- invariants over many random event sequences --------------------------------------
 
 EVENTS: list[Event] = [
@@ -619,6 +675,10 @@ EVENTS: list[Event] = [
     TimerFired(Timer.CAMPAIGN, 1),
     TimerFired(Timer.PREEMPT, 2),
     TimerFired(Timer.CAMPAIGN, 3),
+    PromiseGiven(2.0),
+    TimerFired(Timer.PROMISE, 1),
+    TimerFired(Timer.PROMISE, 2),
+    TimerFired(Timer.PROMISE, 4),
 ]
 
 
@@ -643,6 +703,10 @@ def _check_invariants(before: GroupState, after: GroupState, actions: list[Actio
     if after.following is not None:
         assert after.following.holder != ME
         assert after.state is not State.ACTIVE
+    # Bound by a promise to a holder: no campaign, no forced takeover, no preemption.
+    if after.promised:
+        assert not any(isinstance(a, Campaign | ForceTakeover | RequestHandover) for a in actions)
+        assert after.timer(Timer.PROMISE) is not None
     # At most one timer of each kind.
     kinds = [t[0] for t in after.timers]
     assert len(kinds) == len(set(kinds))

@@ -9,7 +9,7 @@ from ipaddress import ip_address
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from halb.agent.main import describe_cause
+from halb.agent.causes import describe_cause
 from halb.agent.metrics import AgentMetrics, cause_category, parse_address
 from halb.checks.state import Health
 from halb.checks.view import BackendView, HealthView

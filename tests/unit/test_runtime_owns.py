@@ -10,7 +10,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from halb.ha.machine import CampaignWon, LeaderObserved, LeaseGranted, Machine, MachineConfig
-from halb.ha.runtime import GroupRuntime
+from halb.ha.runtime import GroupRuntime, _TermTask
 from halb.model import IPAddress, Term
 
 pytestmark = pytest.mark.unit
@@ -77,7 +77,9 @@ def announced(coord: Coord) -> int:
     assert machine.holds(TERM)
     vips = Vips()
     rt = GroupRuntime(machine, coord, vips, addresses=[VIP], announce_count=1)
-    asyncio.run(rt._announce(TERM))
+    tt = _TermTask(TERM)
+    tt.added.append(VIP)  # what the term holds is what it announces
+    asyncio.run(rt._announce(tt))
     return vips.announced
 
 
@@ -93,3 +95,116 @@ def test_no_announcement_once_the_coordinator_has_dropped_the_lease() -> None:
 def test_no_announcement_past_the_deadline_or_before_the_first_heartbeat() -> None:
     assert announced(Coord(deadline=0.0)) == 0
     assert announced(Coord(deadline=1e12, ready=False)) == 0
+
+
+class SlowVips(Vips):
+    """Kernel addresses as a set; each add takes a little while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: set[IPAddress] = set()
+
+    async def add(self, vip: IPAddress, lifetime: int | None) -> None:
+        await asyncio.sleep(0.01)
+        self.held.add(vip)
+
+    async def remove(self, vip: IPAddress) -> bool:
+        found = vip in self.held
+        self.held.discard(vip)
+        return found
+
+
+VIP2 = IPv4Address("10.0.0.101")
+
+
+def holding_runtime(vips: SlowVips) -> tuple[Machine, GroupRuntime]:
+    machine = Machine(MachineConfig("lb1", 100))
+    for ev in (LeaseGranted(TERM.lease_id), LeaderObserved(None), CampaignWon(TERM)):
+        machine.feed(ev)
+    return machine, GroupRuntime(machine, Coord(deadline=1e12), vips, addresses=[VIP])
+
+
+def test_set_addresses_follows_the_term_and_the_term_end_removes_what_it_added() -> None:
+    async def scenario() -> None:
+        vips = SlowVips()
+        _, rt = holding_runtime(vips)
+        tt = _TermTask(TERM)
+        rt._term = tt
+        tt.task = asyncio.create_task(rt._run_term(tt))
+        await asyncio.sleep(0.05)
+        assert vips.held == {VIP}
+        await rt.set_addresses([VIP, VIP2])
+        assert vips.held == {VIP, VIP2} and vips.announced == 1
+        await rt.set_addresses([VIP2])
+        assert vips.held == {VIP2}
+        await rt._end_term()
+        assert vips.held == set()
+
+    asyncio.run(scenario())
+
+
+def test_an_add_in_flight_when_the_term_ends_is_removed_too() -> None:
+    async def scenario() -> None:
+        vips = SlowVips()
+        _, rt = holding_runtime(vips)
+        tt = _TermTask(TERM)
+        rt._term = tt
+        tt.task = asyncio.create_task(rt._run_term(tt))
+        await asyncio.sleep(0.05)
+        adding = asyncio.create_task(rt.set_addresses([VIP, VIP2]))
+        await asyncio.sleep(0.001)  # the add of VIP2 is in flight
+        await rt._end_term()
+        await adding
+        assert vips.held == set()
+        # A term that no longer holds adds nothing.
+        await rt.set_addresses([VIP, VIP2])
+        assert vips.held == set()
+
+    asyncio.run(scenario())
+
+
+def test_set_addresses_adds_nothing_once_ownership_is_gone() -> None:
+    async def scenario() -> None:
+        vips = SlowVips()
+        _, rt = holding_runtime(vips)
+        tt = _TermTask(TERM)
+        rt._term = tt
+        tt.task = asyncio.create_task(rt._run_term(tt))
+        await asyncio.sleep(0.05)
+        assert isinstance(rt.coord, Coord)
+        rt.coord.fence_deadline = 0.0  # past the fence: not owning any more
+        await rt.set_addresses([VIP, VIP2])
+        assert VIP2 not in vips.held
+        await rt._end_term()
+
+    asyncio.run(scenario())
+
+
+def test_announcements_are_refreshed_while_the_term_holds_and_stop_when_it_does_not() -> None:
+    from halb.testing.clock import FakeClock
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        machine = Machine(MachineConfig("lb1", 100))
+        for ev in (LeaseGranted(TERM.lease_id), LeaderObserved(None), CampaignWon(TERM)):
+            machine.feed(ev)
+        vips, coord = Vips(), Coord(deadline=1e12)
+        rt = GroupRuntime(
+            machine,
+            coord,
+            vips,
+            addresses=[VIP],
+            announce_count=1,
+            announce_refresh=5.0,
+            clock=clock,
+        )
+        tt = _TermTask(TERM)
+        tt.added.append(VIP)
+        task = asyncio.create_task(rt._announce(tt))
+        await clock.advance(12)
+        assert (vips.announced, rt.refreshes) == (3, 2)  # at 0, 5 and 10 s
+        coord.fence_deadline = 0.0  # past the fence: not owning any more
+        await clock.advance(10)
+        assert vips.announced == 3 and task.done()
+
+    asyncio.run(scenario())

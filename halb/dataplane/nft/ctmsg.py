@@ -31,6 +31,7 @@ __all__ = [
     "NLMSG_ERROR",
     "TCP_CONNTRACK_ESTABLISHED",
     "CtEntry",
+    "CtMessageError",
     "CtTuple",
     "NatSpec",
     "NlMessage",
@@ -150,6 +151,11 @@ class NlMessage:
     payload: bytes
 
 
+class CtMessageError(ValueError):
+    """A netlink / ctnetlink message that the kernel cannot have sent (or cannot read):
+    the text names the part (attribute, tuple, byte offset) that is wrong."""
+
+
 # --- encoding -----------------------------------------------------------------------
 
 
@@ -177,9 +183,17 @@ _NAT6 = struct.Struct("=HHHH16sHH16sHHHHH2xHHH2x")
 _STATUS_TIMEOUT = struct.Struct("=HHIHHI")
 
 
-def _tuple(kind: int, t: CtTuple) -> bytes:
+def _check_tuple(t: CtTuple) -> None:
     if t.src.version != t.dst.version:
-        raise ValueError(f"tuple mixes IPv{t.src.version} and IPv{t.dst.version}")
+        raise CtMessageError(f"tuple {t} mixes IPv{t.src.version} and IPv{t.dst.version}")
+    if not 0 <= t.proto < 256:
+        raise CtMessageError(f"tuple {t}: protocol {t.proto} out of range 0-255")
+    _check_port("source port", t.sport)
+    _check_port("destination port", t.dport)
+
+
+def _tuple(kind: int, t: CtTuple) -> bytes:
+    """The packed tuple; the caller has checked it with _check_tuple."""
     sport, dport = socket.htons(t.sport), socket.htons(t.dport)
     if t.src.version == 4:
         return _TUPLE4.pack(
@@ -227,13 +241,15 @@ _TCP_INFO = {state: _tcp_info(state) for state in range(1, 10)}
 
 
 def _message(msg_type: int, flags: int, seq: int, family: int, attrs: bytes) -> bytes:
+    if not 0 <= seq < 1 << 32:
+        raise CtMessageError(f"netlink sequence number {seq} out of range 0-{(1 << 32) - 1}")
     body = NFGEN_HDR.pack(family, 0, 0) + attrs
     return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), msg_type, flags, seq, 0) + body
 
 
-def _check_port(port: int) -> None:
+def _check_port(what: str, port: int) -> None:
     if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
+        raise CtMessageError(f"{what} {port} out of range 1-65535")
 
 
 def encode_create(
@@ -248,18 +264,25 @@ def encode_create(
 ) -> bytes:
     """A CT_NEW create request (fails with EEXIST if the original tuple is present).
 
-    Raises ValueError for what the kernel could only misread (mixed families, ports out
-    of range), so one bad flow never poisons a batch.
+    Raises CtMessageError (a ValueError) for what the kernel could only misread (mixed
+    families, ports or fields out of range), so one bad flow never poisons a batch.
     """
-    for port in (orig.sport, orig.dport):
-        _check_port(port)
-    for nat in (nat_dst, nat_src):
+    _check_tuple(orig)
+    for name, nat in (("nat_dst", nat_dst), ("nat_src", nat_src)):
         if nat is not None:
-            _check_port(nat.port)
+            _check_port(f"{name} port", nat.port)
             if nat.addr.version != orig.src.version:
-                raise ValueError(f"NAT address {nat.addr} is not IPv{orig.src.version}")
-    if not 0 <= timeout < 1 << 32 or tcp_state not in _TCP_INFO:
-        raise ValueError(f"timeout {timeout} or TCP state {tcp_state} out of range")
+                raise CtMessageError(
+                    f"{name} address {nat.addr} is not IPv{orig.src.version} like {orig}"
+                )
+    if not 0 <= timeout < 1 << 32:
+        raise CtMessageError(f"timeout {timeout} out of range 0-{(1 << 32) - 1} s")
+    if not 0 <= status < 1 << 32:
+        raise CtMessageError(f"status {status:#x} is not a 32-bit flag set")
+    if tcp_state not in _TCP_INFO:
+        raise CtMessageError(
+            f"TCP state {tcp_state} out of range {min(_TCP_INFO)}-{max(_TCP_INFO)}"
+        )
     attrs = [
         _tuple(CTA_TUPLE_ORIG, orig),
         _tuple(CTA_TUPLE_REPLY, orig.reverse()),
@@ -293,11 +316,13 @@ def encode_liberal(seq: int, orig: CtTuple) -> bytes:
             _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, liberal),
         ),
     )
+    _check_tuple(orig)
     attrs = _tuple(CTA_TUPLE_ORIG, orig) + info
     return _message(_TYPE_NEW, NLM_F_REQUEST | NLM_F_ACK, seq, _family(orig.src), attrs)
 
 
 def encode_delete(seq: int, orig: CtTuple) -> bytes:
+    _check_tuple(orig)
     return _message(
         _TYPE_DELETE,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -308,6 +333,7 @@ def encode_delete(seq: int, orig: CtTuple) -> bytes:
 
 
 def encode_get(seq: int, orig: CtTuple) -> bytes:
+    _check_tuple(orig)
     return _message(
         _TYPE_GET, NLM_F_REQUEST | NLM_F_ACK, seq, _family(orig.src), _tuple(CTA_TUPLE_ORIG, orig)
     )
@@ -322,82 +348,148 @@ def encode_dump(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
 
 
 def parse(buf: bytes) -> Iterator[NlMessage]:
-    """Split a datagram into netlink messages."""
+    """Split a datagram into netlink messages; a truncated one raises CtMessageError
+    (silently stopping would lose the ACK or event it held)."""
     off = 0
     end = len(buf)
-    while off + NLMSG_HDR.size <= end:
+    while off < end:
+        if off + NLMSG_HDR.size > end:
+            raise CtMessageError(f"netlink message at byte {off}: {end - off} bytes, no header")
         length, mtype, flags, seq, pid = NLMSG_HDR.unpack_from(buf, off)
         if length < NLMSG_HDR.size or off + length > end:
-            break
+            raise CtMessageError(
+                f"netlink message at byte {off}: length {length}, {end - off} bytes left"
+            )
         yield NlMessage(mtype, flags, seq, pid, buf[off + NLMSG_HDR.size : off + length])
         off += (length + 3) & ~3
 
 
 def decode_error(payload: bytes) -> int:
     """The positive errno of an NLMSG_ERROR (0 is an ACK)."""
+    if len(payload) < 4:
+        raise CtMessageError(f"NLMSG_ERROR payload of {len(payload)} bytes, no error code")
     code: int = struct.unpack_from("=i", payload, 0)[0]
     return -code
 
 
-def _attrs(buf: bytes, off: int = 0) -> dict[int, bytes]:
+# Names of the attributes an error can point at, built once (not per message).
+_IP = "CTA_TUPLE_IP"
+_PROTO = "CTA_TUPLE_PROTO"
+_BE32 = struct.Struct("!I")
+_BE16 = struct.Struct("!H")
+_U8 = struct.Struct("B")
+
+
+def _attrs(buf: bytes, where: str, part: str = "", off: int = 0) -> dict[int, bytes]:
     out: dict[int, bytes] = {}
     end = len(buf)
-    while off + 4 <= end:
-        length, kind = struct.unpack_from("=HH", buf, off)
+    while off < end:
+        length, kind = struct.unpack_from("=HH", buf, off) if off + 4 <= end else (0, 0)
         if length < 4 or off + length > end:
-            break
+            name = f"{where}.{part}" if part else where
+            raise CtMessageError(
+                f"{name}: attribute {kind & NLA_TYPE_MASK} at byte {off} has length"
+                f" {length}, {end - off} bytes left"
+            )
         out[kind & NLA_TYPE_MASK] = buf[off + 4 : off + length]
         off += (length + 3) & ~3
     return out
 
 
-def _addr(raw: bytes) -> IPAddress:
-    return IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
+_IP_NAMES = {
+    CTA_IP_V4_SRC: "CTA_IP_V4_SRC",
+    CTA_IP_V4_DST: "CTA_IP_V4_DST",
+    CTA_IP_V6_SRC: "CTA_IP_V6_SRC",
+    CTA_IP_V6_DST: "CTA_IP_V6_DST",
+}
 
 
-def _decode_tuple(raw: bytes) -> CtTuple | None:
-    a = _attrs(raw)
-    ip = _attrs(a.get(CTA_TUPLE_IP, b""))
-    proto = _attrs(a.get(CTA_TUPLE_PROTO, b""))
-    if CTA_IP_V4_SRC in ip:
-        src, dst = ip.get(CTA_IP_V4_SRC), ip.get(CTA_IP_V4_DST)
-    else:
-        src, dst = ip.get(CTA_IP_V6_SRC), ip.get(CTA_IP_V6_DST)
+def _tuple_error(ip: dict[int, bytes], proto: dict[int, bytes], where: str) -> CtMessageError:
+    """What is wrong with a tuple that failed the fast path's combined check."""
+    v4 = CTA_IP_V4_SRC in ip or CTA_IP_V4_DST in ip
+    pair, size = ((CTA_IP_V4_SRC, CTA_IP_V4_DST), 4) if v4 else ((CTA_IP_V6_SRC, CTA_IP_V6_DST), 16)
+    expected = [
+        *((f"{_IP}.{_IP_NAMES[k]}", ip.get(k), size) for k in pair),
+        (f"{_PROTO}.CTA_PROTO_NUM", proto.get(CTA_PROTO_NUM), 1),
+        (f"{_PROTO}.CTA_PROTO_SRC_PORT", proto.get(CTA_PROTO_SRC_PORT), 2),
+        (f"{_PROTO}.CTA_PROTO_DST_PORT", proto.get(CTA_PROTO_DST_PORT), 2),
+    ]
+    for name, raw, want in expected:
+        if raw is None:
+            return CtMessageError(f"{where} lacks {name}")
+        if len(raw) != want:
+            return CtMessageError(f"{where}.{name} is {len(raw)} bytes, not {want}")
+    return CtMessageError(f"{where} is malformed")  # unreachable while the checks agree
+
+
+def _decode_tuple(raw: bytes, where: str) -> CtTuple | None:
+    a = _attrs(raw, where)
+    ip_raw, proto_raw = a.get(CTA_TUPLE_IP), a.get(CTA_TUPLE_PROTO)
+    if ip_raw is None or proto_raw is None:
+        raise CtMessageError(f"{where} lacks {_IP} or {_PROTO}")
+    ip = _attrs(ip_raw, where, _IP)
+    proto = _attrs(proto_raw, where, _PROTO)
     num = proto.get(CTA_PROTO_NUM)
     sport = proto.get(CTA_PROTO_SRC_PORT)
     dport = proto.get(CTA_PROTO_DST_PORT)
-    if src is None or dst is None or num is None or sport is None or dport is None:
-        return None  # not a TCP/UDP entry (ICMP has no ports), or truncated
-    return CtTuple(
-        _addr(src),
-        _addr(dst),
-        num[0],
-        struct.unpack("!H", sport)[0],
-        struct.unpack("!H", dport)[0],
-    )
+    if sport is None and dport is None and num is not None and len(num) == 1:
+        return None  # not a port-carrying entry (ICMP has ids, not ports)
+    # One combined check keeps the common case fast; _tuple_error says what is wrong.
+    src = ip.get(CTA_IP_V4_SRC)
+    dst = ip.get(CTA_IP_V4_DST)
+    size = 4
+    if src is None and dst is None:
+        src, dst, size = ip.get(CTA_IP_V6_SRC), ip.get(CTA_IP_V6_DST), 16
+    if (
+        src is None
+        or dst is None
+        or len(src) != size
+        or len(dst) != size
+        or num is None
+        or len(num) != 1
+        or sport is None
+        or dport is None
+        or len(sport) != 2
+        or len(dport) != 2
+    ):
+        raise _tuple_error(ip, proto, where)
+    addr = IPv4Address if size == 4 else IPv6Address
+    return CtTuple(addr(src), addr(dst), num[0], _BE16.unpack(sport)[0], _BE16.unpack(dport)[0])
+
+
+def _field(a: dict[int, bytes], kind: int, fmt: struct.Struct, where: str) -> int | None:
+    raw = a.get(kind)
+    if raw is None:
+        return None
+    if len(raw) < fmt.size:
+        raise CtMessageError(f"{where} is {len(raw)} bytes, want {fmt.size}")
+    value: int = fmt.unpack_from(raw)[0]
+    return value
 
 
 def decode_entry(payload: bytes) -> CtEntry | None:
     """A CT_NEW / CT_DELETE message body (after nlmsghdr) -> entry, or None if it is not
-    a port-carrying entry."""
-    a = _attrs(payload, NFGEN_HDR.size)
-    orig_raw = a.get(CTA_TUPLE_ORIG)
-    reply_raw = a.get(CTA_TUPLE_REPLY)
+    a port-carrying entry. Malformed bodies raise CtMessageError naming the attribute."""
+    if len(payload) < NFGEN_HDR.size:
+        raise CtMessageError(f"ctnetlink message of {len(payload)} bytes, no nfgenmsg header")
+    a = _attrs(payload, "ctnetlink entry", off=NFGEN_HDR.size)
+    orig_raw, reply_raw = a.get(CTA_TUPLE_ORIG), a.get(CTA_TUPLE_REPLY)
     if orig_raw is None or reply_raw is None:
-        return None
-    orig = _decode_tuple(orig_raw)
-    reply = _decode_tuple(reply_raw)
+        raise CtMessageError("ctnetlink entry lacks CTA_TUPLE_ORIG or CTA_TUPLE_REPLY")
+    orig = _decode_tuple(orig_raw, "CTA_TUPLE_ORIG")
+    reply = _decode_tuple(reply_raw, "CTA_TUPLE_REPLY")
     if orig is None or reply is None:
         return None
-    status = struct.unpack("!I", a[CTA_STATUS])[0] if CTA_STATUS in a else 0
-    timeout = struct.unpack("!I", a[CTA_TIMEOUT])[0] if CTA_TIMEOUT in a else None
-    zone = struct.unpack("!H", a[CTA_ZONE][:2])[0] if CTA_ZONE in a else 0
+    status = _field(a, CTA_STATUS, _BE32, "CTA_STATUS")
+    timeout = _field(a, CTA_TIMEOUT, _BE32, "CTA_TIMEOUT")
+    zone = _field(a, CTA_ZONE, _BE16, "CTA_ZONE")
     tcp_state = None
-    if CTA_PROTOINFO in a:
-        tcp = _attrs(_attrs(a[CTA_PROTOINFO]).get(CTA_PROTOINFO_TCP, b""))
-        if CTA_PROTOINFO_TCP_STATE in tcp:
-            tcp_state = tcp[CTA_PROTOINFO_TCP_STATE][0]
-    return CtEntry(orig, reply, status, timeout, tcp_state, zone)
+    info_raw = a.get(CTA_PROTOINFO)
+    if info_raw is not None:
+        tcp_raw = _attrs(info_raw, "CTA_PROTOINFO").get(CTA_PROTOINFO_TCP, b"")
+        tcp = _attrs(tcp_raw, "CTA_PROTOINFO", "CTA_PROTOINFO_TCP")
+        tcp_state = _field(tcp, CTA_PROTOINFO_TCP_STATE, _U8, "CTA_PROTOINFO_TCP_STATE")
+    return CtEntry(orig, reply, status or 0, timeout, tcp_state, zone or 0)
 
 
 def msg_kind(msg: NlMessage) -> str | None:

@@ -67,6 +67,7 @@ from halb.model import (
     Service,
     ServiceKey,
 )
+from halb.timing import DEADMAN_EARLY_TICKS
 
 __all__ = [
     "PROGRAM",
@@ -85,8 +86,7 @@ _CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name 
 
 # The coarse clock trails CLOCK_MONOTONIC by up to a tick, a little more when the tick
 # itself runs late (measured here, a VM at HZ=250: up to 5.1 ms), so set_deadline takes
-# two ticks off.
-DEADLINE_SLACK_TICKS = 2
+# halb.timing.DEADMAN_EARLY_TICKS ticks off.
 
 
 def deadline_granularity_ns() -> int:
@@ -184,7 +184,7 @@ class XdpDataplane:
             self._macs: dict[tuple[IPAddress, bool], str] = {}
             self._vip_addrs: dict[IPAddress, int] = {}  # as written to the vip_addrs map
             self._vip_filter: dict[int, int] = {}  # last address byte -> as written
-            self._deadline_slack_ns = DEADLINE_SLACK_TICKS * deadline_granularity_ns()
+            self._deadline_slack_ns = DEADMAN_EARLY_TICKS * deadline_granularity_ns()
             if pin_dir is not None:
                 self._obj.pin_maps(pin_dir)
             self.mode = self._obj.attach(PROGRAM, interface, mode, netns)

@@ -32,7 +32,7 @@ from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.sync_cluster import NODES, two_node_doc
 from halb.testing.waits import until
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.loopback
 
 ip = ipaddress.ip_address
 TERM = Term(lease_id=0xABC, revision=100)

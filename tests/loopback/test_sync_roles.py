@@ -25,7 +25,7 @@ from halb.sync.tls import SyncSecurity
 from halb.testing.fake_dataplane import FakeDataplane
 from halb.testing.sync_cluster import two_node_doc
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.loopback
 
 TERM = Term(lease_id=0x5EED, revision=7)
 

@@ -1,0 +1,163 @@
+"""Driving a drilled cluster: inject the fault, heal, wait until it has settled.
+``Controller`` bundles them for one target (the peer benchmark subclasses it)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from typing import Any
+
+from halb.agent import etcdio
+from halb.drill import partition
+from halb.drill.progress import Progress
+from halb.drill.target import ETCD_FAULTS, DrillError, DrillOptions, Target
+from halb.drill.watch import LeaderWatch, read_leader
+from halb.etcd import EtcdError
+from halb.ha.coord import GroupKeys, request_handover
+from halb.lab import faults
+
+__all__ = [
+    "Controller",
+    "heal",
+    "inject",
+    "settle",
+]
+
+
+def _other_node(target: Target, node: str, statuses: dict[str, Any]) -> str:
+    gcfg = next(g for g in target.cfg.vip_groups if g.name == target.group)
+    members = sorted(target.cfg.group_nodes(gcfg), key=lambda n: -n.priority)
+    live = [n.name for n in members if n.name != node and n.name in statuses]
+    if not live:
+        raise DrillError(f"no other live node to take group {target.group} from {node}")
+    return live[0]
+
+
+def _request_handover(target: Target, to: str) -> float:
+    """Ask for a planned failover through etcd, in-process (the CLI's start-up would
+    count as failover time); returns the instant the request was written."""
+
+    async def main() -> float:
+        client = etcdio.connect(target.cfg)
+        try:
+            await client.check()
+            t = time.time()
+            keys = GroupKeys(target.cfg.etcd.prefix, target.cfg.cluster, target.group)
+            await request_handover(client, keys, to)
+            return t
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def inject(
+    target: Target, opts: DrillOptions, node: str, statuses: dict[str, Any]
+) -> tuple[float, str]:
+    """Inject the fault; returns its instant (wall clock) and what was done."""
+    t = time.time()
+    if opts.fault_cmd:
+        subprocess.Popen(["sh", "-c", opts.fault_cmd], stdout=subprocess.DEVNULL)
+        return t, f"ran {opts.fault_cmd!r}"
+    if opts.fault == "planned":
+        to = _other_node(target, node, statuses)
+        return _request_handover(target, to), f"planned failover to {to} requested"
+    if target.lab is None:
+        raise DrillError(f"--fault {opts.fault} needs the lab; elsewhere use --fault-cmd")
+    if opts.fault == "partition":
+        return t, partition.cut(target.lab, node)
+    if opts.fault in ETCD_FAULTS:
+        st = statuses.get(node)
+        member = st.etcd.get("member") if st is not None else None
+        return t, faults.apply_fault(node, opts.fault, target.lab, etcd_member=member)
+    return t, faults.apply_fault(node, opts.fault, target.lab)
+
+
+def etcd_notes(before: dict[str, Any], after: dict[str, Any], fault_at: float) -> list[str]:
+    """What an etcd fault did to each node's etcd client and term: how long its
+    coordinator's calls failed before they worked on another member, and whether its
+    term (lease) of any group changed."""
+    moves, terms = [], []
+    for name in sorted(after):
+        st = after[name]
+        e = st.etcd or {}
+        since = [s for end, s in e.get("recent_outages", []) if end >= fault_at]
+        if since:
+            moves.append(f"{name} {max(since):.3f}s (now on {e.get('member')})")
+        else:
+            moves.append(f"{name} none (on {e.get('member')})")
+        old = before.get(name)
+        for group, gs in st.groups.items():
+            was = old.groups.get(group) if old is not None else None
+            if was is not None and was.term != gs.term:
+                terms.append(f"{name}/{group} term {was.term} -> {gs.term}")
+    notes = ["etcd client outage per node: " + ", ".join(moves)]
+    notes.append("terms: " + ("; ".join(terms) if terms else "none lost or changed"))
+    return notes
+
+
+def heal(target: Target, opts: DrillOptions) -> list[str]:
+    done: list[str] = []
+    if opts.heal_cmd:
+        subprocess.run(["sh", "-c", opts.heal_cmd], check=False, timeout=60)
+        done.append(f"ran {opts.heal_cmd!r}")
+    if target.lab is not None:
+        if partition.heal(target.lab):
+            done.append("partition removed")
+        done.extend(faults.heal(target.lab))
+    return done
+
+
+def settle(target: Target, want: str, timeout: float, progress: Progress) -> None:
+    """Wait until ``want`` leads, every node publishes its status, and every standby's
+    flow sync says it is synced (when it reports that); ask for a failover back to
+    ``want`` once if it does not take the group by itself (no preemption)."""
+    deadline = time.monotonic() + timeout
+    asked = False
+    while True:
+        try:
+            leader, statuses = read_leader(target.cfg, target.group)
+        except EtcdError:  # etcd electing, a member restarting: not settled yet
+            leader, statuses = None, {}
+        nodes = {n.name for n in target.cfg.nodes}
+        synced = all(s.sync.get("synced", True) for n, s in statuses.items() if n != leader)
+        if leader == want and set(statuses) >= nodes and synced:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DrillError(
+                f"cluster did not settle in {timeout:g}s: leader {leader}, nodes with "
+                f"status {sorted(statuses)}, standbys synced: {synced}"
+            )
+        if not asked and leader not in (None, want) and want in statuses and left < timeout - 8:
+            progress.phase(f"{want} did not take the group back by itself: failover --to {want}")
+            _request_handover(target, want)
+            asked = True
+        time.sleep(0.2)
+
+
+class Controller:
+    """How a drill drives and observes a cluster: halb's, through etcd and the lab's
+    faults. The peer benchmark subclasses it for keepalived."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+
+    def leader(self) -> str | None:
+        return read_leader(self.target.cfg, self.target.group)[0]
+
+    def statuses(self) -> dict[str, Any]:
+        return read_leader(self.target.cfg, self.target.group)[1]
+
+    def settle(self, want: str, opts: DrillOptions, progress: Progress) -> None:
+        settle(self.target, want, opts.settle_timeout, progress)
+
+    def watch(self) -> LeaderWatch:
+        return LeaderWatch(self.target.cfg, self.target.group)
+
+    def inject(self, opts: DrillOptions, node: str, statuses: dict[str, Any]) -> tuple[float, str]:
+        return inject(self.target, opts, node, statuses)
+
+    def heal(self, opts: DrillOptions) -> list[str]:
+        return heal(self.target, opts)
