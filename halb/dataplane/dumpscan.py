@@ -9,11 +9,12 @@ halb.dataplane.ipvs.adapter).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from halb.dataplane.base import Push
-from halb.flows import records
 from halb.model import Flow
+
+if TYPE_CHECKING:
+    from halb.dataplane.base import Push
 
 __all__ = ["DumpScanSource"]
 
@@ -32,6 +33,8 @@ class DumpScanSource:
         self._scans = 0
 
     def snapshot_records(self) -> bytes:
+        from halb.flows import records  # numpy: only once a node serves flows
+
         return records.from_flows(self._dp.dump_flows())
 
     async def run(self, push: Push) -> None:
