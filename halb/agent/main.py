@@ -45,7 +45,7 @@ from halb.config import (
 )
 from halb.dataplane.base import ApplyResult, Dataplane
 from halb.etcd import EtcdClient, EtcdError
-from halb.ha.coord import Coordinator, GroupKeys
+from halb.ha.coord import Coordinator
 from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
     Drain,
@@ -57,6 +57,7 @@ from halb.ha.machine import (
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
+from halb.keys import GroupKeys
 from halb.net.vip import InterfaceVips
 
 __all__ = ["Agent", "AgentError"]
