@@ -32,7 +32,8 @@ os.environ.setdefault("HALB_LAB_INSTANCE", "3")
 
 from halb.agent.etcdio import connect
 from halb.config import load_config
-from halb.ha.coord import GroupKeys, request_handover
+from halb.ha.admin import request_handover
+from halb.keys import GroupKeys
 from halb.lab import builder, faults
 from halb.lab.observe import leader, wait_until
 from halb.lab.topology import site_from_env

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-__all__ = ["cancel_and_wait", "within"]
+__all__ = ["Backoff", "cancel_and_wait", "within"]
 
 T = TypeVar("T")
 
@@ -40,3 +41,20 @@ async def cancel_and_wait(
         pass
     except Exception:
         log.exception(failure, *args)
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.1 s doubling to ``cap``."""
+
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
+        self.first = first
+        self.cap = cap
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay * random.uniform(0.8, 1.0)

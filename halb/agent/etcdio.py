@@ -11,11 +11,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from halb.agent.keys import ClusterKeys
 from halb.agent.status import LeaderInfo, NodeStatus, parse_status
 from halb.config import ClusterConfig, ConfigError, ConfigIssue, parse_config_text
 from halb.etcd import ClientSettings, EtcdClient, EtcdError, Snapshot, read_then_watch
-from halb.ha.coord import GroupKeys, parse_leader
+from halb.ha.values import parse_leader
+from halb.keys import ClusterKeys, GroupKeys
 
 __all__ = [
     "ClusterSnapshot",
@@ -113,7 +113,7 @@ async def read_cluster(client: EtcdClient, cfg: ClusterConfig) -> ClusterSnapsho
         if st is not None:
             statuses[st.node] = st
     drained: set[str] = set()
-    drain_prefix = f"{keys.base}/drain/".encode()
+    drain_prefix = keys.node_drain_prefix
     for kv in await client.range(drain_prefix, prefix=True):
         drained.add(kv.key[len(drain_prefix) :].decode())
     return ClusterSnapshot(leaders, statuses, drained)

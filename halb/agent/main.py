@@ -32,7 +32,7 @@ from halb.agent.linkwatch import watch_link
 from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.statuspub import publish_status
-from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
+from halb.agent.syncroles import SyncFactory, sync_close, sync_stats, sync_update_config, tune_gc
 from halb.aio import within
 from halb.checks.view import HealthView
 from halb.config import (
@@ -45,7 +45,7 @@ from halb.config import (
 )
 from halb.dataplane.base import ApplyResult, Dataplane
 from halb.etcd import EtcdClient, EtcdError
-from halb.ha.coord import Coordinator, GroupKeys
+from halb.ha.coord import Coordinator
 from halb.ha.deadline import DeadlineMux
 from halb.ha.machine import (
     Drain,
@@ -57,6 +57,7 @@ from halb.ha.machine import (
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
+from halb.keys import GroupKeys
 from halb.net.vip import InterfaceVips
 
 __all__ = ["Agent", "AgentError"]
@@ -423,6 +424,7 @@ class Agent:
                     await self._program(self.cfg)
                 await self._run_groups(client)
             finally:
+                await sync_close(self.sync)
                 await asyncio.to_thread(self.dataplane.close)
         finally:
             await client.close()

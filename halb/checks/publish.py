@@ -42,6 +42,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 
+from halb.aio import Backoff
 from halb.checks.scheduler import CheckScheduler
 from halb.checks.state import BackendHealth
 from halb.checks.view import (
@@ -62,7 +63,7 @@ from halb.etcd import (
     Snapshot,
     read_then_watch,
 )
-from halb.ha.coord import Backoff
+from halb.keys import ClusterKeys
 from halb.model import Service
 
 __all__ = [
@@ -95,16 +96,12 @@ class HealthKeys:
         return cls(cfg.etcd.prefix, cfg.cluster)
 
     @property
-    def base(self) -> str:
-        return f"{self.prefix.rstrip('/')}/{self.cluster}"
-
-    @property
     def view(self) -> bytes:
-        return f"{self.base}/health/view".encode()
+        return ClusterKeys(self.prefix, self.cluster).health_view
 
     @property
     def drain_prefix(self) -> bytes:
-        return f"{self.base}/drain-backend/".encode()
+        return ClusterKeys(self.prefix, self.cluster).backend_drain_prefix
 
     def drain(self, backend_key: str) -> bytes:
         """The drain key of a view key (``10.0.0.100:80/tcp/10.0.0.21:80``)."""

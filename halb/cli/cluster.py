@@ -25,7 +25,8 @@ from halb.cli.common import (
 )
 from halb.config import ClusterConfig, ConfigError, parse_config_text
 from halb.etcd import EtcdClient
-from halb.ha.coord import GroupKeys, clear_drain, request_handover, set_drain
+from halb.ha.admin import clear_drain, request_handover, set_drain
+from halb.keys import GroupKeys
 
 T = TypeVar("T")
 

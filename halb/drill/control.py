@@ -14,7 +14,8 @@ from halb.drill.progress import Progress
 from halb.drill.target import ETCD_FAULTS, DrillError, DrillOptions, Target
 from halb.drill.watch import LeaderWatch, read_leader
 from halb.etcd import EtcdError
-from halb.ha.coord import GroupKeys, request_handover
+from halb.ha.admin import request_handover
+from halb.keys import GroupKeys
 from halb.lab import faults
 
 __all__ = [

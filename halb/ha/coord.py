@@ -1,20 +1,7 @@
 """etcd adapter for one VIP group on one node: lease, campaign, watch -> machine events.
 
-Keys (``P`` = ``<etcd.prefix>/<cluster>``)::
-
-    P/groups/<group>/leader    {"node": "lb1", "priority": 200, "lease": "<hex>"}
-                               created only if absent (create-revision == 0), on the
-                               node's lease. Term = (kv.lease, kv.create_revision).
-    P/groups/<group>/handover  {"target": "lb2", "term": "<lease hex>@<rev>" | null,
-                               "reason": "preempt" | "planned", "by": "lb1"}
-                               Asks the leader of that term to hand over to target.
-                               Written by a preempting node on its own lease (gone if
-                               it dies), or by the CLI without a lease; whoever wins
-                               the next term deletes it.
-    P/groups/<group>/heartbeat {"term": "<lease hex>@<rev>", "seq": n}
-                               put by the active every ``heartbeat_interval`` on its
-                               lease, only while the leader key holds its term.
-    P/drain/<node>             present = the node is drained (value: free text reason).
+Keys: halb.keys (the leader, handover and heartbeat keys of the group, the node's drain
+key); their values: halb.ha.values; operator actions on them: halb.ha.admin.
 
 Every node holds one lease per group (so resigning one group revokes only that group's
 key) and keeps it alive every ``keepalive_interval`` (TTL/4 by default). The fence
@@ -67,17 +54,13 @@ Usage (the runtime does this)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import json
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from halb.aio import within
+from halb.aio import Backoff, within
 from halb.etcd import (
     Compare,
     EtcdClient,
@@ -93,6 +76,7 @@ from halb.etcd import (
     read_then_watch,
 )
 from halb.ha.clock import Clock, MonotonicClock
+from halb.ha.leasefile import LeaseFile
 from halb.ha.machine import (
     UNRESPONSIVE,
     CampaignLost,
@@ -100,7 +84,6 @@ from halb.ha.machine import (
     Drain,
     Event,
     FenceDeadlinePassed,
-    Handover,
     HandoverObserved,
     KeepaliveOk,
     Leader,
@@ -110,19 +93,20 @@ from halb.ha.machine import (
     LeaseLost,
     Undrain,
 )
+from halb.ha.values import (
+    handover_value,
+    heartbeat_term,
+    heartbeat_value,
+    leader_value,
+    parse_handover,
+    parse_leader,
+)
+from halb.ha.watchdog import LeaderWatchdog
+from halb.keys import GroupKeys
 from halb.model import Term
 from halb.timing import lease_timings, rpc_timeout_for
 
-__all__ = [
-    "Backoff",
-    "Coordinator",
-    "GroupKeys",
-    "clear_drain",
-    "parse_handover",
-    "parse_leader",
-    "request_handover",
-    "set_drain",
-]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger(__name__)
 
@@ -130,122 +114,6 @@ T = TypeVar("T")
 
 # Errors that mean "etcd did not answer as hoped, try again later".
 _RETRY = (EtcdError, asyncio.TimeoutError, OSError)
-
-
-@dataclass(frozen=True, slots=True)
-class GroupKeys:
-    prefix: str
-    cluster: str
-    group: str
-
-    @property
-    def base(self) -> str:
-        return f"{self.prefix.rstrip('/')}/{self.cluster}"
-
-    @property
-    def group_prefix(self) -> bytes:
-        return f"{self.base}/groups/{self.group}/".encode()
-
-    @property
-    def leader(self) -> bytes:
-        return self.group_prefix + b"leader"
-
-    @property
-    def handover(self) -> bytes:
-        return self.group_prefix + b"handover"
-
-    @property
-    def heartbeat(self) -> bytes:
-        return self.group_prefix + b"heartbeat"
-
-    def drain(self, node: str) -> bytes:
-        return f"{self.base}/drain/{node}".encode()
-
-
-class Backoff:
-    """Exponential backoff with jitter: 0.1 s doubling to ``cap``."""
-
-    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
-        self.first = first
-        self.cap = cap
-        self._next = first
-
-    def reset(self) -> None:
-        self._next = self.first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self.cap, self._next * 2)
-        return delay * random.uniform(0.8, 1.0)
-
-
-def _term_str(term: Term) -> str:
-    return f"{term.lease_id:x}@{term.revision}"
-
-
-def _parse_term(text: Any) -> Term | None:
-    if not isinstance(text, str) or "@" not in text:
-        return None
-    lease, _, rev = text.partition("@")
-    try:
-        return Term(int(lease, 16), int(rev))
-    except ValueError:
-        return None
-
-
-def _heartbeat_term(value: bytes) -> Term | None:
-    try:
-        return _parse_term(json.loads(value).get("term"))
-    except (ValueError, AttributeError):
-        return None
-
-
-def parse_leader(value: bytes, lease: int, create_revision: int) -> Leader:
-    """The leader key's value; the term comes from the key's metadata, not the value."""
-    try:
-        data = json.loads(value)
-        holder, priority = str(data["node"]), int(data["priority"])
-    except (ValueError, KeyError, TypeError):
-        log.warning("leader key holds unreadable value %r; treating holder as unknown", value)
-        holder, priority = "?", 0
-    return Leader(holder, priority, Term(lease, create_revision))
-
-
-def parse_handover(value: bytes) -> Handover | None:
-    try:
-        data = json.loads(value)
-        return Handover(
-            str(data["target"]), _parse_term(data.get("term")), str(data.get("reason", ""))
-        )
-    except (ValueError, KeyError, TypeError):
-        log.warning("handover key holds unreadable value %r; ignoring it", value)
-        return None
-
-
-def _handover_value(target: str, term: Term | None, reason: str, by: str) -> bytes:
-    return json.dumps(
-        {
-            "target": target,
-            "term": _term_str(term) if term else None,
-            "reason": reason,
-            "by": by,
-        }
-    ).encode()
-
-
-async def request_handover(
-    client: EtcdClient, keys: GroupKeys, target: str, *, term: Term | None = None
-) -> None:
-    """Planned failover (CLI): ask the current leader to hand the group to ``target``."""
-    await client.put(keys.handover, _handover_value(target, term, "planned", "cli"))
-
-
-async def set_drain(client: EtcdClient, keys: GroupKeys, node: str, reason: str = "") -> None:
-    await client.put(keys.drain(node), reason.encode())
-
-
-async def clear_drain(client: EtcdClient, keys: GroupKeys, node: str) -> None:
-    await client.delete(keys.drain(node))
 
 
 class Coordinator:
@@ -288,6 +156,9 @@ class Coordinator:
         self.fence_margin = fence_margin if fence_margin is not None else lease.fence_margin
         self.rpc_timeout = rpc_timeout or rpc_timeout_for(self.keepalive_interval)
         self.state_dir = state_dir
+        self._lease_file = LeaseFile(
+            state_dir / f"lease-{keys.cluster}-{keys.group}" if state_dir is not None else None
+        )
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         # Lower-ranked standbys notice a silent leader a little later, so usually
@@ -299,9 +170,7 @@ class Coordinator:
         self._hb_seq = 0
         # Standby side: the leader's term as last seen, when its last heartbeat (or
         # the term itself) was seen, and whether it was reported unresponsive.
-        self._watched: Term | None = None
-        self._watched_since = 0.0
-        self._reported: Term | None = None
+        self.watchdog = LeaderWatchdog(heartbeat_timeout + watchdog_slack)
         # Shutting down: no new lease (and no lease file) after the last resign.
         self._retired = False
         self._lease: int | None = None
@@ -309,8 +178,6 @@ class Coordinator:
         self.last_keepalive_ok: float | None = None
         # etcd revision of the newest leader/handover view emitted (reads and watch).
         self._view_revision = 0
-        # mod revision of the newest heartbeat of the watched term seen.
-        self._hb_seen = 0
 
     # -- observable state ----------------------------------------------------------------
 
@@ -342,9 +209,7 @@ class Coordinator:
 
     @property
     def lease_file(self) -> Path | None:
-        if self.state_dir is None:
-            return None
-        return self.state_dir / f"lease-{self.keys.cluster}-{self.keys.group}"
+        return self._lease_file.path
 
     # -- main loop -------------------------------------------------------------------------
 
@@ -358,57 +223,45 @@ class Coordinator:
                 tg.create_task(self._watchdog_loop(), name=f"watchdog-{self.keys.group}")
 
     def _observe_leader(self, leader: Leader | None) -> None:
-        """Restart the heartbeat clock for a newly seen term (or after a re-read, when
-        heartbeats may have been missed while the watch was down)."""
-        term = leader.term if leader is not None else None
-        if term != self._watched:
-            self._reported = None
-        self._watched = term
-        self._watched_since = self.clock.now()
+        self.watchdog.observe_leader(leader.term if leader is not None else None, self.clock.now())
 
     async def _watchdog_loop(self) -> None:
-        limit = self.heartbeat_timeout + self.watchdog_slack
         while True:
             await self.clock.sleep(self.heartbeat_interval / 2)
-            term = self._watched
-            if term is None or term == self._reported:
-                continue
-            if self._lease is not None and term.lease_id == self._lease:
-                continue  # our own term
             if self.client.outages.failing_since is not None:
                 # etcd does not answer us either (electing a leader, say): the leader's
                 # heartbeats cannot get through now; judge it only once etcd answers.
-                self._watched_since = self.clock.now()
+                self.watchdog.etcd_unavailable(self.clock.now())
                 continue
-            silent = self.clock.now() - self._watched_since
-            if silent > limit and await self._heartbeat_moved(term):
+            suspect = self.watchdog.suspect(self.clock.now(), self._lease)
+            if suspect is None:
                 continue
-            if silent > limit:
-                log.warning(
-                    "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
-                    term,
-                    silent,
-                    limit,
-                )
-                self._reported = term
-                self.emit(LeaderUnresponsive(term))
+            term, silent = suspect
+            if await self._heartbeat_moved(term):
+                continue
+            log.warning(
+                "no heartbeat from the leader of term %s for %.2fs (limit %.2fs)",
+                term,
+                silent,
+                self.watchdog.limit,
+            )
+            self.watchdog.report(term)
+            self.emit(LeaderUnresponsive(term))
 
     async def _heartbeat_moved(self, term: Term) -> bool:
-        """Whether the heartbeat key holds a beat of ``term`` newer than the watch has
-        shown (the watch may be moving off a failed etcd member); if so the heartbeat
-        clock restarts from now."""
+        """Whether the heartbeat key, read now, shows ``term`` alive after all."""
         try:
             kv = await self._rpc(lambda t: self.client.get(self.keys.heartbeat, timeout=t))
         except _RETRY:
             return False
-        if kv is None or kv.mod_revision <= self._hb_seen or _heartbeat_term(kv.value) != term:
+        if kv is None:
             return False
-        if self._watched != term:
-            return True  # the term changed meanwhile; the new one has its own clock
-        log.info("heartbeat of term %s seen by a read, not yet by the watch", term)
-        self._hb_seen = kv.mod_revision
-        self._watched_since = self.clock.now()
-        return True
+        moved = self.watchdog.moved(
+            term, heartbeat_term(kv.value), kv.mod_revision, self.clock.now()
+        )
+        if moved:
+            log.info("heartbeat of term %s seen by a read, not yet by the watch", term)
+        return moved
 
     async def _keepalive(self, lease: int, timeout: float) -> int:
         return await self.client.keepalive(lease, timeout=timeout)
@@ -485,12 +338,8 @@ class Coordinator:
             return int(lease.id), sent, False
 
     async def _try_resume(self) -> tuple[int, float] | None:
-        path = self.lease_file
-        if path is None or not path.exists():
-            return None
-        try:
-            lease = int(path.read_text().strip(), 16)
-        except (OSError, ValueError):
+        lease = self._lease_file.load()
+        if lease is None:
             return None
         try:
             info = await self._rpc(lambda t: self.client.time_to_live(lease, timeout=t))
@@ -500,8 +349,7 @@ class Coordinator:
             return None
         if ttl <= 0:
             log.info("stored lease %x has expired; granting a new one", lease)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self._lease_file.remove()
             return None
         self._granted_ttl = info.granted_ttl or self.ttl
         # TimeToLive is whole seconds: renew it now so the fence deadline is exact.
@@ -517,24 +365,13 @@ class Coordinator:
         return lease, sent
 
     def _store_lease(self, lease: int) -> None:
-        path = self.lease_file
-        if path is None or self._retired:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(f"{lease:x}\n")
-            tmp.replace(path)
-        except OSError as exc:
-            log.warning("cannot store lease id in %s: %s", path, exc)
+        if not self._retired:
+            self._lease_file.store(lease)
 
     def _drop_lease(self) -> None:
         self._lease = None
         self.last_keepalive_ok = None
-        path = self.lease_file
-        if path is not None:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        self._lease_file.remove()
 
     async def _fence_loop(self) -> None:
         while True:
@@ -563,9 +400,7 @@ class Coordinator:
 
     async def campaign(self, lease: int) -> None:
         """Create the leader key on ``lease`` if absent; emit CampaignWon / CampaignLost."""
-        value = json.dumps(
-            {"node": self.node, "priority": self.priority, "lease": f"{lease:x}"}
-        ).encode()
+        value = leader_value(self.node, self.priority, lease)
         backoff = Backoff()
         while self._lease == lease:
             try:
@@ -628,7 +463,7 @@ class Coordinator:
             while self._lease == term.lease_id:
                 sent = self.clock.now()
                 self._hb_seq += 1
-                value = json.dumps({"term": _term_str(term), "seq": self._hb_seq}).encode()
+                value = heartbeat_value(term, self._hb_seq)
                 ok: bool | None
                 try:
                     ok = await self._put_if_term(term, self.keys.heartbeat, value, term.lease_id)
@@ -656,7 +491,7 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        value = _handover_value(self.node, term, UNRESPONSIVE, self.node)
+        value = handover_value(self.node, term, UNRESPONSIVE, self.node)
         backoff = Backoff()
         while True:
             if self._lease != lease:
@@ -708,7 +543,7 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
-        value = _handover_value(target, term, reason, self.node)
+        value = handover_value(target, term, reason, self.node)
         try:
             await self._rpc(
                 lambda t: self.client.put(self.keys.handover, value, lease=lease, timeout=t)
@@ -778,7 +613,7 @@ class Coordinator:
         )
         self._observe_leader(leader)
         # A fresh read (after a reconnect, say): judge the leader's heartbeats anew.
-        self._reported = None
+        self.watchdog.reread()
         self.emit(LeaderObserved(leader))
         self.emit(HandoverObserved(parse_handover(handover_kv.value) if handover_kv else None))
 
@@ -810,8 +645,7 @@ class Coordinator:
         elif key == self.keys.handover:
             self.emit(HandoverObserved(parse_handover(ev.kv.value) if put else None))
         elif key == self.keys.heartbeat:
-            if put and _heartbeat_term(ev.kv.value) == self._watched:
-                self._watched_since = self.clock.now()
-                self._hb_seen = revision
+            if put:
+                self.watchdog.heartbeat(heartbeat_term(ev.kv.value), revision, self.clock.now())
         elif key == self.keys.drain(self.node):
             self.emit(Drain() if put else Undrain())

@@ -19,15 +19,12 @@ from typing import Any
 import pytest
 
 from halb.etcd import ClientSettings, EtcdClient, EventKind
-from halb.ha.coord import (
-    Coordinator,
-    GroupKeys,
-    parse_leader,
-    request_handover,
-    set_drain,
-)
+from halb.ha.admin import request_handover, set_drain
+from halb.ha.coord import Coordinator
 from halb.ha.machine import CampaignLost, CampaignWon, Leader, Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
+from halb.ha.values import parse_leader
+from halb.keys import GroupKeys
 from halb.model import IPAddress, Term
 from halb.testing.etcd import EtcdServer
 from halb.testing.waits import until
@@ -98,13 +95,13 @@ class GatedSync:
         self.synced = False
         self.asked = 0
 
-    async def serve(self, term: Term) -> None:
+    async def serve(self, group: str, term: Term) -> None:
         await asyncio.Event().wait()
 
-    async def follow(self, leader: Leader) -> None:
+    async def follow(self, group: str, leader: Leader) -> None:
         await asyncio.Event().wait()
 
-    def caught_up(self, leader: Leader) -> bool:
+    def caught_up(self, group: str, leader: Leader) -> bool:
         self.asked += 1
         return self.synced
 
@@ -369,7 +366,11 @@ def test_planned_failover_to_named_node(etcd: EtcdServer) -> None:
         await until(lambda: cluster.active() == ["b"], 3, "b to take over")
         print(f"\nplanned failover to b in {(time.monotonic() - t0) * 1000:.0f} ms")
         await until(lambda: cluster.nodes["a"].machine.state is State.STANDBY, 3, "a")
-        assert await admin.get(KEYS.handover) is None
+        # The winner consumes the request (a delete it sends once it holds the term).
+        deadline = time.monotonic() + 2.0
+        while await admin.get(KEYS.handover) is not None:
+            assert time.monotonic() < deadline, "the winner left the handover request"
+            await asyncio.sleep(0.02)
 
     run(etcd, body)
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from halb.agent.etcdio import StoredConfig, watch_config
-from halb.agent.keys import ClusterKeys
 from halb.etcd import ClientSettings, EtcdClient, RangeResult
+from halb.keys import ClusterKeys
 from halb.testing.etcd import EtcdServer
 
 pytestmark = pytest.mark.kernel

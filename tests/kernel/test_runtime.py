@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from halb.etcd import ClientSettings, EtcdClient
-from halb.ha.coord import Coordinator, GroupKeys
+from halb.ha.coord import Coordinator
 from halb.ha.machine import Machine, MachineConfig, State
 from halb.ha.runtime import GroupRuntime
+from halb.keys import GroupKeys
 from halb.net.netns import entered
 from halb.net.vip import InterfaceVips
 from halb.testing.etcd import EtcdServer
