@@ -76,4 +76,4 @@ def test_etcd_member_faults_cause_no_failover(secure_lab: dict[str, Any], fault:
         # then the active fences and wins a new term (the note says so), with no
         # failover and no connection lost.
         assert "terms: none lost or changed" in d["notes"]
-    assert leader(secure_lab["config"]) == "lb1"
+    wait_until("lb1 to lead again", lambda: leader(secure_lab["config"]) == "lb1", 30)
