@@ -166,17 +166,17 @@ class TermRoles:
         self.health = health
         self.leader_key = leader_key
 
-    async def serve(self, term: Term) -> None:
+    async def serve(self, group: str, term: Term) -> None:
         async with asyncio.TaskGroup() as tg:
             if self.sync is not None:
-                tg.create_task(self.sync.serve(term))
+                tg.create_task(self.sync.serve(group, term))
             tg.create_task(self.health.publish(term, self.leader_key))
 
-    async def follow(self, leader: Leader) -> None:
+    async def follow(self, group: str, leader: Leader) -> None:
         if self.sync is not None:
-            await self.sync.follow(leader)
+            await self.sync.follow(group, leader)
         else:
             await asyncio.get_running_loop().create_future()  # until cancelled
 
-    def caught_up(self, leader: Leader) -> bool:
-        return self.sync is None or self.sync.caught_up(leader)
+    def caught_up(self, group: str, leader: Leader) -> bool:
+        return self.sync is None or self.sync.caught_up(group, leader)

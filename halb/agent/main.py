@@ -32,7 +32,7 @@ from halb.agent.linkwatch import watch_link
 from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.statuspub import publish_status
-from halb.agent.syncroles import SyncFactory, sync_stats, sync_update_config, tune_gc
+from halb.agent.syncroles import SyncFactory, sync_close, sync_stats, sync_update_config, tune_gc
 from halb.aio import within
 from halb.checks.view import HealthView
 from halb.config import (
@@ -424,6 +424,7 @@ class Agent:
                     await self._program(self.cfg)
                 await self._run_groups(client)
             finally:
+                await sync_close(self.sync)
                 await asyncio.to_thread(self.dataplane.close)
         finally:
             await client.close()

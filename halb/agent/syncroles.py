@@ -1,11 +1,12 @@
-"""The agent's FlowSync roles: the server while this node holds a term, the client
-while another node does (halb.ha.runtime.SyncRoles).
+"""The agent's FlowSync roles, per VIP group: serving the group while this node holds
+its term, following it while another node does (halb.ha.runtime.SyncRoles).
 
-serve(term): a FlowSyncServer on this node's sync_address for that term, fed by a
-live flow source of the dataplane (snapshots on demand, deltas pushed as they are
-learned). follow(leader): a FlowSyncClient against the leader's sync_address that
-writes into this node's dataplane; on cancellation it returns only once the write in
-progress has landed (state before address: the runtime awaits it before adding VIPs).
+serve(group, term): that group's feed on the node's one FlowSyncServer (on its
+sync_address, started once), fed by the dataplane's flow source (snapshots on demand,
+deltas pushed as they are learned). follow(group, leader): a FlowSyncClient for that
+group against the leader's sync_address that writes into this node's dataplane; on
+cancellation it returns only once the write in progress has landed (state before
+address: the runtime awaits it before adding VIPs).
 
 Neither role ever raises into the term: a sync failure is logged and retried, because
 losing flow sync must not take VIP ownership down with it.
@@ -21,13 +22,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+from halb.aio import cancel_and_wait
 from halb.config import ClusterConfig
 from halb.dataplane.base import Dataplane, FlowSource
+from halb.flows import records
+from halb.flows.records import FlowBatch
 from halb.ha.machine import Leader
 from halb.ha.runtime import SyncRoles
 from halb.model import Term
 from halb.sync.client import ClientOptions, FlowSyncClient
-from halb.sync.server import FlowSyncServer, ServerOptions
+from halb.sync.feed import FlowFeed
+from halb.sync.server import FlowSyncServer, ServerOptions, ServerStats
 from halb.sync.tls import InsecureNotAllowed, SyncSecurity
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "SyncFactory",
     "SyncSetupError",
     "make_sync_roles",
+    "sync_close",
     "sync_stats",
     "sync_update_config",
     "tune_gc",
@@ -49,7 +55,15 @@ RETRY_MAX = 5.0
 
 
 class AgentSyncRoles:
-    """One per agent; shared by its VIP groups (one server, since one sync_address)."""
+    """One per agent, shared by its VIP groups.
+
+    The node's one FlowSyncServer (one sync_address) starts with the first group this
+    node holds and then serves until close(): each group's term adds that group's feed
+    and removes it when the term ends, so the groups still held keep being served.
+    The dataplane's flow source runs while at least one group is held; its changes go
+    to the feed of the group whose VIP they name. Each followed group has its own
+    client, which accepts only that group's flows under that group's term.
+    """
 
     def __init__(
         self,
@@ -71,70 +85,134 @@ class AgentSyncRoles:
         self._server_options = server_options
         self._client_options = client_options
         self._server: FlowSyncServer | None = None
+        self._server_lock = asyncio.Lock()
         self._source: FlowSource | None = None
-        self._clients: dict[str, FlowSyncClient] = {}  # leader node -> client
-        self._last_server: dict[str, Any] = {}
-        self._last_client: dict[str, Any] = {}
+        self._source_task: asyncio.Task[None] | None = None
+        self._source_lock = asyncio.Lock()
+        self._vips = _group_vips(config)
+        self._clients: dict[str, FlowSyncClient] = {}  # group -> client
+        self._last: dict[str, dict[str, Any]] = {}  # group -> its last role's doc
 
     def update_config(self, config: ClusterConfig) -> None:
-        """A new config revision: the clients validate flows against its services."""
+        """A new config revision: the clients validate flows against its services, and
+        pushes are routed by its groups' VIPs."""
         self.config = config
+        self._vips = _group_vips(config)
         for c in self._clients.values():
             c.update_config(config)
 
+    async def close(self) -> None:
+        """Stop the node's server and flow source (the agent is stopping)."""
+        await self._stop_source()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
+
     # -- the active's role -----------------------------------------------------------
 
-    async def serve(self, term: Term) -> None:
-        if self._server is not None:
-            # Another group's term already serves every flow of this dataplane.
-            log.warning("flow sync: a server for term %s already runs on this node; term %s "
-                        "shares it", self._server.term, term)  # fmt: skip
-            await asyncio.Event().wait()
+    async def serve(self, group: str, term: Term) -> None:
+        """Serve ``group``'s flows under ``term`` until cancelled."""
+        server = await self._running_server()
+        feed: FlowFeed | None = None
+        try:
+            await self._start_source()
+            feed = server.add_feed(group, _GroupSnapshot(self, group), term)
+            await asyncio.get_running_loop().create_future()  # until the term ends
+        finally:
+            if feed is not None:
+                self._last[group] = self._feed_doc(feed.stats(server.address, server.refused))
+                server.remove_feed(feed)
+            if not server.feeds:
+                # Shielded: the term is over either way; the source must not keep
+                # running (its XDP events ring is armed only on an active node).
+                await asyncio.shield(self._stop_source())
+
+    async def _running_server(self) -> FlowSyncServer:
+        """The node's server, started (and bound) on first use; retried with backoff,
+        since a port still held (a previous agent's) must not fail the term."""
+        async with self._server_lock:
+            delay = RETRY_INITIAL
+            while self._server is None:
+                server = FlowSyncServer(
+                    security=self.security,
+                    address=str(self.config.node(self.node).sync_address),
+                    options=self._server_options,
+                )
+                try:
+                    await server.start()
+                    self._server = server
+                except Exception as exc:
+                    log.error("flow sync server cannot start (%s); retrying in %.1f s",
+                              exc, delay)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+            return self._server
+
+    async def _start_source(self) -> None:
+        async with self._source_lock:
+            if self._source_task is None:
+                self._source = await asyncio.to_thread(self._source_factory)
+                self._source_task = asyncio.create_task(self._run_source(), name="flow-source")
+
+    async def _stop_source(self) -> None:
+        async with self._source_lock:
+            task, self._source_task = self._source_task, None
+            await cancel_and_wait(task, log, "the flow source failed")
+            source, self._source = self._source, None
+            if source is not None:
+                source.close()
+
+    async def _run_source(self) -> None:
+        """The flow source until cancelled; a failure restarts it with backoff (a term
+        must never end because of it)."""
         delay = RETRY_INITIAL
         while True:
+            source = self._source
+            assert source is not None
             try:
-                await self._serve_once(term)
+                await source.run(self._push)
+                raise RuntimeError("the flow source stopped")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.error("flow sync server for term %s failed (%s); retrying in %.1f s",
-                          term, exc, delay, exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
+                log.error("flow source failed (%s); restarting it in %.1f s", exc, delay,
+                          exc_info=log.isEnabledFor(logging.DEBUG))  # fmt: skip
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
-
-    async def _serve_once(self, term: Term) -> None:
-        address = self.config.node(self.node).sync_address
-        source = await asyncio.to_thread(self._source_factory)
-        server = FlowSyncServer(
-            source,
-            term=term,
-            security=self.security,
-            address=str(address),
-            options=self._server_options,
-        )
-        try:
-            await server.start()
-            self._server, self._source = server, source
-            await source.run(server.push)
-            raise RuntimeError("the flow source stopped")
-        finally:
-            self._last_server = self._server_stats()
-            self._server = self._source = None
-            # Shielded: the term is over either way; the port must be free for the next.
-            await asyncio.shield(server.stop())
             source.close()
+            self._source = await asyncio.to_thread(self._source_factory)
+
+    def _push(self, upserts: FlowBatch, deletes: FlowBatch) -> None:
+        """One change set of the node's source, split by group into the feeds."""
+        server = self._server
+        if server is None:
+            return
+        ups, dels = records.as_records(upserts), records.as_records(deletes)
+        for group, feed in server.feeds.items():
+            vips = self._vips.get(group, frozenset())
+            g_ups, g_dels = records.with_vips(ups, vips), records.with_vips(dels, vips)
+            if g_ups or g_dels:
+                feed.push(g_ups, g_dels)
+
+    def _snapshot(self, group: str) -> bytes:
+        """``group``'s current flows (worker thread)."""
+        source = self._source
+        if source is None:
+            raise RuntimeError("no flow source: this node holds no group")
+        return records.with_vips(source.snapshot_records(), self._vips.get(group, frozenset()))
 
     # -- a standby's role ------------------------------------------------------------
 
-    async def follow(self, leader: Leader) -> None:
+    async def follow(self, group: str, leader: Leader) -> None:
+        """Install ``group``'s flows from its active node until cancelled."""
         if leader.holder == self.node:
-            await asyncio.Event().wait()
+            await asyncio.get_running_loop().create_future()
         try:
             self.config.node(leader.holder)
         except KeyError:
-            log.error("flow sync: leader %s is not a node of the config; not following it",
-                      leader.holder)  # fmt: skip
-            await asyncio.Event().wait()
+            log.error("flow sync: leader %s of group %s is not a node of the config; not "
+                      "following it", leader.holder, group)  # fmt: skip
+            await asyncio.get_running_loop().create_future()
         client = FlowSyncClient(
             config=self.config,
             node=self.node,
@@ -143,42 +221,40 @@ class AgentSyncRoles:
             security=self.security,
             known_term=leader.term,
             options=self._client_options,
+            group=group,
         )
-        self._clients[leader.holder] = client
-        log.info("flow sync: following %s (term %s) at %s", leader.holder, leader.term,
-                 self.config.node(leader.holder).sync_address)  # fmt: skip
+        self._clients[group] = client
+        log.info("flow sync: following %s for group %s (term %s) at %s", leader.holder, group,
+                 leader.term, self.config.node(leader.holder).sync_address)  # fmt: skip
         client.start()
         try:
-            await asyncio.Event().wait()
+            await asyncio.get_running_loop().create_future()
         finally:
             # Not shielded: the runtime cancels once and waits for this to return, and
             # the client's stop() waits for the dataplane write in progress.
             t0 = time.monotonic()
             await client.stop()
-            self._last_client = _client_doc(client)
-            if self._clients.get(leader.holder) is client:
-                del self._clients[leader.holder]
+            self._last[group] = _client_doc(client)
+            if self._clients.get(group) is client:
+                del self._clients[group]
             st = client.stats()
-            log.info("flow sync: stopped following %s after %d flows installed (%d held, "
-                     "synced=%s); dataplane writes settled in %.1f ms", leader.holder,
-                     st.entries_installed, st.flows, st.synced,
+            log.info("flow sync: stopped following %s for group %s after %d flows installed "
+                     "(%d held, synced=%s); dataplane writes settled in %.1f ms", leader.holder,
+                     group, st.entries_installed, st.flows, st.synced,
                      (time.monotonic() - t0) * 1e3)  # fmt: skip
 
-    def caught_up(self, leader: Leader) -> bool:
-        """Whether this standby holds the leader's flows: connected, snapshot done."""
-        client = self._clients.get(leader.holder)
+    def caught_up(self, group: str, leader: Leader) -> bool:
+        """Whether this standby holds ``group``'s flows from that leader: connected,
+        snapshot done."""
+        client = self._clients.get(group)
         if client is None:
             return False
         st = client.stats()
-        return bool(st.connected and st.synced)
+        return bool(st.peer == leader.holder and st.connected and st.synced)
 
     # -- status ----------------------------------------------------------------------
 
-    def _server_stats(self) -> dict[str, Any]:
-        server = self._server
-        if server is None:
-            return {}
-        st = server.stats()
+    def _feed_doc(self, st: ServerStats) -> dict[str, Any]:
         peers: list[dict[str, Any]] = [
             {
                 "node": p.node,
@@ -209,22 +285,58 @@ class AgentSyncRoles:
         }
         if self._source is not None:
             src_doc = _stats_doc(self._source.stats())
-            doc["flows"] = src_doc.get("entries")
-            if "last_scan_seconds" in src_doc:
-                doc["scan_ms"] = round(src_doc["last_scan_seconds"] * 1e3, 1)
+            # The node's source sees every group's flows (synced ones too).
             detail["source"] = src_doc
         doc["detail"] = detail
         return doc
 
     def stats(self) -> dict[str, Any]:
         """The status document's ``sync`` field: scalars first (`halb status` prints
-        those), details in nested values (for --output json)."""
-        if self._server is not None:
-            return self._server_stats()
-        if self._clients:
-            return _client_doc(next(iter(self._clients.values())))
-        last = self._last_client or self._last_server
-        return {"role": "idle", **({"previous": last} if last else {})}
+        those), details in nested values (for --output json). ``groups`` holds one
+        document per group this node serves or follows; the scalars sum them up (with
+        one group: that group's document)."""
+        groups: dict[str, dict[str, Any]] = {}
+        server = self._server
+        if server is not None:
+            for group, st in server.feed_stats().items():
+                groups[group] = self._feed_doc(st)
+        for group, client in self._clients.items():
+            groups[group] = _client_doc(client)
+        if not groups:
+            last = dict(self._last)
+            return {"role": "idle", **({"previous": last} if last else {})}
+        if len(groups) == 1:
+            return {**next(iter(groups.values())), "groups": groups}
+        docs = list(groups.values())
+        clients = [d for d in docs if d["role"] == "client"]
+        summary: dict[str, Any] = {
+            # A node that serves any group is a server for its metrics' role gauge.
+            "role": "server" if len(clients) < len(docs) else "client",
+            "connected_peers": sum(d["connected_peers"] for d in docs),
+            "entries_synced": sum(d["entries_synced"] for d in docs),
+            "dropped": sum(d["dropped"] for d in docs),
+        }
+        if clients:
+            summary["synced"] = all(d["synced"] for d in clients)
+            summary["flows"] = sum(d["flows"] for d in clients)
+            summary["lag_sequence"] = max(d["lag_sequence"] for d in clients)
+        return {**summary, "groups": groups}
+
+
+class _GroupSnapshot:
+    """One group's FlowSnapshot: the node source's snapshot, filtered to its VIPs."""
+
+    def __init__(self, roles: AgentSyncRoles, group: str) -> None:
+        self._roles = roles
+        self._group = group
+
+    def snapshot_records(self) -> bytes:
+        return self._roles._snapshot(self._group)
+
+
+def _group_vips(config: ClusterConfig) -> dict[str, frozenset[bytes]]:
+    """Group name -> its VIPs as flow records hold them (addr16)."""
+    return {g.name: frozenset(records.addr16(v.address) for v in g.vips) for g in config.vip_groups}
 
 
 def _stats_doc(stats: object) -> dict[str, Any]:
@@ -287,6 +399,12 @@ def sync_stats(sync: SyncRoles | None) -> dict[str, Any]:
         return {"role": "disabled"}
     stats = getattr(sync, "stats", None)
     return dict(stats()) if callable(stats) else {}
+
+
+async def sync_close(sync: SyncRoles | None) -> None:
+    """The agent is stopping: free the node's sync server and flow source."""
+    if isinstance(sync, AgentSyncRoles):
+        await sync.close()
 
 
 def sync_update_config(sync: SyncRoles | None, cfg: ClusterConfig) -> None:

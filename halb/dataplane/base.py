@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
-from halb.flows.records import FlowBatch
 from halb.model import Backend, Flow, Service, ServiceKey
+
+if TYPE_CHECKING:
+    # Types only: the records module brings numpy, which adapters that never touch
+    # records (IPVS in the VM tier, where imports are ~60x slower) should not load.
+    from halb.flows.records import FlowBatch
 
 __all__ = [
     "ApplyResult",
@@ -30,7 +34,7 @@ __all__ = [
 ]
 
 # (upserts, deletes), disjoint within one call: Flow objects or packed flow records.
-Push = Callable[[FlowBatch, FlowBatch], None]
+Push: TypeAlias = "Callable[[FlowBatch, FlowBatch], None]"
 
 
 @dataclass(frozen=True, slots=True)

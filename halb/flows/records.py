@@ -70,6 +70,7 @@ __all__ = [
     "service_backend_key",
     "split",
     "to_flows",
+    "with_vips",
 ]
 
 RECORD_SIZE = 56
@@ -226,6 +227,21 @@ def lookup_keys(r: np.ndarray[Any, np.dtype[np.uint8]]) -> tuple[list[bytes], np
     keys = np.ascontiguousarray(r[:, _SVC_BACKEND]).view(f"V{RECORD_SIZE - PROTO}").ravel()
     uniq, inverse = np.unique(keys, return_inverse=True)
     return [bytes(u) for u in uniq], inverse.ravel()
+
+
+def with_vips(records: bytes, vips: frozenset[bytes]) -> bytes:
+    """The records (in order) whose VIP is one of ``vips`` (16-byte record form, see
+    addr16): what one VIP group's FlowSync feed carries of a node-wide batch."""
+    if not records or not vips:
+        return b""
+    r = rows(records)
+    keys = np.ascontiguousarray(r[:, VIP : VIP + 16]).view("V16").ravel()
+    uniq, inverse = np.unique(keys, return_inverse=True)  # few VIPs per batch
+    keep = np.array([bytes(u) in vips for u in uniq], np.bool_)[inverse.ravel()]
+    if keep.all():
+        return records
+    kept: bytes = r[keep].tobytes()
+    return kept
 
 
 def service_backend_key(

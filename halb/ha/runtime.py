@@ -15,7 +15,8 @@ integration-tested with real etcd and a real namespace:
 
 - ``coord``: halb.ha.coord.Coordinator (or a fake with the same methods).
 - ``vips``: a VipPort, e.g. halb.net.vip.InterfaceVips.
-- ``sync``: SyncRoles, whose ``serve(term)`` / ``follow(leader)`` run until cancelled
+- ``sync``: SyncRoles, whose ``serve(group, term)`` / ``follow(group, leader)`` run
+  until cancelled (``name`` is the group)
   (a follower's cancellation must return only once its flows are in the dataplane:
   the runtime awaits it before adding VIPs).
 - ``dataplane``: its dead-man switch is armed to the fence deadline on every keepalive
@@ -119,17 +120,21 @@ class CoordPort(Protocol):
 
 
 class SyncRoles(Protocol):
-    async def serve(self, term: Term) -> None:
-        """Run the sync server for ``term`` until cancelled."""
+    """The node's flow-sync roles, shared by its groups; each call names its group."""
+
+    async def serve(self, group: str, term: Term) -> None:
+        """Serve ``group``'s flows under ``term`` until cancelled (the node's one server
+        keeps serving the other groups it holds)."""
         ...
 
-    async def follow(self, leader: Leader) -> None:
-        """Run the sync client against ``leader`` until cancelled; on cancellation,
+    async def follow(self, group: str, leader: Leader) -> None:
+        """Install ``group``'s flows from ``leader`` until cancelled; on cancellation,
         return only once every received flow is in the dataplane."""
         ...
 
-    def caught_up(self, leader: Leader) -> bool:
-        """Whether the flows of ``leader`` are all here (snapshot done, stream up)."""
+    def caught_up(self, group: str, leader: Leader) -> bool:
+        """Whether ``group``'s flows of ``leader`` are all here (snapshot done, stream
+        up)."""
         ...
 
 
@@ -292,7 +297,7 @@ class GroupRuntime:
             case StartSyncClient(leader=leader):
                 await self._stop_follow()
                 if self.sync is not None:
-                    self._follow = asyncio.create_task(self.sync.follow(leader))
+                    self._follow = asyncio.create_task(self.sync.follow(self.name, leader))
             case StopSyncClient():
                 await self._stop_follow()
             case Campaign(lease_id=lease):
@@ -344,7 +349,7 @@ class GroupRuntime:
                 self._arm_deadline()
                 log.info("%s: term %s holds %s", self.name, term, ", ".join(map(str, tt.added)))
                 if tt.serve and self.sync is not None:
-                    tg.create_task(self.sync.serve(term))
+                    tg.create_task(self.sync.serve(self.name, term))
                 if tt.announce:
                     tg.create_task(self._announce(tt))
                 # The term lasts until the machine ends it (cancellation).
@@ -429,7 +434,7 @@ class GroupRuntime:
         is here, so its connections survive the move (bounded, so a broken sync does
         not block preemption for ever)."""
         leader = self.machine.st.leader
-        if self.sync is None or leader is None or self.sync.caught_up(leader):
+        if self.sync is None or leader is None or self.sync.caught_up(self.name, leader):
             self._preempt_deferred_since = None
             return True
         now = self.clock.now()

@@ -6,6 +6,7 @@ See docs/lab-layout.md for the picture.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ __all__ = [
     "Link",
     "lab_config",
     "plan",
+    "second_group",
     "site_from_env",
 ]
 
@@ -176,6 +178,11 @@ class LabPlan:
         return f"{self.site.net6}100"
 
     @property
+    def vip2(self) -> str:
+        """The VIP of a second group (second_group()); the backends hold it too."""
+        return f"{self.site.net(FRONT)}.101"
+
+    @property
     def nat_gateway(self) -> str:
         return f"{self.site.net(BACK)}.1/24"
 
@@ -285,7 +292,7 @@ def plan(
     nodes = tuple(
         _host(site, f"lb{i}", "lb", i, 10 + i, (FRONT, BACK, MGMT)) for i in range(1, n_nodes + 1)
     )
-    vips = (f"{base.vip}/32", f"{base.vip6}/128")
+    vips = (f"{base.vip}/32", f"{base.vip6}/128", f"{base.vip2}/32")
     backends = tuple(
         _host(site, f"be{i}", "be", i, 20 + i, (FRONT, BACK), vips)
         for i in range(1, n_backends + 1)
@@ -389,8 +396,21 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
             "key": str(d / "client-key.pem"),
             "server_name": p.etcd_server_name,
         }
-        cfg["etcd"]["auth"] = {"user": ETCD_USER, "password_file": str(d / "password")}
+        # No etcd.auth: the client certificate's CN is the etcd user (etcd_members).
     # Fast takeover (the dataplane's dead-man switch fences a silent node): a local etcd
     # answers in milliseconds, so six missed heartbeats mean a dead or frozen agent.
     cfg["failover"] = {"heartbeat_interval": 0.05, "heartbeat_timeout": 0.3}
     return cfg
+
+
+def second_group(cfg: dict[str, Any], vip: str, name: str = "lab2") -> dict[str, Any]:
+    """A copy of the lab's config document with a second VIP group: ``vip`` with the
+    first group's services, no preemption (so an active moved there stays), for tests
+    of groups whose actives are on different nodes."""
+    out = copy.deepcopy(cfg)
+    group = copy.deepcopy(out["vip_groups"][0])
+    group["name"] = name
+    group["preempt"] = False
+    group["vips"] = [{**group["vips"][0], "address": vip}]
+    out["vip_groups"].append(group)
+    return out

@@ -95,13 +95,13 @@ class GatedSync:
         self.synced = False
         self.asked = 0
 
-    async def serve(self, term: Term) -> None:
+    async def serve(self, group: str, term: Term) -> None:
         await asyncio.Event().wait()
 
-    async def follow(self, leader: Leader) -> None:
+    async def follow(self, group: str, leader: Leader) -> None:
         await asyncio.Event().wait()
 
-    def caught_up(self, leader: Leader) -> bool:
+    def caught_up(self, group: str, leader: Leader) -> bool:
         self.asked += 1
         return self.synced
 

@@ -236,3 +236,17 @@ def test_dataplane_dispatch_falls_back_to_flow_objects() -> None:
     assert records.delete(fake, records.from_flows([V6])) == 1
     assert fake.flows == {v4()}
     assert records.dump(fake) == records.from_flows([v4()])
+
+
+def test_with_vips_keeps_the_records_of_those_vips_in_order() -> None:
+    other = Flow(Protocol.TCP, ip("192.0.2.9"), 1, ip("10.0.0.101"), 80, ip("10.0.0.21"), 8080)
+    v6 = Flow(Protocol.TCP, ip("2001:db8:9::7"), 2, ip("2001:db8::100"), 443,
+              ip("2001:db8:1::21"), 443)  # fmt: skip
+    recs = records.from_flows([v4(1), other, v4(2), v6])
+    mine = frozenset({records.addr16(ip("10.0.0.100")), records.addr16(ip("2001:db8::100"))})
+    assert records.to_flows(records.with_vips(recs, mine)) == [v4(1), v4(2), v6]
+    assert records.with_vips(recs, frozenset({records.addr16(ip("10.0.0.101"))})) == (
+        records.from_flows([other])
+    )
+    assert records.with_vips(recs, frozenset()) == b""
+    assert records.with_vips(b"", mine) == b""

@@ -3,6 +3,7 @@ re-apply, flow dump / install / delete, and a connection takeover between balanc
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -27,10 +28,11 @@ from ipvs_env import (
     topology,
 )
 
-from halb.dataplane.base import Counters
+from halb.dataplane.base import Counters, FlowSource
 from halb.dataplane.ipvs import IpvsDataplane
 from halb.dataplane.ipvs.kernel import desired_state
 from halb.dataplane.ipvs.netlink import IpvsNetlink
+from halb.flows import records
 from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
 
 BE = {ns.removeprefix("halbt-"): ip_address(a) for ns, a in BACKENDS.items()}
@@ -254,6 +256,39 @@ def test_flows_dump_install_delete(lb1: IpvsDataplane, lb2: IpvsDataplane) -> No
             c.close()
 
 
+def test_flow_source_pushes_new_connections(lb1: IpvsDataplane) -> None:
+    svc = service(Scheduler.RR)
+    lb1.apply([svc])
+    source = lb1.flow_source()
+    assert isinstance(source, FlowSource)
+    pushed: list[Flow] = []
+
+    def push(upserts: object, deletes: object) -> None:
+        assert isinstance(upserts, list)
+        pushed.extend(upserts)
+
+    async def run_until_seen(sport: int) -> None:
+        task = asyncio.create_task(source.run(push))
+        try:
+            async with asyncio.timeout(30):
+                while not any(f.sport == sport for f in pushed):
+                    await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    held = Client(VIP, 80)
+    try:
+        backend = held.ask()
+        asyncio.run(run_until_seen(held.sport))
+        mine = [f for f in pushed if f.sport == held.sport]
+        assert mine[0].backend == BE[backend] and mine[0].vip == VIP
+        assert records.count(source.snapshot_records()) >= 1
+    finally:
+        held.close()
+        source.close()
+
+
 def test_install_many_flows_measured(lb2: IpvsDataplane) -> None:
     svc = service(Scheduler.MAGLEV)
     lb2.apply([svc])
@@ -275,11 +310,16 @@ def test_install_many_flows_measured(lb2: IpvsDataplane) -> None:
     installed = time.monotonic() - started
     assert len(lb2.dump_flows()) == n
     visible = time.monotonic() - started
+    # What each rescan of the flow source (IpvsDataplane.flow_source) costs at this size.
+    t0 = time.monotonic()
+    lb2.dump_flows()
+    rescan = time.monotonic() - t0
     measure(
         "ipvs_install_flows",
         flows=n,
         install_s=round(installed, 3),
         visible_after_dump_s=round(visible, 3),
+        rescan_s=round(rescan, 3),
     )
     lb2.delete_flows(flows)
 
