@@ -113,7 +113,9 @@ def test_systemctl_stop_hands_over_in_tens_of_ms(site: Site) -> None:
         stop = _journal_time(site, "lb1", r"stopping: handing over", since)
         took = _journal_time(site, "lb2", re.escape(f"holds {VIP}"), since)
         print(f"\nsystemctl stop on lb1: lb2 holds the VIP {1000 * (took - stop):.1f} ms later")
-        assert 0 < took - stop < 0.1
+        # A hand-over (lease revoked), not a lease expiry: 71-77 ms on a quiet machine;
+        # the bound leaves room for a loaded one and stays far below the 2 s lease TTL.
+        assert 0 < took - stop < 0.5
     finally:
         site.fabric.ssh("lb1", "systemctl start halb-agent")
     site.wait_settled("lb1")
