@@ -34,6 +34,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+# Derived with every other interval in halb.timing (one place); re-exported here.
+from halb.timing import HoldPolicy
+
 __all__ = [
     "REFUSE_ACTIVE",
     "REFUSE_NOT_MEMBER",
@@ -48,25 +51,6 @@ __all__ = [
 REFUSE_REACHES_ETCD = "reaches etcd"
 REFUSE_ACTIVE = "holds or is campaigning for the group"
 REFUSE_NOT_MEMBER = "not a member of the group"
-
-
-@dataclass(frozen=True, slots=True)
-class HoldPolicy:
-    promise: float  # seconds a peer is bound per grant
-    renew: float  # the holder asks every ``renew`` seconds
-    drift: float = 0.001  # bound on any clock's rate error (1000 ppm; NTP gives ~50)
-    withdraw: float = 0.05  # the holder's time to withdraw (VIP removal, a switch tick)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.renew < self.promise:
-            raise ValueError("a promise must outlast the renewal interval")
-        if not 0 <= self.drift < 0.1:
-            raise ValueError("clock drift bound out of range")
-
-    def hold_end(self, asked_at: float, granted: float) -> float:
-        """The last instant (holder's clock) the holder may hold on the strength of a
-        grant of ``granted`` seconds to a request it sent at ``asked_at``."""
-        return asked_at + granted * (1 - self.drift) / (1 + self.drift) - self.withdraw
 
 
 @dataclass(frozen=True, slots=True)
