@@ -13,6 +13,7 @@ from halb.agent import etcdio
 from halb.drill import partition
 from halb.drill.progress import Progress
 from halb.drill.target import ETCD_FAULTS, OUTAGE, DrillError, DrillOptions, Target
+from halb.drill.vipwatch import VipHolders, spans
 from halb.drill.watch import LeaderWatch, read_leader
 from halb.etcd import EtcdError
 from halb.ha.admin import request_handover
@@ -148,6 +149,8 @@ class Controller:
         # etcd-outage: the thread that ends it, and what it did (wall clock, line).
         self._outage: threading.Thread | None = None
         self.outage_log: list[tuple[float, str]] = []
+        self._holders: VipHolders | None = None
+        self._fault_at = 0.0
 
     def leader(self) -> str | None:
         return read_leader(self.target.cfg, self.target.group)[0]
@@ -167,7 +170,9 @@ class Controller:
         lab = self.target.lab
         if lab is None:
             raise DrillError(f"--fault {OUTAGE} needs the lab")
-        t = time.time()
+        self._holders = VipHolders.for_lab(lab, self.target.vip)
+        self._holders.start()
+        t = self._fault_at = time.time()
         what = faults.apply_fault(node, "etcd-stop-all", lab)
         self.outage_log = [(t, what)]
         self._outage = threading.Thread(
@@ -201,6 +206,14 @@ class Controller:
             self._outage.join(60)
             self._outage = None
         return list(self.outage_log)
+
+    def vip_holders(self) -> dict[str, Any] | None:
+        """etcd-outage: which nodes held the VIP from the fault to now (then stops)."""
+        h, self._holders = self._holders, None
+        if h is None:
+            return None
+        h.stop()
+        return spans(h.samples, self._fault_at, time.time())
 
     def heal(self, opts: DrillOptions) -> list[str]:
         return heal(self.target, opts)

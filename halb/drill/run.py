@@ -130,6 +130,15 @@ def run_one(
         )
     for t, line in ctl.after_fault():
         result.notes.append(f"{t - fault_at:+.2f}s {line}")
+    result.vip_holders = ctl.vip_holders()
+    if result.vip_holders is not None:
+        v = result.vip_holders
+        one = ", ".join(f"{n} {s:.2f}s" for n, s in v["one_s"].items()) or "none"
+        result.notes.append(
+            f"VIP address on exactly one node throughout: {v['exactly_one_throughout']} "
+            f"(on one node: {one}; on none: {v['none_s']:.2f}s; on several: "
+            f"{v['several_s']:.2f}s)"
+        )
     if target.lab is None:
         result.notes.append("ARP seen from the client only: replies to other hosts are not")
     if opts.fault in ETCD_FAULTS:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 from halb.ha.clock import Clock
@@ -38,6 +38,10 @@ class PromisePort(Protocol):
     async def ask(
         self, peer: str, group: str, term: Term, round_: int, timeout: float
     ) -> Grant | Refusal: ...
+
+    def connect(self, peers: Iterable[str]) -> None:
+        """Get ready to ask ``peers`` (open connections ahead of an outage)."""
+        ...
 
 
 class HoldCoord(Protocol):
@@ -100,12 +104,14 @@ class TermHold:
 
     async def run(self) -> None:
         """Until cancelled (the term's end)."""
+        self.port.connect(self.peers)
         try:
             while True:
                 await self._step()
         finally:
             if self.keeper is not None:
-                self._end("the term ended")
+                why = ", ".join(f"{p}: {r}" for p, r in sorted(self.status.refusals.items()))
+                self._end("the term ended" + (f" (last answers: {why})" if why else ""))
 
     async def _step(self) -> None:
         p = self.policy

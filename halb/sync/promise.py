@@ -9,7 +9,7 @@ kept per peer and pinned to the peer's certificate name like the sync client's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import grpc
@@ -50,13 +50,29 @@ class PromiseClient:
         ch = self._channels.get(peer)
         if ch is None:
             target = self._addresses[peer]
+            # A hold lives on calls of tens of ms: gRPC's default reconnect backoff
+            # (1 s and up) after one failed connect would outlast the promises.
+            opts: list[tuple[str, str | int]] = [
+                ("grpc.initial_reconnect_backoff_ms", 50),
+                ("grpc.min_reconnect_backoff_ms", 50),
+                ("grpc.max_reconnect_backoff_ms", 500),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+            ]
             if self._security.client is None:
-                ch = grpc.aio.insecure_channel(target)
+                ch = grpc.aio.insecure_channel(target, options=opts)
             else:
-                opts = [("grpc.ssl_target_name_override", peer)]
+                opts.append(("grpc.ssl_target_name_override", peer))
                 ch = grpc.aio.secure_channel(target, self._security.client, options=opts)
             self._channels[peer] = ch
         return ch
+
+    def connect(self, peers: Iterable[str]) -> None:
+        """Open the channels now (a term's start), so the first request of an outage
+        does not pay for connecting within its short deadline."""
+        for peer in peers:
+            if peer in self._addresses:
+                self._channel(peer).get_state(try_to_connect=True)
 
     async def ask(
         self, peer: str, group: str, term: Term, round_: int, timeout: float

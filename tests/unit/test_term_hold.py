@@ -4,7 +4,7 @@ coordinator, how a refusal and a silent peer count, and how it ends."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
 
@@ -42,6 +42,10 @@ class Peers:
     def __init__(self) -> None:
         self.answers: dict[str, Grant | Refusal | None] = {}  # None: silent
         self.asked: list[tuple[str, int]] = []
+        self.connected: list[str] = []
+
+    def connect(self, peers: Iterable[str]) -> None:
+        self.connected.extend(peers)
 
     async def ask(
         self, peer: str, group: str, term: Term, round_: int, timeout: float
@@ -81,6 +85,7 @@ def test_no_hold_while_etcd_answers_then_every_peer_is_asked() -> None:
             coord.etcd_ok = clock.now()
             await clock.advance(0.1)
         assert peers.asked == [] and coord.held == []
+        assert peers.connected == ["b", "c"]  # channels opened at the term's start
         await clock.advance(0.2)  # quiet for 0.2 s > quiet_after
         assert {p for p, _ in peers.asked} == {"b", "c"}
         asked_at = clock.now()
