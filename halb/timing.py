@@ -104,9 +104,11 @@ RANK_SKEW = 0.05
 OUTAGE_HOLD = "hold"
 OUTAGE_FENCE = "fence"
 # A promise spans this many renewals (so a lost reply or two changes nothing), and
-# never less than MIN_PROMISE (a loaded host's gRPC round trip is tens of ms).
+# never less than MIN_PROMISE: when etcd comes back the peers reach it (and refuse)
+# first, and the holder's own etcd client may need about a second more to reconnect
+# (measured in the lab); its heartbeat must get through before its last promise ends.
 HOLD_RENEWALS = 5
-MIN_PROMISE = 0.5
+MIN_PROMISE = 2.0
 # The holder's time to stop forwarding once its hold ends: the dead-man switch fires
 # within DEADMAN_TICK_MARGIN; the rest is slack for the deadline's early arming.
 HOLD_WITHDRAW = 0.05

@@ -20,8 +20,9 @@ def spans(
     none = several = 0.0
     one: dict[str, float] = {}
     inside = [(t, h) for t, h in samples if start <= t <= end]
-    for (t, holders), nxt in zip(inside, [*inside[1:], (end, frozenset())], strict=True):
-        d = max(0.0, nxt[0] - t)
+    ends = [t for t, _ in inside[1:]] + [end] if inside else []
+    for (t, holders), nxt_t in zip(inside, ends, strict=True):
+        d = max(0.0, nxt_t - t)
         if not holders:
             none += d
         elif len(holders) > 1:

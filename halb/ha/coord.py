@@ -538,6 +538,11 @@ class Coordinator:
         lease = self._lease
         if lease is None:
             return
+        if self.watchdog.alive(term, self.clock.now()):
+            # Reported silent, then deferred (a promise, halb.ha.hold): it beats again.
+            log.info("leader of term %s heartbeats again: no takeover", term)
+            self.watchdog.reread()  # a later silence is reported afresh
+            return
         value = handover_value(self.node, term, UNRESPONSIVE, self.node)
         backoff = Backoff()
         while True:

@@ -97,7 +97,7 @@ def test_no_hold_while_etcd_answers_then_every_peer_is_asked() -> None:
     run(body)
 
 
-def test_a_refusal_ends_the_extension_and_a_silent_peer_only_runs_out() -> None:
+def test_a_refusing_or_silent_peer_gives_no_extension_its_promise_runs_out() -> None:
     async def body(
         clock: FakeClock, coord: Coord, peers: Peers, th: TermHold, r: list[int]
     ) -> None:
@@ -110,8 +110,11 @@ def test_a_refusal_ends_the_extension_and_a_silent_peer_only_runs_out() -> None:
         assert th.status.refusals["c"].startswith("silent")
         peers.answers["c"] = Refusal("reaches etcd")
         await clock.advance(0.1)
-        assert coord.held[-1] is None  # fence now (fencing early is always safe)
+        # No extension; c's standing promise still binds it, so it still counts.
+        assert coord.held[-1] == first
         assert th.status.refusals["c"] == "reaches etcd"
+        await clock.advance(0.5)  # c's promise is over: nothing lets us hold
+        assert coord.held[-1] is None or coord.held[-1] < clock.now()
 
     run(body)
 

@@ -157,13 +157,17 @@ def test_hold_policy_follows_the_heartbeat_or_the_keepalive() -> None:
         lease_ttl=2, heartbeat_interval=0.1, heartbeat_timeout=0.5, kind=DataplaneKind.XDP
     ).hold
     assert hb is not None
-    assert (hb.renew, hb.promise, hb.deadline) == (0.1, 0.5, 0.1)
+    assert (hb.renew, hb.promise, hb.deadline) == (0.1, timing.MIN_PROMISE, 0.1)
     assert hb.quiet == pytest.approx(0.15)
     ka = timing.derive(
         lease_ttl=2, heartbeat_interval=0, heartbeat_timeout=0.5, kind=DataplaneKind.NFT
     ).hold
     assert ka is not None
-    assert ka.renew == 0.25 and ka.promise == 1.25 and ka.quiet == pytest.approx(0.625)
+    assert ka.renew == 0.25 and ka.promise == 2.0 and ka.quiet == pytest.approx(0.625)
+    slow = timing.derive(
+        lease_ttl=30, heartbeat_interval=0, heartbeat_timeout=0.5, kind=DataplaneKind.NFT
+    ).hold
+    assert slow is not None and slow.promise == 5 * slow.renew  # a few renewals
 
 
 def test_hold_violations_name_what_is_broken() -> None:
