@@ -39,18 +39,12 @@ async def one(cluster: EtcdCluster, fault: str, role: str) -> FaultReport:
         return await run_fault(cluster, client, fault, member, role)  # type: ignore[arg-type]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--secure", action="store_true", help="TLS + auth members")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    print(f"{'fault':<16} {'move s (min/med/max)':<24} {'ka max s':<9} {'ka gap s':<9} ttl lost")
+async def _all(repeat: int, secure: bool) -> None:
     for fault, role in CASES:
         reports = []
-        for _ in range(args.repeat):
-            with EtcdCluster(3, tls=args.secure, auth=args.secure) as cluster:
-                reports.append(asyncio.run(one(cluster, fault, role)))
+        for _ in range(repeat):
+            with EtcdCluster(3, tls=secure, auth=secure) as cluster:
+                reports.append(await one(cluster, fault, role))
         moves = [r.move_s for r in reports if r.move_s is not None]
         lost = sum(r.lease_lost or bool(r.missing) or bool(r.duplicates) for r in reports)
         move = f"{min(moves):.3f}/{statistics.median(moves):.3f}/{max(moves):.3f}" if moves else "-"
@@ -58,8 +52,20 @@ def main() -> int:
             f"{fault + ' ' + role:<16} {move:<24} "
             f"{max(r.keepalive_max_s for r in reports):<9.3f} "
             f"{max(r.keepalive_gap_s for r in reports):<9.3f} "
-            f"{reports[0].lease_ttl}s {lost}/{len(reports)}"
+            f"{reports[0].lease_ttl}s {lost}/{len(reports)}",
+            flush=True,
         )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--secure", action="store_true", help="TLS + auth members")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    print(f"{'fault':<16} {'move s (min/med/max)':<24} {'ka max s':<9} {'ka gap s':<9} ttl lost")
+    # One event loop for every run: grpc.aio does not like a loop per client.
+    asyncio.run(_all(args.repeat, args.secure))
     return 0
 
 

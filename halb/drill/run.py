@@ -142,11 +142,20 @@ def run_one(
     if target.lab is None:
         result.notes.append("ARP seen from the client only: replies to other hosts are not")
     if opts.fault in ETCD_FAULTS:
-        try:
-            result.notes.extend(etcd_notes(statuses, ctl.statuses(), fault_at))
-        except EtcdError as exc:
-            result.notes.append(f"node statuses unreadable after the fault: {exc}")
+        result.notes.extend(_etcd_fault_notes(ctl, statuses, fault_at))
     return result
+
+
+def _etcd_fault_notes(ctl: Controller, before: dict[str, Any], fault_at: float) -> list[str]:
+    # The faulted member may still be hung and etcd electing: try for a while.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return etcd_notes(before, ctl.statuses(), fault_at)
+        except EtcdError as exc:
+            if time.monotonic() > deadline:
+                return [f"node statuses unreadable after the fault: {exc}"]
+            time.sleep(0.5)
 
 
 def _watching(progress: Progress, watch: LeaderWatch) -> Callable[[dict[str, Any]], None]:

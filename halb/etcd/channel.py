@@ -37,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_GRACE = 1.0  # seconds an abandoned channel's calls may finish before it is closed
+_GRACE = 0.1  # seconds an abandoned channel's calls may finish; its streams then re-open
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,12 +197,15 @@ class Channels:
     def preferred(self) -> Member:
         return self.order[0]
 
-    def rotate(self, generation: int, reason: str) -> bool:
-        """Demote the preferred member and open a new channel; False if another caller
-        already rotated past ``generation`` (or the client is closed)."""
+    def rotate(self, generation: int, reason: str, bad: Member | None = None) -> bool:
+        """Demote ``bad`` (the member seen serving, else the preferred one) and open a
+        new channel; False if another caller already rotated past ``generation`` (or
+        the client is closed)."""
         if generation != self.generation or self.closed or len(self.order) < 2:
             return False
-        bad = self.order.pop(0)
+        if bad is None or bad not in self.order:
+            bad = self.order[0]
+        self.order.remove(bad)
         self.order.append(bad)
         old = self.channel
         self.channel = self._open()

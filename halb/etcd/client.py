@@ -31,12 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import grpc
 import grpc.aio
 
 from halb.etcd import kv as kvmod
-from halb.etcd.channel import Channels, TlsFiles, closed_under_us, parse_endpoints, resolve
+from halb.etcd.channel import (
+    Channels,
+    Member,
+    TlsFiles,
+    closed_under_us,
+    parse_endpoints,
+    resolve,
+)
 from halb.etcd.errors import (
     Action,
     AuthFailed,
@@ -76,7 +84,8 @@ ENV_PASSWORD = "HALB_ETCD_PASSWORD"
 class Outages:
     """How the client fared: for status documents and drills (monotonic times)."""
 
-    failing_since: float | None = None  # first failed attempt of the current outage
+    last_ok: float | None = None  # the latest successful call
+    failing_since: float | None = None  # the last success before the current outage
     count: int = 0  # outages that ended in a success
     last_s: float = 0.0  # how long the last one lasted
     last_ended: float = 0.0  # wall-clock time it ended
@@ -85,9 +94,11 @@ class Outages:
 
     def failed(self, now: float) -> None:
         if self.failing_since is None:
-            self.failing_since = now
+            # From the last answer on: the failed attempt itself may have waited.
+            self.failing_since = self.last_ok if self.last_ok is not None else now
 
     def succeeded(self, now: float, wall: float) -> None:
+        self.last_ok = now
         if self.failing_since is not None:
             self.last_s = now - self.failing_since
             self.last_ended = wall
@@ -118,6 +129,12 @@ class ClientSettings:
     attempt_timeout: float = 0.3
     call_timeout: float = 2.0
     slow_ack: float = 0.25  # a keepalive answered slower than this: leave the member
+
+    def attempt_per(self, total: float) -> float:
+        """One attempt's limit inside a call of ``total`` seconds: ``attempt_timeout``,
+        but at most half the call, so one hung member never takes a whole short call
+        (the coordinator's heartbeats get a fraction of a second)."""
+        return min(self.attempt_timeout, total / 2)
 
     @classmethod
     def of(
@@ -187,12 +204,62 @@ class EtcdClient:
         self._token_lock = asyncio.Lock()
         self._lease_keeper: Any = None
         self.outages = Outages()
+        # Which member answers: etcd member id -> endpoint (from MemberList), and the
+        # member seen serving on which channel generation. gRPC may move to another
+        # member within one channel (a refused one), so the order alone does not say.
+        self._member_ids: dict[int, Member] = {}
+        self._serving: tuple[int, Member] | None = None
+        self._listing: asyncio.Task[None] | None = None
+        self._listed_at = -1e9  # monotonic time of the last MemberList
+
+    @property
+    def serving(self) -> Member:
+        """The member answering on the current channel (as last seen), else the one
+        the channel tries first."""
+        s = self._serving
+        if s is not None and s[0] == self.channels.generation:
+            return s[1]
+        return self.channels.preferred
+
+    def saw(self, generation: int, header: Any) -> None:
+        """Note which member answered (a reply header's member id; not for keepalives,
+        whose replies carry the raft leader's id)."""
+        member = self._member_ids.get(int(header.member_id))
+        if member is not None:
+            self._serving = (generation, member)
+        elif (self._listing is None or self._listing.done()) and (
+            time.monotonic() - self._listed_at > 5.0  # ids not in the list: do not spin
+        ):
+            self._listed_at = time.monotonic()
+            self._listing = asyncio.get_running_loop().create_task(self._list_members())
+
+    async def _list_members(self) -> None:
+        try:
+            resp = await self.member_list()
+        except EtcdError:
+            return
+        by_dial = {(m.address, m.port): m for m in self.channels.order}
+        for mem in resp.members:
+            for url in mem.clientURLs:
+                parsed = urlparse(url)
+                try:
+                    key = (parsed.hostname or "", parsed.port or 2379)
+                except ValueError:
+                    continue
+                if key in by_dial:
+                    self._member_ids[int(mem.ID)] = by_dial[key]
+
+    def rotate(self, generation: int, reason: str) -> None:
+        """Leave the member serving on channel ``generation``: a new channel, it last."""
+        s = self._serving
+        bad = s[1] if s is not None and s[0] == generation else None
+        self.channels.rotate(generation, reason, bad)
 
     def report(self) -> dict[str, Any]:
         """The client's state for a status document."""
         o = self.outages
         return {
-            "member": str(self.channels.preferred),
+            "member": str(self.serving),
             "rotations": self.channels.generation,
             "outages": o.count,
             "last_outage_s": round(o.last_s, 4),
@@ -204,8 +271,7 @@ class EtcdClient:
         self.outages.failed(time.monotonic())
 
     def attempt_ok(self) -> None:
-        if self.outages.failing_since is not None:
-            self.outages.succeeded(time.monotonic(), time.time())
+        self.outages.succeeded(time.monotonic(), time.time())
 
     # -- plumbing shared with the lease and watch streams ----------------------------------
 
@@ -264,11 +330,11 @@ class EtcdClient:
         """Act on one failed attempt on channel ``gen``: rotate or renew; returns what
         the caller should do next (FINAL: raise)."""
         if isinstance(exc, TimeoutError):
-            self.channels.rotate(gen, "no answer within the attempt timeout")
+            self.rotate(gen, "no answer within the attempt timeout")
             return Action.ROTATE
         verdict = classify(exc.code(), exc.details() or "")
         if verdict.action is Action.ROTATE:
-            self.channels.rotate(gen, exc.details() or exc.code().name)
+            self.rotate(gen, exc.details() or exc.code().name)
         elif verdict.action is Action.RENEW_TOKEN:
             await self.renew_token(self._token)
         return verdict.action
@@ -301,11 +367,12 @@ class EtcdClient:
                     f"members: {', '.join(str(m) for m in self.channels.order)})"
                 )
             stubs = self.stubs()
-            per = min(self.settings.attempt_timeout, remaining)
+            per = min(self.settings.attempt_per(total), remaining)
             md = self.metadata() if auth else (("hasleader", "true"),)
             try:
                 resp = await method(stubs)(request, timeout=per, metadata=md, wait_for_ready=True)
                 self.attempt_ok()
+                self.saw(stubs.generation, resp.header)
                 return resp
             except asyncio.CancelledError:
                 if not closed_under_us():
@@ -462,6 +529,8 @@ class EtcdClient:
     # -- lifetime --------------------------------------------------------------------------
 
     async def close(self) -> None:
+        if self._listing is not None:
+            self._listing.cancel()
         if self._lease_keeper is not None:
             await self._lease_keeper.close()
         await self.channels.close()

@@ -91,6 +91,10 @@ def classify(code: grpc.StatusCode, details: str) -> Verdict:
         return Verdict(Action.FINAL, AuthFailed)
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in text:
         return Verdict(Action.FINAL, EtcdError)  # watches handle compaction themselves
+    if "context deadline exceeded" in text:
+        # etcd's own deadline (a forwarded request, Authenticate through raft) ran
+        # out on that member: not an answer about the request.
+        return Verdict(Action.ROTATE, EtcdUnavailable)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Verdict(Action.ROTATE, EtcdUnavailable)  # a hung or partitioned member
     if code == grpc.StatusCode.UNAVAILABLE:

@@ -7,7 +7,7 @@ as these frozen types; only the client touches protobuf messages.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
@@ -192,7 +192,6 @@ class Put:
 class Delete:
     key: bytes
     prefix: bool = False
-    prev_kv: bool = field(default=False)
 
     def request(self, rpc: Any) -> Any:
         return rpc.DeleteRangeRequest(

@@ -107,7 +107,7 @@ class LeaseKeeper:
                 raise EtcdUnavailable(
                     f"no keepalive answer for lease {lease:x} within {total:g}s (last: {last})"
                 )
-            per = min(settings.attempt_timeout, remaining)
+            per = min(settings.attempt_per(total), remaining)
             stream = self._current()
             fut: asyncio.Future[int] = loop.create_future()
             stream.waiters.setdefault(lease, deque()).append(fut)
@@ -153,10 +153,8 @@ class LeaseKeeper:
                 continue
             self.client.attempt_ok()
             took = loop.time() - sent
-            if took > settings.slow_ack:
-                self.client.channels.rotate(
-                    stream.generation, f"keepalive answered in {took * 1000:.0f} ms"
-                )
+            if took > min(settings.slow_ack, settings.attempt_per(total)):
+                self.client.rotate(stream.generation, f"keepalive answered in {took * 1000:.0f} ms")
             return ttl
 
     @staticmethod

@@ -88,6 +88,7 @@ async def watch(
     and other final errors."""
     resume = Resume(start_revision)
     failures = 0
+    renewed_for: str | None = None  # the token a denial was last answered with a renewal
     rpc = client.pb.rpc
     range_end = prefix_end(key) if prefix else b""
     while True:
@@ -110,7 +111,14 @@ async def watch(
                         raise Compacted(int(resp.compact_revision))
                     reason = str(resp.cancel_reason)
                     if "permission denied" in reason:
-                        raise PermissionDenied(f"watch of {key!r}: {reason}")
+                        # A member that never saw our token (restarted: simple tokens
+                        # live in memory) denies too: renew once before believing it.
+                        if client.settings.user is None or renewed_for == client.token:
+                            raise PermissionDenied(f"watch of {key!r}: {reason}")
+                        log.info("watch of %r denied; renewing the token once", key)
+                        await client.renew_token(token)
+                        renewed_for = client.token
+                        break
                     if "user name is empty" in reason:
                         raise AuthFailed(f"watch of {key!r}: {reason} (no token, no client CN)")
                     # An expired token: etcd answers created+canceled, then goes quiet.
@@ -119,6 +127,9 @@ async def watch(
                         await client.renew_token(token)
                     break
                 failures = 0
+                if resp.created and not resp.canceled:
+                    renewed_for = None
+                client.saw(bound.generation, resp.header)
                 for ev in resume.accept([_event(e) for e in resp.events]):
                     yield ev
         except asyncio.CancelledError:
@@ -126,7 +137,10 @@ async def watch(
                 raise
             log.debug("watch of %r: channel replaced; resuming at %d", key, resume.next)
         except grpc.aio.AioRpcError as exc:
-            action = await client.handle(bound.generation, exc)
+            try:
+                action = await client.handle(bound.generation, exc)
+            except EtcdUnavailable:  # renewing the token found no member: try again
+                action = Action.RETRY
             if action is Action.FINAL:
                 raise client.error_of(exc) from None
             log.debug("watch of %r broke (%s); resuming at %d", key, exc.code().name, resume.next)

@@ -20,7 +20,9 @@ dead-man switch to it. Until the first heartbeat of a term succeeds the term is 
 *ready*: no VIP is added on the strength of a campaign that a standby may already have
 revoked. A standby's watchdog emits ``LeaderUnresponsive`` once per term when no
 heartbeat of the current leader's term arrived for ``heartbeat_timeout`` (plus its rank
-slack); ``force_takeover`` then records the reason and revokes the leader's lease.
+slack) while etcd answered the standby itself (time when its own etcd calls fail, as
+while etcd elects a leader, does not count); ``force_takeover`` then records the
+reason and revokes the leader's lease.
 
 Watches (halb.etcd.read_then_watch): one read of the group's keys and of the drain
 key, then watches from the read revision + 1 that the client resumes across member
@@ -271,6 +273,11 @@ class Coordinator:
     async def _watchdog_loop(self) -> None:
         while True:
             await self.clock.sleep(self.heartbeat_interval / 2)
+            if self.client.outages.failing_since is not None:
+                # etcd does not answer us either (electing a leader, say): the leader's
+                # heartbeats cannot get through now; judge it only once etcd answers.
+                self.watchdog.etcd_unavailable(self.clock.now())
+                continue
             suspect = self.watchdog.suspect(self.clock.now(), self._lease)
             if suspect is None:
                 continue

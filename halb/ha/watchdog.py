@@ -39,6 +39,11 @@ class LeaderWatchdog:
             self._since = now
             self._seen = max(self._seen, revision)
 
+    def etcd_unavailable(self, now: float) -> None:
+        """etcd does not answer this node now: no heartbeat could reach it either, so
+        the silence counts only from when etcd answers again."""
+        self._since = max(self._since, now)
+
     def suspect(self, now: float, own_lease: int | None) -> tuple[Term, float] | None:
         """The watched term and how long it has been silent, if past the limit and not
         yet reported (never our own term)."""

@@ -4,9 +4,13 @@ client certificates, auth on and a role limited to the cluster's prefix.
 Members run in the root namespace on addresses of the host's management link
 (topology.ETCD_OCTETS). With TLS, the certificates are made by halb's own certificate
 code (halb.sync.certs, what `halb certs` uses): one CA, a server certificate carrying
-the lab's etcd server name and every member address, and a client certificate shared
-by the agents and the CLI; the user ``halb`` gets a role that may read and write only
-``/halb/<cluster>/`` (the etcdctl commands the README documents).
+the lab's etcd server name and every member address, and a client certificate with
+CN ``halb`` shared by the agents and the CLI. Auth is on and ``halb`` is a
+certificate-named user (no password, no token: etcd takes the user from the CN) whose
+role may read and write only ``/halb/<cluster>/`` (the etcdctl commands the README
+documents). Tokens would be per member and lost when a member restarts, so moving to
+a restarted member would cost a re-authentication (bcrypt on etcd's side) on the
+agents' heartbeat path; password users are exercised by tests/kernel/test_etcd_client.py.
 """
 
 from __future__ import annotations
@@ -57,14 +61,13 @@ def make_tls(p: LabPlan) -> None:
     ca = generate_ca(f"{p.site.cluster}-etcd")
     addrs = [ipaddress.ip_address(a) for a in p.etcd_addresses]
     server = generate_node_cert(ca, p.etcd_server_name, addrs)
-    client = generate_node_cert(ca, f"{ETCD_USER}-client")
+    client = generate_node_cert(ca, ETCD_USER)  # CN = the etcd user
     files = {
         "ca.pem": ca.cert_pem,
         "server.pem": server.cert_pem,
         "server-key.pem": server.key_pem,
         "client.pem": client.cert_pem,
         "client-key.pem": client.key_pem,
-        "password": secrets.token_urlsafe(18).encode(),
         "root-password": secrets.token_urlsafe(18).encode(),
     }
     for name, data in files.items():
@@ -143,16 +146,19 @@ def start_members(p: LabPlan, pids: dict[str, int]) -> list[dict[str, Any]]:
 
 
 def _etcdctl(p: LabPlan, *args: str, root: bool = False) -> None:
-    d = p.etcd_tls_dir
-    argv = [
-        shutil.which("etcdctl") or "etcdctl",
-        f"--endpoints={','.join(p.etcd_endpoints)}",
-        f"--cacert={d / 'ca.pem'}",
-        f"--cert={d / 'client.pem'}",
-        f"--key={d / 'client-key.pem'}",
-    ]
-    if root:
-        argv.append(f"--user=root:{(d / 'root-password').read_text()}")
+    _run_etcdctl(p.etcd_endpoints, p.etcd_tls_dir if p.etcd_tls else None, args, root=root)
+
+
+def _run_etcdctl(
+    endpoints: list[str], tls_dir: Path | None, args: tuple[str, ...], *, root: bool
+) -> str:
+    argv = [shutil.which("etcdctl") or "etcdctl", f"--endpoints={','.join(endpoints)}"]
+    if tls_dir is not None:
+        d = tls_dir
+        argv += [f"--cacert={d / 'ca.pem'}", f"--cert={d / 'client.pem'}"]
+        argv.append(f"--key={d / 'client-key.pem'}")
+        if root:
+            argv.append(f"--user=root:{(d / 'root-password').read_text()}")
     done = subprocess.run(
         [*argv, *args],
         capture_output=True,
@@ -162,9 +168,8 @@ def _etcdctl(p: LabPlan, *args: str, root: bool = False) -> None:
         check=False,
     )
     if done.returncode != 0:
-        raise LabError(
-            f"etcdctl {args[0]} {args[1] if len(args) > 1 else ''}: {done.stderr.strip()}"
-        )
+        raise LabError(f"etcdctl {' '.join(args[:2])}: {done.stderr.strip()}")
+    return done.stdout
 
 
 def _enable_auth(p: LabPlan) -> None:
@@ -175,7 +180,7 @@ def _enable_auth(p: LabPlan) -> None:
     _etcdctl(
         p, "role", "grant-permission", ETCD_USER, "--prefix=true", "readwrite", p.etcd_role_prefix
     )
-    _etcdctl(p, "user", "add", f"{ETCD_USER}:{(d / 'password').read_text()}")
+    _etcdctl(p, "user", "add", ETCD_USER, "--no-password")
     _etcdctl(p, "user", "grant-role", ETCD_USER, ETCD_USER)
     _etcdctl(p, "auth", "enable")
 
@@ -243,6 +248,8 @@ def etcd_fault(fault: str, state: dict[str, Any], in_use: str | None = None) -> 
         m = leader_member(state)
     else:
         m = (_member_at(state, in_use) if in_use else None) or dict(members[0])
+        # These two are about a follower: a killed or hung leader is etcd-leader's case.
+        _make_follower(state, m)
     pid = _pid(state, m["name"])
     if not _alive(pid):
         raise LabError(f"etcd member {m['name']} is not running")
@@ -250,6 +257,27 @@ def etcd_fault(fault: str, state: dict[str, Any], in_use: str | None = None) -> 
     sig = signal.SIGSTOP if fault == "etcd-hang" else signal.SIGKILL
     os.kill(pid, sig)
     return f"{sig.name} etcd member {m['name']} ({m['endpoint']}, pid {pid})"
+
+
+def _make_follower(state: dict[str, Any], member: dict[str, Any]) -> None:
+    """Move raft leadership off ``member`` if it has it (etcdctl move-leader)."""
+    leader = leader_member(state)
+    if leader["name"] != member["name"]:
+        return
+    tls = Path(state["lab_dir"]) / "etcd-tls" if state.get("etcd_tls") else None
+    listing = json.loads(
+        _run_etcdctl([leader["endpoint"]], tls, ("member", "list", "-w", "json"), root=True)
+    )
+    other = next(m for m in listing["members"] if m["name"] != member["name"])
+    _run_etcdctl([leader["endpoint"]], tls, ("move-leader", f"{other['ID']:x}"), root=True)
+
+    def moved() -> bool:
+        try:
+            return bool(leader_member(state)["name"] != member["name"])
+        except LabError:
+            return False  # electing
+
+    wait_for(f"etcd leadership to move off {member['name']}", moved, 10)
 
 
 def stop_all_members(state: dict[str, Any]) -> str:

@@ -396,7 +396,7 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
             "key": str(d / "client-key.pem"),
             "server_name": p.etcd_server_name,
         }
-        cfg["etcd"]["auth"] = {"user": ETCD_USER, "password_file": str(d / "password")}
+        # No etcd.auth: the client certificate's CN is the etcd user (etcd_members).
     # Fast takeover (the dataplane's dead-man switch fences a silent node): a local etcd
     # answers in milliseconds, so six missed heartbeats mean a dead or frozen agent.
     cfg["failover"] = {"heartbeat_interval": 0.05, "heartbeat_timeout": 0.3}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -342,9 +343,17 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [m.endpoint for m in self.members]
 
-    def etcdctl(self, *args: str, user: str | None = "root", check: bool = True) -> str:
+    def etcdctl(
+        self,
+        *args: str,
+        user: str | None = "root",
+        check: bool = True,
+        endpoints: list[str] | None = None,
+    ) -> str:
         """etcdctl against the live members (as root once auth is on)."""
-        live = [m.endpoint for m in self.members if m.proc is not None and not m._frozen]
+        live = endpoints or [
+            m.endpoint for m in self.members if m.proc is not None and not m._frozen
+        ]
         argv = [ETCDCTL_BINARY, f"--endpoints={','.join(live)}", "--dial-timeout=2s"]
         if self.tls is not None:
             argv += [
@@ -390,6 +399,23 @@ class EtcdCluster:
             if "\netcd_server_is_leader 1" in text:
                 return i
         raise RuntimeError("no etcd member reports being the leader")
+
+    def make_follower(self, index: int) -> None:
+        """Move raft leadership off member ``index`` if it has it (move-leader)."""
+        leader = self.leader_index()
+        if leader != index:
+            return
+        listing = json.loads(self.etcdctl("member", "list", "-w", "json"))
+        name = self.members[index].name
+        other = next(m for m in listing["members"] if m["name"] != name)
+        self.etcdctl("move-leader", f"{other['ID']:x}", endpoints=[self.members[leader].endpoint])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):
+                if self.leader_index() != index:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"leadership did not move off member {name}")
 
     def close(self) -> None:
         for m in self.members:

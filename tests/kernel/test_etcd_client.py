@@ -198,3 +198,82 @@ def test_expired_token_is_renewed_for_calls_and_watches() -> None:
                 assert events == [b"/halb/w/1", b"/halb/w/2"]
 
         asyncio.run(body())
+
+
+def test_the_member_actually_serving_is_the_one_left_when_it_hangs() -> None:
+    """gRPC moves off a killed member inside one channel, so the endpoint order alone
+    does not say who serves; reply headers do. After m0 is killed (the client now on
+    m1) and restarted, a hung m1 is the member demoted, not the healthy m0."""
+    with EtcdCluster(3) as cluster:
+
+        async def body() -> None:
+            async with EtcdClient(settings(cluster)) as client:
+                await client.put(b"/a", b"1")
+                await asyncio.sleep(0.2)  # the member list behind the reply headers
+                await client.put(b"/a", b"2")
+                first = client.serving
+                assert first.port == cluster.members[0].port
+                cluster.members[0].stop(kill=True)
+                await client.put(b"/a", b"3")
+                await client.put(b"/a", b"4")
+                moved = client.serving
+                assert moved.port != first.port
+                cluster.members[0].start()
+                index = next(i for i, m in enumerate(cluster.members) if m.port == moved.port)
+                cluster.make_follower(index)  # a hung leader is another case (an election)
+                await client.put(b"/a", b"4b")  # (after the leader move)
+                hung = cluster.members[index]
+                hung.freeze()
+                t0 = time.monotonic()
+                await client.put(b"/a", b"5")
+                took = time.monotonic() - t0
+                print(f"\nhung serving member left in {took:.3f}s")
+                assert client.channels.order[-1].port == moved.port
+                assert client.serving.port != moved.port
+                assert took < 1.0
+                hung.thaw()
+
+        asyncio.run(body())
+
+
+def test_a_watch_moved_to_a_member_that_forgot_the_token_renews_it() -> None:
+    """Simple tokens are kept alive per member by use: the members the client does not
+    talk to let it expire. A watch moved to one of them is refused under the old token
+    (etcd answers "invalid auth token", or "permission denied" like a real denial); the
+    watch renews the token once and carries on; nothing is lost."""
+    with EtcdCluster(3, tls=True, auth=True, token_ttl=1) as cluster:
+
+        async def body() -> None:
+            async with EtcdClient(settings(cluster)) as client:
+                await client.check()
+                events: list[bytes] = []
+                got_snapshot = asyncio.Event()
+
+                async def follow() -> None:
+                    async for item in read_then_watch(client, b"/halb/r/", prefix=True):
+                        if isinstance(item, Snapshot):
+                            got_snapshot.set()
+                        elif item.kind is EventKind.PUT:
+                            events.append(item.kv.key)
+
+                task = asyncio.create_task(follow())
+                await asyncio.wait_for(got_snapshot.wait(), 5)
+                for i in range(6):  # in use on m0 only: m1 and m2 let the token expire
+                    await client.put(b"/halb/r/0", str(i).encode())
+                    await asyncio.sleep(0.5)
+                await client.put(b"/halb/r/1", b"1")
+                cluster.make_follower(0)  # a follower's death: no election in the way
+                cluster.members[0].stop(kill=True)  # the client moves to m1
+                await client.put(b"/halb/r/2", b"2")
+                deadline = time.monotonic() + 5
+                while b"/halb/r/2" not in events and time.monotonic() < deadline:
+                    if task.done():
+                        break
+                    await asyncio.sleep(0.05)
+                assert not task.done(), task.exception()
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                assert events[-2:] == [b"/halb/r/1", b"/halb/r/2"]
+                assert events.count(b"/halb/r/1") == 1
+
+        asyncio.run(body())

@@ -30,7 +30,13 @@ def lab_session() -> Iterator[None]:
     yield
     builder.down()
     if before is not None:
-        builder.up(len(before["nodes"]), len(before["backends"]), before["dataplane"])
+        builder.up(
+            len(before["nodes"]),
+            len(before["backends"]),
+            before["dataplane"],
+            etcd_members_n=len(before.get("etcd_members", [])) or 1,
+            etcd_tls=bool(before.get("etcd_tls")),
+        )
 
 
 @pytest.fixture

@@ -32,14 +32,14 @@ def halb(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-def has_vip(node: str) -> bool:
+def has_vip(node: str, vip: str = VIP) -> bool:
     out = subprocess.run(
         ["ip", "-n", SITE.ns(node), "-br", "addr", "show", "eth0"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout
-    return f"{VIP}/32" in out
+    return f"{vip}/32" in out
 
 
 def reaches_service() -> str | None:
@@ -279,17 +279,7 @@ def test_planned_failover_via_cli(ha: dict[str, Any]) -> None:
 
 
 def vip_holders(vip: str) -> set[str]:
-    holders = set()
-    for node in ("lb1", "lb2"):
-        out = subprocess.run(
-            ["ip", "-n", SITE.ns(node), "-br", "addr", "show", "eth0"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        if f"{vip}/32" in out:
-            holders.add(node)
-    return holders
+    return {node for node in ("lb1", "lb2") if has_vip(node, vip)}
 
 
 def test_a_vip_added_by_config_apply_moves_with_a_planned_failover_and_never_doubles(

@@ -36,6 +36,7 @@ C = grpc.StatusCode
         (C.DEADLINE_EXCEEDED, "Deadline Exceeded", Action.ROTATE),
         (C.UNAUTHENTICATED, "etcdserver: invalid auth token", Action.RENEW_TOKEN),
         (C.CANCELLED, "Channel closed!", Action.RETRY),
+        (C.UNKNOWN, "context deadline exceeded", Action.ROTATE),
         (C.INVALID_ARGUMENT, "etcdserver: key is not provided", Action.FINAL),
     ],
 )
@@ -157,3 +158,9 @@ def test_settings_credentials_from_environment_win() -> None:
     assert (st.user, st.password) == ("envuser", "pw")
     with pytest.raises(ValueError, match=r"etcd\.auth: user 'cfg' has no password"):
         ClientSettings.of(_etcd(auth=auth), environ={})
+
+
+def test_an_attempt_never_takes_more_than_half_a_call() -> None:
+    st = ClientSettings(("http://127.0.0.1:2379",))
+    assert st.attempt_per(2.0) == pytest.approx(0.3)  # PLATFORM.md's 0.3 s per attempt
+    assert st.attempt_per(0.25) == pytest.approx(0.125)  # a heartbeat-sized call: two tries

@@ -117,21 +117,23 @@ class SlowVips(Vips):
 VIP2 = IPv4Address("10.0.0.101")
 
 
-def holding_runtime(vips: SlowVips) -> tuple[Machine, GroupRuntime]:
+async def holding_runtime(vips: SlowVips) -> GroupRuntime:
+    """A runtime whose term task holds VIP (started, its first add landed)."""
     machine = Machine(MachineConfig("lb1", 100))
     for ev in (LeaseGranted(TERM.lease_id), LeaderObserved(None), CampaignWon(TERM)):
         machine.feed(ev)
-    return machine, GroupRuntime(machine, Coord(deadline=1e12), vips, addresses=[VIP])
+    rt = GroupRuntime(machine, Coord(deadline=1e12), vips, addresses=[VIP])
+    tt = _TermTask(TERM)
+    rt._term = tt
+    tt.task = asyncio.create_task(rt._run_term(tt))
+    await asyncio.sleep(0.05)
+    return rt
 
 
 def test_set_addresses_follows_the_term_and_the_term_end_removes_what_it_added() -> None:
     async def scenario() -> None:
         vips = SlowVips()
-        _, rt = holding_runtime(vips)
-        tt = _TermTask(TERM)
-        rt._term = tt
-        tt.task = asyncio.create_task(rt._run_term(tt))
-        await asyncio.sleep(0.05)
+        rt = await holding_runtime(vips)
         assert vips.held == {VIP}
         await rt.set_addresses([VIP, VIP2])
         assert vips.held == {VIP, VIP2} and vips.announced == 1
@@ -146,11 +148,7 @@ def test_set_addresses_follows_the_term_and_the_term_end_removes_what_it_added()
 def test_an_add_in_flight_when_the_term_ends_is_removed_too() -> None:
     async def scenario() -> None:
         vips = SlowVips()
-        _, rt = holding_runtime(vips)
-        tt = _TermTask(TERM)
-        rt._term = tt
-        tt.task = asyncio.create_task(rt._run_term(tt))
-        await asyncio.sleep(0.05)
+        rt = await holding_runtime(vips)
         adding = asyncio.create_task(rt.set_addresses([VIP, VIP2]))
         await asyncio.sleep(0.001)  # the add of VIP2 is in flight
         await rt._end_term()
@@ -166,11 +164,7 @@ def test_an_add_in_flight_when_the_term_ends_is_removed_too() -> None:
 def test_set_addresses_adds_nothing_once_ownership_is_gone() -> None:
     async def scenario() -> None:
         vips = SlowVips()
-        _, rt = holding_runtime(vips)
-        tt = _TermTask(TERM)
-        rt._term = tt
-        tt.task = asyncio.create_task(rt._run_term(tt))
-        await asyncio.sleep(0.05)
+        rt = await holding_runtime(vips)
         assert isinstance(rt.coord, Coord)
         rt.coord.fence_deadline = 0.0  # past the fence: not owning any more
         await rt.set_addresses([VIP, VIP2])

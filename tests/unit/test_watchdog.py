@@ -43,3 +43,13 @@ def test_a_read_newer_than_the_watch_shows_the_leader_alive() -> None:
     assert not w.moved(T1, T2, revision=41, now=0.5)  # another term's beat
     assert w.moved(T1, T1, revision=41, now=0.5)
     assert w.suspect(0.7, own_lease=None) is None  # the clock restarted at 0.5
+
+
+def test_time_in_which_etcd_fails_this_node_does_not_count_as_silence() -> None:
+    w = LeaderWatchdog(0.3)
+    t = Term(7, 10)
+    w.observe_leader(t, 0.0)
+    w.etcd_unavailable(0.25)  # etcd electing a leader: no heartbeat can arrive
+    w.etcd_unavailable(0.9)
+    assert w.suspect(1.1, None) is None  # 0.2 s since etcd answered again
+    assert w.suspect(1.25, None) == (t, pytest.approx(0.35))
