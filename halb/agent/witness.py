@@ -3,12 +3,16 @@
 One PromiseBook per VIP group this node belongs to, born bound (a restarted node may
 have promised and forgotten). A request is granted only when this node cannot reach
 etcd (its coordinator heard nothing for the policy's ``quiet`` seconds) and its machine
-is neither holding nor campaigning for the group; a grant binds the machine at once
+is neither holding nor campaigning for the group. Every request also starts a probe of
+etcd (one read, bounded by the renewal interval) unless one is running: keepalives
+alone are too sparse, and a peer that reaches etcd while only the holder is cut off
+must refuse (else it would bind itself and never take over); a grant binds the machine at once
 (GroupRuntime.promise). Counted by outcome for the metrics and `halb status`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ class _Witness:
     coord: Coordinator
     policy: HoldPolicy
     last: dict[str, str] = field(default_factory=dict)  # holder -> last outcome logged
+    probing: asyncio.Task[bool] | None = None
 
 
 class PeerWitness:
@@ -59,6 +64,7 @@ class PeerWitness:
         if w is None:
             ans: Grant | Refusal = Refusal(f"{REFUSE_NOT_MEMBER} {group!r} (or it does not hold)")
         else:
+            self._probe(w)
             ans = w.book.request(
                 holder,
                 w.members,
@@ -77,6 +83,10 @@ class PeerWitness:
             log.info("group %s: promise to %s (term %s): %s%s", group, holder, term, outcome,
                      f" for {ans.duration:.2f}s" if isinstance(ans, Grant) else "")  # fmt: skip
         return ans
+
+    def _probe(self, w: _Witness) -> None:
+        if w.probing is None or w.probing.done():
+            w.probing = asyncio.get_running_loop().create_task(w.coord.probe(w.policy.renew))
 
     def bound_for(self, group: str) -> float:
         """Seconds this node is still bound by promises for ``group``."""

@@ -240,6 +240,18 @@ class Coordinator:
         promise (it can see, and act on, a silent leader itself)."""
         return self.etcd_quiet_for() < window
 
+    async def probe(self, timeout: float) -> bool:
+        """One cheap read (the leader key) bounded by ``timeout``: does etcd answer now?
+        A peer asked for a promise probes, since its keepalives alone are too sparse to
+        tell a dead etcd from a quiet moment."""
+        sent = self.clock.now()
+        try:
+            await within(self.client.get(self.keys.leader, timeout=timeout), timeout + 0.05)
+        except (*_RETRY, TimeoutError):
+            return False
+        self._answered(sent)
+        return True
+
     def _answered(self, sent: float | None = None) -> None:
         t = self.clock.now() if sent is None else sent
         if self._etcd_ok is None or t > self._etcd_ok:

@@ -38,8 +38,14 @@ class Coord:
     def __init__(self) -> None:
         self.reaches = False
 
+        self.probes = 0
+
     def reaches_etcd(self, window: float) -> bool:
         assert window == P.quiet
+        return self.reaches
+
+    async def probe(self, timeout: float) -> bool:
+        self.probes += 1
         return self.reaches
 
 
@@ -71,6 +77,8 @@ def test_a_grant_binds_the_machine_and_every_outcome_is_counted() -> None:
         assert w.answers[("web", "granted")] == 1
         assert w.answers[("web", REFUSE_REACHES_ETCD)] == 1
         assert w.doc("web")["granted"] == 1
+        await asyncio.sleep(0)
+        assert coord.probes >= 1  # each request probes etcd (one at a time)
 
     run(body)
 
