@@ -1,6 +1,7 @@
 """Test tiers by directory: unit (no root, no network), loopback (no root: a real etcd
-and gRPC on 127.0.0.1, loopback servers), kernel and lab (root, namespaces), vm (QEMU).
-Root-only tiers are skipped with a reason when not root; CI runs as root."""
+and gRPC on 127.0.0.1, loopback servers), kernel and lab (root, namespaces), vm (QEMU),
+deploy (systemd-nspawn machines and ansible). Root-only tiers are skipped with a reason
+when not root; CI runs as root."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-TIERS = ("unit", "loopback", "kernel", "lab", "vm")
-ROOT_TIERS = {"kernel", "lab", "vm"}
+TIERS = ("unit", "loopback", "kernel", "lab", "vm", "deploy")
+ROOT_TIERS = {"kernel", "lab", "vm", "deploy"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

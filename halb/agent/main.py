@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from halb.agent import etcdio
+from halb.agent import etcdio, sdnotify
 from halb.agent.causes import ObservedMachine, change_cause
 from halb.agent.factory import make_dataplane
 from halb.agent.floating import FloatingVips
@@ -511,6 +511,7 @@ class Agent:
                     tg.create_task(self._feed_metrics(), name="metrics"),
                     tg.create_task(self._follow_config(client), name="config"),
                     tg.create_task(self._on_hup(hup, client), name="sighup"),
+                    tg.create_task(sdnotify.serve(self._joined), name="systemd"),
                 ]
                 await self._stop.wait()
                 log.info("stopping: handing over every group this node holds")
@@ -522,6 +523,11 @@ class Agent:
             # Our status goes with us at once rather than at its lease's expiry.
             with contextlib.suppress(TimeoutError, EtcdError, OSError):
                 await within(client.delete(etcdio.keys_of(cfg).status(self.node_name)), 1.0)
+
+    def _joined(self) -> bool:
+        """Every group knows its place (systemd's READY=1): holds it or follows a leader."""
+        waiting = {State.INIT.value, State.CAMPAIGNING.value}
+        return all(g.status.state not in waiting for g in self.groups.values())
 
     async def _program(self, cfg: ClusterConfig) -> ApplyResult:
         """Make the dataplane hold cfg's services under the current health view."""

@@ -27,10 +27,10 @@ __all__ = [
     "Counter",
     "Counters",
     "Dataplane",
+    "FlowObjectRecords",
     "FlowSnapshot",
     "FlowSource",
     "Push",
-    "RecordDataplane",
 ]
 
 # (upserts, deletes), disjoint within one call: Flow objects or packed flow records.
@@ -74,6 +74,22 @@ class Dataplane(Protocol):
         ...
 
     def delete_flows(self, flows: Iterable[Flow]) -> int: ...
+
+    # The same over packed flow records (halb.flows.records: N fixed-size records back
+    # to back), the form FlowSync carries: XDP converts whole batches to map entries;
+    # the others take FlowObjectRecords (one Flow object per entry). Records given to
+    # install_records are already validated against the config; like install_flows it
+    # skips those whose service or backend this node does not hold.
+    def dump_records(self) -> bytes: ...
+
+    def install_records(self, records: bytes) -> int:
+        """Write these flows; returns how many were written."""
+        ...
+
+    def delete_records(self, records: bytes) -> int:
+        """Remove the flows of these records (only their connection part counts);
+        returns how many existed."""
+        ...
 
     def counters(self) -> Counters: ...
 
@@ -122,25 +138,30 @@ class FlowSource(FlowSnapshot, Protocol):
     def close(self) -> None: ...
 
 
-@runtime_checkable
-class RecordDataplane(Protocol):
-    """Optional flow methods over packed flow records (halb.flows.records: N fixed-size
-    records back to back), for adapters that can take a whole batch without one Flow
-    object per entry (XDP: bulk conversion to map entries and batch map writes).
+class _FlowMethods(Protocol):
+    def dump_flows(self) -> list[Flow]: ...
 
-    FlowSync reaches a dataplane through halb.flows.records.install/delete/dump, which
-    use these when present and fall back to the Flow methods otherwise (nft, IPVS).
-    Records given to install_records are already validated against the config; like
-    install_flows, it skips those whose service or backend this node does not hold.
-    """
+    def install_flows(self, flows: Iterable[Flow]) -> int: ...
 
-    def dump_records(self) -> bytes: ...
+    def delete_flows(self, flows: Iterable[Flow]) -> int: ...
 
-    def install_records(self, records: bytes) -> int:
-        """Write these flows; returns how many were written."""
-        ...
 
-    def delete_records(self, records: bytes) -> int:
-        """Remove the flows of these records (only their connection part counts);
-        returns how many existed."""
-        ...
+class FlowObjectRecords:
+    """The record methods of the Dataplane protocol over its Flow methods, for adapters
+    without a bulk path (nft, IPVS, the fake). The records module (numpy) loads only
+    when a record method is called: IPVS in the VM tier imports ~60x slower."""
+
+    def dump_records(self: _FlowMethods) -> bytes:
+        from halb.flows.records import from_flows
+
+        return from_flows(self.dump_flows())
+
+    def install_records(self: _FlowMethods, records: bytes) -> int:
+        from halb.flows.records import to_flows
+
+        return self.install_flows(to_flows(records))
+
+    def delete_records(self: _FlowMethods, records: bytes) -> int:
+        from halb.flows.records import to_flows
+
+        return self.delete_flows(to_flows(records))

@@ -10,29 +10,32 @@ these same files in protobuf's default pool, so two of them cannot live in one
 process; registering ours in the default pool would clash with any of them. The
 generated ``*_pb2.py`` are rewritten to add their files to :data:`POOL` instead.
 
-Output: ``halb/_etcdproto`` (git-ignored), written by ``python -m halb.build`` and, in
-a source checkout, on first import when its stamp is missing or stale. Load the
-modules with :func:`load`, never by importing ``halb._etcdproto`` directly.
+Output: ``halb/_etcdproto`` (git-ignored), written by ``python -m halb.build`` and
+nothing else: :func:`load` refuses a tree its stamp calls missing or stale (with the
+command that fixes it) rather than regenerate it at import time. Load the modules with
+:func:`load`, never by importing ``halb._etcdproto`` directly.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from halb.protoc import replace_tree, run_protoc, tool_versions
+
 __all__ = [
     "PROTO_SOURCES",
+    "StaleStubsError",
     "Stubs",
     "default_out_dir",
     "generate",
@@ -105,23 +108,12 @@ def _drop_http_options(text: str) -> str:
     return text
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _stamp(root: Path) -> dict[str, object]:
     digests = {
         name: hashlib.sha256((root / src).read_bytes()).hexdigest()
         for name, src in PROTO_SOURCES.items()
     }
-    return {
-        "protos": digests,
-        "grpcio-tools": _version("grpcio-tools"),
-        "protobuf": _version("protobuf"),
-    }
+    return {"protos": digests, **tool_versions()}
 
 
 def is_fresh(out_dir: Path | None = None, root: Path | None = None) -> bool:
@@ -133,24 +125,9 @@ def is_fresh(out_dir: Path | None = None, root: Path | None = None) -> bool:
         return False
     if not src.is_dir():
         return True  # installed without the Debian protos: trust the build
+    if importlib.util.find_spec("grpc_tools") is None:
+        return True  # an installed wheel (no generator): its shipped stubs are the build
     return bool(have == _stamp(src))
-
-
-def _protoc(src: Path, out: Path) -> None:
-    from grpc_tools import protoc  # build-time tool; ~100 ms to import
-
-    include = Path(protoc.__file__).parent / "_proto"
-    args = [
-        "grpc_tools.protoc",
-        f"-I{src}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        *(str(src / name) for name in PROTO_SOURCES),
-    ]
-    rc = protoc.main(args)
-    if rc != 0:
-        raise RuntimeError(f"protoc failed with exit code {rc} for etcd's protos")
 
 
 def _rewrite(out: Path) -> None:
@@ -178,39 +155,24 @@ def generate(out_dir: Path | str | None = None, root: Path | str | None = None) 
                 f"etcd proto {rel} not found under {src} (for {name}): install the Debian "
                 "package golang-etcd-server-dev, or set HALB_ETCD_PROTOS"
             )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"halb-etcdproto-{digest}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if out_dir is None and is_fresh(out, src):
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            stripped = tmp / "src"
+
+    def build(gen: Path) -> None:
+        with tempfile.TemporaryDirectory() as stripped_dir:
+            stripped = Path(stripped_dir)
             for name, rel in PROTO_SOURCES.items():
                 dest = stripped / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_text(strip_annotations((src / rel).read_text()))
-            gen = tmp / "gen"
-            gen.mkdir()
-            _protoc(stripped, gen)
-            _rewrite(gen)
-            (gen / "__init__.py").write_text('"""Generated etcd stubs (git-ignored)."""\n')
-            (gen / "_pool.py").write_text(_POOL_MODULE)
-            for pkg in _PACKAGES:
-                (gen / pkg / "__init__.py").write_text("")
-            (gen / _STAMP).write_text(json.dumps(_stamp(src), indent=2, sort_keys=True) + "\n")
-            old = None
-            if out.exists():
-                old = out.parent / f".{out.name}-old-{os.getpid()}"
-                out.rename(old)
-            gen.rename(out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            run_protoc(stripped, gen, PROTO_SOURCES, pyi=False, what="etcd's protos")
+        _rewrite(gen)
+        (gen / "__init__.py").write_text('"""Generated etcd stubs (git-ignored)."""\n')
+        (gen / "_pool.py").write_text(_POOL_MODULE)
+        for pkg in _PACKAGES:
+            (gen / pkg / "__init__.py").write_text("")
+        (gen / _STAMP).write_text(json.dumps(_stamp(src), indent=2, sort_keys=True) + "\n")
+
+    fresh = (lambda: is_fresh(out, src)) if out_dir is None else None
+    return replace_tree(out, "etcdproto", build, fresh)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,14 +189,22 @@ class Stubs:
 _loaded: Stubs | None = None
 
 
+class StaleStubsError(RuntimeError):
+    """The generated etcd stubs are missing or older than the protos / generator."""
+
+
 def load() -> Stubs:
-    """The stubs, generated first when missing or stale."""
+    """The stubs, as the build generated them (never regenerated at import time)."""
     global _loaded
     if _loaded is None:
         if not is_fresh():
-            log.info("generating etcd stubs into %s (missing or stale)", default_out_dir())
-            generate()
-            importlib.invalidate_caches()
+            out = default_out_dir()
+            state = "stale" if (out / _STAMP).exists() else "missing"
+            raise StaleStubsError(
+                f"the generated etcd stubs in {out} are {state} (not built from the current "
+                "etcd protos, grpcio-tools and protobuf): run `python -m halb.build` "
+                "(scripts/setup does)"
+            )
         _loaded = Stubs(
             rpc=importlib.import_module(f"{_PKG}.etcdserverpb.rpc_pb2"),
             rpc_grpc=importlib.import_module(f"{_PKG}.etcdserverpb.rpc_pb2_grpc"),

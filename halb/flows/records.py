@@ -60,10 +60,7 @@ __all__ = [
     "by_conn",
     "conn_keys",
     "count",
-    "delete",
-    "dump",
     "from_flows",
-    "install",
     "is_v4",
     "lookup_keys",
     "rows",
@@ -335,29 +332,3 @@ class RecordIndex:
                 drops[reason] += n
         kept: bytes = r[good].tobytes()
         return kept
-
-
-# --- dataplane dispatch -------------------------------------------------------------
-
-
-def install(dp: Any, records: bytes) -> int:
-    """Write records into a dataplane: its install_records() when it has one
-    (halb.dataplane.base.RecordDataplane), else install_flows() with Flow objects."""
-    fast = getattr(dp, "install_records", None)
-    if callable(fast):
-        return int(fast(records))
-    return int(dp.install_flows(to_flows(records)))
-
-
-def delete(dp: Any, records: bytes) -> int:
-    fast = getattr(dp, "delete_records", None)
-    if callable(fast):
-        return int(fast(records))
-    return int(dp.delete_flows(to_flows(records)))
-
-
-def dump(dp: Any) -> bytes:
-    fast = getattr(dp, "dump_records", None)
-    if callable(fast):
-        return bytes(fast())
-    return from_flows(dp.dump_flows())

@@ -36,7 +36,6 @@ import grpc
 from halb.aio import cancel_and_wait, within
 from halb.config import ClusterConfig, group_services
 from halb.dataplane.base import Dataplane
-from halb.flows import records
 from halb.flows.records import RecordIndex
 from halb.model import Service, Term
 from halb.sync import tls
@@ -368,9 +367,9 @@ class FlowSyncClient:
 
     def _write_blocking(self, deletes: bytes, upserts: bytes) -> None:
         if deletes:
-            self._deleted += records.delete(self._dp, deletes)
+            self._deleted += self._dp.delete_records(deletes)
         if upserts:
-            self._installed += records.install(self._dp, upserts)
+            self._installed += self._dp.install_records(upserts)
 
     # -- stats ---------------------------------------------------------------------
 

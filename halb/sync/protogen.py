@@ -17,14 +17,11 @@ versions; the output of one protoc version is byte-for-byte deterministic.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from halb.protoc import replace_tree, run_protoc, tool_versions
 
 __all__ = [
     "PROTO_FILES",
@@ -57,22 +54,10 @@ def default_out_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "_proto"
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def stamp_for(root: Path) -> dict[str, object]:
     """What the generated tree depends on: proto contents and generator versions."""
     digests = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in PROTO_FILES}
-    return {
-        "protos": digests,
-        "grpcio-tools": _version("grpcio-tools"),
-        "protobuf": _version("protobuf"),
-        "outputs": list(_OUTPUTS),
-    }
+    return {"protos": digests, **tool_versions(), "outputs": list(_OUTPUTS)}
 
 
 def is_fresh(out_dir: Path | None = None, root: Path | None = None) -> bool:
@@ -98,25 +83,6 @@ def check_fresh(out_dir: Path | None = None, root: Path | None = None) -> None:
             " protos/, grpcio-tools, protobuf and outputs): run `python -m halb.build`"
             " (scripts/setup does)"
         )
-
-
-def _protoc(root: Path, out: Path) -> None:
-    # Imported here: grpc_tools is a build-time tool, and importing it costs ~100 ms.
-    from grpc_tools import protoc
-
-    include = Path(protoc.__file__).parent / "_proto"  # well-known types
-    args = [
-        "grpc_tools.protoc",
-        f"-I{root}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--grpc_python_out={out}",
-        f"--pyi_out={out}",
-        *(str(root / name) for name in PROTO_FILES),
-    ]
-    rc = protoc.main(args)
-    if rc != 0:
-        raise RuntimeError(f"protoc failed with exit code {rc} for {', '.join(PROTO_FILES)}")
 
 
 def _fix_imports(out: Path) -> None:
@@ -151,34 +117,16 @@ def generate(out_dir: Path | str | None = None, root: Path | str | None = None) 
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir()
     src = Path(root) if root is not None else proto_root()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The lock lives outside the source tree (which git would otherwise see), keyed
-    # by the output path so unrelated trees do not serialise on each other.
-    digest = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-    lock_path = Path(tempfile.gettempdir()) / f"halb-protogen-{digest}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if out_dir is None and is_fresh(out, src):
-            return out  # another process generated it while we waited
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
-            _protoc(src, tmp)
-            _fix_imports(tmp)
-            _add_inits(tmp)
-            (tmp / _STAMP).write_text(json.dumps(stamp_for(src), indent=2, sort_keys=True) + "\n")
-            # mkdtemp made it 0700: every user who runs halb (not only root) imports it.
-            tmp.chmod(0o755)
-            old = None
-            if out.exists():
-                old = out.parent / f".{out.name}-old-{os.getpid()}"
-                out.rename(old)
-            tmp.rename(out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def build(tmp: Path) -> None:
+        run_protoc(src, tmp, PROTO_FILES, pyi=True, what=", ".join(PROTO_FILES))
+        _fix_imports(tmp)
+        _add_inits(tmp)
+        (tmp / _STAMP).write_text(json.dumps(stamp_for(src), indent=2, sort_keys=True) + "\n")
+
+    # Default tree: skip when another process generated it while we waited.
+    fresh = (lambda: is_fresh(out, src)) if out_dir is None else None
+    return replace_tree(out, "protogen", build, fresh)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from halb.dataplane.base import ApplyResult, Counters
+from halb.dataplane.base import ApplyResult, Counters, FlowObjectRecords
 from halb.dataplane.dumpscan import DumpScanSource
 from halb.model import Flow, Service, ServiceKey
 
 __all__ = ["FakeDataplane"]
 
 
-class FakeDataplane:
+class FakeDataplane(FlowObjectRecords):
     name = "fake"
 
     def __init__(self) -> None:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from halb.dataplane.base import FlowSource
-from halb.dataplane.xdp import flowsource
+from halb.dataplane.xdp import mapdiff
 from halb.dataplane.xdp.adapter import XdpDataplane
 from halb.dataplane.xdp.flowsource import XdpFlowSource
 from halb.flows.records import to_flows
@@ -267,7 +267,7 @@ def test_hash_collisions_never_lose_or_invent_a_change(
     # The diff finds keys by a 64-bit hash and then compares bytes. With a hash of two
     # values every key collides with half the others: changes must still all be seen,
     # and nothing live may be reported gone (extra upserts are allowed: idempotent).
-    monkeypatch.setattr(flowsource, "_hash", lambda words: words[:, 0] & np.uint64(1))
+    monkeypatch.setattr(mapdiff, "key_hash", lambda words: words[:, 0] & np.uint64(1))
     first = flows(600)
     dp.install_flows(first)
     ups, dels = scan(src)

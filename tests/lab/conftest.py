@@ -14,11 +14,18 @@ import pytest
 from halb.lab import builder
 
 
+def _default_etcd(state: dict[str, Any]) -> bool:
+    """The lab's etcd is the default one (one member, plaintext): tests that need
+    another (test_etcd_lab's three TLS members) bring up their own."""
+    return len(state.get("etcd_members", [None])) == 1 and not state.get("etcd_tls")
+
+
 def _ensure_up() -> dict[str, Any]:
     if builder.is_up():
         state = builder.load_state()
         assert state is not None
-        return state
+        if _default_etcd(state):
+            return state
     builder.down()
     return builder.up()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -164,3 +165,15 @@ def test_an_attempt_never_takes_more_than_half_a_call() -> None:
     st = ClientSettings(("http://127.0.0.1:2379",))
     assert st.attempt_per(2.0) == pytest.approx(0.3)  # PLATFORM.md's 0.3 s per attempt
     assert st.attempt_per(0.25) == pytest.approx(0.125)  # a heartbeat-sized call: two tries
+
+
+def test_missing_etcd_stubs_are_refused_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from halb.etcd import proto
+
+    monkeypatch.setattr(proto, "_loaded", None)
+    monkeypatch.setattr(proto, "default_out_dir", lambda: tmp_path / "_etcdproto")
+    with pytest.raises(proto.StaleStubsError, match=r"missing .*python -m halb.build"):
+        proto.load()
+    assert not (tmp_path / "_etcdproto").exists()  # refused, never generated

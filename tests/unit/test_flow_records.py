@@ -201,41 +201,14 @@ def test_by_conn_keys_a_moved_flow_by_its_connection() -> None:
     assert records.conn_keys(records.from_flows([after])) == list(mirror)
 
 
-class _RecordSink:
-    """A dataplane with the record methods: it must get the records untouched."""
-
-    def __init__(self) -> None:
-        self.installed: list[bytes] = []
-        self.deleted: list[bytes] = []
-
-    def install_records(self, recs: bytes) -> int:
-        self.installed.append(recs)
-        return records.count(recs)
-
-    def delete_records(self, recs: bytes) -> int:
-        self.deleted.append(recs)
-        return records.count(recs)
-
-    def dump_records(self) -> bytes:
-        return b"".join(self.installed)
-
-
-def test_dataplane_dispatch_uses_record_methods_when_present() -> None:
-    sink = _RecordSink()
-    recs = records.from_flows([v4(), V6])
-    assert records.install(sink, recs) == 2 and sink.installed == [recs]
-    assert records.delete(sink, recs[:RECORD_SIZE]) == 1 and sink.deleted == [recs[:RECORD_SIZE]]
-    assert records.dump(sink) == recs
-
-
-def test_dataplane_dispatch_falls_back_to_flow_objects() -> None:
+def test_adapters_without_a_bulk_path_take_records_as_flow_objects() -> None:
     fake = FakeDataplane()
     recs = records.from_flows([v4(), V6])
-    assert records.install(fake, recs) == 2
+    assert fake.install_records(recs) == 2
     assert fake.flows == {v4(), V6}
-    assert records.delete(fake, records.from_flows([V6])) == 1
+    assert fake.delete_records(records.from_flows([V6])) == 1
     assert fake.flows == {v4()}
-    assert records.dump(fake) == records.from_flows([v4()])
+    assert fake.dump_records() == records.from_flows([v4()])
 
 
 def test_with_vips_keeps_the_records_of_those_vips_in_order() -> None:

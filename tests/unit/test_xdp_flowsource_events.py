@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, ip_address
 import numpy as np
 
 from halb.dataplane.xdp import flowrecords
-from halb.dataplane.xdp.flowsource import MapState, _without, _without_keys
+from halb.dataplane.xdp.mapdiff import MapState, without, without_keys
 from halb.flows import records
 from halb.model import Flow, Protocol
 
@@ -53,12 +53,12 @@ def test_without_drops_only_identical_records() -> None:
     recs = records.from_flows([flow(0), flow(1), flow(2)])
     pushed = records.from_flows([flow(1), flow(2, backend="10.0.0.22")])
     # flow 1 was pushed as it is; flow 2 went out with another backend: still sent.
-    assert records.to_flows(_without(recs, pushed)) == [flow(0), flow(2)]
-    assert _without(recs, b"") is recs
+    assert records.to_flows(without(recs, pushed)) == [flow(0), flow(2)]
+    assert without(recs, b"") is recs
 
 
 def test_without_keys_drops_records_of_the_same_connection_whatever_the_backend() -> None:
     deletes = records.from_flows([flow(0), flow(1), flow(2)])
     recreated = flowrecords.records_to_keys(records.from_flows([flow(1, backend="10.0.0.23")]))
-    assert records.to_flows(_without_keys(deletes, recreated)) == [flow(0), flow(2)]
-    assert _without_keys(deletes, b"") is deletes
+    assert records.to_flows(without_keys(deletes, recreated)) == [flow(0), flow(2)]
+    assert without_keys(deletes, b"") is deletes

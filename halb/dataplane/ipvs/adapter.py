@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO
 
-from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
 from halb.dataplane.dumpscan import DumpScanSource
 from halb.dataplane.ipvs.conntab import ENDED_STATES, parse_conns
 from halb.dataplane.ipvs.injector import SyncInjector
@@ -74,7 +74,7 @@ def _write_sysctls(values: dict[str, str]) -> None:
             f.write(value)
 
 
-class IpvsDataplane:
+class IpvsDataplane(FlowObjectRecords):
     name = "ipvs"
 
     def __init__(self, netns: str | None = None, *, sync_id: int = DEFAULT_SYNC_ID) -> None:

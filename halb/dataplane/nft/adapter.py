@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from halb.config import ClusterConfig, NodeConfig
-from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
 from halb.dataplane.nft import nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
 from halb.dataplane.nft.events import FlowEvents
@@ -56,7 +56,7 @@ def snat_addresses(cfg: ClusterConfig) -> dict[IPAddress, IPAddress]:
     return out
 
 
-class NftDataplane:
+class NftDataplane(FlowObjectRecords):
     """halb.dataplane.base.Dataplane on nftables + conntrack. Blocking; one caller at a
     time (the agent calls it from a worker thread)."""
 

@@ -1,4 +1,9 @@
-"""Compile the XDP programs with clang; skipped when the object is newer than its sources.
+"""Compile the XDP programs with clang; skipped when the object matches its sources.
+
+Freshness is by content: a stamp beside the object (``<object>.stamp``) holds the
+digest of the sources and defines it was built from. File times do not survive a wheel
+install, and a balancer installed from the wheel has no clang: its shipped object and
+stamp must count as fresh there.
 
 Run as ``python -m halb.dataplane.xdp.build`` (scripts/setup does) or let the loader
 build on demand.
@@ -6,6 +11,7 @@ build on demand.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -13,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["BPF_DIR", "BuildError", "build_bpf"]
+__all__ = ["BPF_DIR", "BuildError", "build_bpf", "source_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,15 @@ def _multiarch_include() -> list[str]:
     return [f"-I/usr/include/{triplet}"] if out.returncode == 0 and triplet else []
 
 
+def source_digest(source: str, defines: Sequence[str] = ()) -> str:
+    """sha256 over the program's source, every header and the defines."""
+    h = hashlib.sha256()
+    for path in [BPF_DIR / source, *sorted(BPF_DIR.glob("*.h"))]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update("\0".join(defines).encode())
+    return h.hexdigest()
+
+
 def build_bpf(
     out_dir: Path | None = None,
     source: str = "balancer.bpf.c",
@@ -50,16 +65,16 @@ def build_bpf(
     if defines:
         stem += "-" + "-".join(d.replace("=", "_") for d in defines)
     out = (out_dir or BPF_DIR) / f"{stem}.o"
-    sources = [src, *BPF_DIR.glob("*.h")]
-    if (
-        not force
-        and out.exists()
-        and all(out.stat().st_mtime_ns > s.stat().st_mtime_ns for s in sources)
-    ):
+    stamp = out.with_name(out.name + ".stamp")
+    digest = source_digest(source, defines)
+    if not force and out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return out
     clang = shutil.which("clang")
     if clang is None:
-        raise BuildError("clang not found: run scripts/setup or apt-get install clang")
+        raise BuildError(
+            "clang not found: run scripts/setup (checkout) or reinstall the halb wheel; "
+            f"{out} is missing or does not match {src.name} and its headers"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".o.tmp")
     cmd = [
@@ -83,6 +98,7 @@ def build_bpf(
         tmp.unlink(missing_ok=True)
         raise BuildError(f"clang failed on {src}:\n{proc.stderr}")
     tmp.replace(out)  # atomic: a concurrent loader never sees half an object
+    stamp.write_text(digest + "\n")
     return out
 
 
