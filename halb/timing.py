@@ -26,7 +26,15 @@ keepalive (or heartbeat) that succeeded, on the leader's monotonic clock.
    waits ``fence_wait`` (their sum) after the vacancy before campaigning, so even a
    frozen leader has stopped by then. The XDP adapter fires ``DEADMAN_EARLY_TICKS``
    coarse ticks *early* (its clock trails), never late.
-5. **Resumed term.** A new term adds VIPs only after its first heartbeat succeeded (a
+5. **Coordinator outage** (``failover.coordinator_outage: hold``, dataplanes with a
+   dead-man switch only). While etcd is silent the active may keep its VIPs on the
+   strength of its peers' promises (halb.ha.hold: the argument in full). The holder
+   asks every ``renew`` (the heartbeat interval, else half a keepalive interval) once
+   etcd has been quiet for ``quiet_after`` (one success cadence and half a renewal),
+   each call bounded by ``call_timeout``; a peer is bound ``promise`` (a few renewals)
+   per grant. The first answers must land before the usual fence, and a promise must
+   cover two renewals after its round trip, else one late reply drops the VIP.
+6. **Resumed term.** A new term adds VIPs only after its first heartbeat succeeded (a
    standby may already have revoked the campaign's lease).
 
 Invariants (``Timings.violations`` lists any broken one; unit tests check them over the
@@ -48,17 +56,24 @@ __all__ = [
     "DEADMAN_EARLY_TICKS",
     "DEADMAN_TICK_MARGIN",
     "DEFAULT_HEARTBEAT_INTERVAL",
+    "HOLD_RENEWALS",
     "KERNEL_ADDRESS_SWEEP",
     "MIN_FENCE_MARGIN",
     "MIN_KEEPALIVES_BEFORE_FENCE",
     "MIN_LEASE_TTL",
+    "MIN_PROMISE",
+    "OUTAGE_FENCE",
+    "OUTAGE_HOLD",
     "RANK_SKEW",
+    "HoldPolicy",
     "LeaseTimings",
     "Timings",
     "derive",
     "fence_wait",
     "heartbeat_interval_for",
+    "hold_policy",
     "lease_timings",
+    "outage_mode_for",
     "rpc_timeout_for",
     "ttl_issue",
     "vip_lifetime",
@@ -85,9 +100,54 @@ KERNEL_ADDRESS_SWEEP = 1.0
 # Lower-ranked standbys campaign and judge heartbeats this much later per rank, so the
 # best standby usually acts alone.
 RANK_SKEW = 0.05
+# Coordinator outage modes (failover.coordinator_outage).
+OUTAGE_HOLD = "hold"
+OUTAGE_FENCE = "fence"
+# A promise spans this many renewals (so a lost reply or two changes nothing), and
+# never less than MIN_PROMISE: when etcd comes back the peers reach it (and refuse)
+# first, and the holder's own etcd client may need about a second more to reconnect
+# (measured in the lab); its heartbeat must get through before its last promise ends.
+HOLD_RENEWALS = 5
+MIN_PROMISE = 2.0
+# The holder's time to stop forwarding once its hold ends: the dead-man switch fires
+# within DEADMAN_TICK_MARGIN; the rest is slack for the deadline's early arming.
+HOLD_WITHDRAW = 0.05
 # The status document's lease: longer than the election's, whole seconds.
 STATUS_TTL_FACTOR = 3
 MIN_STATUS_TTL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class HoldPolicy:
+    """The peer-witnessed hold's intervals (halb.ha.hold holds the protocol)."""
+
+    promise: float  # seconds a peer is bound per grant
+    renew: float  # the holder asks every ``renew`` seconds
+    drift: float = 0.001  # bound on any clock's rate error (1000 ppm; NTP gives ~50)
+    withdraw: float = HOLD_WITHDRAW  # the holder's time to withdraw (VIP, switch tick)
+    # etcd quiet this long (no success): the holder asks, a peer says it cannot reach it.
+    quiet_after: float = 0.0
+    call_timeout: float = 0.0  # per peer call; 0: ``renew``
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew < self.promise:
+            raise ValueError("a promise must outlast the renewal interval")
+        if not 0 <= self.drift < 0.1:
+            raise ValueError("clock drift bound out of range")
+
+    @property
+    def deadline(self) -> float:
+        """One peer call's deadline."""
+        return self.call_timeout or self.renew
+
+    @property
+    def quiet(self) -> float:
+        return self.quiet_after or self.renew
+
+    def hold_end(self, asked_at: float, granted: float) -> float:
+        """The last instant (holder's clock) the holder may hold on the strength of a
+        grant of ``granted`` seconds to a request it sent at ``asked_at``."""
+        return asked_at + granted * (1 - self.drift) / (1 + self.drift) - self.withdraw
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +210,7 @@ class Timings:
     campaign_delay: float  # rank skew before campaigning for a vacant group
     watchdog_slack: float  # rank skew added to the heartbeat timeout by a standby
     status_ttl: int  # the status document's lease
+    hold: HoldPolicy | None = None  # None: a coordinator outage fences (today's way)
 
     @property
     def heartbeats(self) -> bool:
@@ -186,6 +247,19 @@ class Timings:
             out.append("a fence wait without heartbeats")
         if self.status_ttl < lease.lease_ttl:
             out.append("status lease shorter than the election lease")
+        if self.hold is not None:
+            out.extend(self._hold_violations(self.hold))
+        return out
+
+    def _hold_violations(self, h: HoldPolicy) -> list[str]:
+        out: list[str] = []
+        usual = self.heartbeat_timeout if self.heartbeats else self.lease.fence_after
+        if h.quiet + h.deadline >= usual:
+            out.append("the hold's first promises cannot arrive before the usual fence")
+        if h.hold_end(0.0, h.promise) < 2 * h.renew + h.deadline:
+            out.append("a promise does not cover two renewals")
+        if h.withdraw < DEADMAN_TICK_MARGIN:
+            out.append("the hold's withdraw time is shorter than the dead-man switch's tick")
         return out
 
 
@@ -205,6 +279,27 @@ def fence_wait(heartbeat_interval: float, heartbeat_timeout: float) -> float:
     return heartbeat_timeout + heartbeat_interval + DEADMAN_TICK_MARGIN
 
 
+def outage_mode_for(mode: str | None, kind: DataplaneKind) -> str:
+    """The configured coordinator-outage mode, or the default: hold where a frozen
+    holder is fenced by its own kernel at the hold's end (a dead-man switch), else fence."""
+    if mode is not None:
+        return mode
+    return OUTAGE_HOLD if kind in DEADMAN_DATAPLANES else OUTAGE_FENCE
+
+
+def hold_policy(lease: LeaseTimings, heartbeat_interval: float) -> HoldPolicy:
+    """Renew at the heartbeat cadence (else half a keepalive interval); a promise spans
+    a few renewals; etcd counts as quiet after one success cadence and half a renewal."""
+    cadence = heartbeat_interval if heartbeat_interval > 0 else lease.keepalive_interval
+    renew = heartbeat_interval if heartbeat_interval > 0 else lease.keepalive_interval / 2
+    return HoldPolicy(
+        promise=max(MIN_PROMISE, HOLD_RENEWALS * renew),
+        renew=renew,
+        quiet_after=cadence + renew / 2,
+        call_timeout=renew,
+    )
+
+
 def derive(
     *,
     lease_ttl: float,
@@ -212,10 +307,16 @@ def derive(
     heartbeat_timeout: float,
     kind: DataplaneKind,
     rank: int = 0,
+    coordinator_outage: str | None = None,
 ) -> Timings:
     """All intervals for a node of priority ``rank`` (0 = the best) in a group."""
     lease = lease_timings(lease_ttl)
     interval = heartbeat_interval_for(heartbeat_interval, kind)
+    hold = (
+        hold_policy(lease, interval)
+        if outage_mode_for(coordinator_outage, kind) == OUTAGE_HOLD
+        else None
+    )
     return Timings(
         lease=lease,
         vip_lifetime=vip_lifetime(lease.lease_ttl, lease.fence_margin),
@@ -225,4 +326,5 @@ def derive(
         campaign_delay=RANK_SKEW * rank,
         watchdog_slack=RANK_SKEW * rank,
         status_ttl=max(MIN_STATUS_TTL, STATUS_TTL_FACTOR * lease.lease_ttl),
+        hold=hold,
     )

@@ -32,7 +32,15 @@ from halb.agent.linkwatch import watch_link
 from halb.agent.metrics import AgentMetrics
 from halb.agent.status import GroupStatus, NodeStatus
 from halb.agent.statuspub import publish_status
-from halb.agent.syncroles import SyncFactory, sync_close, sync_stats, sync_update_config, tune_gc
+from halb.agent.syncroles import (
+    AgentSyncRoles,
+    SyncFactory,
+    sync_close,
+    sync_stats,
+    sync_update_config,
+    tune_gc,
+)
+from halb.agent.witness import PeerWitness
 from halb.aio import within
 from halb.checks.view import HealthView
 from halb.config import (
@@ -53,12 +61,14 @@ from halb.ha.machine import (
     LeaderObserved,
     Machine,
     MachineConfig,
+    PromiseGiven,
     State,
     Undrain,
 )
 from halb.ha.runtime import GroupRuntime, SyncRoles, VipPort
 from halb.keys import GroupKeys
 from halb.net.vip import InterfaceVips
+from halb.sync.promise import PromiseClient
 
 __all__ = ["Agent", "AgentError"]
 
@@ -106,6 +116,10 @@ class Agent:
         self.etcd: EtcdClient | None = None
         self.metrics = AgentMetrics(node)
         self.link_down = False
+        # The peer-witnessed hold (failover.coordinator_outage: hold): the peer side
+        # answering Promise calls and the holder side's channel to the peers.
+        self.witness: PeerWitness | None = None
+        self.promise_client: PromiseClient | None = None
         self._status_dirty = asyncio.Event()
         self._stop = asyncio.Event()
         # Config reloads and health views both reprogram the dataplane: one at a time.
@@ -217,8 +231,13 @@ class Agent:
 
     def _status(self) -> NodeStatus:
         assert self.cfg is not None
-        for g in self.groups.values():
+        for name, g in self.groups.items():
             g.status.vips = [str(v.address) for v in g.cfg.vips]
+            if g.runtime.hold is not None:
+                g.status.hold = {
+                    **g.runtime.hold_status.doc(),
+                    **(self.witness.doc(name) if self.witness is not None else {}),
+                }
         return NodeStatus(
             node=self.node_name,
             pid=os.getpid(),
@@ -389,7 +408,35 @@ class Agent:
         )
         rt.coord = coord
         rt.lifetime = timings.vip_lifetime
+        if timings.hold is not None and self.witness is not None:
+            rt.hold = timings.hold
+            rt.peers = [n.name for n in members if n.name != node.name]
+            rt.promise_port = self.promise_client
+            self.witness.add_group(g.name, timings.hold, [n.name for n in members], rt, coord)
+            # A restarted node may have promised before it died and forgotten.
+            rt.emit(PromiseGiven(timings.hold.promise))
         return _Group(g, rt, status)
+
+    async def _setup_hold(self) -> None:
+        """coordinator_outage: hold needs the peer channel (the node's FlowSync server,
+        started now so standbys answer Promise calls)."""
+        cfg = self.cfg
+        assert cfg is not None
+        policy = cfg.timings().hold
+        if policy is None:
+            return
+        if not isinstance(self.sync, AgentSyncRoles):
+            log.warning("failover.coordinator_outage is hold but flow sync is off: no peer "
+                        "channel, so a coordinator outage fences as with fence")  # fmt: skip
+            return
+        self.witness = PeerWitness()
+        self.sync.promises = self.witness
+        self.promise_client = PromiseClient(
+            self.sync.security, {n.name: str(n.sync_address) for n in cfg.nodes}
+        )
+        await self.sync.start_server()
+        log.info("coordinator outage: hold (promise %.2fs, renewed every %.2fs)",
+                 policy.promise, policy.renew)  # fmt: skip
 
     async def run(self) -> None:
         self.cfg = self._load_local()
@@ -422,8 +469,11 @@ class Agent:
                 await self.health.seed()
                 if self.health.view is not None:
                     await self._program(self.cfg)
+                await self._setup_hold()
                 await self._run_groups(client)
             finally:
+                if self.promise_client is not None:
+                    await self.promise_client.close()
                 await sync_close(self.sync)
                 await asyncio.to_thread(self.dataplane.close)
         finally:
@@ -514,6 +564,9 @@ class Agent:
                     stats = sync_stats(self.sync)
                     self.metrics.update_sync(stats)
                     self.metrics.update_config(self.config_revision, self.rejected_configs)
+                    for name, st in self._status().groups.items():
+                        if st.hold:
+                            self.metrics.update_hold(name, st.hold)
                     counters = await asyncio.to_thread(self.dataplane.counters)
                     self.metrics.update_counters(counters)
                     if isinstance(stats.get("flows"), int):

@@ -103,6 +103,7 @@ class AgentMetrics:
         self._counters = Counters()
         self._config_revision = 0
         self._rejected = 0
+        self._hold: dict[str, dict[str, Any]] = {}  # group -> its status document's hold
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.registry.register(self)
@@ -135,6 +136,11 @@ class AgentMetrics:
                 self._failovers[key] = self._failovers.get(key, 0) + 1
             elif old == "active" and new != "active":
                 self._term_ends[key] = self._term_ends.get(key, 0) + 1
+
+    def update_hold(self, group: str, doc: Mapping[str, Any]) -> None:
+        """A group's hold document (halb.ha.holding.HoldStatus + the peer side)."""
+        with self._lock:
+            self._hold[group] = dict(doc)
 
     def update_flows(self, flows: int) -> None:
         with self._lock:
@@ -207,6 +213,45 @@ class AgentMetrics:
         yield from self._sync_families(sync)
         yield from self._backend_families(backends)
         yield from self._counter_families(counters)
+        with self._lock:
+            hold = {k: dict(v) for k, v in self._hold.items()}
+        yield from self._hold_families(hold)
+
+    def _hold_families(self, hold: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+        if not hold:
+            return
+        holding = GaugeMetricFamily(
+            "halb_hold_active",
+            "1 while this node holds the group's VIPs on its peers' promises (etcd silent).",
+            labels=["group"],
+        )
+        promises = GaugeMetricFamily(
+            "halb_hold_promises", "Peers' promises this node holds.", labels=["group"]
+        )
+        expiry = GaugeMetricFamily(
+            "halb_hold_expiry_seconds",
+            "Seconds left of the hold (0: not holding).",
+            labels=["group"],
+        )
+        bound = GaugeMetricFamily(
+            "halb_promise_bound_seconds",
+            "Seconds this node is still bound by promises it gave (no campaign).",
+            labels=["group"],
+        )
+        answers = CounterMetricFamily(
+            "halb_promise_answers",
+            "Promise requests answered, by outcome (granted or the refusal reason).",
+            labels=["group", "outcome"],
+        )
+        for group, d in sorted(hold.items()):
+            holding.add_metric([group], 1 if d.get("holding") else 0)
+            promises.add_metric([group], len(d.get("promises") or {}))
+            expiry.add_metric([group], float(d.get("hold_left") or 0.0))
+            bound.add_metric([group], float(d.get("bound_for") or 0.0))
+            answers.add_metric([group, "granted"], int(d.get("granted") or 0))
+            for reason, n in sorted((d.get("refused") or {}).items()):
+                answers.add_metric([group, reason], int(n))
+        yield from (holding, promises, expiry, bound, answers)
 
     def _info(self, rev: int, rejected: int) -> Iterator[Metric]:
         info = GaugeMetricFamily(

@@ -24,6 +24,9 @@ class GroupStatus:
     vips: list[str] = field(default_factory=list)
     since: float | None = None  # wall-clock time of the last state change
     cause: str = ""  # why the last state change happened
+    # The peer-witnessed hold: holder side (holding since, promises, refusals) and
+    # peer side (bound for, granted, refused); empty when coordinator_outage is fence.
+    hold: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ from halb.ha.runtime import SyncRoles
 from halb.model import Term
 from halb.sync.client import ClientOptions, FlowSyncClient
 from halb.sync.feed import FlowFeed
+from halb.sync.promise import PromiseDesk
 from halb.sync.server import FlowSyncServer, ServerOptions, ServerStats
 from halb.sync.tls import InsecureNotAllowed, SyncSecurity
 
@@ -91,6 +92,8 @@ class AgentSyncRoles:
         self._source_lock = asyncio.Lock()
         self._vips = _group_vips(config)
         self._clients: dict[str, FlowSyncClient] = {}  # group -> client
+        # Answers the hold's Promise calls on the node's server (halb.agent.witness).
+        self.promises: PromiseDesk | None = None
         self._last: dict[str, dict[str, Any]] = {}  # group -> its last role's doc
 
     def update_config(self, config: ClusterConfig) -> None:
@@ -107,6 +110,11 @@ class AgentSyncRoles:
         server, self._server = self._server, None
         if server is not None:
             await server.stop()
+
+    async def start_server(self) -> None:
+        """Start the node's server now, not with the first group held: in hold mode
+        standbys answer Promise calls on it."""
+        await self._running_server()
 
     # -- the active's role -----------------------------------------------------------
 
@@ -138,6 +146,7 @@ class AgentSyncRoles:
                     address=str(self.config.node(self.node).sync_address),
                     options=self._server_options,
                 )
+                server.promises = self.promises
                 try:
                     await server.start()
                     self._server = server

@@ -84,6 +84,12 @@ def status(config_path: str | None, output: str) -> None:
             f"{n['name']:<10} {n['role']:<9} {n['priority']:<5} "
             f"{n['dataplane'] or '-':<10} {n['config_revision'] or '-'!s:<7} {sync_txt}"
         )
+    holds = hold_lines(view["nodes"])
+    if holds:
+        click.echo("")
+        click.echo("coordinator-outage hold (failover.coordinator_outage: hold):")
+        for line in holds:
+            click.echo(f"  {line}")
     last = view["last_failover"]
     click.echo("")
     if last:
@@ -93,6 +99,36 @@ def status(config_path: str | None, output: str) -> None:
         )
     else:
         click.echo("last failover: none recorded")
+
+
+def hold_lines(nodes: list[dict[str, Any]]) -> list[str]:
+    """Per node and group: the hold it keeps (holding since, promises held and their
+    expiry, refusals) and the promises it gave (bound for, granted, refused)."""
+    out = []
+    for n in nodes:
+        for group, g in sorted(n.get("groups", {}).items()):
+            h = g.get("hold") or {}
+            if not h:
+                continue
+            parts = []
+            if h.get("holding"):
+                promises = ", ".join(f"{p} (+{s:.2f}s)" for p, s in h["promises"].items())
+                since = _ago(h.get("holding_since"))
+                left = h.get("hold_left")
+                parts.append(
+                    f"HOLDING since {since}, promises {promises or 'none'}, hold left {left}s"
+                )
+            if h.get("refusals"):
+                parts.append("refusals " + ", ".join(f"{p}: {r}" for p, r in h["refusals"].items()))
+            parts.append(f"holds {h.get('holds', 0)}")
+            if h.get("last_end"):
+                parts.append(f"last ended: {h['last_end']}")
+            parts.append(
+                f"promised: bound for {h.get('bound_for', 0)}s, granted {h.get('granted', 0)}, "
+                f"refused {h.get('refused') or {}}"
+            )
+            out.append(f"{n['name']} {group}: " + "; ".join(parts))
+    return out
 
 
 def _group(cfg: ClusterConfig, name: str | None) -> str:

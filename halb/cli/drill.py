@@ -12,6 +12,7 @@ from halb.drill.progress import Progress
 from halb.drill.render import render_one, render_repeat
 from halb.drill.report import repeat_summary
 from halb.drill.run import FAULTS, DrillError, DrillOptions, resolve_target, run_drills
+from halb.drill.target import OUTAGE_WITH
 from halb.lab.netns import CommandError
 
 
@@ -106,6 +107,20 @@ from halb.lab.netns import CommandError
     help="Seconds between ARP probes for the VIP from the client (0: none); every node "
     "that still answers for the VIP shows in the capture.",
 )
+@click.option(
+    "--outage-seconds",
+    default=10.0,
+    show_default=True,
+    help="etcd-outage: seconds every etcd member is down.",
+)
+@click.option(
+    "--outage-with",
+    type=click.Choice(OUTAGE_WITH),
+    default=None,
+    help="etcd-outage: also SIGKILL the active (kill) or cut it from the other balancers "
+    "(partition) during the outage, --outage-with-at seconds in.",
+)
+@click.option("--outage-with-at", default=2.0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
 @output_option
 def drill(
@@ -129,6 +144,9 @@ def drill(
     heal_cmd: str | None,
     heal: bool,
     arp_probe: float,
+    outage_seconds: float,
+    outage_with: str | None,
+    outage_with_at: float,
     quiet: bool,
     output: str,
 ) -> None:
@@ -141,7 +159,8 @@ def drill(
 
     \b
     Faults: kill, stop, term (the agent), link-down (front interface), etcd-cut,
-    partition (balancers cut from each other, etcd reachable), planned (halb failover).
+    partition (balancers cut from each other, etcd reachable), planned (halb failover),
+    etcd-outage (every etcd member down --outage-seconds, then back; --outage-with).
     Outside the lab: --config with --client-ns or --client-cmd, and --fault planned or
     --fault-cmd.
     """
@@ -165,6 +184,9 @@ def drill(
         fault_cmd=fault_cmd,
         heal_cmd=heal_cmd,
         arp_probe=arp_probe,
+        outage_seconds=outage_seconds,
+        outage_with=outage_with,
+        outage_with_at=outage_with_at,
     )
     progress = Progress(enabled=not quiet)
     try:

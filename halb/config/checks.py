@@ -43,6 +43,13 @@ def _is_prime(n: int) -> bool:
 
 def _failover_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
     f, kind = cfg.failover, cfg.dataplane.kind
+    if f.coordinator_outage == timing.OUTAGE_HOLD and kind not in DEADMAN_DATAPLANES:
+        yield ConfigIssue(
+            "failover.coordinator_outage",
+            f"hold needs a dataplane dead-man switch, which {kind.value} has not: a frozen "
+            "holder would keep forwarding after its peers' promises ran out (two owners); "
+            "use fence, or one of: " + ", ".join(sorted(k.value for k in DEADMAN_DATAPLANES)),
+        )
     interval = f.interval_for(kind)
     if interval <= 0:
         return

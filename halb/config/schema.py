@@ -206,6 +206,13 @@ class FailoverConfig(Model):
 
     heartbeat_interval: float | None = Field(default=None, ge=0, le=10)
     heartbeat_timeout: float = Field(default=0.5, gt=0, le=60)
+    # When no node reaches etcd: ``hold`` keeps the VIP on the active while every peer
+    # promises not to campaign (halb.ha.hold); ``fence`` drops it. Unset: hold on xdp
+    # and nft (a dead-man switch fences a frozen holder), fence on ipvs.
+    coordinator_outage: Literal["hold", "fence"] | None = None
+
+    def outage_mode_for(self, kind: DataplaneKind) -> str:
+        return timing.outage_mode_for(self.coordinator_outage, kind)
 
     def interval_for(self, kind: DataplaneKind) -> float:
         return timing.heartbeat_interval_for(self.heartbeat_interval, kind)
@@ -244,6 +251,7 @@ class ClusterConfig(Model):
             heartbeat_timeout=self.failover.heartbeat_timeout,
             kind=self.dataplane.kind,
             rank=rank,
+            coordinator_outage=self.failover.coordinator_outage,
         )
 
     def node(self, name: str) -> NodeConfig:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 import time
 from typing import Any
 
 from halb.agent import etcdio
 from halb.drill import partition
 from halb.drill.progress import Progress
-from halb.drill.target import ETCD_FAULTS, DrillError, DrillOptions, Target
+from halb.drill.target import ETCD_FAULTS, OUTAGE, DrillError, DrillOptions, Target
+from halb.drill.vipwatch import VipHolders, spans
 from halb.drill.watch import LeaderWatch, read_leader
 from halb.etcd import EtcdError
 from halb.ha.admin import request_handover
@@ -144,6 +146,11 @@ class Controller:
 
     def __init__(self, target: Target) -> None:
         self.target = target
+        # etcd-outage: the thread that ends it, and what it did (wall clock, line).
+        self._outage: threading.Thread | None = None
+        self.outage_log: list[tuple[float, str]] = []
+        self._holders: VipHolders | None = None
+        self._fault_at = 0.0
 
     def leader(self) -> str | None:
         return read_leader(self.target.cfg, self.target.group)[0]
@@ -158,7 +165,55 @@ class Controller:
         return LeaderWatch(self.target.cfg, self.target.group)
 
     def inject(self, opts: DrillOptions, node: str, statuses: dict[str, Any]) -> tuple[float, str]:
-        return inject(self.target, opts, node, statuses)
+        if opts.fault != OUTAGE:
+            return inject(self.target, opts, node, statuses)
+        lab = self.target.lab
+        if lab is None:
+            raise DrillError(f"--fault {OUTAGE} needs the lab")
+        self._holders = VipHolders.for_lab(lab, self.target.vip)
+        self._holders.start()
+        t = self._fault_at = time.time()
+        what = faults.apply_fault(node, "etcd-stop-all", lab)
+        self.outage_log = [(t, what)]
+        self._outage = threading.Thread(
+            target=self._end_outage, args=(opts, node, t), name="etcd-outage", daemon=True
+        )
+        self._outage.start()
+        return t, f"{what}; back in {opts.outage_seconds:g}s"
+
+    def _end_outage(self, opts: DrillOptions, node: str, began: float) -> None:
+        lab = self.target.lab
+        assert lab is not None
+        try:
+            if opts.outage_with is not None:
+                time.sleep(max(0.0, began + opts.outage_with_at - time.time()))
+                t = time.time()
+                if opts.outage_with == "partition":
+                    line = partition.cut(lab, node)
+                else:
+                    line = faults.apply_fault(node, opts.outage_with, lab)
+                self.outage_log.append((t, f"during the outage: {line}"))
+            time.sleep(max(0.0, began + opts.outage_seconds - time.time()))
+            t = time.time()
+            line = faults.apply_fault(node, "etcd-start-all", lab)
+            self.outage_log.append((t, f"{line} (healthy after {time.time() - t:.2f}s)"))
+        except Exception as exc:  # reported in the drill's notes, never a hung drill
+            self.outage_log.append((time.time(), f"outage thread failed: {exc}"))
+
+    def after_fault(self) -> list[tuple[float, str]]:
+        """Once the drill's traffic is over: what the fault did after its injection."""
+        if self._outage is not None:
+            self._outage.join(60)
+            self._outage = None
+        return list(self.outage_log)
+
+    def vip_holders(self) -> dict[str, Any] | None:
+        """etcd-outage: which nodes held the VIP from the fault to now (then stops)."""
+        h, self._holders = self._holders, None
+        if h is None:
+            return None
+        h.stop()
+        return spans(h.samples, self._fault_at, time.time())
 
     def heal(self, opts: DrillOptions) -> list[str]:
         return heal(self.target, opts)

@@ -198,6 +198,8 @@ class DrillResult:
     own: Ownership
     leader_changed_at: float | None  # first time etcd showed another leader
     notes: list[str] = field(default_factory=list)
+    # etcd-outage: which nodes held the VIP address (halb.drill.vipwatch.spans).
+    vip_holders: dict[str, Any] | None = None
 
     @property
     def survived(self) -> int:
@@ -270,6 +272,7 @@ class DrillResult:
                 for c in self.conns
             ],
             "window_s": [rel(self.window[0]), rel(self.window[1])],
+            "vip_holders": self.vip_holders,
             "notes": self.notes,
         }
 

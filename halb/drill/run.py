@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from halb.drill.target import (
     ETCD_FAULTS,
     FAULTS,
     LAB_ONLY,
+    OUTAGE,
     DrillError,
     DrillOptions,
     Target,
@@ -126,6 +128,17 @@ def run_one(
             f"leader changed again at {later[0][0] - fault_at:+.2f}s to {later[0][1] or '(none)'}"
             " (e.g. preemption): claims after it are not counted as two owners"
         )
+    for t, line in ctl.after_fault():
+        result.notes.append(f"{t - fault_at:+.2f}s {line}")
+    result.vip_holders = ctl.vip_holders()
+    if result.vip_holders is not None:
+        v = result.vip_holders
+        one = ", ".join(f"{n} {s:.2f}s" for n, s in v["one_s"].items()) or "none"
+        result.notes.append(
+            f"VIP address on exactly one node throughout: {v['exactly_one_throughout']} "
+            f"(on one node: {one}; on none: {v['none_s']:.2f}s; on several: "
+            f"{v['several_s']:.2f}s)"
+        )
     if target.lab is None:
         result.notes.append("ARP seen from the client only: replies to other hosts are not")
     if opts.fault in ETCD_FAULTS:
@@ -161,6 +174,9 @@ def run_drills(
     ctl: Controller | None = None,
 ) -> list[DrillResult]:
     ctl = ctl or Controller(target)
+    if opts.fault == OUTAGE:
+        # Traffic runs through the outage and a few seconds past its end.
+        opts = replace(opts, duration=max(opts.duration, opts.outage_seconds + 4.0))
     if opts.fault in LAB_ONLY and target.lab is None and not opts.fault_cmd:
         raise DrillError(f"--fault {opts.fault} needs the lab; elsewhere use --fault-cmd")
     ctl.heal(opts)

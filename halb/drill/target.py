@@ -16,6 +16,8 @@ __all__ = [
     "ETCD_FAULTS",
     "FAULTS",
     "LAB_ONLY",
+    "OUTAGE",
+    "OUTAGE_WITH",
     "DrillError",
     "DrillOptions",
     "Target",
@@ -25,8 +27,14 @@ __all__ = [
 # etcd-member: SIGKILL the etcd member the active node's client uses; etcd-leader: the
 # raft leader; etcd-hang: SIGSTOP the member in use (3-member lab etcd).
 ETCD_FAULTS = ("etcd-member", "etcd-leader", "etcd-hang")
-FAULTS = ("kill", "stop", "term", "link-down", "etcd-cut", "partition", "planned", *ETCD_FAULTS)
-LAB_ONLY = {"kill", "stop", "term", "link-down", "etcd-cut", "partition", *ETCD_FAULTS}
+# Every etcd member down for --outage-seconds, then back (issue 15).
+OUTAGE = "etcd-outage"
+# What may happen to the active during that outage (--outage-with).
+OUTAGE_WITH = ("kill", "partition")
+FAULTS = (
+    "kill", "stop", "term", "link-down", "etcd-cut", "partition", "planned", *ETCD_FAULTS, OUTAGE,
+)  # fmt: skip
+LAB_ONLY = {"kill", "stop", "term", "link-down", "etcd-cut", "partition", *ETCD_FAULTS, OUTAGE}
 
 
 class DrillError(RuntimeError):
@@ -50,6 +58,9 @@ class DrillOptions:
     fault_cmd: str | None = None
     heal_cmd: str | None = None
     arp_probe: float = 0.2  # seconds between ARP probes for the VIP (0: none)
+    outage_seconds: float = 10.0  # etcd-outage: how long every member is down
+    outage_with: str | None = None  # etcd-outage: kill or partition the active during it
+    outage_with_at: float = 2.0  # ... this many seconds into the outage
 
 
 @dataclass

@@ -36,6 +36,12 @@ Election transactions are create-if-absent and safe to retry: the client may ret
 campaign whose first attempt was applied but whose reply was lost; the retry then
 fails its compare, and a leader key found on our own lease means we won.
 
+Coordinator outage (halb.ha.hold): ``etcd_quiet_for()`` is how long etcd has given no
+answer at all (keepalive, heartbeat, watch event or read); ``reaches_etcd(window)`` is
+the peer's judgement of it. ``hold(until)`` is the one way the peer-witnessed hold
+extends the fence deadline: ``fence_deadline`` is then the later of the usual deadline
+and ``until`` (the runtime's ownership check and the dead-man switch read it).
+
 Lease resume: with a ``state_dir`` the lease id is stored in
 ``<state_dir>/lease-<cluster>-<group>``; at start-up a stored lease that LeaseTimeToLive
 still reports alive is resumed (``LeaseGranted(resumed=True)``) instead of granting a
@@ -176,6 +182,10 @@ class Coordinator:
         self._lease: int | None = None
         self._granted_ttl = self.ttl
         self.last_keepalive_ok: float | None = None
+        # When etcd last answered anything (keepalive, heartbeat, watch, read).
+        self._etcd_ok: float | None = None
+        # The peer-witnessed hold's end (halb.ha.hold), set by the term's hold task.
+        self._hold_until: float | None = None
         # etcd revision of the newest leader/handover view emitted (reads and watch).
         self._view_revision = 0
 
@@ -192,13 +202,60 @@ class Coordinator:
     @property
     def fence_deadline(self) -> float | None:
         """Clock time by which a keepalive (and, for an active node, a heartbeat) must
-        succeed, or the VIP must go."""
+        succeed, or the VIP must go; a peer-witnessed hold may extend it."""
+        deadline = self.usual_fence_deadline
+        if deadline is not None and self._hold_until is not None:
+            # Every peer promised not to campaign before this (halb.ha.hold).
+            deadline = max(deadline, self._hold_until)
+        return deadline
+
+    @property
+    def usual_fence_deadline(self) -> float | None:
+        """The fence deadline that etcd's answers alone justify (no hold)."""
         if self._lease is None or self.last_keepalive_ok is None:
             return None
         deadline = self.last_keepalive_ok + self._granted_ttl - self.fence_margin
         if self._hb_term is not None and self._hb_ok is not None:
             deadline = min(deadline, self._hb_ok + self.heartbeat_timeout)
         return deadline
+
+    def hold(self, until: float | None) -> None:
+        """The peer-witnessed hold lets the current lease's holder keep its VIPs until
+        ``until`` (its clock) even without etcd; None ends the hold. Nothing else may
+        extend the fence deadline."""
+        self._hold_until = until if self._lease is not None else None
+
+    @property
+    def holding_until(self) -> float | None:
+        return self._hold_until
+
+    def etcd_quiet_for(self) -> float:
+        """Seconds since etcd last answered this coordinator (inf: never)."""
+        if self._etcd_ok is None:
+            return float("inf")
+        return self.clock.now() - self._etcd_ok
+
+    def reaches_etcd(self, window: float) -> bool:
+        """Whether etcd answered within ``window`` seconds: a peer that does must not
+        promise (it can see, and act on, a silent leader itself)."""
+        return self.etcd_quiet_for() < window
+
+    async def probe(self, timeout: float) -> bool:
+        """One cheap read (the leader key) bounded by ``timeout``: does etcd answer now?
+        A peer asked for a promise probes, since its keepalives alone are too sparse to
+        tell a dead etcd from a quiet moment."""
+        sent = self.clock.now()
+        try:
+            await within(self.client.get(self.keys.leader, timeout=timeout), timeout + 0.05)
+        except (*_RETRY, TimeoutError):
+            return False
+        self._answered(sent)
+        return True
+
+    def _answered(self, sent: float | None = None) -> None:
+        t = self.clock.now() if sent is None else sent
+        if self._etcd_ok is None or t > self._etcd_ok:
+            self._etcd_ok = t
 
     def ready(self, term: Term) -> bool:
         """Whether ``term`` may hold VIPs as far as heartbeats go: always without
@@ -289,6 +346,7 @@ class Coordinator:
                 lease, last_ok, resumed = await self._acquire(backoff)
                 self._lease = lease
                 self.last_keepalive_ok = last_ok
+                self._answered(last_ok)
                 self.emit(LeaseGranted(lease, resumed=resumed))
                 await self._reread()
                 continue
@@ -313,6 +371,7 @@ class Coordinator:
                 log.info("keepalive of lease %x works again", lease)
                 failing = False
             self.last_keepalive_ok = sent
+            self._answered(sent)
             self.emit(KeepaliveOk(lease))
             await self.clock.sleep(self.keepalive_interval)
 
@@ -370,6 +429,7 @@ class Coordinator:
 
     def _drop_lease(self) -> None:
         self._lease = None
+        self._hold_until = None
         self.last_keepalive_ok = None
         self._lease_file.remove()
 
@@ -381,17 +441,21 @@ class Coordinator:
                 continue
             remaining = deadline - self.clock.now()
             if remaining > 0:
-                # A heartbeat can start (and bring the deadline forward) while we sleep.
+                # A heartbeat can start (and bring the deadline forward) while we sleep;
+                # so can a refused promise end a hold.
                 if self.heartbeats:
                     remaining = min(remaining, self.heartbeat_interval / 2)
+                if self._hold_until is not None:
+                    remaining = min(remaining, 0.05)
                 await self.clock.sleep(remaining)
                 continue
             log.error(
-                "no keepalive of lease %x for %.2fs (ttl %ss, margin %.2fs): fencing",
+                "no keepalive of lease %x for %.2fs (ttl %ss, margin %.2fs%s): fencing",
                 lease,
                 self.clock.now() - (self.last_keepalive_ok or 0.0),
                 self._granted_ttl,
                 self.fence_margin,
+                ", no hold" if self._hold_until is None else ", hold ran out",
             )
             self._drop_lease()
             self.emit(FenceDeadlinePassed(lease))
@@ -475,6 +539,8 @@ class Coordinator:
                 if ok is False:
                     log.warning("heartbeat: the leader key no longer holds term %s", term)
                     return
+                if ok is not None:
+                    self._answered(sent)
                 if ok:
                     self._hb_ok = sent
                     if ready is not None:
@@ -490,6 +556,11 @@ class Coordinator:
         its lease; the machine waits out the fence before campaigning."""
         lease = self._lease
         if lease is None:
+            return
+        if self.watchdog.alive(term, self.clock.now()):
+            # Reported silent, then deferred (a promise, halb.ha.hold): it beats again.
+            log.info("leader of term %s heartbeats again: no takeover", term)
+            self.watchdog.reread()  # a later silence is reported afresh
             return
         value = handover_value(self.node, term, UNRESPONSIVE, self.node)
         backoff = Backoff()
@@ -580,6 +651,7 @@ class Coordinator:
 
         async def group() -> None:
             async for item in read_then_watch(self.client, self.keys.group_prefix, prefix=True):
+                self._answered()
                 if isinstance(item, Snapshot):
                     self._emit_group_view(item.revision, item.kvs)
                     group_seen.set()
@@ -628,6 +700,7 @@ class Coordinator:
                 "re-read of group %s failed (%s); the watch will catch up", self.keys.group, exc
             )
             return
+        self._answered()
         self._emit_group_view(group.revision, group.kvs)
 
     def _on_event(self, ev: WatchEvent) -> None:

@@ -18,12 +18,14 @@ holds only until ``s + d * (1 - drift) / (1 + drift) - withdraw`` (``hold_end``)
 in real time is no later than P's bound minus the time H needs to withdraw the VIP (its
 dead-man switch is armed to that instant, so even a frozen H stops). H holds until the
 earliest such end over *every* peer; a peer that refuses (it reaches etcd, it is
-campaigning or holds the group) or does not answer gives no extension, and H fences as
-it would without the hold. A peer that restarts has forgotten its promises, so at
-start-up it treats itself as having promised ``promise`` seconds (``PromiseBook`` is
-born blocked). When etcd answers again the holder's lease either survived (etcd
-restarted: leases get a fresh TTL) and nothing changes, or it expired (a partition):
-the holder fences and campaigns at once while the peers are still bound.
+campaigning or holds the group) or does not answer gives no extension (its standing
+promise still counts: nothing shortens what it bound itself to), and H fences as it
+would without the hold once the earliest promise ends. A peer that restarts has
+forgotten its promises, so at start-up it treats itself as having promised
+``promise`` seconds (``PromiseBook`` is born blocked). When etcd answers again the
+holder's lease either survived (etcd restarted: leases get a fresh TTL) and nothing
+changes, or it expired (a partition): the holder fences and campaigns at once while
+the peers are still bound.
 
 What each side knows: H knows only its send times and the durations granted; P knows
 only its receive times and what it granted. Neither needs the other's clock.
@@ -33,6 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+# Derived with every other interval in halb.timing (one place); re-exported here.
+from halb.timing import HoldPolicy
 
 __all__ = [
     "REFUSE_ACTIVE",
@@ -48,25 +53,6 @@ __all__ = [
 REFUSE_REACHES_ETCD = "reaches etcd"
 REFUSE_ACTIVE = "holds or is campaigning for the group"
 REFUSE_NOT_MEMBER = "not a member of the group"
-
-
-@dataclass(frozen=True, slots=True)
-class HoldPolicy:
-    promise: float  # seconds a peer is bound per grant
-    renew: float  # the holder asks every ``renew`` seconds
-    drift: float = 0.001  # bound on any clock's rate error (1000 ppm; NTP gives ~50)
-    withdraw: float = 0.05  # the holder's time to withdraw (VIP removal, a switch tick)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.renew < self.promise:
-            raise ValueError("a promise must outlast the renewal interval")
-        if not 0 <= self.drift < 0.1:
-            raise ValueError("clock drift bound out of range")
-
-    def hold_end(self, asked_at: float, granted: float) -> float:
-        """The last instant (holder's clock) the holder may hold on the strength of a
-        grant of ``granted`` seconds to a request it sent at ``asked_at``."""
-        return asked_at + granted * (1 - self.drift) / (1 + self.drift) - self.withdraw
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +99,13 @@ class HoldKeeper:
         self.refusals.pop(peer, None)
 
     def on_refusal(self, peer: str, seq: int, reason: str) -> None:
-        """A refusal ends what that peer lets us hold (fencing early is always safe)."""
+        """A refusal gives no extension; the peer's standing promise still counts until
+        it ends, because a refusal never shortens what the peer is bound to (its
+        PromiseBook only extends). Fencing at once would change nothing for the peer
+        (it may not campaign before then either), only open a gap in service: the
+        holder's own etcd client often reconnects a little after its peers' do."""
         if peer not in self.peers:
             return
-        self._until.pop(peer, None)
         self._round[peer] = max(seq, self._round.get(peer, 0))
         self.refusals[peer] = reason
 

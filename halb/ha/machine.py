@@ -256,6 +256,7 @@ Event = (
     | Drain
     | Undrain
     | TimerFired
+    | PromiseGiven
     | Shutdown
 )
 

@@ -24,6 +24,11 @@ integration-tested with real etcd and a real namespace:
   agent leaves it armed, so its node stops forwarding and answering ARP for the VIP).
   With several groups on one node, pass each a ``DeadlineMux`` port.
 
+Coordinator outage (``hold``, with a ``promise_port``): the term task also runs the
+holder's side of the peer-witnessed hold (halb.ha.holding.TermHold) and ``promise`` is
+the peer's side: it binds the machine (PromiseGiven) unless it is contending, in one
+step of the event loop so no campaign can start between the check and the promise.
+
 With heartbeats (fast takeover) the term task first runs the coordinator's heartbeat
 loop and adds VIPs only once a heartbeat of the term has succeeded.
 
@@ -48,6 +53,7 @@ from typing import Any, Protocol
 
 from halb.aio import cancel_and_wait
 from halb.ha.clock import Clock, MonotonicClock
+from halb.ha.holding import HoldStatus, PromisePort, TermHold
 from halb.ha.machine import (
     Action,
     AddVips,
@@ -60,6 +66,7 @@ from halb.ha.machine import (
     ForceTakeover,
     Leader,
     Machine,
+    PromiseGiven,
     RefreshVips,
     RemoveVips,
     RequestHandover,
@@ -75,6 +82,7 @@ from halb.ha.machine import (
     TimerFired,
 )
 from halb.model import IPAddress, Term
+from halb.timing import HoldPolicy
 
 __all__ = ["CoordPort", "DeadlineSink", "GroupRuntime", "SyncRoles", "VipPort"]
 
@@ -117,6 +125,13 @@ class CoordPort(Protocol):
     async def clear_handover(self) -> None: ...
 
     def retire(self) -> None: ...
+
+    @property
+    def usual_fence_deadline(self) -> float | None: ...
+
+    def hold(self, until: float | None) -> None: ...
+
+    def etcd_quiet_for(self) -> float: ...
 
 
 class SyncRoles(Protocol):
@@ -170,6 +185,9 @@ class GroupRuntime:
         dataplane: DeadlineSink | None = None,
         name: str = "group",
         preempt_sync_timeout: float = 30.0,
+        hold: HoldPolicy | None = None,
+        peers: Sequence[str] = (),
+        promise_port: PromisePort | None = None,
     ) -> None:
         self.machine = machine
         self.coord = coord
@@ -186,6 +204,12 @@ class GroupRuntime:
         # A preemption waits for the flow sync from the leader, at most this long.
         self.preempt_sync_timeout = preempt_sync_timeout
         self._preempt_deferred_since: float | None = None
+        # The peer-witnessed hold (halb.ha.hold): its policy, the group's other members
+        # and the channel to them; None / no port: an outage fences.
+        self.hold = hold
+        self.peers = list(peers)
+        self.promise_port = promise_port
+        self.hold_status = HoldStatus()
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.announcements = 0  # rounds sent, for tests and metrics
         self.refreshes = 0  # refresh rounds sent
@@ -212,6 +236,16 @@ class GroupRuntime:
         if tt is not None and tt.holding and tt.task is not None and not tt.task.done():
             for vip in await self._reconcile_vips(tt):
                 self.vips.announce(vip)
+
+    def promise(self, duration: float) -> bool:
+        """Peer side of the hold: bind this node not to campaign (nor force a takeover)
+        for ``duration`` seconds, unless it holds or is campaigning for the group.
+        Checked and fed in one step, so nothing can start a campaign in between."""
+        if self.machine.contending:
+            return False
+        for action in self.machine.feed(PromiseGiven(duration)):
+            self._timer_action(action)
+        return True
 
     async def stop(self, *, handoff: bool = True) -> None:
         """SIGTERM: hand off (or detach for a restart in place); ``run`` then returns."""
@@ -312,11 +346,18 @@ class GroupRuntime:
                 self._spawn(self._coord().request_handover(target, term, reason))
             case ClearHandover():
                 self._spawn(self._coord().clear_handover())
+            case ArmTimer() | CancelTimer():
+                self._timer_action(a)
+
+    def _timer_action(self, a: Action) -> None:
+        match a:
             case ArmTimer(timer=kind, delay=delay, token=token):
                 self._cancel_timer(kind)
                 self._timers[kind] = asyncio.create_task(self._timer(kind, delay, token))
             case CancelTimer(timer=kind):
                 self._cancel_timer(kind)
+            case _:
+                raise AssertionError(f"not a timer action: {a}")
 
     def _coord(self) -> CoordPort:
         assert self.coord is not None
@@ -352,6 +393,8 @@ class GroupRuntime:
                     tg.create_task(self.sync.serve(self.name, term))
                 if tt.announce:
                     tg.create_task(self._announce(tt))
+                if self.hold is not None and self.promise_port is not None and coord:
+                    tg.create_task(self._term_hold(term, coord, self.hold, self.promise_port))
                 # The term lasts until the machine ends it (cancellation).
                 await asyncio.get_running_loop().create_future()
         except asyncio.CancelledError:
@@ -375,6 +418,21 @@ class GroupRuntime:
                 log.info("%s: term %s over, VIPs removed", self.name, term)
             else:
                 log.info("%s: term %s detached, VIPs left to their lifetime", self.name, term)
+
+    async def _term_hold(
+        self, term: Term, coord: CoordPort, policy: HoldPolicy, port: PromisePort
+    ) -> None:
+        await TermHold(
+            group=self.name,
+            term=term,
+            policy=policy,
+            peers=self.peers,
+            port=port,
+            coord=coord,
+            clock=self.clock,
+            refresh=lambda: self._refresh(term),
+            status=self.hold_status,
+        ).run()
 
     async def _reconcile_vips(self, tt: _TermTask) -> list[IPAddress]:
         """Make the term hold exactly ``self.addresses``: each add only while it owns

@@ -67,3 +67,8 @@ class LeaderWatchdog:
 
     def report(self, term: Term) -> None:
         self._reported = term
+
+    def alive(self, term: Term, now: float) -> bool:
+        """Whether ``term`` beat within the limit (after a report: a takeover deferred
+        by a promise must not revoke a leader that came back meanwhile)."""
+        return self.watched == term and now - self._since <= self.limit

@@ -33,6 +33,7 @@ from halb.lab.topology import ETCD_USER, LabPlan
 
 __all__ = [
     "ETCD_FAULTS",
+    "OUTAGE_FAULTS",
     "etcd_fault",
     "heal_members",
     "leader_member",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 ETCD_FAULTS = ("etcd-member", "etcd-leader", "etcd-hang")
+# A whole-coordinator outage: every member down, then every member back.
+OUTAGE_FAULTS = ("etcd-stop-all", "etcd-start-all")
 
 
 def _names(p: LabPlan) -> list[str]:
@@ -275,6 +278,42 @@ def _make_follower(state: dict[str, Any], member: dict[str, Any]) -> None:
             return False  # electing
 
     wait_for(f"etcd leadership to move off {member['name']}", moved, 10)
+
+
+def stop_all_members(state: dict[str, Any]) -> str:
+    """SIGKILL every member (a coordinator outage). Killed, not stopped: a restarted
+    cluster elects a leader, which gives every lease a fresh TTL, as a real etcd outage
+    ends; a SIGSTOPped leader resumes with its lease clock run on and revokes them."""
+    members = state.get("etcd_members", [])
+    if not members:
+        raise LabError("etcd-stop-all needs the lab's etcd members (halb lab up)")
+    done = []
+    for m in members:
+        pid = _pid(state, m["name"])
+        if _alive(pid):
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            done.append(f"{m['name']} (pid {pid})")
+    return "SIGKILL every etcd member: " + (", ".join(done) or "none was running")
+
+
+def start_all_members(state: dict[str, Any], timeout: float = 20.0) -> str:
+    """Start every member that is down (all at once: one alone has no quorum and never
+    turns healthy), continue stopped ones, and wait until all are healthy."""
+    done = []
+    for m in state.get("etcd_members", []):
+        pid = _pid(state, m["name"])
+        if _alive(pid):
+            assert pid is not None
+            if is_stopped(pid):
+                os.kill(pid, signal.SIGCONT)
+                done.append(f"{m['name']} continued")
+            continue
+        new = spawn(m["argv"], Path(m["log"]), append=True)
+        done.append(f"{m['name']} started (pid {new})")
+    for m in state.get("etcd_members", []):
+        wait_for(f"etcd member {m['name']} to become healthy", _probe(m["metrics"]), timeout)
+    return "etcd members: " + (", ".join(done) or "all were running")
 
 
 def heal_members(state: dict[str, Any]) -> list[str]:

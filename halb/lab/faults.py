@@ -9,7 +9,14 @@ from typing import Any
 
 from halb.lab import netns, procs
 from halb.lab.errors import FaultError, LabError
-from halb.lab.etcd_members import ETCD_FAULTS, etcd_fault, heal_members
+from halb.lab.etcd_members import (
+    ETCD_FAULTS,
+    OUTAGE_FAULTS,
+    etcd_fault,
+    heal_members,
+    start_all_members,
+    stop_all_members,
+)
 from halb.lab.netns import run
 from halb.lab.procs import agent_pid, is_stopped, short_name, start_agent
 from halb.lab.topology import NS_PREFIX
@@ -27,6 +34,7 @@ FAULTS = (
     "etcd-cut",
     "etcd-heal",
     *ETCD_FAULTS,
+    *OUTAGE_FAULTS,
 )
 
 # A table of our own in the node's namespace: cutting etcd never touches the dataplane's.
@@ -68,8 +76,12 @@ def apply_fault(
     """Inject ``fault`` on lab node ``node``; returns a line saying what was done. The
     etcd faults hit a member of the lab's etcd: ``etcd_member`` (``host:port``, the one
     the node's client uses) or the first; etcd-leader the raft leader."""
-    if fault in ETCD_FAULTS:
+    if fault in ETCD_FAULTS or fault in OUTAGE_FAULTS:
         try:
+            if fault == "etcd-stop-all":
+                return stop_all_members(state)
+            if fault == "etcd-start-all":
+                return start_all_members(state)
             return etcd_fault(fault, state, etcd_member)
         except LabError as exc:
             raise FaultError(str(exc)) from None

@@ -7,6 +7,10 @@ and sequences, and only that group's flows. A subscription for a group the node 
 not hold (any more) is refused with NOT_FOUND, so the standby retries until etcd tells
 it who the new active is.
 
+It also answers the hold's ``Promise`` calls (halb.sync.promise) once a desk is set
+(``server.promises``), after checking that the caller's certificate names the holder
+it claims.
+
 A server built with a source and a term has one feed of group "" and answers a
 Subscribe that names no group with it (tests, benches, one-group tools).
 """
@@ -22,10 +26,12 @@ import grpc
 
 from halb.dataplane.base import FlowSnapshot
 from halb.flows.records import FlowBatch
+from halb.ha.hold import Refusal
 from halb.model import Term
 from halb.sync import tls
 from halb.sync.feed import FlowFeed, PeerStats, ServerOptions, ServerStats
 from halb.sync.pb import SERVICE, sync_pb2
+from halb.sync.promise import PromiseDesk, reply_of
 
 __all__ = ["FlowSyncServer", "PeerStats", "ServerOptions", "ServerStats"]
 
@@ -50,6 +56,8 @@ class FlowSyncServer:
         self._server: Any = None
         self._bound: str | None = None
         self._refused: dict[str, int] = {}
+        # Answers Promise calls (halb.ha.hold); None: every request is refused.
+        self.promises: PromiseDesk | None = None
         if source is not None:
             if term is None:
                 raise ValueError("a FlowSyncServer built with a source needs its term")
@@ -149,8 +157,13 @@ class FlowSyncServer:
             request_deserializer=sync_pb2.SyncRequest.FromString,
             response_serializer=_identity,
         )
+        promise = grpc.unary_unary_rpc_method_handler(
+            self._promise,
+            request_deserializer=sync_pb2.PromiseRequest.FromString,
+            response_serializer=sync_pb2.PromiseReply.SerializeToString,
+        )
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"Sync": handler}),)
+            (grpc.method_handlers_generic_handler(SERVICE, {"Sync": handler, "Promise": promise}),)
         )
         if self._security.server is None:
             port = server.add_insecure_port(self._address)
@@ -223,6 +236,22 @@ class FlowSyncServer:
             )
         assert feed is not None
         await feed.stream(context, node, peer_addr, sub)
+
+    async def _promise(self, request: Any, context: Any) -> Any:
+        peer_addr = str(context.peer())
+        node = await self._authenticate(context, peer_addr)
+        holder = str(request.holder)
+        round_ = int(request.round)
+        if not self._security.insecure and holder != node:
+            self._refuse("promise_wrong_holder")
+            log.warning("promise request from %s (certificate %s) claims to be holder %r",
+                        peer_addr, node, holder)  # fmt: skip
+            return reply_of(Refusal(f"certificate names {node}, not {holder}"), round_)
+        desk = self.promises
+        if desk is None:
+            return reply_of(Refusal("this node does not hold promises"), round_)
+        term = Term(int(request.term.lease_id), int(request.term.revision))
+        return reply_of(desk.answer(str(request.group), holder, term), round_)
 
     def _feed_for(self, group: str) -> FlowFeed | None:
         if group or len(self._feeds) != 1:

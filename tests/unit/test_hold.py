@@ -50,16 +50,23 @@ def test_keeper_holds_until_the_earliest_promise_of_every_peer() -> None:
     assert k.promises()["lb2"] == pytest.approx(P.hold_end(100.1, 0.6))
 
 
-def test_a_refusal_ends_the_hold_and_strangers_are_ignored() -> None:
+def test_a_refusal_gives_no_extension_and_strangers_are_ignored() -> None:
     k = HoldKeeper(P, ["lb2"])
     seq = k.ask(5.0)
     k.on_grant("mallory", seq, 60.0)
     assert k.hold_until() is None
     k.on_grant("lb2", seq, 0.6)
-    assert k.hold_until() is not None
+    standing = k.hold_until()
+    assert standing is not None
     k.on_refusal("lb2", k.ask(5.1), REFUSE_REACHES_ETCD)
-    assert k.hold_until() is None
+    # lb2 is still bound by its grant of round 1: the hold runs to its end, no further.
+    assert k.hold_until() == standing
     assert k.refusals == {"lb2": REFUSE_REACHES_ETCD}
+    k.on_grant("lb2", seq, 0.6)  # a late reply to the older round: no extension
+    assert k.hold_until() == standing
+    fresh = HoldKeeper(P, ["lb2"])
+    fresh.on_refusal("lb2", fresh.ask(5.0), REFUSE_REACHES_ETCD)
+    assert fresh.hold_until() is None  # never promised: no hold
     assert HoldKeeper(P, []).hold_until() is None  # nobody to witness
 
 

@@ -119,4 +119,67 @@ def test_every_accepted_config_keeps_every_invariant(kind: str) -> None:
             # A live leader fences before its lease can expire, and its VIP's kernel
             # lifetime is never longer than that.
             assert t.vip_lifetime <= max(1, t.lease.fence_after)
+            # Hold by default exactly where a dead-man switch fences a frozen holder.
+            assert (t.hold is not None) == (kind != "ipvs"), (ttl, interval, timeout)
+            if t.hold is not None:
+                usual = t.heartbeat_timeout if t.heartbeats else t.lease.fence_after
+                assert t.hold.quiet + t.hold.deadline < usual
+                assert t.hold.hold_end(0.0, t.hold.promise) >= 2 * t.hold.renew
     assert accepted and refused
+
+
+def test_hold_on_ipvs_is_refused_naming_the_field_and_why() -> None:
+    doc = example("ipvs")
+    doc["failover"] = {"coordinator_outage": "hold"}
+    with pytest.raises(ConfigError) as ei:
+        parse_config(doc)
+    [issue] = ei.value.issues
+    assert issue.path == "failover.coordinator_outage"
+    assert "dead-man switch" in issue.message and "fence" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "holds"),
+    [("xdp", None, True), ("nft", None, True), ("ipvs", None, False), ("xdp", "fence", False),
+     ("nft", "hold", True), ("ipvs", "fence", False)],
+)  # fmt: skip
+def test_coordinator_outage_mode_and_its_default(kind: str, mode: str | None, holds: bool) -> None:
+    doc = example(kind)
+    if mode is not None:
+        doc["failover"] = {"coordinator_outage": mode}
+    cfg = parse_config(doc)
+    assert (cfg.timings().hold is not None) is holds
+    assert cfg.failover.outage_mode_for(cfg.dataplane.kind) == ("hold" if holds else "fence")
+
+
+def test_hold_policy_follows_the_heartbeat_or_the_keepalive() -> None:
+    hb = timing.derive(
+        lease_ttl=2, heartbeat_interval=0.1, heartbeat_timeout=0.5, kind=DataplaneKind.XDP
+    ).hold
+    assert hb is not None
+    assert (hb.renew, hb.promise, hb.deadline) == (0.1, timing.MIN_PROMISE, 0.1)
+    assert hb.quiet == pytest.approx(0.15)
+    ka = timing.derive(
+        lease_ttl=2, heartbeat_interval=0, heartbeat_timeout=0.5, kind=DataplaneKind.NFT
+    ).hold
+    assert ka is not None
+    assert ka.renew == 0.25 and ka.promise == 2.0 and ka.quiet == pytest.approx(0.625)
+    slow = timing.derive(
+        lease_ttl=30, heartbeat_interval=0, heartbeat_timeout=0.5, kind=DataplaneKind.NFT
+    ).hold
+    assert slow is not None and slow.promise == 5 * slow.renew  # a few renewals
+
+
+def test_hold_violations_name_what_is_broken() -> None:
+    from dataclasses import replace
+
+    good = timing.derive(
+        lease_ttl=2, heartbeat_interval=0.1, heartbeat_timeout=0.5, kind=DataplaneKind.XDP
+    )
+    assert good.hold is not None and good.violations() == []
+    late = replace(good, hold=replace(good.hold, quiet_after=0.45))
+    assert "before the usual fence" in " ".join(late.violations())
+    short = replace(good, hold=replace(good.hold, promise=0.2, renew=0.1))
+    assert "two renewals" in " ".join(short.violations())
+    quick = replace(good, hold=replace(good.hold, withdraw=0.001))
+    assert "tick" in " ".join(quick.violations())
