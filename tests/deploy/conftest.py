@@ -42,7 +42,9 @@ def ansible_tools() -> Path:
     return ANSIBLE_VENV / "bin"
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: the machines go as soon as test_site.py is done, not at the end of the
+# session (nine booted machines would load the tiers that run after it).
+@pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     _need_tools()
     work = tmp_path_factory.mktemp("halbd")
