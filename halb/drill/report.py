@@ -291,17 +291,28 @@ def build_result(
     old_mac: str | None,
     leader_changed_at: float | None,
     next_leader_change_at: float | None = None,
+    known_until: float | None = None,
     stall: float = 1.0,
     threshold: float = 0.05,
 ) -> DrillResult:
-    """Put one drill together from the generator's events and the ARP frames."""
+    """Put one drill together from the generator's events and the ARP frames.
+
+    Claims are judged only while the leader is known: before the next leader change
+    (a preemption hands the VIP on legitimately) and before ``known_until``, the last
+    leader read (a change after it is not seen). ``old_mac`` None: the last claimer
+    before the fault is taken for the old owner."""
     summary = next((e for e in events if e.get("ev") == "summary"), None)
     if summary is None:
         raise ValueError("the traffic generator printed no summary (did it crash?)")
     start, end = float(summary["t_start"]), float(summary["t_end"])
     conns = [conn_result(e, start, end, stall, threshold) for e in events if e.get("ev") == "conn"]
     cl = claims_of(frames, vip)
-    return DrillResult(
+    if old_mac is None:
+        old_mac = next((c.mac for c in reversed(cl) if c.time < fault_at), None)
+    bounds = [t for t in (next_leader_change_at, known_until) if t is not None]
+    until = min(bounds) if bounds else None
+    unjudged = sum(1 for c in cl if until is not None and c.time >= until)
+    result = DrillResult(
         fault=fault,
         node=node,
         old_owner=old_owner,
@@ -316,9 +327,15 @@ def build_result(
         claims=cl,
         names={k.lower(): v for k, v in names.items()},
         old_mac=old_mac.lower() if old_mac else None,
-        own=ownership(cl, fault_at, old_mac, next_leader_change_at),
+        own=ownership(cl, fault_at, old_mac, until),
         leader_changed_at=leader_changed_at,
     )
+    if unjudged and known_until is not None and until == known_until:
+        result.notes.append(
+            f"{unjudged} ARP claims after the last leader read ({known_until - fault_at:+.2f}s) "
+            "are not judged"
+        )
+    return result
 
 
 def repeat_summary(results: Sequence[DrillResult]) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def run_one(
     capture = (
         ArpCapture(out=arp_file) if target.lab is not None else ClientArpCapture(target, arp_file)
     )
-    old_mac = target.macs.get(original) if target.lab is not None else neigh_mac(target)
+    old_mac = target.macs.get(original)  # the lab knows every node's MAC
     try:
         with capture, ctl.watch() as watch:
             progress.phase(f"{opts.connections} connections to {target.vip}:{target.echo_port}")
@@ -87,6 +87,10 @@ def run_one(
                         f"to {target.vip}:{target.echo_port}"
                     )
                 time.sleep(opts.warmup)
+                if target.lab is None:
+                    # Outside the lab, the old owner is whoever the client's traffic
+                    # reaches now (its neighbour entry is fresh: it is in use).
+                    old_mac = neigh_mac(target)
                 fault_at, what = ctl.inject(opts, node, statuses)
                 progress.fault_at = fault_at
                 progress.phase(f"fault: {what}")
@@ -94,6 +98,7 @@ def run_one(
             finally:
                 traffic.stop()
             changes = list(watch.changes)
+            known_until = watch.last_read_at
         frames = capture.frames()
     finally:
         arp_file.unlink(missing_ok=True)
@@ -119,6 +124,7 @@ def run_one(
         # The watch polls: it sees a change up to a poll plus a read late, and the next
         # owner's first claims may come just before it.
         next_leader_change_at=later[0][0] - WATCH_SLACK if later else None,
+        known_until=known_until,
         stall=opts.stall,
     )
     if new_owner is None:

@@ -28,6 +28,9 @@ class LeaderWatch:
         self.cfg, self.group, self.every = cfg, group, every
         self.changes: list[tuple[float, str | None]] = []
         self.statuses: dict[str, Any] = {}
+        # When the last successful read was sent: what etcd showed then is known, what
+        # came after it is not (claims later than this cannot be judged).
+        self.last_read_at: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="leader-watch", daemon=True)
         self._first = threading.Event()
@@ -52,6 +55,7 @@ class LeaderWatch:
         client = etcdio.connect(self.cfg)
         try:
             while not self._stop.is_set():
+                sent = time.time()
                 try:
                     snap = await asyncio.wait_for(etcdio.read_cluster(client, self.cfg), 2.0)
                 except Exception:  # etcd hiccups must not end the drill; try again
@@ -61,6 +65,7 @@ class LeaderWatch:
                 holder = li.node if li else None
                 if not self.changes or self.changes[-1][1] != holder:
                     self.changes.append((time.time(), holder))
+                self.last_read_at = sent
                 self.statuses = {n: s for n, s in snap.statuses.items()}
                 self._first.set()
                 await asyncio.sleep(self.every)
@@ -78,15 +83,18 @@ class PollWatch(LeaderWatch):
         self.every = every
         self.changes = []
         self.statuses = {}
+        self.last_read_at = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="leader-watch", daemon=True)
         self._first = threading.Event()
 
     def _main(self) -> None:
         while not self._stop.is_set():
+            sent = time.time()
             holder = self.probe()
             if not self.changes or self.changes[-1][1] != holder:
                 self.changes.append((time.time(), holder))
+            self.last_read_at = sent
             self._first.set()
             self._stop.wait(self.every)
 

@@ -6,12 +6,18 @@ dataplane when the session ends, so running the tests does not take it away.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from halb.lab import builder
+
+# A failing lab test's agent logs are copied here (the lab dir goes with the lab).
+FAILED_LOGS = Path(os.environ.get("HALB_LAB_FAILED_LOGS", "/tmp/halb-lab-failed"))
 
 
 def _default_etcd(state: dict[str, Any]) -> bool:
@@ -50,3 +56,25 @@ def lab_session() -> Iterator[None]:
 def lab(lab_session: None) -> dict[str, Any]:
     """The running lab's state (what `halb lab status --output json` prints)."""
     return _ensure_up()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None]:
+    """A failed lab test carries the tail of every agent's log in its report (CI shows
+    it) and leaves the whole logs under FAILED_LOGS/<test>."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    state = builder.load_state() if builder.is_up() else None
+    if state is None:
+        return
+    logs = Path(state["lab_dir"]) / "logs"
+    if not logs.is_dir():
+        return
+    dest = FAILED_LOGS / item.name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(logs, dest, dirs_exist_ok=True)
+    for path in sorted(logs.glob("agent-*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-80:]
+        report.sections.append((f"{path.name} (last 80 lines; all in {dest})", "\n".join(tail)))

@@ -200,6 +200,48 @@ def test_build_result_puts_a_drill_together() -> None:
     assert "TWO OWNERS" in text and "2 survived, 0 lost" in text
 
 
+def _kill(t0: float, frames: list[Frame], **kw: object) -> dict[str, object]:
+    args: dict[str, object] = {
+        "fault": "kill", "node": "lb1", "old_owner": "lb1", "new_owner": "lb2",
+        "fault_at": t0, "events": drill_events(t0, (0.6, 1.4)), "frames": frames,
+        "vip": VIP, "names": {}, "old_mac": None, "leader_changed_at": t0 + 1.2,
+    }  # fmt: skip
+    args.update(kw)
+    return build_result(**args).to_dict()  # type: ignore[arg-type]
+
+
+def test_without_a_known_old_mac_the_last_claimer_before_the_fault_is_the_old_owner() -> None:
+    # The deploy tier's drill: the client had no neighbour entry, and the killed node's
+    # periodic refresh went out just after the fault time was taken. Without the
+    # fallback, that refresh was the "new owner" and the real new owner two owners.
+    t0 = 1000.0
+    frames = [
+        Frame(t0 - 4.99, LB1, "request", VIP),
+        Frame(t0 + 0.01, LB1, "request", VIP),
+        Frame(t0 + 1.22, LB2, "request", VIP),
+        Frame(t0 + 1.22, LB2, "reply", VIP),
+    ]
+    doc = _kill(t0, frames)
+    assert doc["first_garp_s"] == pytest.approx(1.22)
+    assert doc["two_owners"] == []
+    # And a later claim by the old owner still counts.
+    doc = _kill(t0, [*frames, Frame(t0 + 2.0, LB1, "reply", VIP)])
+    assert [c["mac"] for c in doc["two_owners"]] == [LB1]  # type: ignore[index]
+
+
+def test_claims_after_the_last_leader_read_are_not_judged() -> None:
+    # The restarted old owner preempted back just as the drill ended: the watch's last
+    # read (t0+6.2) showed lb2 still the leader, so a claim at +6.25 is unknown ground.
+    t0 = 1000.0
+    frames = [Frame(t0 + 1.22, LB2, "request", VIP), Frame(t0 + 6.25, LB1, "request", VIP)]
+    doc = _kill(t0, frames, old_mac=LB1, known_until=t0 + 6.2)
+    assert doc["two_owners"] == []
+    assert any("not judged" in n for n in doc["notes"])  # type: ignore[union-attr]
+    # Before the last read it is two owners.
+    doc = _kill(t0, frames, old_mac=LB1, known_until=t0 + 6.3)
+    assert [c["mac"] for c in doc["two_owners"]] == [LB1]  # type: ignore[index]
+
+
 def test_build_result_needs_the_generator_summary() -> None:
     with pytest.raises(ValueError, match="no summary"):
         build_result(
