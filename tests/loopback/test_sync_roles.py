@@ -171,8 +171,7 @@ def test_two_groups_with_actives_on_different_nodes_each_follow_the_other() -> N
                      lambda: dp1.dump_flows() == want and dp2.dump_flows() == want)  # fmt: skip
         # The flows land before the client marks itself synced (it settles the writes
         # first), so wait for the flag too rather than race it.
-        await _until("both clients synced",
-                     lambda: lb1.stats()["synced"] is True and lb2.stats()["synced"] is True)  # fmt: skip
+        await _until("both clients synced", lambda: all(r.stats()["synced"] for r in (lb1, lb2)))
         for me, st in (("lb1", lb1.stats()), ("lb2", lb2.stats())):
             assert set(st["groups"]) == {"a", "b"}, me
         assert lb1.stats()["groups"]["a"]["role"] == "server"
