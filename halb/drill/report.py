@@ -311,7 +311,6 @@ def build_result(
         old_mac = next((c.mac for c in reversed(cl) if c.time < fault_at), None)
     bounds = [t for t in (next_leader_change_at, known_until) if t is not None]
     until = min(bounds) if bounds else None
-    unjudged = sum(1 for c in cl if until is not None and c.time >= until)
     result = DrillResult(
         fault=fault,
         node=node,
@@ -330,6 +329,7 @@ def build_result(
         own=ownership(cl, fault_at, old_mac, until),
         leader_changed_at=leader_changed_at,
     )
+    unjudged = sum(1 for c in cl if known_until is not None and c.time >= known_until)
     if unjudged and known_until is not None and until == known_until:
         result.notes.append(
             f"{unjudged} ARP claims after the last leader read ({known_until - fault_at:+.2f}s) "

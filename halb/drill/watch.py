@@ -25,7 +25,11 @@ class LeaderWatch:
     wall-clock time."""
 
     def __init__(self, cfg: ClusterConfig, group: str, every: float = 0.05) -> None:
-        self.cfg, self.group, self.every = cfg, group, every
+        self.cfg, self.group = cfg, group
+        self._setup(every)
+
+    def _setup(self, every: float) -> None:
+        self.every = every
         self.changes: list[tuple[float, str | None]] = []
         self.statuses: dict[str, Any] = {}
         # When the last successful read was sent: what etcd showed then is known, what
@@ -48,6 +52,12 @@ class LeaderWatch:
     def current(self) -> str | None:
         return self.changes[-1][1] if self.changes else None
 
+    def _record(self, holder: str | None, sent: float) -> None:
+        """One read, sent at ``sent``, showed ``holder``."""
+        if not self.changes or self.changes[-1][1] != holder:
+            self.changes.append((time.time(), holder))
+        self.last_read_at = sent
+
     def _main(self) -> None:
         asyncio.run(self._poll())
 
@@ -62,10 +72,7 @@ class LeaderWatch:
                     await asyncio.sleep(self.every)
                     continue
                 li = snap.leaders.get(self.group)
-                holder = li.node if li else None
-                if not self.changes or self.changes[-1][1] != holder:
-                    self.changes.append((time.time(), holder))
-                self.last_read_at = sent
+                self._record(li.node if li else None, sent)
                 self.statuses = {n: s for n, s in snap.statuses.items()}
                 self._first.set()
                 await asyncio.sleep(self.every)
@@ -80,21 +87,12 @@ class PollWatch(LeaderWatch):
 
     def __init__(self, probe: Callable[[], str | None], every: float = 0.05) -> None:
         self.probe = probe
-        self.every = every
-        self.changes = []
-        self.statuses = {}
-        self.last_read_at = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="leader-watch", daemon=True)
-        self._first = threading.Event()
+        self._setup(every)
 
     def _main(self) -> None:
         while not self._stop.is_set():
             sent = time.time()
-            holder = self.probe()
-            if not self.changes or self.changes[-1][1] != holder:
-                self.changes.append((time.time(), holder))
-            self.last_read_at = sent
+            self._record(self.probe(), sent)
             self._first.set()
             self._stop.wait(self.every)
 

@@ -6,6 +6,7 @@ dataplane when the session ends, so running the tests does not take it away.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Generator, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from halb.lab import builder
+from halb.lab.agents import agent_log_lines
 
 # A failing lab test's agent logs are copied here (the lab dir goes with the lab).
 FAILED_LOGS = Path(os.environ.get("HALB_LAB_FAILED_LOGS", "/tmp/halb-lab-failed"))
@@ -75,6 +77,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     dest = FAILED_LOGS / item.name
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(logs, dest, dirs_exist_ok=True)
-    for path in sorted(logs.glob("agent-*.log")):
-        tail = path.read_text(errors="replace").splitlines()[-80:]
-        report.sections.append((f"{path.name} (last 80 lines; all in {dest})", "\n".join(tail)))
+    every_line = ("",)  # unfiltered: the tail as it is
+    with contextlib.suppress(OSError):  # a node whose agent never started has no log
+        tail = agent_log_lines(state, keep=every_line, last=80)
+        report.sections.append((f"agent logs (last 80 lines each; all in {dest})", tail))
