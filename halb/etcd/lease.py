@@ -165,6 +165,10 @@ class LeaseKeeper:
                 queue.remove(fut)
         if not fut.done():
             fut.cancel()
+        elif not fut.cancelled():
+            # Failed by a replaced stream before its caller awaited it: mark the
+            # exception retrieved (the caller reports its own), or asyncio logs it.
+            fut.exception()
 
     async def close(self) -> None:
         if self._stream is not None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ import pytest
 import yaml
 
 from halb.lab import faults
-from halb.lab.observe import leader, wait_until
+from halb.lab.agents import start_agents, stop_agents, wait_settled
+from halb.lab.observe import leader
 
 HALB = str(Path(sys.executable).with_name("halb"))
 
@@ -33,18 +33,18 @@ def drill(*args: str) -> dict[str, Any]:
 
 
 def restart_agents(lab: dict[str, Any]) -> None:
-    for n in lab["nodes"]:
-        faults.apply_fault(n["name"], "kill", lab)
-    time.sleep(0.5)
-    for n in lab["nodes"]:
-        faults.apply_fault(n["name"], "start", lab)
-    wait_until("lb1 to lead", lambda: leader(lab["config"]) == "lb1", 30)
+    # A graceful stop revokes the leases: after a SIGKILL the old leader key would
+    # still name lb1 for a TTL, a wait for "lb1 leads" could pass on it, and lb1's
+    # preemption of a briefly elected lb2 could then land inside the next drill.
+    stop_agents(lab)
+    start_agents(lab, [])
+    wait_settled(lab, sync=True)
 
 
 @pytest.fixture
 def held(lab: dict[str, Any]) -> dict[str, Any]:
     faults.heal(lab)
-    wait_until("lb1 to lead", lambda: leader(lab["config"]) == "lb1", 30)
+    wait_settled(lab, sync=True)
     return lab
 
 
