@@ -40,6 +40,7 @@ from halb.agent.syncroles import (
     sync_update_config,
     tune_gc,
 )
+from halb.agent.vmacport import VirtualMacVips
 from halb.agent.witness import PeerWitness
 from halb.aio import within
 from halb.checks.view import HealthView
@@ -491,14 +492,16 @@ class Agent:
         mine = [g for g in cfg.vip_groups if node.name in {n.name for n in cfg.group_nodes(g)}]
         async with (
             InterfaceVips(node.interface) as port,
+            # Groups with a virtual MAC hold their VIPs on their own macvlan.
+            VirtualMacVips.for_node(port, node.interface, lambda: self.cfg) as vmacs,
             # NAT modes: the groups' floating addresses follow their VIPs.
-            FloatingVips.for_node(port, node, lambda: self.cfg) as vips,
+            FloatingVips.for_node(vmacs, node, lambda: self.cfg) as vips,
         ):
             # One dead-man switch in the dataplane, shared by the groups' terms.
             deadlines = DeadlineMux(dp)
             for g in mine:
                 self.groups[g.name] = self._make_group(g, vips, client, deadlines)
-            await self._reconcile(port)
+            await self._reconcile(port, vmacs)
             async with asyncio.TaskGroup() as tg:
                 runs = [
                     tg.create_task(g.runtime.run(), name=f"group-{name}")
@@ -592,10 +595,11 @@ class Agent:
             hup.clear()
             await self._reload_file(client)
 
-    async def _reconcile(self, port: InterfaceVips) -> None:
-        """Start-up: remove configured VIPs this node has no term for (left by a crash).
-        A group whose lease may be resumed keeps them: if the lease is alive the term
-        continues without a gap; if not, their kernel lifetime withdraws them."""
+    async def _reconcile(self, port: InterfaceVips, vmacs: VirtualMacVips) -> None:
+        """Start-up: remove configured VIPs this node has no term for (left by a crash),
+        and the virtual-MAC links that held them. A group whose lease may be resumed
+        keeps them: if the lease is alive the term continues without a gap; if not,
+        their kernel lifetime withdraws them."""
         for name, g in self.groups.items():
             coord = g.runtime.coord
             lease_file = coord.lease_file if isinstance(coord, Coordinator) else None
@@ -605,3 +609,6 @@ class Agent:
             removed = await port.addresses.reconcile([v.address for v in g.cfg.vips])
             for vip in removed:
                 log.warning("group %s: removed VIP %s left without a term (crash?)", name, vip)
+            if g.cfg.virtual_mac is not None:
+                for ifname in await vmacs.reconcile([g.cfg.virtual_mac]):
+                    log.warning("group %s: removed %s left without a term (crash?)", name, ifname)

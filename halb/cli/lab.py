@@ -56,8 +56,21 @@ def _progress(msg: str) -> None:
     show_default=True,
     help="etcd with TLS (client certificates), auth on and a role limited to the cluster's prefix.",
 )
+@click.option(
+    "--virtual-mac/--no-virtual-mac",
+    default=False,
+    show_default=True,
+    help="The group answers from the virtual MAC 00:00:5e:00:01:01 on a macvlan that "
+    "moves with the VIP (keepalived's use_vmac).",
+)
 def up(
-    nodes: int, backends: int, dataplane: str, agents: bool, etcd_members: str, etcd_tls: bool
+    nodes: int,
+    backends: int,
+    dataplane: str,
+    agents: bool,
+    etcd_members: str,
+    etcd_tls: bool,
+    virtual_mac: bool,
 ) -> None:
     """Build the lab: namespaces, bridges, etcd, backend servers, its config, and an
     agent on every balancer node."""
@@ -71,6 +84,7 @@ def up(
             agents=agents,
             etcd_members_n=int(etcd_members),
             etcd_tls=etcd_tls,
+            virtual_mac=virtual_mac,
         )
     except (builder.LabError, CommandError, ValueError) as exc:
         fail(str(exc))

@@ -37,6 +37,7 @@ from halb.config.schema import (
     TlsFiles,
     VipConfig,
     VipGroupConfig,
+    VirtualMacConfig,
     group_services,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "TlsFiles",
     "VipConfig",
     "VipGroupConfig",
+    "VirtualMacConfig",
     "dump_config",
     "group_services",
     "load_config",

@@ -74,6 +74,32 @@ def _failover_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
         )
 
 
+def _virtual_mac_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
+    """One MAC and one macvlan per group; the name must not be a node's interface."""
+    ids: dict[int, str] = {}
+    names: dict[str, str] = {}
+    node_ifaces = {i for n in cfg.nodes for i in (n.interface, n.backend_interface) if i}
+    for gi, g in enumerate(cfg.vip_groups):
+        vm = g.virtual_mac
+        if vm is None:
+            continue
+        path = f"vip_groups[{gi}].virtual_mac"
+        if vm.id in ids:
+            yield ConfigIssue(f"{path}.id", f"id {vm.id} is also the virtual MAC of {ids[vm.id]}")
+        ids.setdefault(vm.id, path)
+        if vm.ifname in names:
+            yield ConfigIssue(
+                f"{path}.interface", f"interface {vm.ifname!r} is also used by {names[vm.ifname]}"
+            )
+        names.setdefault(vm.ifname, path)
+        if vm.ifname in node_ifaces:
+            yield ConfigIssue(
+                f"{path}.interface",
+                f"{vm.ifname!r} is a node's own interface; the virtual MAC needs a macvlan "
+                "of its own on top of it",
+            )
+
+
 def _etcd_issues(etcd: EtcdConfig) -> Iterator[ConfigIssue]:
     https = [ep.startswith("https://") for ep in etcd.endpoints]
     if any(https) and not all(https):
@@ -129,6 +155,8 @@ def semantic_issues(cfg: ClusterConfig) -> Iterator[ConfigIssue]:
                 f"{attr}.tls",
                 f"TLS files (ca, cert, key) are required unless {attr}.insecure is true (lab only)",
             )
+
+    yield from _virtual_mac_issues(cfg)
 
     seen_groups: dict[str, int] = {}
     seen_services: dict[tuple[IPAddress, int, Protocol], str] = {}

@@ -172,6 +172,29 @@ class NatConfig(Model):
     snat: IPInterface | None = None
 
 
+class VirtualMacConfig(Model):
+    """keepalived's ``use_vmac``: the group's VIPs live on a macvlan interface whose MAC,
+    ``00:00:5e:00:01:<id>`` (the VRRP virtual router MAC), moves with the term, so the
+    clients' ARP / neighbour entries stay valid across a failover and only the switch
+    learns the move. Taken at agent start (a change applies when the agents restart)."""
+
+    id: int = Field(ge=1, le=255, description="Virtual router id: the MAC's last byte.")
+    interface: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=15,
+        description="The macvlan's name (default halb-vmac<id>).",
+    )
+
+    @property
+    def ifname(self) -> str:
+        return self.interface or f"halb-vmac{self.id}"
+
+    @property
+    def mac(self) -> str:
+        return f"00:00:5e:00:01:{self.id:02x}"
+
+
 class VipGroupConfig(Model):
     name: Name
     nodes: list[str] | None = None
@@ -179,6 +202,7 @@ class VipGroupConfig(Model):
     preempt_delay: float = Field(default=3.0, ge=0)
     announce: AnnounceConfig = AnnounceConfig()
     nat: NatConfig | None = None
+    virtual_mac: VirtualMacConfig | None = None
     vips: list[VipConfig] = Field(min_length=1)
 
 

@@ -165,13 +165,18 @@ class Controller:
         return LeaderWatch(self.target.cfg, self.target.group)
 
     def inject(self, opts: DrillOptions, node: str, statuses: dict[str, Any]) -> tuple[float, str]:
-        if opts.fault != OUTAGE:
-            return inject(self.target, opts, node, statuses)
         lab = self.target.lab
+        # Which nodes hold the VIP address: the etcd-outage verdict, and with a virtual
+        # MAC the only way to tell owners apart (their ARP claims share one MAC).
+        if lab is not None and (opts.fault == OUTAGE or self.target.virtual_mac is not None):
+            self._holders = VipHolders.for_lab(lab, self.target.vip)
+            self._holders.start()
+        if opts.fault != OUTAGE:
+            t, what = inject(self.target, opts, node, statuses)
+            self._fault_at = t
+            return t, what
         if lab is None:
             raise DrillError(f"--fault {OUTAGE} needs the lab")
-        self._holders = VipHolders.for_lab(lab, self.target.vip)
-        self._holders.start()
         t = self._fault_at = time.time()
         what = faults.apply_fault(node, "etcd-stop-all", lab)
         self.outage_log = [(t, what)]
@@ -208,7 +213,8 @@ class Controller:
         return list(self.outage_log)
 
     def vip_holders(self) -> dict[str, Any] | None:
-        """etcd-outage: which nodes held the VIP from the fault to now (then stops)."""
+        """Which nodes held the VIP from the fault to now (then stops); None when not
+        sampled (see ``inject``)."""
         h, self._holders = self._holders, None
         if h is None:
             return None

@@ -161,11 +161,24 @@ class Ownership:
 
 
 def ownership(
-    claims: Sequence[Claim], t_fault: float, old_mac: str | None, until: float | None = None
+    claims: Sequence[Claim],
+    t_fault: float,
+    old_mac: str | None,
+    until: float | None = None,
+    shared_mac: str | None = None,
 ) -> Ownership:
-    """Who took the VIP after the fault, and every claim that overlapped with it."""
+    """Who took the VIP after the fault, and every claim that overlapped with it.
+
+    ``shared_mac`` (a virtual MAC): every owner claims from it, so the new owner's
+    first claim is its first one after the fault, and a claim from any other MAC (a
+    node's own, answering for the VIP) conflicts with it; which node holds the VIP
+    comes from sampling the addresses instead (halb.drill.vipwatch)."""
     old = old_mac.lower() if old_mac else None
-    first = next((c for c in claims if c.time >= t_fault and c.mac != old), None)
+    if shared_mac is not None:
+        shared = shared_mac.lower()
+        first = next((c for c in claims if c.time >= t_fault and c.mac == shared), None)
+    else:
+        first = next((c for c in claims if c.time >= t_fault and c.mac != old), None)
     if first is None:
         return Ownership(None, None, ())
     conflicts = tuple(
@@ -198,8 +211,12 @@ class DrillResult:
     own: Ownership
     leader_changed_at: float | None  # first time etcd showed another leader
     notes: list[str] = field(default_factory=list)
-    # etcd-outage: which nodes held the VIP address (halb.drill.vipwatch.spans).
+    # etcd-outage and virtual-MAC drills: which nodes held the VIP address
+    # (halb.drill.vipwatch.spans).
     vip_holders: dict[str, Any] | None = None
+    # The client's neighbour entry for the VIP before the fault and after the traffic
+    # (the MAC it resolves the VIP to), where the drill can read it.
+    client_arp: dict[str, str | None] | None = None
 
     @property
     def survived(self) -> int:
@@ -273,6 +290,7 @@ class DrillResult:
             ],
             "window_s": [rel(self.window[0]), rel(self.window[1])],
             "vip_holders": self.vip_holders,
+            "client_arp": self.client_arp,
             "notes": self.notes,
         }
 
@@ -294,6 +312,7 @@ def build_result(
     known_until: float | None = None,
     stall: float = 1.0,
     threshold: float = 0.05,
+    shared_mac: str | None = None,
 ) -> DrillResult:
     """Put one drill together from the generator's events and the ARP frames.
 
@@ -326,7 +345,7 @@ def build_result(
         claims=cl,
         names={k.lower(): v for k, v in names.items()},
         old_mac=old_mac.lower() if old_mac else None,
-        own=ownership(cl, fault_at, old_mac, until),
+        own=ownership(cl, fault_at, old_mac, until, shared_mac),
         leader_changed_at=leader_changed_at,
     )
     unjudged = sum(1 for c in cl if known_until is not None and c.time >= known_until)

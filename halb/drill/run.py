@@ -74,7 +74,9 @@ def run_one(
     capture = (
         ArpCapture(out=arp_file) if target.lab is not None else ClientArpCapture(target, arp_file)
     )
-    old_mac = target.macs.get(original)  # the lab knows every node's MAC
+    # The lab knows every node's MAC; with a virtual MAC every owner claims from it.
+    old_mac = target.virtual_mac or target.macs.get(original)
+    arp_before: str | None = None
     try:
         with capture, ctl.watch() as watch:
             progress.phase(f"{opts.connections} connections to {target.vip}:{target.echo_port}")
@@ -87,10 +89,11 @@ def run_one(
                         f"to {target.vip}:{target.echo_port}"
                     )
                 time.sleep(opts.warmup)
-                if target.lab is None:
-                    # Outside the lab, the old owner is whoever the client's traffic
-                    # reaches now (its neighbour entry is fresh: it is in use).
-                    old_mac = neigh_mac(target)
+                # The MAC the client resolves the VIP to (fresh: the traffic uses it).
+                # Outside the lab it names the old owner.
+                arp_before = neigh_mac(target)
+                if target.lab is None and target.virtual_mac is None:
+                    old_mac = arp_before
                 fault_at, what = ctl.inject(opts, node, statuses)
                 progress.fault_at = fault_at
                 progress.phase(f"fault: {what}")
@@ -126,7 +129,10 @@ def run_one(
         next_leader_change_at=later[0][0] - WATCH_SLACK if later else None,
         known_until=known_until,
         stall=opts.stall,
+        shared_mac=target.virtual_mac,
     )
+    result.client_arp = {"before": arp_before, "after": neigh_mac(target)}
+    result.notes.append(_client_arp_note(result.client_arp))
     if new_owner is None:
         result.notes.append(f"no other node took group {target.group} (leader stayed {original})")
     if later:
@@ -150,6 +156,15 @@ def run_one(
     if opts.fault in ETCD_FAULTS:
         result.notes.extend(_etcd_fault_notes(ctl, statuses, fault_at))
     return result
+
+
+def _client_arp_note(arp: dict[str, str | None]) -> str:
+    before, after = arp["before"], arp["after"]
+    verdict = "unchanged" if before == after else "changed"
+    return (
+        f"client's ARP entry for the VIP: {before or 'none'} before, "
+        f"{after or 'none'} after ({verdict})"
+    )
 
 
 def _etcd_fault_notes(ctl: Controller, before: dict[str, Any], fault_at: float) -> list[str]:

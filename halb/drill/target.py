@@ -78,8 +78,17 @@ class Target:
     arp_iface: str = "eth0"
 
     @property
+    def virtual_mac(self) -> str | None:
+        """The group's virtual MAC: every owner answers from it (halb.net.vmac)."""
+        g = next(g for g in self.cfg.vip_groups if g.name == self.group)
+        return g.virtual_mac.mac if g.virtual_mac is not None else None
+
+    @property
     def names(self) -> dict[str, str]:
-        return {m.lower(): n for n, m in self.macs.items()}
+        names = {m.lower(): n for n, m in self.macs.items()}
+        if self.virtual_mac is not None:
+            names[self.virtual_mac] = "virtual-mac"
+        return names
 
 
 def resolve_target(

@@ -197,6 +197,7 @@ def up(
     agents: bool = True,
     etcd_members_n: int = 1,
     etcd_tls: bool = False,
+    virtual_mac: bool = False,
 ) -> dict[str, Any]:
     """Build the lab; on any failure remove whatever was built and re-raise."""
     site = site or site_from_env()
@@ -205,7 +206,7 @@ def up(
     if lab_namespaces(site) or load_state(site) is not None:
         raise LabError("a lab is already up (or left over): run `halb lab down` first")
     # Validate the lab's own config before building anything.
-    doc = lab_config(p, dataplane)
+    doc = lab_config(p, dataplane, virtual_mac)
     parse_config(doc, "lab config")
     pids: dict[str, int] = {}
     try:

@@ -315,8 +315,9 @@ def _prime_above(n: int) -> int:
     return k
 
 
-def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
-    """The cluster config document for the lab (validated by the caller)."""
+def lab_config(p: LabPlan, dataplane: str = "xdp", virtual_mac: bool = False) -> dict[str, Any]:
+    """The cluster config document for the lab (validated by the caller); with
+    ``virtual_mac`` the group answers from 00:00:5e:00:01:01 on a macvlan."""
     nat = dataplane == "nft"
     nodes = []
     for i, n in enumerate(p.nodes):
@@ -374,6 +375,8 @@ def lab_config(p: LabPlan, dataplane: str = "xdp") -> dict[str, Any]:
     }
     if nat:
         group["nat"] = {"gateway": p.nat_gateway, "snat": p.snat}
+    if virtual_mac:
+        group["virtual_mac"] = {"id": 1}
     cfg: dict[str, Any] = {
         "cluster": p.site.cluster,
         "etcd": {"endpoints": p.etcd_endpoints, "lease_ttl": 1.0},

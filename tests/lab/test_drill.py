@@ -33,6 +33,10 @@ def test_kill_drill_loses_no_connection_and_plots(lab: dict[str, Any], tmp_path:
     assert d["first_garp_from"] == "lb2"
     assert 0.2 < d["first_garp_s"] < 5.0
     assert d["two_owners"] == []
+    # Without a virtual MAC the client's ARP entry moves to the new owner's MAC
+    # (test_vmac_lab.py: with one, it never changes).
+    macs = {n["name"]: n["mac"] for n in lab["nodes"]}
+    assert d["client_arp"] == {"before": macs["lb1"], "after": macs["lb2"]}
     assert d["gap_s"]["max"] < 5.0
     assert doc["summary"]["lost_total"] == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

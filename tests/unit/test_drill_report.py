@@ -132,6 +132,21 @@ def test_ownership_finds_the_new_owner_and_later_claims_of_the_old() -> None:
     assert [c.time for c in ownership(claims, 1.0, LB1, until=1.9).conflicts] == [1.25]
 
 
+def test_ownership_with_a_virtual_mac_judges_other_macs_as_conflicts() -> None:
+    vmac = "00:00:5e:00:01:01"
+    claims = [
+        Claim(0.5, vmac, "reply"),  # the old owner, from the shared MAC
+        Claim(1.3, vmac, "request"),  # the new owner's first announcement
+        Claim(1.5, LB1, "reply"),  # a node answering from its own MAC: wrong
+        Claim(1.6, vmac, "reply"),
+    ]
+    own = ownership(claims, t_fault=1.0, old_mac=vmac, shared_mac=vmac)
+    assert own.new_mac == vmac and own.first_claim == 1.3
+    assert [(c.time, c.mac) for c in own.conflicts] == [(1.5, LB1)]
+    # Without the shared MAC the same frames would name no new owner at all.
+    assert ownership(claims, 1.0, vmac).new_mac == LB1
+
+
 def test_ownership_without_a_new_owner_reports_no_overlap() -> None:
     own = ownership([Claim(1.5, LB1, "reply")], t_fault=1.0, old_mac=LB1)
     assert own.new_mac is None and own.first_claim is None and own.conflicts == ()
