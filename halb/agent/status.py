@@ -115,6 +115,7 @@ def cluster_view(
                 "lease_ttl_left": li.ttl_left if li else None,
                 "vips": [str(v.address) for v in g.vips],
                 "preempt": g.preempt,
+                "virtual_mac": g.virtual_mac.mac if g.virtual_mac is not None else None,
             }
         )
     failovers = [st.last_failover for st in statuses.values() if st.last_failover]

@@ -63,9 +63,10 @@ def status(config_path: str | None, output: str) -> None:
     click.echo(f"{'GROUP':<12} {'ACTIVE':<10} {'TERM':<22} {'LEASE LEFT':<11} VIPS")
     for g in view["groups"]:
         left = f"{g['lease_ttl_left']:.0f}s" if g["lease_ttl_left"] is not None else "-"
+        vmac = f"  (virtual MAC {g['virtual_mac']})" if g.get("virtual_mac") else ""
         click.echo(
             f"{g['name']:<12} {g['active'] or '(none)':<10} {g['term'] or '-':<22} "
-            f"{left:<11} {', '.join(g['vips'])}"
+            f"{left:<11} {', '.join(g['vips'])}{vmac}"
         )
     click.echo("")
     click.echo(f"{'NODE':<10} {'ROLE':<9} {'PRIO':<5} {'DATAPLANE':<10} {'CONFIG':<7} SYNC")

@@ -158,6 +158,28 @@ class Controller:
     def statuses(self) -> dict[str, Any]:
         return read_leader(self.target.cfg, self.target.group)[1]
 
+    def preferred_leader(self) -> str | None:
+        """Who will lead once a pending preemption has happened: the highest-priority
+        member that is up, when the group preempts (None: whoever leads stays)."""
+        gcfg = next(g for g in self.target.cfg.vip_groups if g.name == self.target.group)
+        if not gcfg.preempt:
+            return None
+        up = self.statuses()
+        members = sorted(self.target.cfg.group_nodes(gcfg), key=lambda n: -n.priority)
+        return next((n.name for n in members if n.name in up), None)
+
+    def stable_leader(self, timeout: float) -> str | None:
+        """The leader once no preemption is pending (a drill that starts just before
+        one would fault the wrong node), or whoever leads after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader()
+            if leader is not None and self.preferred_leader() in (None, leader):
+                return leader
+            if time.monotonic() > deadline:
+                return leader
+            time.sleep(0.2)
+
     def settle(self, want: str, opts: DrillOptions, progress: Progress) -> None:
         settle(self.target, want, opts.settle_timeout, progress)
 

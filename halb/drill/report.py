@@ -170,13 +170,17 @@ def ownership(
     """Who took the VIP after the fault, and every claim that overlapped with it.
 
     ``shared_mac`` (a virtual MAC): every owner claims from it, so the new owner's
-    first claim is its first one after the fault, and a claim from any other MAC (a
-    node's own, answering for the VIP) conflicts with it; which node holds the VIP
-    comes from sampling the addresses instead (halb.drill.vipwatch)."""
+    first claim is the first gratuitous one (a request) from it after the fault (the old
+    node's kernel may still answer probes until its fence), and a claim from any other
+    MAC (a node's own, answering for the VIP) conflicts with it; which node holds the
+    VIP comes from sampling the addresses instead (halb.drill.vipwatch)."""
     old = old_mac.lower() if old_mac else None
     if shared_mac is not None:
         shared = shared_mac.lower()
-        first = next((c for c in claims if c.time >= t_fault and c.mac == shared), None)
+        first = next(
+            (c for c in claims if c.time >= t_fault and c.mac == shared and c.kind == "request"),
+            None,
+        )
     else:
         first = next((c for c in claims if c.time >= t_fault and c.mac != old), None)
     if first is None:

@@ -201,12 +201,8 @@ def run_drills(
     if opts.fault in LAB_ONLY and target.lab is None and not opts.fault_cmd:
         raise DrillError(f"--fault {opts.fault} needs the lab; elsewhere use --fault-cmd")
     ctl.heal(opts)
-    # A just-healed cluster may still be electing.
-    deadline = time.monotonic() + opts.settle_timeout
-    original = ctl.leader()
-    while original is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-        original = ctl.leader()
+    # A just-healed cluster may still be electing, or about to preempt.
+    original = ctl.stable_leader(opts.settle_timeout)
     if original is None:
         raise DrillError(f"group {target.group} has no active node to drill")
     if opts.node is not None and opts.node != original and opts.fault != "partition":

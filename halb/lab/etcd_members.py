@@ -297,37 +297,40 @@ def stop_all_members(state: dict[str, Any]) -> str:
     return "SIGKILL every etcd member: " + (", ".join(done) or "none was running")
 
 
+def _revive(state: dict[str, Any], m: dict[str, Any]) -> str | None:
+    """SIGCONT a stopped member or restart a killed one (same data, same flags); what
+    was done, None when it was running."""
+    pid = _pid(state, m["name"])
+    if _alive(pid):
+        assert pid is not None
+        if is_stopped(pid):
+            os.kill(pid, signal.SIGCONT)
+            return "continued"
+        return None
+    return f"started (pid {spawn(m['argv'], Path(m['log']), append=True)})"
+
+
 def start_all_members(state: dict[str, Any], timeout: float = 20.0) -> str:
     """Start every member that is down (all at once: one alone has no quorum and never
     turns healthy), continue stopped ones, and wait until all are healthy."""
     done = []
     for m in state.get("etcd_members", []):
-        pid = _pid(state, m["name"])
-        if _alive(pid):
-            assert pid is not None
-            if is_stopped(pid):
-                os.kill(pid, signal.SIGCONT)
-                done.append(f"{m['name']} continued")
-            continue
-        new = spawn(m["argv"], Path(m["log"]), append=True)
-        done.append(f"{m['name']} started (pid {new})")
+        what = _revive(state, m)
+        if what is not None:
+            done.append(f"{m['name']} {what}")
     for m in state.get("etcd_members", []):
         wait_for(f"etcd member {m['name']} to become healthy", _probe(m["metrics"]), timeout)
     return "etcd members: " + (", ".join(done) or "all were running")
 
 
 def heal_members(state: dict[str, Any]) -> list[str]:
-    """SIGCONT stopped members and restart killed ones (same data, same flags)."""
+    """Continue stopped members and restart killed ones, one at a time."""
     done = []
     for m in state.get("etcd_members", []):
-        pid = _pid(state, m["name"])
-        if _alive(pid):
-            assert pid is not None
-            if is_stopped(pid):
-                os.kill(pid, signal.SIGCONT)
-                done.append(f"etcd member {m['name']} continued")
+        what = _revive(state, m)
+        if what is None:
             continue
-        new = spawn(m["argv"], Path(m["log"]), append=True)
-        done.append(f"etcd member {m['name']} restarted (pid {new})")
-        wait_for(f"etcd member {m['name']} to rejoin", _probe(m["metrics"]), 20)
+        done.append(f"etcd member {m['name']} {what}")
+        if what != "continued":
+            wait_for(f"etcd member {m['name']} to rejoin", _probe(m["metrics"]), 20)
     return done

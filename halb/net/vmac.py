@@ -15,6 +15,10 @@ How the kernel is set up for it (why each setting):
 - ``arp_ignore=1`` on the parent and on the macvlan: the parent must not answer ARP for
   the VIP (it is a local address of the host) with its own MAC, and the macvlan, which
   receives every broadcast too, must not answer for the node's own address;
+- ``arp_announce=2`` on the parent: an ARP request the node sends from the parent (in
+  the NAT modes, to reach a client for a reply whose source is the VIP) names the
+  node's own address, never the VIP; neighbours update their entry for a request's
+  sender, so one naming the VIP would point the clients at the parent's MAC;
 - ``rp_filter=0`` on the macvlan: clients' packets arrive on it while the route back to
   them leaves through the parent;
 - ``addr_gen_mode=1`` (no IPv6 link-local address) on the macvlan: no router or
@@ -63,10 +67,14 @@ def _sysctl_link(ifname: str, parent: str, write: Callable[[Path, str], None]) -
     write(PROC_CONF / "ipv6" / "conf" / ifname / "addr_gen_mode", "1")
     write(PROC_CONF / "ipv4" / "conf" / ifname / "arp_ignore", "1")
     write(PROC_CONF / "ipv4" / "conf" / ifname / "rp_filter", "0")
-    parent_ignore = PROC_CONF / "ipv4" / "conf" / parent / "arp_ignore"
-    if parent_ignore.read_text().strip() == "0":
-        log.info("%s: arp_ignore=1 so that only %s answers ARP for its VIPs", parent, ifname)
-        write(parent_ignore, "1")
+    conf = PROC_CONF / "ipv4" / "conf" / parent
+    for key, value, why in (
+        ("arp_ignore", 1, f"only {ifname} answers ARP for its VIPs"),
+        ("arp_announce", 2, "its ARP requests never name a VIP as their sender"),
+    ):
+        if int((conf / key).read_text()) < value:
+            log.info("%s: %s=%d so that %s", parent, key, value, why)
+            write(conf / key, str(value))
 
 
 async def _collect(reply: Any) -> list[Any]:

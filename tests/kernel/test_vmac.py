@@ -98,9 +98,9 @@ def test_vips_of_the_group_answer_from_the_virtual_mac(pair: tuple[str, str]) ->
     assert str(VIP4) in on_vmac and str(VIP6) in on_vmac and str(OTHER) not in on_vmac
     assert str(OTHER) in on_parent and str(VIP4) not in on_parent
     assert "inet6 fe80" not in on_vmac  # no link-local from the shared MAC
-    assert (
-        sh("ip", "netns", "exec", lb, "sysctl", "-n", "net.ipv4.conf.v0.arp_ignore").strip() == "1"
-    )
+    for key, want in (("arp_ignore", "1"), ("arp_announce", "2")):
+        got = sh("ip", "netns", "exec", lb, "sysctl", "-n", f"net.ipv4.conf.v0.{key}")
+        assert got.strip() == want, key
 
     # ARP: the group's VIP from the virtual MAC only; the node's own address and the
     # other group's VIP from the parent only.

@@ -18,6 +18,7 @@ import yaml
 from halb.lab import faults
 from halb.lab.agents import apply_config, start_agents, stop_agents, wait_settled
 from halb.lab.netns import run
+from halb.lab.observe import cluster_status
 
 pytestmark = pytest.mark.lab
 
@@ -69,6 +70,7 @@ def links(ns: str) -> str:
 
 def test_failovers_keep_the_clients_arp_entry(vmac_lab: dict[str, Any]) -> None:
     lb1, lb2 = (n["namespace"] for n in vmac_lab["nodes"][:2])
+    assert cluster_status(vmac_lab["config"])["groups"][0]["virtual_mac"] == VMAC
     for fault in ("planned", "kill"):
         # Only the active has the macvlan, with the group's MAC; the standby sends
         # nothing from it.

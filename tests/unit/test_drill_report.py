@@ -136,6 +136,7 @@ def test_ownership_with_a_virtual_mac_judges_other_macs_as_conflicts() -> None:
     vmac = "00:00:5e:00:01:01"
     claims = [
         Claim(0.5, vmac, "reply"),  # the old owner, from the shared MAC
+        Claim(1.1, vmac, "reply"),  # the old node's kernel, before its fence
         Claim(1.3, vmac, "request"),  # the new owner's first announcement
         Claim(1.5, LB1, "reply"),  # a node answering from its own MAC: wrong
         Claim(1.6, vmac, "reply"),
