@@ -32,7 +32,22 @@ LAYERS: tuple[frozenset[str], ...] = (
     # Value types, asyncio helpers, config and its timing derivation, pure Maglev and
     # planning, addresses and frames. "etcd" is the etcd client package (issue 13: a
     # bottom adapter that ha and agent build on).
-    frozenset({"model", "aio", "protoc", "timing", "keys", "config", "lb", "net", "etcd", "flows"}),
+    # "proxy" is the pure PROXY protocol codec.
+    frozenset(
+        {
+            "model",
+            "aio",
+            "protoc",
+            "timing",
+            "keys",
+            "config",
+            "lb",
+            "net",
+            "etcd",
+            "flows",
+            "proxy",
+        }
+    ),
     frozenset({"dataplane"}),
     frozenset({"ha"}),
     # The sync client installs into a dataplane (halb.dataplane.base).
