@@ -482,8 +482,10 @@ class Coordinator:
                     self._drop_lease()
                     self.emit(LeaseLost(lease))
                 return
-            except _RETRY:
-                await self.clock.sleep(backoff.next())
+            except _RETRY as exc:
+                delay = backoff.next()
+                log.warning("campaign with lease %x: %s; retrying in %.2fs", lease, exc, delay)
+                await self.clock.sleep(delay)
                 continue
             if result.succeeded:
                 term = Term(lease, result.revision)
