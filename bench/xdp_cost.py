@@ -32,6 +32,7 @@ Run as root: .venv/bin/python bench/xdp_cost.py [--repeat N] [--rounds R]
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import tempfile
 import time
@@ -45,6 +46,7 @@ from halb.dataplane.xdp.layout import (
     CFG_F_FLOW_EVENTS,
     FAMILY_V4,
     BackendInfo,
+    FlowEvent,
     LbConfig,
     ServiceInfo,
     VipAddr,
@@ -61,6 +63,7 @@ from halb.testing.packets import ETH_P_IP, XDP_PASS, XDP_TX, eth, ipv4, tcp
 VIP = "10.0.0.100"
 CLIENT = "192.0.2.7"
 RING = 65537
+EVENT_SIZE = ctypes.sizeof(FlowEvent)
 
 
 def net16(port: int) -> int:
@@ -218,7 +221,7 @@ def main() -> None:
         setup(evented, events=True)
         balancer.test_run("halb_balancer", hit)
         rep = args.repeat
-        ring = RingBuffer(miss_objs["miss_event"].ring_fds["flow_events"], 48)
+        ring = RingBuffer(miss_objs["miss_event"].ring_fds["flow_events"], EVENT_SIZE)
         rings.append(ring)
         full = miss_objs["miss_full"]
         full.test_run("halb_balancer", hit, 200_000)  # more records than the ring holds
@@ -258,7 +261,7 @@ def main() -> None:
                 balancer, "halb_balancer", [frame(next(sport)) for _ in range(n)], XDP_TX
             ),
         )
-        ev_ring = RingBuffer(evented.ring_fds["flow_events"], 48)
+        ev_ring = RingBuffer(evented.ring_fds["flow_events"], EVENT_SIZE)
         rings.append(ev_ring)
 
         def miss_event() -> float:

@@ -15,15 +15,18 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 
+from halb.dataplane.xdp import expiry
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
     FAMILY_V4,
     FAMILY_V6,
+    FLOW_F_CLOSING,
     NO_BACKEND,
     SVC_F_TUNNEL,
     BackendInfo,
+    FlowValue,
     LbConfig,
     ServiceInfo,
     VipAddr,
@@ -32,7 +35,7 @@ from halb.dataplane.xdp.layout import (
     mac_to_bytes,
 )
 from halb.dataplane.xdp.loader import BpfObject
-from halb.model import IPAddress
+from halb.model import FlowTimeouts, IPAddress
 from halb.testing.packets import (
     ETH_P_IP,
     ETH_P_IPV6,
@@ -116,6 +119,13 @@ def set_deadline(obj: BpfObject, deadline_ns: int) -> None:
     obj.maps["config"].update(0, cfg)
 
 
+def set_timeouts(obj: BpfObject, timeouts: FlowTimeouts | None) -> None:
+    cfg = obj.maps["config"].lookup(0)
+    assert cfg is not None
+    expiry.set_timeouts(cfg, timeouts)
+    obj.maps["config"].update(0, cfg)
+
+
 @pytest.fixture(scope="module")
 def obj() -> Iterator[BpfObject]:
     o = BpfObject(build_bpf())
@@ -158,6 +168,7 @@ def fresh_state(obj: BpfObject) -> None:
     flows = obj.maps["flows"]
     flows.delete_batch([k for k, _ in flows.items()])
     set_deadline(obj, 0)
+    set_timeouts(obj, None)
     for index, _, bid in SERVICES.values():
         fill_ring(obj, index, bid)
 
@@ -477,3 +488,96 @@ def test_vip_filter_gates_the_lookups(obj: BpfObject) -> None:
         assert obj.test_run(PROG, v4_tcp(sport=45000)).retval == XDP_PASS
     finally:
         vf.update(end, 1)
+
+
+# --- flow expiry (bpf/expiry.h) ---------------------------------------------------------
+
+TIMEOUTS = FlowTimeouts(tcp_established=900.0, tcp_closing=10.0, udp=30.0)
+FLOW_EXPIRED = 6  # stats_global index
+
+
+def only_flow(obj: BpfObject) -> tuple[object, FlowValue]:
+    entries = list(obj.maps["flows"].items())
+    assert len(entries) == 1
+    key, value = entries[0]
+    return key, value
+
+
+def age(obj: BpfObject, seconds: float) -> None:
+    """Move the only flow's last-seen stamp ``seconds`` into the past."""
+    key, value = only_flow(obj)
+    value.last_seen_ns = expiry.coarse_now_ns() - int(seconds * 1e9)
+    obj.maps["flows"].update(key, value)
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "idle", "expired"),
+    [
+        (v4_tcp(sport=46000), v4_tcp(sport=46000, flags=TCP_ACK), 5.0, False),
+        (v4_tcp(sport=46000), v4_tcp(sport=46000, flags=TCP_ACK), 901.0, True),
+        # A FIN puts the flow in the closing phase: 10 s instead of 900.
+        (v4_tcp(sport=46000, flags=0x11), v4_tcp(sport=46000, flags=TCP_ACK), 15.0, True),
+        (v4_tcp(sport=46000, flags=0x11), v4_tcp(sport=46000, flags=TCP_ACK), 5.0, False),
+        (v4_udp(), v4_udp(), 25.0, False),
+        (v4_udp(), v4_udp(), 35.0, True),
+    ],
+    ids=[
+        "tcp-fresh-kept",
+        "tcp-aged-ring",
+        "closing-aged-ring",
+        "closing-fresh-kept",
+        "udp-fresh-kept",
+        "udp-aged-ring",
+    ],
+)
+def test_an_aged_flow_takes_the_ring_and_a_fresh_one_is_kept(
+    obj: BpfObject, first: bytes, later: bytes, idle: float, expired: bool
+) -> None:
+    set_timeouts(obj, TIMEOUTS)
+    tcp_flow = first[23] == 6
+    index = 0 if tcp_flow else 1
+    old_backend, new_backend = (0, 6) if tcp_flow else (1, 0)
+    assert obj.test_run(PROG, first).retval == XDP_TX
+    _, recorded = only_flow(obj)
+    assert recorded.backend_id == old_backend and recorded.last_seen_ns > 0
+    fill_ring(obj, index, new_backend)  # a ring change: only a miss can see it
+    age(obj, idle)
+    before = _global(obj, FLOW_EXPIRED)
+    res = obj.test_run(PROG, later)
+    want = new_backend if expired else old_backend
+    assert res.data == dsr(later, BACKENDS[want][1])
+    assert _global(obj, FLOW_EXPIRED) == before + (1 if expired else 0)
+    _, now = only_flow(obj)
+    assert now.backend_id == want  # re-recorded on the ring's backend, or kept
+    assert now.last_seen_ns >= expiry.coarse_now_ns() - 10**9  # stamped by this packet
+
+
+def test_the_closing_phase_is_recorded_and_a_new_syn_ends_it(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(sport=46100))
+    assert only_flow(obj)[1].flags == 0
+    obj.test_run(PROG, v4_tcp(sport=46100, flags=0x04))  # RST
+    assert only_flow(obj)[1].flags == FLOW_F_CLOSING
+    obj.test_run(PROG, v4_tcp(sport=46100, flags=TCP_ACK))
+    assert only_flow(obj)[1].flags == FLOW_F_CLOSING
+    obj.test_run(PROG, v4_tcp(sport=46100))  # SYN: the port reused by a new connection
+    assert only_flow(obj)[1].flags == 0
+
+
+def test_a_synced_flow_never_seen_here_is_not_expired_and_gets_stamped(obj: BpfObject) -> None:
+    """User space writes stamp 0 (a flow synced from the previous active)."""
+    set_timeouts(obj, TIMEOUTS)
+    frame = v4_tcp(sport=46200, flags=TCP_ACK)
+    obj.test_run(PROG, frame)
+    key, value = only_flow(obj)
+    value.backend_id, value.last_seen_ns = 6, 0  # installed by sync: another backend
+    obj.maps["flows"].update(key, value)
+    assert obj.test_run(PROG, frame).data == dsr(frame, MACS[3])  # kept: backend 6
+    assert only_flow(obj)[1].last_seen_ns > 0
+
+
+def test_without_timeouts_flows_never_expire(obj: BpfObject) -> None:
+    frame = v4_tcp(sport=46300)
+    obj.test_run(PROG, frame)
+    fill_ring(obj, 0, 6)
+    age(obj, 10 * 365 * 86400.0)
+    assert obj.test_run(PROG, frame).data == dsr(frame, MACS[1])

@@ -282,3 +282,52 @@ def test_hash_collisions_never_lose_or_invent_a_change(
     assert set(moved) <= set(ups) <= live
     assert dels == sorted(ended)
     assert scan(src)[1] == []  # and a scan without changes reports nothing gone
+
+
+def test_scans_delete_idle_flows_and_report_them_gone(dp: XdpDataplane, src: XdpFlowSource) -> None:
+    """The active's source deletes flows idle past their timeouts (read from the
+    program's config entry) and pushes them as deletes; synced flows no packet has
+    touched here (stamp 0) count as seen when the source started."""
+    from halb.dataplane.xdp.expiry import coarse_now_ns
+    from halb.model import FlowTimeouts
+
+    dp.set_flow_timeouts(FlowTimeouts(tcp_established=60.0, tcp_closing=5.0, udp=30.0))
+    live = flows(100)
+    dp.install_flows(live)
+    assert scan(src) == (sorted(live), [])
+    m = dp.map("flows")
+    entries = sorted(m.items(), key=lambda kv: bytes(kv[0]))
+    now = coarse_now_ns()
+    idle, fresh = entries[:30], entries[30:40]
+    for key, value in idle:
+        value.last_seen_ns = now - 61 * 10**9
+        m.update(key, value)
+    for key, value in fresh:
+        value.last_seen_ns = now - 59 * 10**9
+        m.update(key, value)
+    ups, dels = scan(src)
+    assert ups == []  # a new stamp is not a change to sync
+    assert len(dels) == 30
+    assert {bytes(k) for k, _ in m.items()} == {bytes(k) for k, _ in entries[30:]}
+    assert dp.global_stats()["flow_swept"] == 30
+    assert src.stats().swept == 30
+    assert scan(src) == ([], [])
+    # A source that started sweeping long ago: the unstamped synced flows go too.
+    src._sweep_since = now - 3600 * 10**9
+    ups, dels = scan(src)
+    assert (ups, len(dels)) == ([], 60)
+    assert sorted(bytes(k) for k, _ in m.items()) == sorted(bytes(k) for k, _ in fresh)
+    assert dp.global_stats()["flow_swept"] == 90
+
+
+def test_a_source_without_expiry_deletes_nothing(dp: XdpDataplane) -> None:
+    s = XdpFlowSource.from_dataplane(dp, expire=False)
+    try:
+        dp.install_flows(flows(10))
+        m = dp.map("flows")
+        for key, value in list(m.items()):
+            value.last_seen_ns = 1
+            m.update(key, value)
+        assert len(scan(s)[0]) == 10 and len(list(m.items())) == 10
+    finally:
+        s.close()

@@ -5,7 +5,7 @@
  * XDP_PASS) -> flow table (hit with a live backend: the backend entry names
  * its service, so the services hash is not read) -> else service lookup (miss:
  * XDP_PASS) and ring slot (hash % ring_size), recording the flow -> dead-man deadline
- * -> counters -> rewrite and XDP_TX. Frames that are not TCP/UDP go to the ARP / ND
+ * -> counters -> rewrite and XDP_TX. A flow idle past its timeout (expiry.h) is a miss. Frames that are not TCP/UDP go to the ARP / ND
  * fence (fence.h) and otherwise pass.
  *
  * Flow hit first: one hash lookup per packet in the steady state instead of two (each
@@ -22,6 +22,7 @@
 #include "hash.h"
 #include "encap.h"
 #include "fence.h"
+#include "expiry.h"
 
 /* Benchmark only (HALB_BENCH_*, never defined in a real build): bench/xdp_cost.py builds
  * throw-away variants that return XDP_TX at stage n (-DHALB_BENCH_STOP=n), leave one
@@ -77,7 +78,7 @@ static __always_inline const struct backend_info *ring_backend(struct packet *pk
 								const struct service_info *svc,
 								const struct lb_config *cfg,
 								__u64 frame_len, __u32 hash,
-								__u32 *backend_id)
+								__u64 now, __u32 *backend_id)
 {
 	const struct backend_info *be;
 	struct flow_value nv = {};
@@ -90,6 +91,8 @@ static __always_inline const struct backend_info *ring_backend(struct packet *pk
 	if (!id)
 		return 0;
 	nv.backend_id = *id;
+	nv.flags = flow_flags(0, pkt->tcp_flags);
+	nv.last_seen_ns = now;
 	be = live_backend(nv.backend_id);
 	if (!be)
 		return 0;
@@ -107,10 +110,11 @@ int halb_balancer(struct xdp_md *ctx)
 	__u64 frame_len = data_end - data;
 	const struct backend_info *be = 0;
 	const struct service_info *svc = 0;
-	const struct flow_value *fv;
+	struct flow_value *fv;
 	struct packet pkt = {};
 	struct lb_config *cfg;
 	__u32 zero = 0, backend_id = 0, hash = 0, last, *vips;
+	__u64 now;
 
 	if (parse_packet(data, data_end, &pkt))
 		return fence_neigh(data, data_end);
@@ -124,10 +128,20 @@ int halb_balancer(struct xdp_md *ctx)
 	if (!service_of(&pkt))
 		return XDP_PASS;
 #endif
+	/* An array entry (the verifier inlines the lookup); the clock is read once for the
+	 * deadline, expiry and the flow's stamp. */
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return XDP_DROP;
+	now = coarse_now();
 	fv = bpf_map_lookup_elem(&flows, FLOW_KEY(&pkt));
 	if (fv) {
-		backend_id = fv->backend_id;
-		be = live_backend(backend_id);
+		if (!flow_expired(fv, pkt.key.proto, cfg, now)) {
+			backend_id = fv->backend_id;
+			be = live_backend(backend_id);
+		} else {
+			count(&stats_global, STAT_FLOW_EXPIRED, frame_len);
+		}
 	}
 	BENCH_STAGE(2);
 #ifdef HALB_BENCH_ALWAYS_MISS /* bench variant: every packet takes the miss path */
@@ -140,22 +154,23 @@ int halb_balancer(struct xdp_md *ctx)
 	}
 	/* VIP traffic only; checked before a flow is recorded, so a fenced node learns
 	 * nothing new. */
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg)
-		return XDP_DROP;
 #ifndef HALB_BENCH_NO_DEADLINE /* ablation variant: what the check costs */
-	if (past_deadline(cfg)) {
+	if (deadline_passed(cfg, now)) {
 		count(&stats_global, STAT_DEADLINE_DROP, frame_len);
 		return XDP_DROP;
 	}
 #endif
 	if (!be) {
 		hash = flow_hash(&pkt.key);
-		be = ring_backend(&pkt, svc, cfg, frame_len, hash, &backend_id);
+		be = ring_backend(&pkt, svc, cfg, frame_len, hash, now, &backend_id);
 		if (!be) {
 			count(&stats_global, STAT_NO_BACKEND, frame_len);
 			return XDP_DROP;
 		}
+	} else if (fv) { /* always, on a hit; the verifier cannot tell */
+#ifndef HALB_BENCH_NO_TOUCH /* ablation variant: the hit without its stamp */
+		flow_touch(fv, pkt.tcp_flags, now);
+#endif
 	}
 	BENCH_STAGE(3);
 #ifndef HALB_BENCH_NO_COUNTERS /* ablation variant: what the counters cost */

@@ -21,13 +21,19 @@
 #include "maps.h"
 #include "structs.h"
 
-static __always_inline int past_deadline(const struct lb_config *cfg)
+/* The clock of the dead-man switch and of flow expiry, read once per VIP packet. */
+static __always_inline __u64 coarse_now(void)
 {
 #ifdef HALB_BENCH_FINE_CLOCK /* bench/xdp_cost.py's comparison variant only */
-	return cfg->deadline_ns && bpf_ktime_get_ns() > cfg->deadline_ns;
+	return bpf_ktime_get_ns();
 #else
-	return cfg->deadline_ns && bpf_ktime_get_coarse_ns() > cfg->deadline_ns;
+	return bpf_ktime_get_coarse_ns();
 #endif
+}
+
+static __always_inline int deadline_passed(const struct lb_config *cfg, __u64 now)
+{
+	return cfg->deadline_ns && now > cfg->deadline_ns;
 }
 
 /* For a frame that is not a TCP/UDP candidate: XDP_DROP if it is an ARP request or an
@@ -73,7 +79,7 @@ static __always_inline int fence_neigh(void *data, void *data_end)
 		return XDP_PASS;
 	}
 	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg || !past_deadline(cfg))
+	if (!cfg || !cfg->deadline_ns || !deadline_passed(cfg, coarse_now()))
 		return XDP_PASS;
 	if (!bpf_map_lookup_elem(&vip_addrs, &va))
 		return XDP_PASS;

@@ -21,6 +21,7 @@ struct packet {
 	struct flow_key key;
 	__u32 l3_len; /* IP header + payload, from the IP header */
 	__u8 tos;
+	__u8 tcp_flags; /* 0 for UDP (and a TCP header cut short after the ports) */
 };
 
 /* 0 = a TCP/UDP candidate described in pkt; -1 = not ours to touch. */
@@ -75,6 +76,9 @@ static __always_inline int parse_packet(void *data, void *data_end, struct packe
 		return -1;
 	pkt->key.sport = *(__u16 *)l4;
 	pkt->key.dport = *(__u16 *)(l4 + 2);
+	/* Flags byte at offset 13 of the TCP header: FIN / RST start the closing phase. */
+	if (pkt->key.proto == IPPROTO_TCP && l4 + 14 <= data_end)
+		pkt->tcp_flags = *(__u8 *)(l4 + 13);
 	return 0;
 }
 

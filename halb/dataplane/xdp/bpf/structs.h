@@ -48,7 +48,11 @@ struct flow_key {
 
 struct flow_value {
 	__u32 backend_id;
-	__u32 flags;
+	__u32 flags; /* FLOW_F_* (the program's own bookkeeping; not synced) */
+	/* CLOCK_MONOTONIC_COARSE ns of the last packet forwarded (one tick of resolution);
+	 * 0 = written by user space (a synced flow) and not seen here yet: never expired
+	 * by the program, stamped by its first packet. Not synced either. */
+	__u64 last_seen_ns;
 };
 
 /* A flow_events record: a flow the program has just recorded in `flows` (the map's
@@ -57,7 +61,7 @@ struct flow_event {
 	struct flow_key key;
 	struct flow_value value;
 };
-_Static_assert(sizeof(struct flow_event) == 48, "flow_event: key 40 + value 8, no padding");
+_Static_assert(sizeof(struct flow_event) == 56, "flow_event: key 40 + value 16, no padding");
 
 struct lb_config {
 	/* Dead-man switch, compared with CLOCK_MONOTONIC_COARSE ns (bpf_ktime_get_coarse_ns:
@@ -70,6 +74,12 @@ struct lb_config {
 	__u8 local_mac[6];  /* source MAC of every forwarded frame */
 	__u8 pad[2];
 	__u32 flags; /* CFG_F_* */
+	/* Idle timeouts of a flow, by protocol and TCP phase (ns; 0 = never): a flow idle
+	 * for longer is a miss (the ring decides again, the flow is re-recorded), and the
+	 * active's flow source deletes it from the map. */
+	__u64 timeout_tcp_ns;     /* TCP, established */
+	__u64 timeout_closing_ns; /* TCP after a FIN or RST */
+	__u64 timeout_udp_ns;
 };
 
 struct counter {
