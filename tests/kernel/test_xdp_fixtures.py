@@ -47,6 +47,7 @@ from halb.testing.packets import (
     eth,
     flow_hash,
     icmp_echo,
+    icmp_too_big,
     ipv4,
     ipv6,
     neighbour_solicitation,
@@ -235,12 +236,12 @@ class Case:
     expected: bytes | None  # None: the input frame, untouched
 
 
-def _frag(flags_frag: int) -> bytes:
+def _frag(flags_frag: int, dst: str = VIP4) -> bytes:
     return eth(
         LB_MAC,
         CLIENT_MAC,
         ETH_P_IP,
-        ipv4(CLIENT4, VIP4, 6, tcp(CLIENT4, VIP4, 40000, 80), flags_frag=flags_frag),
+        ipv4(CLIENT4, dst, 6, tcp(CLIENT4, dst, 40000, 80), flags_frag=flags_frag),
     )
 
 
@@ -284,8 +285,15 @@ CASES = [
     Case("VIP, other port passes", v4_tcp(dport=8080), XDP_PASS, None),
     Case("VIP tcp port, udp passes", v4_udp(dport=80), XDP_PASS, None),
     Case("VIP service without backends drops", v4_tcp(dport=81), XDP_DROP, None),
-    Case("first fragment (MF) passes", _frag(0x2000), XDP_PASS, None),
-    Case("later fragment (offset) passes", _frag(0x0010), XDP_PASS, None),
+    Case("first fragment (MF) for a VIP drops", _frag(0x2000), XDP_DROP, None),
+    Case("later fragment (offset) for a VIP drops", _frag(0x0010), XDP_DROP, None),
+    Case("fragment for another address passes", _frag(0x2000, "10.0.0.99"), XDP_PASS, None),
+    Case(
+        "fragment for an address ending like a VIP's passes",
+        _frag(0x0010, "10.0.1.100"),
+        XDP_PASS,
+        None,
+    ),
     Case(
         "IPv6 fragment header passes",
         eth(
@@ -581,3 +589,100 @@ def test_without_timeouts_flows_never_expire(obj: BpfObject) -> None:
     fill_ring(obj, 0, 6)
     age(obj, 10 * 365 * 86400.0)
     assert obj.test_run(PROG, frame).data == dsr(frame, MACS[1])
+
+
+# --- fragments and ICMP errors (bpf/icmp.h) -----------------------------------------------
+
+FRAG_DROP, ICMP_RELAYED = 8, 9  # stats_global indices
+ROUTER4, ROUTER6 = "198.51.100.1", "2001:db8:ff::1"
+
+
+def test_a_fragment_for_a_vip_is_dropped_and_counted(obj: BpfObject) -> None:
+    before = _global(obj, FRAG_DROP)
+    assert obj.test_run(PROG, _frag(0x2000)).retval == XDP_DROP
+    assert obj.test_run(PROG, _frag(0x0020)).retval == XDP_DROP
+    assert obj.test_run(PROG, _frag(0x2000, "10.0.0.99")).retval == XDP_PASS
+    assert _global(obj, FRAG_DROP) == before + 2
+
+
+def too_big_v4(vport: int, cport: int) -> bytes:
+    """A router's frag-needed about the backend's reply (from the VIP) to the client."""
+    reply = ipv4(
+        VIP4, CLIENT4, 6, tcp(VIP4, CLIENT4, vport, cport, flags=TCP_ACK, payload=b"x" * 64)
+    )
+    return eth(LB_MAC, CLIENT_MAC, ETH_P_IP, icmp_too_big(ROUTER4, VIP4, reply))
+
+
+def too_big_v6(vport: int, cport: int) -> bytes:
+    reply = ipv6(VIP6, CLIENT6, 6, tcp(VIP6, CLIENT6, vport, cport, flags=TCP_ACK))
+    return eth(LB_MAC, CLIENT_MAC, ETH_P_IPV6, icmp_too_big(ROUTER6, VIP6, reply))
+
+
+def test_frag_needed_goes_to_the_flows_backend_dsr(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(sport=47000))  # the flow: backend 0
+    fill_ring(obj, 0, 6)  # new flows now go to backend 6: the relay must use the entry
+    before = _global(obj, ICMP_RELAYED)
+    frame = too_big_v4(80, 47000)
+    res = obj.test_run(PROG, frame)
+    assert (res.retval, res.data) == (XDP_TX, dsr(frame, MACS[1]))
+    assert _global(obj, ICMP_RELAYED) == before + 1
+    # A flow not in the table: where its next packet would go (the ring), not recorded.
+    other = too_big_v4(80, 47001)
+    assert obj.test_run(PROG, other).data == dsr(other, MACS[3])
+    assert len(list(obj.maps["flows"].items())) == 1
+
+
+def test_frag_needed_goes_to_the_flows_backend_tunnel(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(dport=443, sport=47100))
+    frame = too_big_v4(443, 47100)
+    res = obj.test_run(PROG, frame)
+    assert (res.retval, res.data.hex()) == (XDP_TX, ipip4(frame, "10.2.0.31").hex())
+
+
+def test_packet_too_big_goes_to_the_flows_backend_dsr_and_tunnel(obj: BpfObject) -> None:
+    obj.test_run(PROG, v6_tcp(sport=47200))
+    frame = too_big_v6(80, 47200)
+    assert obj.test_run(PROG, frame).data == dsr(frame, MACS[1])
+    obj.test_run(PROG, v6_tcp(dport=443, sport=47201))
+    frame = too_big_v6(443, 47201)
+    label = label_of(CLIENT6, VIP6, 47201, 443)
+    assert obj.test_run(PROG, frame).data.hex() == ipip6(frame, "fd02::31", label).hex()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        too_big_v4(8080, 47300),  # quotes a port that is no service
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            icmp_too_big(
+                ROUTER4,
+                "10.0.0.99",
+                ipv4("10.0.0.99", CLIENT4, 6, tcp("10.0.0.99", CLIENT4, 80, 47300)),
+            ),
+        ),  # not a VIP
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            icmp_too_big(
+                ROUTER4, VIP4, ipv4(CLIENT4, "10.0.0.99", 6, tcp(CLIENT4, "10.0.0.99", 47300, 80))
+            ),
+        ),  # no VIP quoted
+        too_big_v4(80, 47300)[:-10],  # quoted ports cut off
+    ],
+    ids=["other-port", "not-to-a-vip", "quotes-no-vip", "truncated"],
+)
+def test_other_icmp_errors_pass_to_the_stack(obj: BpfObject, frame: bytes) -> None:
+    before = _global(obj, ICMP_RELAYED)
+    res = obj.test_run(PROG, frame)
+    assert (res.retval, res.data) == (XDP_PASS, frame)
+    assert _global(obj, ICMP_RELAYED) == before
+
+
+def test_icmp_relay_stops_at_the_deadline(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(sport=47400))
+    set_deadline(obj, time.monotonic_ns() - 1_000_000_000)
+    assert obj.test_run(PROG, too_big_v4(80, 47400)).retval == XDP_DROP

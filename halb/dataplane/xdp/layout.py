@@ -61,6 +61,8 @@ STATS = {
     5: "event_lost",  # flow_events was full: the flow source must rescan
     6: "flow_expired",  # a packet found its flow idle past its timeout (ring again)
     7: "flow_swept",  # idle flows the active's scans deleted (user space counts here)
+    8: "frag_drop",  # IPv4 fragments for a VIP address (never answered by the stack)
+    9: "icmp_relayed",  # frag-needed / packet-too-big sent on to a VIP flow's backend
 }
 
 _U8 = ctypes.c_uint8

@@ -23,6 +23,7 @@
 #include "encap.h"
 #include "fence.h"
 #include "expiry.h"
+#include "icmp.h"
 
 /* Benchmark only (HALB_BENCH_*, never defined in a real build): bench/xdp_cost.py builds
  * throw-away variants that return XDP_TX at stage n (-DHALB_BENCH_STOP=n), leave one
@@ -73,15 +74,10 @@ static __always_inline void flow_event(const struct packet *pkt, const struct fl
 		count(&stats_global, STAT_EVENT_LOST, frame_len);
 }
 
-/* A new flow (or one whose backend left): the service's ring slot, recorded. */
-static __always_inline const struct backend_info *ring_backend(struct packet *pkt,
-								const struct service_info *svc,
-								const struct lb_config *cfg,
-								__u64 frame_len, __u32 hash,
-								__u64 now, __u32 *backend_id)
+/* The backend of the service's ring slot for a flow hash (0: none usable). */
+static __always_inline const struct backend_info *slot_backend(const struct service_info *svc,
+								__u32 hash, __u32 *backend_id)
 {
-	const struct backend_info *be;
-	struct flow_value nv = {};
 	__u32 slot, *id;
 
 	if (svc->ring_size == 0 || svc->ring_size > HALB_RING_STRIDE)
@@ -90,16 +86,92 @@ static __always_inline const struct backend_info *ring_backend(struct packet *pk
 	id = bpf_map_lookup_elem(&ring, &slot);
 	if (!id)
 		return 0;
-	nv.backend_id = *id;
-	nv.flags = flow_flags(0, pkt->tcp_flags);
-	nv.last_seen_ns = now;
-	be = live_backend(nv.backend_id);
+	*backend_id = *id;
+	return live_backend(*id);
+}
+
+/* A new flow (or one whose backend left, or idle too long): the ring slot, recorded. */
+static __always_inline const struct backend_info *ring_backend(struct packet *pkt,
+								const struct service_info *svc,
+								const struct lb_config *cfg,
+								__u64 frame_len, __u32 hash,
+								__u64 now, __u32 *backend_id)
+{
+	const struct backend_info *be;
+	struct flow_value nv = {};
+
+	be = slot_backend(svc, hash, &nv.backend_id);
 	if (!be)
 		return 0;
+	nv.flags = flow_flags(0, pkt->tcp_flags);
+	nv.last_seen_ns = now;
 	if (bpf_map_update_elem(&flows, FLOW_KEY(pkt), &nv, BPF_ANY) == 0)
 		flow_event(pkt, &nv, cfg, frame_len);
 	*backend_id = nv.backend_id;
 	return be;
+}
+
+/* IPv4 fragments: dropped when for a VIP address (icmp.h), else the stack's. */
+static __always_inline int fragment_verdict(const struct packet *pkt, __u64 frame_len)
+{
+	if (!is_vip_addr(pkt))
+		return XDP_PASS;
+	count(&stats_global, STAT_FRAG_DROP, frame_len);
+	return XDP_DROP;
+}
+
+/* An ICMP frag-needed / ICMPv6 packet-too-big to a VIP quoting a flow of one of its
+ * services goes to that flow's backend, forwarded as the flow is (icmp.h). -1: not
+ * such an error (the caller goes on as for any other frame). Not recorded, not a hit. */
+static __always_inline int icmp_relay(struct xdp_md *ctx, void *data, void *data_end,
+				      const struct packet *pkt, __u64 frame_len)
+{
+	const struct backend_info *be = 0;
+	const struct service_info *svc;
+	const struct flow_value *fv;
+	struct packet flow = {};
+	struct lb_config *cfg;
+	__u32 zero = 0, hash, backend_id = 0, last, *vips;
+	__u64 now;
+
+	last = ((__u8 *)pkt->key.dst)[pkt->key.family == HALB_FAMILY_V4 ? 3 : 15];
+	vips = bpf_map_lookup_elem(&vip_filter, &last);
+	if (!vips || !*vips)
+		return -1;
+	if (parse_too_big(data, data_end, pkt, &flow.key))
+		return -1;
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return -1;
+	now = coarse_now();
+	fv = bpf_map_lookup_elem(&flows, &flow.key);
+	if (fv && !flow_expired(fv, flow.key.proto, cfg, now))
+		be = live_backend(fv->backend_id);
+	hash = flow_hash(&flow.key);
+	if (!be) { /* where the flow's next packet would go */
+		svc = service_of(&flow);
+		if (!svc)
+			return -1;
+		be = slot_backend(svc, hash, &backend_id);
+		if (!be)
+			return -1;
+	}
+	if (deadline_passed(cfg, now)) {
+		count(&stats_global, STAT_DEADLINE_DROP, frame_len);
+		return XDP_DROP;
+	}
+	count(&stats_global, STAT_ICMP_RELAYED, frame_len);
+	if (be->flags & BACKEND_F_TUNNEL) {
+		int verdict = encap_tunnel(ctx, pkt, be, cfg, hash);
+
+		if (verdict != XDP_TX)
+			count(&stats_global, STAT_ENCAP_FAIL, frame_len);
+		return verdict;
+	}
+	if (data + sizeof(struct ethhdr) > data_end)
+		return XDP_DROP;
+	set_macs(data, be, cfg);
+	return XDP_TX;
 }
 
 SEC("xdp")
@@ -115,8 +187,17 @@ int halb_balancer(struct xdp_md *ctx)
 	struct lb_config *cfg;
 	__u32 zero = 0, backend_id = 0, hash = 0, last, *vips;
 	__u64 now;
+	int parsed, verdict;
 
-	if (parse_packet(data, data_end, &pkt))
+	parsed = parse_packet(data, data_end, &pkt);
+	if (parsed == PARSE_FRAG)
+		return fragment_verdict(&pkt, frame_len);
+	if (parsed == PARSE_ICMP) {
+		verdict = icmp_relay(ctx, data, data_end, &pkt, frame_len);
+		if (verdict >= 0)
+			return verdict;
+	}
+	if (parsed != PARSE_FLOW)
 		return fence_neigh(data, data_end);
 	last = ((__u8 *)pkt.key.dst)[pkt.key.family == HALB_FAMILY_V4 ? 3 : 15];
 	vips = bpf_map_lookup_elem(&vip_filter, &last);
@@ -180,8 +261,6 @@ int halb_balancer(struct xdp_md *ctx)
 	BENCH_STAGE(4);
 
 	if (be->flags & BACKEND_F_TUNNEL) {
-		int verdict;
-
 		if (!hash) /* a flow hit: the hash is only needed for the flow label */
 			hash = flow_hash(&pkt.key);
 		verdict = encap_tunnel(ctx, &pkt, be, cfg, hash);

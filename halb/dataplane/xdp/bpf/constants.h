@@ -53,6 +53,8 @@
 #define STAT_EVENT_LOST 5     /* flow_events full: a new flow nobody was told of */
 #define STAT_FLOW_EXPIRED 6   /* a packet found its flow idle past its timeout */
 #define STAT_FLOW_SWEPT 7     /* written by user space: idle flows the scans deleted */
+#define STAT_FRAG_DROP 8      /* IPv4 fragments for a VIP address */
+#define STAT_ICMP_RELAYED 9   /* frag-needed / packet-too-big sent on to a flow's backend */
 #define STAT_MAX 16
 
 #define ETH_P_IPV4 0x0800
@@ -60,6 +62,9 @@
 #define ETH_P_ARP_ 0x0806
 #define ARPOP_REQUEST_ 1
 #define ICMPV6_NS 135
+#define ICMPV6_PKT_TOOBIG_ 2
+#define ICMP_DEST_UNREACH_ 3
+#define ICMP_FRAG_NEEDED_ 4
 #define IPPROTO_ICMPV6_ 58
 #define IP_MF_ 0x2000
 #define IP_OFFSET_ 0x1FFF
