@@ -24,11 +24,7 @@
 /* The clock of the dead-man switch and of flow expiry, read once per VIP packet. */
 static __always_inline __u64 coarse_now(void)
 {
-#ifdef HALB_BENCH_FINE_CLOCK /* bench/xdp_cost.py's comparison variant only */
-	return bpf_ktime_get_ns();
-#else
 	return bpf_ktime_get_coarse_ns();
-#endif
 }
 
 static __always_inline int deadline_passed(const struct lb_config *cfg, __u64 now)
