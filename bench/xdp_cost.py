@@ -24,7 +24,7 @@ that stop after stage n, leave a part out or do it otherwise; built without any 
 it must behave exactly as the production program, checked on every run. Expiry
 bookkeeping on the hit (the expiry test + the last-seen stamp, written once per tick)
 is measured against builds without it, without the stamp, and with the stamp written
-on every packet; the clock against bpf_ktime_get_ns and bpf_jiffies64.
+on every packet; the clock (jiffies) against bpf_ktime_get_ns and bpf_ktime_get_coarse_ns.
 
 Loop figures are min / median over interleaved rounds: the machine is shared, and
 interference only ever adds time, so the min is the program's cost and the median what
@@ -176,7 +176,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "always_touch": (("HALB_BENCH_ALWAYS_TOUCH=1",), "full, stamp written every packet"),
     "svc_lookup": (("HALB_BENCH_SERVICE_LOOKUP=1",), "full + services lookup per packet"),
     "fine_clock": (("HALB_BENCH_FINE_CLOCK=1",), "full with bpf_ktime_get_ns"),
-    "jiffies": (("HALB_BENCH_JIFFIES=1",), "full with bpf_jiffies64 (inlined)"),
+    "coarse_clock": (("HALB_BENCH_COARSE_CLOCK=1",), "full with bpf_ktime_get_coarse_ns"),
     "previous": (
         ("HALB_BENCH_SERVICE_LOOKUP=1", "HALB_BENCH_FINE_CLOCK=1"),
         "both: the lookups and clock of an older program",
@@ -424,7 +424,7 @@ def main() -> None:
         "always_touch",
         "svc_lookup",
         "fine_clock",
-        "jiffies",
+        "coarse_clock",
         "previous",
         "v4key",
     ):

@@ -13,9 +13,10 @@
  *   HALB_BENCH_ALWAYS_MISS     every packet takes the miss path (ring + record + event)
  *   HALB_BENCH_NO_DEADLINE     without the dead-man check
  *   HALB_BENCH_NO_COUNTERS     without the service and backend counters
- *   HALB_BENCH_FINE_CLOCK      bpf_ktime_get_ns instead of the coarse clock
- *   HALB_BENCH_JIFFIES         bpf_jiffies64 (inlined by the verifier) instead; cost only:
- *                              its unit is not ns, so the deadline / expiry tests are moot
+ *   HALB_BENCH_FINE_CLOCK      bpf_ktime_get_ns instead of jiffies (cost only, likewise)
+ *   HALB_BENCH_COARSE_CLOCK    bpf_ktime_get_coarse_ns instead of jiffies (the clock before
+ *                              jiffies; cost only: its unit is ns, so the deadline and
+ *                              expiry tests are moot)
  *   HALB_BENCH_NO_EXPIRY       without the expiry test and the stamp (the hit path before
  *                              flows expired)
  *   HALB_BENCH_NO_TOUCH        with the expiry test, without the stamp
@@ -40,10 +41,10 @@ static __always_inline __u64 bench_now(void)
 {
 #if defined(HALB_BENCH_FINE_CLOCK)
 	return bpf_ktime_get_ns();
-#elif defined(HALB_BENCH_JIFFIES)
-	return bpf_jiffies64();
+#elif defined(HALB_BENCH_COARSE_CLOCK)
+	return bpf_ktime_get_coarse_ns();
 #else
-	return coarse_now();
+	return clock_now();
 #endif
 }
 
@@ -148,14 +149,14 @@ int halb_balancer(struct xdp_md *ctx)
 			return XDP_DROP;
 		}
 #ifdef HALB_BENCH_V4_KEY
-		struct flow_value nv = {.backend_id = backend_id, .last_seen_ns = now};
+		struct flow_value nv = {.backend_id = backend_id, .last_seen = now};
 
 		bpf_map_update_elem(&flows_v4, BENCH_KEY(&pkt), &nv, BPF_ANY);
 #endif
 	} else if (fv) {
 #if defined(HALB_BENCH_ALWAYS_TOUCH)
 		fv->flags = flow_flags(fv->flags, pkt.tcp_flags);
-		fv->last_seen_ns = now;
+		fv->last_seen = now;
 #elif !defined(HALB_BENCH_NO_TOUCH) && !defined(HALB_BENCH_NO_EXPIRY)
 		flow_touch(fv, pkt.tcp_flags, now);
 #endif

@@ -126,7 +126,7 @@ def test_a_miss_writes_its_map_entry_as_an_event_only_while_armed(dp: XdpDatapla
             key, raw_value = raw[j * size : j * size + 40], raw[j * size + 40 : (j + 1) * size]
             value = FlowValue.from_buffer_copy(raw_value)
             assert (entries[key].backend_id, entries[key].flags) == (value.backend_id, value.flags)
-            assert 0 < value.last_seen_ns <= entries[key].last_seen_ns
+            assert 0 < value.last_seen <= entries[key].last_seen
         dp.set_flow_events(False)
         send(dp, range(4, 6))
         assert ring.consume() == b""

@@ -17,6 +17,7 @@ import pytest
 
 from halb.dataplane.xdp import expiry
 from halb.dataplane.xdp.build import build_bpf
+from halb.dataplane.xdp.clock import calibrate
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
@@ -112,11 +113,12 @@ def fill_ring(obj: BpfObject, index: int, backend_id: int) -> None:
 
 
 def set_deadline(obj: BpfObject, deadline_ns: int) -> None:
-    """Raw: the program compares with CLOCK_MONOTONIC_COARSE (up to a tick behind), so
-    past / future offsets here are far larger than a tick."""
+    """Raw: the program compares jiffies, which move with CLOCK_MONOTONIC_COARSE (up to
+    a tick behind), so past / future offsets here are far larger than a tick."""
     cfg = obj.maps["config"].lookup(0)
     assert cfg is not None
     cfg.deadline_ns = deadline_ns
+    cfg.deadline_jiffies = calibrate(obj).deadline(deadline_ns) if deadline_ns else 0
     obj.maps["config"].update(0, cfg)
 
 
@@ -137,6 +139,7 @@ def obj() -> Iterator[BpfObject]:
             local_v6=addr_to_words(IPv6Address(LOCAL6)),
             local_mac=tuple(mac_to_bytes(LB_MAC)),
         )
+        calibrate(o).store(cfg)
         o.maps["config"].update(0, cfg)
         for bid, (addr, bmac) in BACKENDS.items():
             a = ip_address(addr)
@@ -514,7 +517,8 @@ def only_flow(obj: BpfObject) -> tuple[object, FlowValue]:
 def age(obj: BpfObject, seconds: float) -> None:
     """Move the only flow's last-seen stamp ``seconds`` into the past."""
     key, value = only_flow(obj)
-    value.last_seen_ns = expiry.coarse_now_ns() - int(seconds * 1e9)
+    clock = calibrate(obj)
+    value.last_seen = clock.now() - clock.ticks(seconds)
     obj.maps["flows"].update(key, value)
 
 
@@ -547,7 +551,7 @@ def test_an_aged_flow_takes_the_ring_and_a_fresh_one_is_kept(
     old_backend, new_backend = (0, 6) if tcp_flow else (1, 0)
     assert obj.test_run(PROG, first).retval == XDP_TX
     _, recorded = only_flow(obj)
-    assert recorded.backend_id == old_backend and recorded.last_seen_ns > 0
+    assert recorded.backend_id == old_backend and recorded.last_seen > 0
     fill_ring(obj, index, new_backend)  # a ring change: only a miss can see it
     age(obj, idle)
     before = _global(obj, FLOW_EXPIRED)
@@ -557,7 +561,8 @@ def test_an_aged_flow_takes_the_ring_and_a_fresh_one_is_kept(
     assert _global(obj, FLOW_EXPIRED) == before + (1 if expired else 0)
     _, now = only_flow(obj)
     assert now.backend_id == want  # re-recorded on the ring's backend, or kept
-    assert now.last_seen_ns >= expiry.coarse_now_ns() - 10**9  # stamped by this packet
+    clock = calibrate(obj)
+    assert now.last_seen >= clock.now() - clock.ticks(1)  # stamped by this packet
 
 
 def test_the_closing_phase_is_recorded_and_a_new_syn_ends_it(obj: BpfObject) -> None:
@@ -577,10 +582,10 @@ def test_a_synced_flow_never_seen_here_is_not_expired_and_gets_stamped(obj: BpfO
     frame = v4_tcp(sport=46200, flags=TCP_ACK)
     obj.test_run(PROG, frame)
     key, value = only_flow(obj)
-    value.backend_id, value.last_seen_ns = 6, 0  # installed by sync: another backend
+    value.backend_id, value.last_seen = 6, 0  # installed by sync: another backend
     obj.maps["flows"].update(key, value)
     assert obj.test_run(PROG, frame).data == dsr(frame, MACS[3])  # kept: backend 6
-    assert only_flow(obj)[1].last_seen_ns > 0
+    assert only_flow(obj)[1].last_seen > 0
 
 
 def test_without_timeouts_flows_never_expire(obj: BpfObject) -> None:

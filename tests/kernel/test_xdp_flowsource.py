@@ -288,7 +288,7 @@ def test_scans_delete_idle_flows_and_report_them_gone(dp: XdpDataplane, src: Xdp
     """The active's source deletes flows idle past their timeouts (read from the
     program's config entry) and pushes them as deletes; synced flows no packet has
     touched here (stamp 0) count as seen when the source started."""
-    from halb.dataplane.xdp.expiry import coarse_now_ns
+    from halb.dataplane.xdp.clock import Clock
     from halb.model import FlowTimeouts
 
     dp.set_flow_timeouts(FlowTimeouts(tcp_established=60.0, tcp_closing=5.0, udp=30.0))
@@ -297,13 +297,14 @@ def test_scans_delete_idle_flows_and_report_them_gone(dp: XdpDataplane, src: Xdp
     assert scan(src) == (sorted(live), [])
     m = dp.map("flows")
     entries = sorted(m.items(), key=lambda kv: bytes(kv[0]))
-    now = coarse_now_ns()
+    clock = Clock.of(dp.map("config").lookup(0))
+    now = clock.now()
     idle, fresh = entries[:30], entries[30:40]
     for key, value in idle:
-        value.last_seen_ns = now - 61 * 10**9
+        value.last_seen = now - clock.ticks(61)
         m.update(key, value)
     for key, value in fresh:
-        value.last_seen_ns = now - 59 * 10**9
+        value.last_seen = now - clock.ticks(59)
         m.update(key, value)
     ups, dels = scan(src)
     assert ups == []  # a new stamp is not a change to sync
@@ -313,7 +314,7 @@ def test_scans_delete_idle_flows_and_report_them_gone(dp: XdpDataplane, src: Xdp
     assert src.stats().swept == 30
     assert scan(src) == ([], [])
     # A source that started sweeping long ago: the unstamped synced flows go too.
-    src._sweep_since = now - 3600 * 10**9
+    src._sweep_since = now - clock.ticks(3600)
     ups, dels = scan(src)
     assert (ups, len(dels)) == ([], 60)
     assert sorted(bytes(k) for k, _ in m.items()) == sorted(bytes(k) for k, _ in fresh)
@@ -326,7 +327,7 @@ def test_a_source_without_expiry_deletes_nothing(dp: XdpDataplane) -> None:
         dp.install_flows(flows(10))
         m = dp.map("flows")
         for key, value in list(m.items()):
-            value.last_seen_ns = 1
+            value.last_seen = 1
             m.update(key, value)
         assert len(scan(s)[0]) == 10 and len(list(m.items())) == 10
     finally:

@@ -74,13 +74,13 @@ def test_with_entries_lets_the_last_entry_of_a_key_win() -> None:
 
 
 def test_stamp_and_phase_changes_are_not_changes_to_sync() -> None:
-    """The program rewrites last_seen_ns and the TCP phase as traffic flows; only a
+    """The program rewrites last_seen and the TCP phase as traffic flows; only a
     new backend id is news for the standby."""
     from halb.dataplane.xdp.layout import FLOW_F_CLOSING, FlowValue
 
     k = bytes(range(KEY_SIZE))
-    before = bytes(FlowValue(backend_id=3, flags=0, last_seen_ns=10**9))
-    touched = bytes(FlowValue(backend_id=3, flags=FLOW_F_CLOSING, last_seen_ns=5 * 10**9))
-    moved = bytes(FlowValue(backend_id=4, flags=0, last_seen_ns=10**9))
+    before = bytes(FlowValue(backend_id=3, flags=0, last_seen=10**9))
+    touched = bytes(FlowValue(backend_id=3, flags=FLOW_F_CLOSING, last_seen=5 * 10**9))
+    moved = bytes(FlowValue(backend_id=4, flags=0, last_seen=10**9))
     assert changes({k: before}, {k: touched}) == (set(), set())
     assert changes({k: before}, {k: moved}) == ({k}, set())

@@ -35,7 +35,8 @@ from pathlib import Path
 from halb.dataplane.base import ApplyResult, Counter, Counters
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.build import build_bpf
-from halb.dataplane.xdp.expiry import CLOCK_MONOTONIC_COARSE, set_timeouts
+from halb.dataplane.xdp.clock import CLOCK_MONOTONIC_COARSE, calibrate
+from halb.dataplane.xdp.expiry import set_timeouts
 from halb.dataplane.xdp.flowsource import XdpFlowSource
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
@@ -172,6 +173,9 @@ class XdpDataplane:
                 v6 = node_address
             if v6 is not None:
                 self._config.local_v6 = addr_to_words(v6)
+            # The program's clock (jiffies) beside CLOCK_MONOTONIC_COARSE: timeouts and
+            # the deadline are converted with it (halb.dataplane.xdp.clock).
+            calibrate(self._obj).store(self._config)
             set_timeouts(self._config, flow_timeouts)
             self._maps["config"].update(0, self._config)
             # The config entry is written whole, by set_deadline (the runtime),
@@ -443,15 +447,21 @@ class XdpDataplane:
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC), VIP traffic and ARP / neighbour
-        solicitations for VIP addresses drop; None disarms. The program reads the coarse
-        clock, which trails by up to a tick, so two ticks are taken off here: fencing
-        starts at most two ticks (8 ms at HZ=250) before the deadline, and after it only
-        if the kernel's tick itself ran more than a tick late."""
+        solicitations for VIP addresses drop; None disarms. The program's clock (jiffies)
+        moves with the coarse clock, which trails by up to a tick, so two ticks are taken
+        off here, and the conversion to jiffies rounds down and takes one more: fencing
+        starts at most three ticks (12 ms at HZ=250) before the deadline, and after it
+        only if the kernel's tick itself ran more than a tick late."""
         with self._config_lock:
             if monotonic_ns:
                 self._config.deadline_ns = max(1, monotonic_ns - self._deadline_slack_ns)
+                # Re-read beside the coarse clock each time (one test run, microseconds):
+                # the conversion never rests on an old pair.
+                clock = calibrate(self._obj)
+                clock.store(self._config)
+                self._config.deadline_jiffies = clock.deadline(self._config.deadline_ns)
             else:
-                self._config.deadline_ns = 0
+                self._config.deadline_ns = self._config.deadline_jiffies = 0
             self._maps["config"].update(0, self._config)
 
     def set_flow_timeouts(self, timeouts: FlowTimeouts | None) -> None:

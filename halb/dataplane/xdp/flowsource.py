@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from halb.dataplane.xdp import flowrecords
-from halb.dataplane.xdp.expiry import coarse_now_ns, expired_mask
+from halb.dataplane.xdp.clock import Clock
+from halb.dataplane.xdp.expiry import expired_mask
 from halb.dataplane.xdp.flowrecords import KEY_SIZE, VALUE_SIZE
 from halb.dataplane.xdp.layout import (
     BACKEND_F_VALID,
@@ -152,15 +153,15 @@ def count_swept(stats_global: BpfMap, n: int) -> None:
 
 
 def sweep(
-    maps: Mapping[str, BpfMap], keys: bytes, values: bytes, since_ns: int
+    maps: Mapping[str, BpfMap], keys: bytes, values: bytes, since: int
 ) -> tuple[bytes, bytes, int]:
     """Delete the entries idle past their timeouts from the flow map; returns the
-    entries left and how many were deleted. ``since_ns``: when this node began to
-    sweep (the idle time of a synced flow no packet touched here counts from it)."""
+    entries left and how many were deleted. ``since``: when this node began to sweep,
+    in jiffies (the idle time of a synced flow no packet touched here counts from it)."""
     cfg = maps["config"].lookup(0)
     if cfg is None or not keys:
         return keys, values, 0
-    old = expired_mask(keys, values, cfg, coarse_now_ns(), since_ns)
+    old = expired_mask(keys, values, cfg, Clock.of(cfg).now(), since)
     if not old.any():
         return keys, values, 0
     k = np.frombuffer(keys, np.uint8).reshape(-1, KEY_SIZE)
@@ -305,7 +306,8 @@ class XdpFlowSource:
             options.setdefault("max_interval", EVENT_MAX_INTERVAL)
         source = cls(maps, **options)
         if expire:
-            source._sweep_since = coarse_now_ns()
+            cfg = maps["config"].lookup(0)
+            source._sweep_since = Clock.of(cfg).now() if cfg is not None else 0
         if events:
             source._events = FlowEvents(
                 dp.flow_events_fd(),

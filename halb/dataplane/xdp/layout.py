@@ -110,7 +110,7 @@ class FlowValue(ctypes.Structure):
     _fields_ = [
         ("backend_id", _U32),
         ("flags", _U32),  # FLOW_F_*: the program's own; not synced
-        ("last_seen_ns", _U64),  # coarse monotonic; 0 = written by user space, unseen
+        ("last_seen", _U64),  # jiffies; 0 = written by user space, not seen here yet
     ]
 
 
@@ -130,9 +130,13 @@ class LbConfig(ctypes.Structure):
         ("local_mac", _U8 * 6),
         ("pad", _U8 * 2),
         ("flags", _U32),  # CFG_F_*
-        ("timeout_tcp_ns", _U64),  # idle timeouts (0 = never)
-        ("timeout_closing_ns", _U64),
-        ("timeout_udp_ns", _U64),
+        ("timeout_tcp", _U64),  # idle timeouts in jiffies (0 = never)
+        ("timeout_closing", _U64),
+        ("timeout_udp", _U64),
+        ("deadline_jiffies", _U64),  # what the program tests (0 = disarmed)
+        ("clock_jiffies", _U64),  # the program's clock for user space (halb...clock)
+        ("clock_ns", _U64),
+        ("tick_ns", _U64),
     ]
 
 

@@ -99,7 +99,7 @@ static __always_inline const struct backend_info *ring_backend(struct packet *pk
 	if (!be)
 		return 0;
 	nv.flags = flow_flags(0, pkt->tcp_flags);
-	nv.last_seen_ns = now;
+	nv.last_seen = now;
 	if (bpf_map_update_elem(&flows, &pkt->key, &nv, BPF_ANY) == 0)
 		flow_event(pkt, &nv, cfg, frame_len);
 	*backend_id = nv.backend_id;
@@ -136,7 +136,7 @@ static __always_inline int icmp_relay(struct xdp_md *ctx, void *data, void *data
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg)
 		return -1;
-	now = coarse_now();
+	now = clock_now();
 	fv = bpf_map_lookup_elem(&flows, &flow.key);
 	if (fv && !flow_expired(fv, flow.key.proto, cfg, now))
 		be = live_backend(fv->backend_id);

@@ -3,8 +3,8 @@
  * The program only compares: a flow idle past its timeout is treated as a miss (the
  * ring decides again and the flow is re-recorded with a fresh stamp), and the active's
  * flow source deletes such flows from the map, so the deletes reach the standbys.
- * Same clock as the dead-man switch (CLOCK_MONOTONIC_COARSE, one tick of resolution):
- * timeouts are seconds, a tick is milliseconds. */
+ * Same clock as the dead-man switch (jiffies, fence.h): timeouts are seconds, a tick
+ * milliseconds. */
 #ifndef HALB_EXPIRY_H
 #define HALB_EXPIRY_H
 
@@ -17,8 +17,8 @@
 static __always_inline __u64 flow_timeout(const struct lb_config *cfg, __u8 proto, __u32 flags)
 {
 	if (proto != IPPROTO_TCP)
-		return cfg->timeout_udp_ns;
-	return flags & FLOW_F_CLOSING ? cfg->timeout_closing_ns : cfg->timeout_tcp_ns;
+		return cfg->timeout_udp;
+	return flags & FLOW_F_CLOSING ? cfg->timeout_closing : cfg->timeout_tcp;
 }
 
 /* A stamp of 0 (user space wrote the flow: synced, not seen here yet) never expires
@@ -28,7 +28,7 @@ static __always_inline int flow_expired(const struct flow_value *fv, __u8 proto,
 {
 	__u64 timeout = flow_timeout(cfg, proto, fv->flags);
 
-	return timeout && fv->last_seen_ns && (__s64)(now - fv->last_seen_ns) > (__s64)timeout;
+	return timeout && fv->last_seen && (__s64)(now - fv->last_seen) > (__s64)timeout;
 }
 
 /* The phase a packet puts its flow in: FIN or RST start closing; a bare SYN (the
@@ -51,8 +51,8 @@ static __always_inline void flow_touch(struct flow_value *fv, __u8 tcp_flags, __
 
 	if (flags != fv->flags)
 		fv->flags = flags;
-	if (fv->last_seen_ns != now)
-		fv->last_seen_ns = now;
+	if (fv->last_seen != now)
+		fv->last_seen = now;
 }
 
 #endif
