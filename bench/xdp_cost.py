@@ -284,7 +284,16 @@ def main() -> None:
                 setup(obj, events=name != "miss_off")
             floor = BpfObject(build_bpf(out, source=BENCH_BPF / "floor.bpf.c", force=True))
             extra["floor"] = floor
-            floor.maps["flows"].update(FlowKey.from_buffer_copy(hit, 14), FlowValue(1))
+            # The hit's own flow key, as the balancer records it (its program fills it).
+            floor_key = FlowKey(
+                src=(int.from_bytes(hit[26:30], "little"), 0, 0, 0),
+                dst=(int.from_bytes(hit[30:34], "little"), 0, 0, 0),
+                sport=int.from_bytes(hit[34:36], "little"),
+                dport=int.from_bytes(hit[36:38], "little"),
+                proto=6,
+                family=FAMILY_V4,
+            )
+            floor.maps["flows"].update(floor_key, FlowValue(1))
             if args.baseline:
                 path = build_baseline(args.baseline, out)
                 if path is not None:
@@ -294,6 +303,8 @@ def main() -> None:
         setup(balancer)
         setup(evented, events=True)
         balancer.test_run("halb_balancer", hit)
+        recorded = [bytes(k) for k, _ in balancer.maps["flows"].items()]
+        assert recorded == [bytes(floor_key)], "the floor looks up another key than the hit"
         probe = [
             frame(40001),
             frame(40001),
