@@ -186,6 +186,7 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
         "stage2 with a 16-byte IPv4 flow key",
     ),
     "v4key": (("HALB_BENCH_V4_KEY=1",), "full with a 16-byte IPv4 flow key"),
+    "no_common_lru": (("HALB_BENCH_NO_COMMON_LRU=1",), "full, flows with BPF_F_NO_COMMON_LRU"),
 }
 
 
@@ -278,10 +279,13 @@ def main() -> None:
                 setup(obj)
                 obj.test_run("halb_balancer", hit)  # record the flow
             # The miss path in a loop: off, on (ring drained first), on with a full ring.
-            for name in ("miss_off", "miss_event", "miss_full"):
-                obj = BpfObject(build_variant(out, ("HALB_BENCH_ALWAYS_MISS=1",)))
+            for name in ("miss_off", "miss_event", "miss_full", "miss_nc"):
+                defines: tuple[str, ...] = ("HALB_BENCH_ALWAYS_MISS=1",)
+                if name == "miss_nc":
+                    defines += ("HALB_BENCH_NO_COMMON_LRU=1",)
+                obj = BpfObject(build_variant(out, defines))
                 miss_objs[name] = obj
-                setup(obj, events=name != "miss_off")
+                setup(obj, events=name in ("miss_event", "miss_full"))
             floor = BpfObject(build_bpf(out, source=BENCH_BPF / "floor.bpf.c", force=True))
             extra["floor"] = floor
             # The hit's own flow key, as the balancer records it (its program fills it).
@@ -438,6 +442,7 @@ def main() -> None:
         "coarse_clock",
         "previous",
         "v4key",
+        "no_common_lru",
     ):
         print(line(VARIANTS[name][1], name, full_ns))
     print(line(VARIANTS["v4key_stage2"][1], "v4key_stage2", loops.min("stage2")))
@@ -453,6 +458,7 @@ def main() -> None:
     print(line("miss, events off (a standby)", "miss_off"))
     print(line("miss, event written (ring drained before each round)", "miss_event", off))
     print(line("miss, ring full (output fails, event_lost counted)", "miss_full", off))
+    print(line("miss, events off, flows with BPF_F_NO_COMMON_LRU", "miss_nc", off))
     med = singles.med
     print(f"per packet, single runs (kernel-timed, {n * 5} each, median of 5 means):")
     print(f"  minimal XDP_TX   {med('minimal'):7.1f} ns")

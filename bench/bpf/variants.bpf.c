@@ -22,6 +22,8 @@
  *   HALB_BENCH_NO_TOUCH        with the expiry test, without the stamp
  *   HALB_BENCH_ALWAYS_TOUCH    the stamp written on every packet (not once per tick)
  *   HALB_BENCH_V4_KEY          a 16-byte IPv4-only flow key (flows_v4, this file's own)
+ *   HALB_BENCH_NO_COMMON_LRU   the flows LRU with BPF_F_NO_COMMON_LRU (per-CPU LRU lists;
+ *                              flows_nc, this file's own), hit and record
  */
 #include "balancer.h"
 
@@ -69,10 +71,46 @@ struct {
 #define BENCH_KEY(pkt)                                                                 \
 	(&(struct flow_key_v4){(pkt)->key.src[0], (pkt)->key.dst[0], (pkt)->key.sport, \
 			       (pkt)->key.dport, (pkt)->key.proto})
+#elif defined(HALB_BENCH_NO_COMMON_LRU)
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct flow_key);
+	__type(value, struct flow_value);
+	__uint(max_entries, HALB_MAX_FLOWS);
+} flows_nc SEC(".maps");
+
+#define BENCH_FLOWS (&flows_nc)
+#define BENCH_KEY(pkt) (&(pkt)->key)
 #else
 #define BENCH_FLOWS (&flows)
 #define BENCH_KEY(pkt) (&(pkt)->key)
 #endif
+
+/* ring_backend (balancer.h) recording into this build's flows map. */
+static __always_inline const struct backend_info *bench_record(struct packet *pkt,
+								const struct service_info *svc,
+								const struct lb_config *cfg,
+								__u64 frame_len, __u32 hash,
+								__u64 now, __u32 *backend_id)
+{
+#if defined(HALB_BENCH_NO_COMMON_LRU) || defined(HALB_BENCH_V4_KEY)
+	const struct backend_info *be;
+	struct flow_value nv = {};
+
+	be = slot_backend(svc, hash, &nv.backend_id);
+	if (!be)
+		return 0;
+	nv.flags = flow_flags(0, pkt->tcp_flags);
+	nv.last_seen = now;
+	if (bpf_map_update_elem(BENCH_FLOWS, BENCH_KEY(pkt), &nv, BPF_ANY) == 0)
+		flow_event(pkt, &nv, cfg, frame_len);
+	*backend_id = nv.backend_id;
+	return be;
+#else
+	return ring_backend(pkt, svc, cfg, frame_len, hash, now, backend_id);
+#endif
+}
 
 SEC("xdp")
 int halb_balancer(struct xdp_md *ctx)
@@ -143,16 +181,11 @@ int halb_balancer(struct xdp_md *ctx)
 #endif
 	if (!be) {
 		hash = flow_hash(&pkt.key);
-		be = ring_backend(&pkt, svc, cfg, frame_len, hash, now, &backend_id);
+		be = bench_record(&pkt, svc, cfg, frame_len, hash, now, &backend_id);
 		if (!be) {
 			count(&stats_global, STAT_NO_BACKEND, frame_len);
 			return XDP_DROP;
 		}
-#ifdef HALB_BENCH_V4_KEY
-		struct flow_value nv = {.backend_id = backend_id, .last_seen = now};
-
-		bpf_map_update_elem(&flows_v4, BENCH_KEY(&pkt), &nv, BPF_ANY);
-#endif
 	} else if (fv) {
 #if defined(HALB_BENCH_ALWAYS_TOUCH)
 		fv->flags = flow_flags(fv->flags, pkt.tcp_flags);
