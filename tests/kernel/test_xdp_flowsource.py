@@ -332,3 +332,32 @@ def test_a_source_without_expiry_deletes_nothing(dp: XdpDataplane) -> None:
         assert len(scan(s)[0]) == 10 and len(list(m.items())) == 10
     finally:
         s.close()
+
+
+def test_the_sweep_rereads_what_it_deletes(dp: XdpDataplane) -> None:
+    """Entries the scan read as expired but that a packet touched (or something
+    deleted) since are neither deleted nor counted; the rest are."""
+    from halb.dataplane.xdp import flowrecords
+    from halb.dataplane.xdp.clock import Clock
+    from halb.dataplane.xdp.flowsource import sweep
+    from halb.dataplane.xdp.layout import FlowValue
+    from halb.model import FlowTimeouts
+
+    dp.set_flow_timeouts(FlowTimeouts(tcp_established=60.0, tcp_closing=5.0, udp=30.0))
+    dp.install_flows(flows(6))
+    m = dp.map("flows")
+    clock = Clock.of(dp.map("config").lookup(0))
+    now = clock.now()
+    entries = sorted(m.items(), key=lambda kv: bytes(kv[0]))
+    for key, value in entries:
+        value.last_seen = now - clock.ticks(120)
+        m.update(key, value)
+    keys, values = flowrecords.read_all(m)  # the scan's (stale) read: all six expired
+    touched, vanished = entries[0][0], entries[1][0]
+    m.update(touched, FlowValue(entries[0][1].backend_id, 0, clock.now()))
+    m.delete(vanished)
+    left_keys, left_values, n = sweep({"flows": m, "config": dp.map("config")}, keys, values, 0)
+    assert n == 4
+    assert [bytes(k) for k, _ in m.items()] == [bytes(touched)]
+    assert left_keys == bytes(touched)
+    assert FlowValue.from_buffer_copy(left_values).last_seen > now - clock.ticks(120)

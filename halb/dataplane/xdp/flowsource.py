@@ -21,7 +21,8 @@ timeouts (halb.dataplane.xdp.expiry; the timeouts are the program's, read from i
 config entry at each scan) right after reading the map, so they are gone from that
 scan's state and go out as deletes; counted in stats_global ``flow_swept``. A flow the
 program re-records between the read and the delete (its packet found it expired too)
-loses that entry: its next packet takes the same ring slot again.
+is kept: each expired entry is read again just before its delete (up to
+SWEEP_RECHECK_MAX per scan).
 
 The diff works on the raw map entries (40-byte key + 16-byte value) with numpy: each
 key gets a 64-bit hash, the entries are kept sorted by it, and a scan finds every key
@@ -65,6 +66,7 @@ from halb.dataplane.xdp.layout import (
     STATS,
     BackendInfo,
     FlowEvent,
+    FlowKey,
     addr_from_words,
 )
 from halb.dataplane.xdp.loader import BpfMap, open_pinned_maps
@@ -152,24 +154,49 @@ def count_swept(stats_global: BpfMap, n: int) -> None:
     stats_global.update(_FLOW_SWEPT, per_cpu)
 
 
+# Expired entries re-read one by one before the delete (per-entry lookups, a few µs
+# each); a larger burst is deleted as the scan read it.
+SWEEP_RECHECK_MAX = 4096
+
+
 def sweep(
     maps: Mapping[str, BpfMap], keys: bytes, values: bytes, since: int
 ) -> tuple[bytes, bytes, int]:
     """Delete the entries idle past their timeouts from the flow map; returns the
-    entries left and how many were deleted. ``since``: when this node began to sweep,
-    in jiffies (the idle time of a synced flow no packet touched here counts from it)."""
+    entries left (as the map holds them) and how many were deleted. ``since``: when
+    this node began to sweep, in jiffies (the idle time of a synced flow no packet
+    touched here counts from it).
+
+    The scan read the map a while ago (0.1 s for 150k entries): each expired entry is
+    read again and deleted only if it is still expired, so a flow whose packet came (or
+    that the program re-recorded) meanwhile is kept. What remains is the microseconds
+    between that read and the delete."""
     cfg = maps["config"].lookup(0)
     if cfg is None or not keys:
         return keys, values, 0
-    old = expired_mask(keys, values, cfg, Clock.of(cfg).now(), since)
+    now = Clock.of(cfg).now()
+    old = expired_mask(keys, values, cfg, now, since)
     if not old.any():
         return keys, values, 0
     k = np.frombuffer(keys, np.uint8).reshape(-1, KEY_SIZE)
-    v = np.frombuffer(values, np.uint8).reshape(-1, VALUE_SIZE)
+    v = np.frombuffer(values, np.uint8).reshape(-1, VALUE_SIZE).copy()
+    idx = np.flatnonzero(old)
+    drop = old.copy()  # deleted or already gone: not in the entries returned
+    if len(idx) <= SWEEP_RECHECK_MAX:
+        flows = maps["flows"]
+        for i in idx.tolist():
+            now_value = flows.lookup(FlowKey.from_buffer_copy(k[i].tobytes()))
+            if now_value is not None:
+                v[i] = np.frombuffer(bytes(now_value), np.uint8)
+            else:
+                old[i] = False  # gone already (evicted, deleted): nothing to delete
+        still = expired_mask(k[idx].tobytes(), v[idx].tobytes(), cfg, now, since)
+        drop[idx[~still & old[idx]]] = False  # touched meanwhile: kept, with its value
+        old[idx[~still]] = False
     n = flowrecords.delete(maps["flows"], k[old].tobytes())
     if "stats_global" in maps:
         count_swept(maps["stats_global"], n)
-    return k[~old].tobytes(), v[~old].tobytes(), n
+    return k[~drop].tobytes(), v[~drop].tobytes(), n
 
 
 def diff(
