@@ -575,6 +575,9 @@ class Agent:
                             self.metrics.update_hold(name, st.hold)
                     counters = await asyncio.to_thread(self.dataplane.counters)
                     self.metrics.update_counters(counters)
+                    events = getattr(self.dataplane, "global_stats", None)  # xdp only
+                    if events is not None:
+                        self.metrics.update_events(await asyncio.to_thread(events))
                     if isinstance(stats.get("flows"), int):
                         self.metrics.update_flows(stats["flows"])
                 except Exception:
