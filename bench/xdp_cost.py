@@ -171,6 +171,10 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "full": ((), "+ MAC rewrite, XDP_TX (the overlay, no switch)"),
     "no_deadline": (("HALB_BENCH_NO_DEADLINE=1",), "full without the dead-man check"),
     "no_counters": (("HALB_BENCH_NO_COUNTERS=1",), "full without the two counters"),
+    "backend_counter": (
+        ("HALB_BENCH_BACKEND_COUNTER_ONLY=1",),
+        "full with the backend counter only",
+    ),
     "no_expiry": (("HALB_BENCH_NO_EXPIRY=1",), "full without expiry test and stamp"),
     "no_touch": (("HALB_BENCH_NO_TOUCH=1",), "full with the expiry test, no stamp"),
     "always_touch": (("HALB_BENCH_ALWAYS_TOUCH=1",), "full, stamp written every packet"),
@@ -434,6 +438,7 @@ def main() -> None:
     for name in (
         "no_deadline",
         "no_counters",
+        "backend_counter",
         "no_expiry",
         "no_touch",
         "always_touch",

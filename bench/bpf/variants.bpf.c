@@ -13,6 +13,8 @@
  *   HALB_BENCH_ALWAYS_MISS     every packet takes the miss path (ring + record + event)
  *   HALB_BENCH_NO_DEADLINE     without the dead-man check
  *   HALB_BENCH_NO_COUNTERS     without the service and backend counters
+ *   HALB_BENCH_BACKEND_COUNTER_ONLY  the backend counter only (service totals would be
+ *                              summed from their backends')
  *   HALB_BENCH_FINE_CLOCK      bpf_ktime_get_ns instead of jiffies (cost only, likewise)
  *   HALB_BENCH_COARSE_CLOCK    bpf_ktime_get_coarse_ns instead of jiffies (the clock before
  *                              jiffies; cost only: its unit is ns, so the deadline and
@@ -196,7 +198,9 @@ int halb_balancer(struct xdp_md *ctx)
 	}
 	STAGE(3);
 #ifndef HALB_BENCH_NO_COUNTERS
+#ifndef HALB_BENCH_BACKEND_COUNTER_ONLY
 	count(&stats_service, be->service, frame_len);
+#endif
 	count(&stats_backend, backend_id, frame_len);
 #endif
 	STAGE(4);
