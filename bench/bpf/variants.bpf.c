@@ -28,6 +28,7 @@
  *                              flows_nc, this file's own), hit and record
  */
 #include "balancer.h"
+#include "clock.h"
 
 #ifdef HALB_BENCH_STOP
 #define STAGE(n)                            \

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
 
 import pytest
 
@@ -129,9 +130,9 @@ def set_timeouts(obj: BpfObject, timeouts: FlowTimeouts | None) -> None:
     obj.maps["config"].update(0, cfg)
 
 
-@pytest.fixture(scope="module")
-def obj() -> Iterator[BpfObject]:
-    o = BpfObject(build_bpf())
+def load(path: Path) -> BpfObject:
+    """An object with this module's config, backends, services, rings and VIPs."""
+    o = BpfObject(path)
     try:
         cfg = LbConfig(
             deadline_ns=0,
@@ -161,6 +162,16 @@ def obj() -> Iterator[BpfObject]:
             a = ip_address(vip)
             o.maps["vip_addrs"].update(VipAddr(addr_to_words(a), family(a)), 1)
             o.maps["vip_filter"].update(a.packed[-1], 1)
+    except BaseException:
+        o.close()
+        raise
+    return o
+
+
+@pytest.fixture(scope="module")
+def obj() -> Iterator[BpfObject]:
+    o = load(build_bpf())
+    try:
         yield o
     finally:
         o.close()

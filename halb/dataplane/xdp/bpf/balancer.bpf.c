@@ -15,6 +15,7 @@
  * miss before the services lookup. The steps are in balancer.h; bench/bpf/ composes
  * them otherwise to measure each. */
 #include "balancer.h"
+#include "clock.h"
 
 SEC("xdp")
 int halb_balancer(struct xdp_md *ctx)
@@ -91,24 +92,6 @@ int halb_balancer(struct xdp_md *ctx)
 		return verdict;
 	}
 	return forward_dsr(data, data_end, be, cfg);
-}
-
-/* The program's clock beside CLOCK_MONOTONIC_COARSE, for the adapter (run with
- * BPF_PROG_TEST_RUN, never attached): the frame's first 24 bytes become coarse ns,
- * jiffies, coarse ns; equal coarse readings bracket the jiffies read within one tick. */
-SEC("xdp")
-int halb_clock(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u64 *out = data;
-
-	if ((void *)(out + 3) > data_end)
-		return XDP_ABORTED;
-	out[0] = bpf_ktime_get_coarse_ns();
-	out[1] = bpf_jiffies64();
-	out[2] = bpf_ktime_get_coarse_ns();
-	return XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
