@@ -2,10 +2,14 @@
 
 Per packet (BPF_PROG_TEST_RUN, same run, same machine):
   minimal   a program that only returns XDP_TX (the floor of the test-run loop)
+  floor     minimal + one lookup in the flows map (bench/bpf/floor.bpf.c): the floor
+            of any program that must look its flow up
   flow hit  balancer, the 5-tuple is in the flow table (the steady state)
   flow miss balancer, a new 5-tuple each packet: ring lookup + flow insert
   non-VIP   balancer, a packet for another address (passed to the stack)
-Target: flow hit <= 2x minimal.
+  baseline  the balancer built from another revision's sources (--baseline, default
+            main), the same hit
+Target (issue 19): flow hit <= 1.2x floor.
 
 Flow-creation events (flow_events ring buffer, armed by lb_config.flags on the active):
 the miss path with and without the event. Loop figures from a throw-away build whose
@@ -14,10 +18,13 @@ every packet takes the miss path (-DHALB_BENCH_ALWAYS_MISS: ring slot + flow re-
 (the output fails and counts event_lost: what an active whose consumer fell behind
 pays); single runs of real new flows with the event off and on.
 
-Breakdown of the flow hit: throw-away builds of the same program (-DHALB_BENCH_STOP=n)
-that return XDP_TX after stage n, and comparison builds: the previous order (services
-lookup on every packet), bpf_ktime_get_ns instead of the coarse clock, and a 16-byte
-IPv4-only flow key (not the layout: measured only).
+Breakdown of the flow hit: bench/bpf/variants.bpf.c, the production entry composed again
+from the same steps (halb/dataplane/xdp/bpf/balancer.h) with -D switches (listed there)
+that stop after stage n, leave a part out or do it otherwise; built without any switch
+it must behave exactly as the production program, checked on every run. Expiry
+bookkeeping on the hit (the expiry test + the last-seen stamp, written once per tick)
+is measured against builds without it, without the stamp, and with the stamp written
+on every packet; the clock (jiffies) against bpf_ktime_get_ns and bpf_ktime_get_coarse_ns.
 
 Loop figures are min / median over interleaved rounds: the machine is shared, and
 interference only ever adds time, so the min is the program's cost and the median what
@@ -32,7 +39,9 @@ Run as root: .venv/bin/python bench/xdp_cost.py [--repeat N] [--rounds R]
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,6 +54,9 @@ from halb.dataplane.xdp.layout import (
     CFG_F_FLOW_EVENTS,
     FAMILY_V4,
     BackendInfo,
+    FlowEvent,
+    FlowKey,
+    FlowValue,
     LbConfig,
     ServiceInfo,
     VipAddr,
@@ -56,11 +68,23 @@ from halb.dataplane.xdp.loader import BpfObject
 from halb.dataplane.xdp.ringbuf import RingBuffer
 from halb.lb import maglev
 from halb.lb.maglev import build_table
-from halb.testing.packets import ETH_P_IP, XDP_PASS, XDP_TX, eth, ipv4, tcp
+from halb.testing.packets import (
+    ETH_P_IP,
+    TCP_ACK,
+    XDP_PASS,
+    XDP_TX,
+    eth,
+    icmp_too_big,
+    ipv4,
+    tcp,
+)
 
 VIP = "10.0.0.100"
 CLIENT = "192.0.2.7"
 RING = 65537
+BENCH_BPF = Path(__file__).resolve().parent / "bpf"
+REPO = Path(__file__).resolve().parents[1]
+EVENT_SIZE = ctypes.sizeof(FlowEvent)
 
 
 def net16(port: int) -> int:
@@ -135,27 +159,73 @@ def python_loop_ns(n: int = 1_000_000) -> float:
     return (time.perf_counter() - t) / n * 1e9
 
 
-# name -> (-D defines, what it shows); the stages nest, each adds to the one before.
+# name -> (-D switches of bench/bpf/variants.bpf.c, what it shows); the stages nest.
 VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     "stage1": (("HALB_BENCH_STOP=1",), "parse Ethernet/IP/ports + VIP filter (array)"),
-    "stage2": (("HALB_BENCH_STOP=2",), "+ flows LRU lookup (40-byte key) + backend entry"),
-    "stage3": (("HALB_BENCH_STOP=3",), "+ config entry + dead-man clock (coarse, armed)"),
+    "stage2": (
+        ("HALB_BENCH_STOP=2",),
+        "+ config, clock, flows LRU lookup, expiry test, backend entry",
+    ),
+    "stage3": (("HALB_BENCH_STOP=3",), "+ dead-man check (armed) + last-seen stamp"),
     "stage4": (("HALB_BENCH_STOP=4",), "+ service and backend per-CPU counters"),
-    "full": ((), "+ MAC rewrite, XDP_TX (the real program)"),
+    "full": ((), "+ MAC rewrite, XDP_TX (the overlay, no switch)"),
     "no_deadline": (("HALB_BENCH_NO_DEADLINE=1",), "full without the dead-man check"),
     "no_counters": (("HALB_BENCH_NO_COUNTERS=1",), "full without the two counters"),
+    "backend_counter": (
+        ("HALB_BENCH_BACKEND_COUNTER_ONLY=1",),
+        "full with the backend counter only",
+    ),
+    "no_expiry": (("HALB_BENCH_NO_EXPIRY=1",), "full without expiry test and stamp"),
+    "no_touch": (("HALB_BENCH_NO_TOUCH=1",), "full with the expiry test, no stamp"),
+    "always_touch": (("HALB_BENCH_ALWAYS_TOUCH=1",), "full, stamp written every packet"),
     "svc_lookup": (("HALB_BENCH_SERVICE_LOOKUP=1",), "full + services lookup per packet"),
     "fine_clock": (("HALB_BENCH_FINE_CLOCK=1",), "full with bpf_ktime_get_ns"),
+    "coarse_clock": (("HALB_BENCH_COARSE_CLOCK=1",), "full with bpf_ktime_get_coarse_ns"),
     "previous": (
         ("HALB_BENCH_SERVICE_LOOKUP=1", "HALB_BENCH_FINE_CLOCK=1"),
-        "both: the lookups and clock of the previous program",
+        "both: the lookups and clock of an older program",
     ),
     "v4key_stage2": (
         ("HALB_BENCH_V4_KEY=1", "HALB_BENCH_STOP=2"),
         "stage2 with a 16-byte IPv4 flow key",
     ),
     "v4key": (("HALB_BENCH_V4_KEY=1",), "full with a 16-byte IPv4 flow key"),
+    "no_common_lru": (("HALB_BENCH_NO_COMMON_LRU=1",), "full, flows with BPF_F_NO_COMMON_LRU"),
 }
+
+
+def build_variant(out: Path, defines: tuple[str, ...]) -> Path:
+    return build_bpf(out, source=BENCH_BPF / "variants.bpf.c", defines=defines, force=True)
+
+
+def build_baseline(rev: str, out: Path) -> Path | None:
+    """The production program of another revision (its own sources and headers), or
+    None when the revision is unknown here."""
+    tree = out / f"baseline-{rev.replace('/', '_')}"
+    tree.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "halb/dataplane/xdp/bpf"],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        print(f"baseline {rev}: {archive.stderr.decode().strip()}")
+        return None
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    src = tree / "halb/dataplane/xdp/bpf/balancer.bpf.c"
+    # Quoted includes are found beside the source first: the revision's own headers.
+    return build_bpf(out, source=src, force=True)
+
+
+def same_behaviour(a: BpfObject, b: BpfObject, frames: list[bytes]) -> None:
+    """The overlay built without switches must do what the production program does."""
+    for f in frames:
+        ra, rb = a.test_run("halb_balancer", f), b.test_run("halb_balancer", f)
+        if (ra.retval, ra.data) != (rb.retval, rb.data):
+            raise SystemExit(
+                "bench/bpf/variants.bpf.c no longer matches the production program "
+                f"(verdict {rb.retval} vs {ra.retval}): update it from balancer.bpf.c"
+            )
 
 
 class Rounds:
@@ -187,7 +257,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     ap.add_argument("--singles", type=int, default=20_000, help="single runs per path")
     ap.add_argument(
-        "--miss-repeat", type=int, default=50_000, help="miss variants' loop repeats (<= 75k)"
+        "--miss-repeat", type=int, default=50_000, help="miss variants' loop repeats (<= 65k)"
+    )
+    ap.add_argument(
+        "--baseline", default="main", help="git revision whose program runs beside ('': none)"
     )
     args = ap.parse_args()
 
@@ -196,29 +269,69 @@ def main() -> None:
     evented = BpfObject(build_bpf())  # the real program, flow events armed
     variants: dict[str, BpfObject] = {}
     miss_objs: dict[str, BpfObject] = {}
+    extra: dict[str, BpfObject] = {}  # floor, baseline
     rings: list[RingBuffer] = []
     hit, other = frame(40000), frame(40000, dst="10.0.0.99")
     other_end = frame(40000, dst="10.0.1.100")  # same last byte as the VIP
     loops, singles = Rounds(), Rounds()
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
             for name, (defines, _) in VARIANTS.items():
-                obj = BpfObject(build_bpf(Path(tmp), defines=defines, force=True))
+                obj = BpfObject(build_variant(out, defines))
                 variants[name] = obj
                 setup(obj)
                 obj.test_run("halb_balancer", hit)  # record the flow
             # The miss path in a loop: off, on (ring drained first), on with a full ring.
-            for name in ("miss_off", "miss_event", "miss_full"):
-                obj = BpfObject(
-                    build_bpf(Path(tmp), defines=("HALB_BENCH_ALWAYS_MISS=1",), force=True)
-                )
+            for name in ("miss_off", "miss_event", "miss_full", "miss_nc"):
+                defines: tuple[str, ...] = ("HALB_BENCH_ALWAYS_MISS=1",)
+                if name == "miss_nc":
+                    defines += ("HALB_BENCH_NO_COMMON_LRU=1",)
+                obj = BpfObject(build_variant(out, defines))
                 miss_objs[name] = obj
-                setup(obj, events=name != "miss_off")
+                setup(obj, events=name in ("miss_event", "miss_full"))
+            floor = BpfObject(build_bpf(out, source=BENCH_BPF / "floor.bpf.c", force=True))
+            extra["floor"] = floor
+            # The hit's own flow key, as the balancer records it (its program fills it).
+            floor_key = FlowKey(
+                src=(int.from_bytes(hit[26:30], "little"), 0, 0, 0),
+                dst=(int.from_bytes(hit[30:34], "little"), 0, 0, 0),
+                sport=int.from_bytes(hit[34:36], "little"),
+                dport=int.from_bytes(hit[36:38], "little"),
+                proto=6,
+                family=FAMILY_V4,
+            )
+            floor.maps["flows"].update(floor_key, FlowValue(1))
+            if args.baseline:
+                path = build_baseline(args.baseline, out)
+                if path is not None:
+                    extra["baseline"] = BpfObject(path)
+                    setup(extra["baseline"])
+                    extra["baseline"].test_run("halb_balancer", hit)
         setup(balancer)
         setup(evented, events=True)
         balancer.test_run("halb_balancer", hit)
+        recorded = [bytes(k) for k, _ in balancer.maps["flows"].items()]
+        assert recorded == [bytes(floor_key)], "the floor looks up another key than the hit"
+        probe = [
+            frame(40001),
+            frame(40001),
+            frame(40002, dst="10.0.0.99"),
+            frame(40003, dst="10.0.1.100"),
+            eth(
+                "02:00:00:00:00:01",
+                "02:00:00:00:00:02",
+                ETH_P_IP,
+                icmp_too_big(
+                    "198.51.100.1",
+                    VIP,
+                    ipv4(VIP, CLIENT, 6, tcp(VIP, CLIENT, 80, 40001, flags=TCP_ACK)),
+                ),
+            ),
+        ]
+        same_behaviour(variants["full"], balancer, probe)
         rep = args.repeat
-        ring = RingBuffer(miss_objs["miss_event"].ring_fds["flow_events"], 48)
+        ring = RingBuffer(miss_objs["miss_event"].ring_fds["flow_events"], EVENT_SIZE)
         rings.append(ring)
         full = miss_objs["miss_full"]
         full.test_run("halb_balancer", hit, 200_000)  # more records than the ring holds
@@ -231,7 +344,13 @@ def main() -> None:
 
             loops.add(name, miss)
         loops.add("minimal", lambda: per_packet_loop(minimal, "halb_minimal", hit, rep, XDP_TX))
+        loops.add("floor", lambda: per_packet_loop(floor, "halb_floor", hit, rep, XDP_TX))
         loops.add("hit", lambda: per_packet_loop(balancer, "halb_balancer", hit, rep, XDP_TX))
+        if "baseline" in extra:
+            base_obj = extra["baseline"]
+            loops.add(
+                "baseline", lambda: per_packet_loop(base_obj, "halb_balancer", hit, rep, XDP_TX)
+            )
         loops.add(
             "non_vip", lambda: per_packet_loop(balancer, "halb_balancer", other, rep, XDP_PASS)
         )
@@ -258,7 +377,7 @@ def main() -> None:
                 balancer, "halb_balancer", [frame(next(sport)) for _ in range(n)], XDP_TX
             ),
         )
-        ev_ring = RingBuffer(evented.ring_fds["flow_events"], 48)
+        ev_ring = RingBuffer(evented.ring_fds["flow_events"], EVENT_SIZE)
         rings.append(ev_ring)
 
         def miss_event() -> float:
@@ -277,45 +396,74 @@ def main() -> None:
         balancer.close()
         minimal.close()
         evented.close()
-        for obj in (*variants.values(), *miss_objs.values()):
+        for obj in (*variants.values(), *miss_objs.values(), *extra.values()):
             obj.close()
 
-    floor = loops.min("minimal")
+    floor_ns = loops.min("minimal")
+    lookup_floor = loops.min("floor")
 
     def line(label: str, name: str, base: float | None = None) -> str:
         lo, md = loops.min(name), loops.med(name)
         extra = f"  +{lo - base:5.1f} ns" if base is not None else ""
-        return f"  {label:<56} {lo:5.1f} / {md:5.1f} ns {lo / floor:5.2f}x minimal{extra}"
+        return (
+            f"  {label:<58} {lo:5.1f} / {md:5.1f} ns {lo / floor_ns:5.2f}x minimal "
+            f"{lo / lookup_floor:5.2f}x floor{extra}"
+        )
 
     print(
         f"per packet, BPF_PROG_TEST_RUN loop (repeat={args.repeat}, min / median of {args.rounds}):"
     )
     print(line("minimal XDP_TX", "minimal"))
+    print(line("floor: minimal + one flows lookup", "floor"))
     print(line("flow hit", "hit"))
+    if "baseline" in extra:
+        print(line(f"flow hit, the program of {args.baseline}", "baseline"))
     print(line("non-VIP packet (passed by the VIP filter)", "non_vip"))
     print(line("non-VIP, last byte as a VIP's (flows + services miss)", "non_vip_end"))
+    ratio = loops.min("hit") / lookup_floor
+    verdict = "met" if ratio <= 1.2 else "not met"
+    print(f"  hit-path ratio to its floor: {ratio:.2f} (target <= 1.2: {verdict})", end="")
+    if "baseline" in extra:
+        print(f"; {args.baseline}: {loops.min('baseline') / lookup_floor:.2f}")
+    else:
+        print()
     print("flow hit, where the time goes (cumulative stages, min of rounds; +: over previous):")
-    prev = floor
+    prev = floor_ns
     for name in ("stage1", "stage2", "stage3", "stage4", "full"):
         print(line(VARIANTS[name][1], name, prev))
         prev = loops.min(name)
-    full = loops.min("full")
-    print("flow hit, parts left out or done otherwise (+: over the real program; the stages")
-    print("above overlap in the CPU, so leaving one out saves less than its stage adds):")
-    for name in ("no_deadline", "no_counters", "svc_lookup", "fine_clock", "previous", "v4key"):
-        print(line(VARIANTS[name][1], name, full))
+    full_ns = loops.min("full")
+    print("flow hit, parts left out or done otherwise (+: over the overlay's full build; the")
+    print("stages above overlap in the CPU, so leaving one out saves less than its stage adds):")
+    for name in (
+        "no_deadline",
+        "no_counters",
+        "backend_counter",
+        "no_expiry",
+        "no_touch",
+        "always_touch",
+        "svc_lookup",
+        "fine_clock",
+        "coarse_clock",
+        "previous",
+        "v4key",
+        "no_common_lru",
+    ):
+        print(line(VARIANTS[name][1], name, full_ns))
     print(line(VARIANTS["v4key_stage2"][1], "v4key_stage2", loops.min("stage2")))
     print(
-        f"  floor: minimal {floor:.1f} ns + one hash-map lookup "
-        f"{loops.min('stage2') - loops.min('stage1'):.1f} ns already exceed 2x minimal "
-        f"({2 * floor:.1f} ns)"
+        f"  expiry bookkeeping on the hit (full - no_expiry): "
+        f"{full_ns - loops.min('no_expiry'):+.1f} ns; the stamp alone (full - no_touch): "
+        f"{full_ns - loops.min('no_touch'):+.1f} ns; a stamp every packet instead of per "
+        f"tick: {loops.min('always_touch') - full_ns:+.1f} ns"
     )
     off = loops.min("miss_off")
     print(f"miss path with and without the flow event (every packet a miss, repeat="
           f"{args.miss_repeat}; +: over events off):")  # fmt: skip
-    print(line("miss, events off (a standby; the previous program)", "miss_off"))
+    print(line("miss, events off (a standby)", "miss_off"))
     print(line("miss, event written (ring drained before each round)", "miss_event", off))
     print(line("miss, ring full (output fails, event_lost counted)", "miss_full", off))
+    print(line("miss, events off, flows with BPF_F_NO_COMMON_LRU", "miss_nc", off))
     med = singles.med
     print(f"per packet, single runs (kernel-timed, {n * 5} each, median of 5 means):")
     print(f"  minimal XDP_TX   {med('minimal'):7.1f} ns")
@@ -323,7 +471,6 @@ def main() -> None:
     print(f"  flow miss        {med('miss'):7.1f} ns   {med('miss') / med('minimal'):.2f}x minimal")
     print(f"  flow miss+event  {med('miss_event'):7.1f} ns   +{med('miss_event') - med('miss'):.1f}"
           f" ns over the miss without (new flows, events armed)")  # fmt: skip
-    print("  target: flow hit <= 2x minimal")
 
     base = maglev_ms(10, RING)
     big = maglev_ms(1000, RING)

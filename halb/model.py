@@ -16,6 +16,7 @@ __all__ = [
     "Backend",
     "DataplaneKind",
     "Flow",
+    "FlowTimeouts",
     "Forwarding",
     "IPAddress",
     "Protocol",
@@ -123,6 +124,17 @@ class Flow:
     @property
     def service(self) -> ServiceKey:
         return ServiceKey(self.vip, self.vport, self.protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowTimeouts:
+    """Idle timeouts of a dataplane's flows, in seconds: a flow that carried no packet
+    for longer is forgotten (the next packet is scheduled again, by the same Maglev
+    ring unless it changed). TCP is ``tcp_closing`` once a FIN or RST was seen."""
+
+    tcp_established: float = 900.0
+    tcp_closing: float = 10.0
+    udp: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, order=True)

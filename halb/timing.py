@@ -83,11 +83,13 @@ MIN_LEASE_TTL = 1.0
 DEFAULT_HEARTBEAT_INTERVAL = 0.1
 # Dataplanes whose adapter enforces a dead-man deadline (forwarding and ARP).
 DEADMAN_DATAPLANES = frozenset({DataplaneKind.XDP, DataplaneKind.NFT})
-# The XDP program reads a coarse clock (one tick: 4 ms at HZ=250, 10 ms at HZ=100); nft
-# expires set elements on its own clock, also at tick granularity.
+# The XDP program reads jiffies (one tick: 4 ms at HZ=250, 10 ms at HZ=100; they move
+# with CLOCK_MONOTONIC_COARSE); nft expires set elements on its own clock, also at tick
+# granularity.
 DEADMAN_TICK_MARGIN = 0.02
 # The XDP adapter arms its deadline this many coarse ticks early (the clock it reads
-# trails CLOCK_MONOTONIC by up to a tick, a little more when the tick runs late).
+# trails CLOCK_MONOTONIC by up to a tick, a little more when the tick runs late), plus
+# one when it converts the deadline to jiffies (halb.dataplane.xdp.clock).
 DEADMAN_EARLY_TICKS = 2
 # Share of the TTL kept between the self-fence and the earliest lease expiry.
 FENCE_MARGIN_SHARE = 0.3

@@ -31,6 +31,7 @@ def make_dataplane(cfg: ClusterConfig, node: NodeConfig) -> Dataplane:
             cfg.dataplane.xdp_mode,
             pin_dir=default_pin_dir(cfg.cluster, node.name),
             node_address6=v6[0] if v6 else None,
+            flow_timeouts=cfg.dataplane.flow_timeouts.model(),
         )
     if kind is DataplaneKind.NFT:
         try:

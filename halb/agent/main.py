@@ -286,7 +286,13 @@ class Agent:
     async def _apply_config(self, new: ClusterConfig, revision: int) -> None:
         old = self.cfg
         assert old is not None and self.dataplane is not None
-        if (old.etcd, old.dataplane, old.cluster) != (new.etcd, new.dataplane, new.cluster):
+        # Flow timeouts apply at once (a config entry the program reads per packet).
+        timeouts = new.dataplane.flow_timeouts
+        set_timeouts = getattr(self.dataplane, "set_flow_timeouts", None)
+        if old.dataplane.flow_timeouts != timeouts and set_timeouts is not None:
+            await asyncio.to_thread(set_timeouts, timeouts.model())
+        same_dp = old.dataplane.model_copy(update={"flow_timeouts": timeouts})
+        if (old.etcd, same_dp, old.cluster) != (new.etcd, new.dataplane, new.cluster):
             log.warning(
                 "config revision %d changes etcd, dataplane or cluster settings: "
                 "they take effect when the agent restarts",
@@ -572,6 +578,9 @@ class Agent:
                             self.metrics.update_hold(name, st.hold)
                     counters = await asyncio.to_thread(self.dataplane.counters)
                     self.metrics.update_counters(counters)
+                    events = getattr(self.dataplane, "global_stats", None)  # xdp only
+                    if events is not None:
+                        self.metrics.update_events(await asyncio.to_thread(events))
                     if isinstance(stats.get("flows"), int):
                         self.metrics.update_flows(stats["flows"])
                 except Exception:

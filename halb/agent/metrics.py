@@ -101,6 +101,7 @@ class AgentMetrics:
         self._sync: dict[str, Any] = {}
         self._backends: dict[str, BackendView] = {}
         self._counters = Counters()
+        self._events: dict[str, int] = {}  # the dataplane's own event counters, by name
         self._config_revision = 0
         self._rejected = 0
         self._hold: dict[str, dict[str, Any]] = {}  # group -> its status document's hold
@@ -160,6 +161,12 @@ class AgentMetrics:
         with self._lock:
             self._counters = counters
 
+    def update_events(self, events: Mapping[str, int]) -> None:
+        """The dataplane's event counters (XdpDataplane.global_stats: expired and swept
+        flows, dropped fragments, relayed ICMP errors, dead-man drops...)."""
+        with self._lock:
+            self._events = dict(events)
+
     def update_config(self, revision: int, rejected: int = 0) -> None:
         with self._lock:
             self._config_revision, self._rejected = revision, rejected
@@ -204,6 +211,7 @@ class AgentMetrics:
             failovers, term_ends = dict(self._failovers), dict(self._term_ends)
             flows, sync, backends = self._flows, dict(self._sync), dict(self._backends)
             counters, rev, rejected = self._counters, self._config_revision, self._rejected
+            events = dict(self._events)
         yield from self._info(rev, rejected)
         yield from self._groups_families(groups, failovers, term_ends)
         if flows is not None:
@@ -213,6 +221,16 @@ class AgentMetrics:
         yield from self._sync_families(sync)
         yield from self._backend_families(backends)
         yield from self._counter_families(counters)
+        if events:
+            ev = CounterMetricFamily(
+                "halb_dataplane_events",
+                "Dataplane events by kind (xdp: stats_global, e.g. flow_expired, flow_swept, "
+                "frag_drop, icmp_relayed, deadline_drop).",
+                labels=["event"],
+            )
+            for name, n in sorted(events.items()):
+                ev.add_metric([name], n)
+            yield ev
         with self._lock:
             hold = {k: dict(v) for k, v in self._hold.items()}
         yield from self._hold_families(hold)

@@ -76,6 +76,11 @@ def render(report: dict[str, Any]) -> str:
         f"flows        {report['flows']} / {report['flows_max']}",
         f"dead-man     {_deadline(report['deadline_ns'])}",
     ]
+    if "flow_timeouts" in report:
+        t = report["flow_timeouts"]
+        lines.append(
+            "idle timeout " + "  ".join(f"{k}={v:g}s" if v else f"{k}=never" for k, v in t.items())
+        )
     if "stats" in report:
         lines.append("stats        " + "  ".join(f"{k}={v}" for k, v in report["stats"].items()))
     if not report["services"]:

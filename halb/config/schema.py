@@ -13,6 +13,7 @@ from halb.config.types import IP, Endpoint, HostPort, IPInterface, Mac, Model, N
 from halb.model import (
     Backend,
     DataplaneKind,
+    FlowTimeouts,
     Forwarding,
     Protocol,
     Scheduler,
@@ -30,6 +31,7 @@ __all__ = [
     "EtcdConfig",
     "EtcdTls",
     "FailoverConfig",
+    "FlowTimeoutsConfig",
     "HealthCheckConfig",
     "HealthConfig",
     "NatConfig",
@@ -99,9 +101,26 @@ class EtcdConfig(Model):
     dial_timeout: Seconds = 2.0
 
 
+_WEEK = 7 * 24 * 3600.0
+_FLOW_DEFAULTS = FlowTimeouts()
+
+
+class FlowTimeoutsConfig(Model):
+    """Idle timeouts of the xdp dataplane's flows, in seconds (halb.model.FlowTimeouts):
+    a flow idle longer is forgotten by the active and, through sync, the standbys."""
+
+    tcp_established: float = Field(default=_FLOW_DEFAULTS.tcp_established, gt=0, le=_WEEK)
+    tcp_closing: float = Field(default=_FLOW_DEFAULTS.tcp_closing, gt=0, le=_WEEK)
+    udp: float = Field(default=_FLOW_DEFAULTS.udp, gt=0, le=_WEEK)
+
+    def model(self) -> FlowTimeouts:
+        return FlowTimeouts(self.tcp_established, self.tcp_closing, self.udp)
+
+
 class DataplaneConfig(Model):
     kind: DataplaneKind
     xdp_mode: Literal["native", "generic"] = "native"
+    flow_timeouts: FlowTimeoutsConfig = FlowTimeoutsConfig()
 
 
 class NodeConfig(Model):

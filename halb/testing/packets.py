@@ -25,6 +25,7 @@ __all__ = [
     "eth",
     "flow_hash",
     "icmp_echo",
+    "icmp_too_big",
     "ipv4",
     "ipv6",
     "mac",
@@ -135,6 +136,23 @@ def icmp_echo(ident: int = 1, seq: int = 1, v6: bool = False) -> bytes:
     if v6:
         return head  # the checksum needs the pseudo header; the program never reads it
     return head[:2] + struct.pack("!H", checksum(head)) + head[4:]
+
+
+def icmp_too_big(router: str, to: str, quoted: bytes, mtu: int = 1400) -> bytes:
+    """An ICMPv4 fragmentation-needed (3/4) or ICMPv6 packet-too-big (2/0) IP packet from
+    ``router`` to ``to``, quoting ``quoted`` (an IP packet, cut as routers do: the IPv4
+    header + 8 bytes; IPv6 keeps as much as fits, here all of it)."""
+    src, dst = _addr(router), _addr(to)
+    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
+        inner = quoted[: (quoted[0] & 0x0F) * 4 + 8]
+        msg = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + inner
+        msg = msg[:2] + struct.pack("!H", checksum(msg)) + msg[4:]
+        return ipv4(src, dst, 1, msg)
+    assert isinstance(src, IPv6Address) and isinstance(dst, IPv6Address)
+    msg = struct.pack("!BBHI", 2, 0, 0, mtu) + quoted
+    csum = checksum(_pseudo(src, dst, 58, len(msg)) + msg)
+    msg = msg[:2] + struct.pack("!H", csum) + msg[4:]
+    return ipv6(src, dst, 58, msg)
 
 
 def arp_request(sender_mac: str, sender: str, target: str, *, op: int = 1) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 
 from halb.dataplane.base import Dataplane
 from halb.dataplane.xdp.adapter import XdpDataplane, deadline_granularity_ns, net16
+from halb.dataplane.xdp.clock import Clock
 from halb.dataplane.xdp.layout import addr_from_words
 from halb.dataplane.xdp.loader import xdp_prog_id
 from halb.dataplane.xdp.neigh import interface_mac
@@ -206,6 +207,30 @@ def test_set_deadline_takes_a_coarse_tick_off(dp: XdpDataplane) -> None:
     dp.set_deadline(target)
     cfg = dp.map("config").lookup(0)
     assert cfg is not None and cfg.deadline_ns == target - 2 * tick
+    # The program tests jiffies: the same instant on its clock, rounded down, one more
+    # tick off for the pairing of the two clocks.
+    assert cfg.deadline_jiffies == Clock.of(cfg).deadline(cfg.deadline_ns)
+
+
+def test_the_fence_starts_within_ticks_of_the_deadline(dp: XdpDataplane) -> None:
+    """Measured against CLOCK_MONOTONIC: VIP traffic forwards until a few ticks before
+    the deadline (2 taken off + 1 for the jiffies conversion + the coarse clock's lag)
+    and drops from the deadline on."""
+    dp.apply([svc(WEB, B2)])
+    tick = deadline_granularity_ns()
+    target = time.monotonic_ns() + 60 * tick
+    dp.set_deadline(target)
+    last_forwarded = first_dropped = 0
+    while time.monotonic_ns() < target + 4 * tick:
+        verdict = run(dp, frame(8100))[0]
+        t = time.monotonic_ns()
+        if verdict == XDP_TX:
+            last_forwarded = t
+        elif not first_dropped:
+            first_dropped = t
+    assert last_forwarded and first_dropped, "forwarded before and dropped after"
+    assert target - 5 * tick <= first_dropped <= target + tick
+    assert last_forwarded <= target
 
 
 VIP6 = ip_address("fd77::100")

@@ -22,7 +22,7 @@ import pytest
 from halb.dataplane.xdp.adapter import PROGRAM, XdpDataplane
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.flowsource import XdpFlowSource
-from halb.dataplane.xdp.layout import CFG_F_FLOW_EVENTS, FlowEvent
+from halb.dataplane.xdp.layout import CFG_F_FLOW_EVENTS, FlowEvent, FlowValue
 from halb.dataplane.xdp.ringbuf import RingBuffer
 from halb.flows.records import to_flows
 from halb.model import Backend, Flow, Forwarding, Protocol, Scheduler, Service, ServiceKey
@@ -36,7 +36,7 @@ BACKENDS = tuple(
     for i in range(4)
 )
 WEB = ServiceKey(VIP, 80, Protocol.TCP)
-SMALL_RING = 4096  # bytes: 73 records of 56 (8 header + 48)
+SMALL_RING = 4096  # bytes: 64 records of 64 (8 header + 56)
 
 
 def frame(i: int) -> bytes:
@@ -108,7 +108,8 @@ def small_ring_dp(make_dp: Callable[..., XdpDataplane], tmp_path: Path) -> XdpDa
 
 def test_a_miss_writes_its_map_entry_as_an_event_only_while_armed(dp: XdpDataplane) -> None:
     fd = dp.flow_events_fd()
-    ring = RingBuffer(fd, 48)
+    size = ctypes.sizeof(FlowEvent)
+    ring = RingBuffer(fd, size)
     try:
         send(dp, range(1))  # disarmed (a standby's program): nothing written, nothing lost
         assert ring.consume() == b""
@@ -117,12 +118,15 @@ def test_a_miss_writes_its_map_entry_as_an_event_only_while_armed(dp: XdpDatapla
         send(dp, range(1, 4))
         send(dp, range(1, 4))  # hits: no event
         raw = ring.consume()
-        assert len(raw) == 3 * 48 == 3 * ctypes.sizeof(FlowEvent) and ring.malformed == 0
-        # Each record is the map's key and value, as the map holds them.
-        entries = {bytes(k): bytes(v) for k, v in dp.map("flows").items()}
+        assert len(raw) == 3 * size == 3 * 56 and ring.malformed == 0
+        # Each record is the map's key and value as recorded (the hits since may have
+        # moved the stamp on by a tick).
+        entries = {bytes(k): v for k, v in dp.map("flows").items()}
         for j in range(3):
-            key, value = raw[j * 48 : j * 48 + 40], raw[j * 48 + 40 : (j + 1) * 48]
-            assert entries[key] == value
+            key, raw_value = raw[j * size : j * size + 40], raw[j * size + 40 : (j + 1) * size]
+            value = FlowValue.from_buffer_copy(raw_value)
+            assert (entries[key].backend_id, entries[key].flags) == (value.backend_id, value.flags)
+            assert 0 < value.last_seen <= entries[key].last_seen
         dp.set_flow_events(False)
         send(dp, range(4, 6))
         assert ring.consume() == b""

@@ -12,18 +12,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
 
 import pytest
 
+from halb.dataplane.xdp import expiry
 from halb.dataplane.xdp.build import build_bpf
+from halb.dataplane.xdp.clock import calibrate
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
     BACKEND_F_VALID,
     FAMILY_V4,
     FAMILY_V6,
+    FLOW_F_CLOSING,
     NO_BACKEND,
     SVC_F_TUNNEL,
     BackendInfo,
+    FlowValue,
     LbConfig,
     ServiceInfo,
     VipAddr,
@@ -32,7 +37,7 @@ from halb.dataplane.xdp.layout import (
     mac_to_bytes,
 )
 from halb.dataplane.xdp.loader import BpfObject
-from halb.model import IPAddress
+from halb.model import FlowTimeouts, IPAddress
 from halb.testing.packets import (
     ETH_P_IP,
     ETH_P_IPV6,
@@ -44,6 +49,7 @@ from halb.testing.packets import (
     eth,
     flow_hash,
     icmp_echo,
+    icmp_too_big,
     ipv4,
     ipv6,
     neighbour_solicitation,
@@ -108,17 +114,25 @@ def fill_ring(obj: BpfObject, index: int, backend_id: int) -> None:
 
 
 def set_deadline(obj: BpfObject, deadline_ns: int) -> None:
-    """Raw: the program compares with CLOCK_MONOTONIC_COARSE (up to a tick behind), so
-    past / future offsets here are far larger than a tick."""
+    """Raw: the program compares jiffies, which move with CLOCK_MONOTONIC_COARSE (up to
+    a tick behind), so past / future offsets here are far larger than a tick."""
     cfg = obj.maps["config"].lookup(0)
     assert cfg is not None
     cfg.deadline_ns = deadline_ns
+    cfg.deadline_jiffies = calibrate(obj).deadline(deadline_ns) if deadline_ns else 0
     obj.maps["config"].update(0, cfg)
 
 
-@pytest.fixture(scope="module")
-def obj() -> Iterator[BpfObject]:
-    o = BpfObject(build_bpf())
+def set_timeouts(obj: BpfObject, timeouts: FlowTimeouts | None) -> None:
+    cfg = obj.maps["config"].lookup(0)
+    assert cfg is not None
+    expiry.set_timeouts(cfg, timeouts)
+    obj.maps["config"].update(0, cfg)
+
+
+def load(path: Path) -> BpfObject:
+    """An object with this module's config, backends, services, rings and VIPs."""
+    o = BpfObject(path)
     try:
         cfg = LbConfig(
             deadline_ns=0,
@@ -126,6 +140,7 @@ def obj() -> Iterator[BpfObject]:
             local_v6=addr_to_words(IPv6Address(LOCAL6)),
             local_mac=tuple(mac_to_bytes(LB_MAC)),
         )
+        calibrate(o).store(cfg)
         o.maps["config"].update(0, cfg)
         for bid, (addr, bmac) in BACKENDS.items():
             a = ip_address(addr)
@@ -147,6 +162,16 @@ def obj() -> Iterator[BpfObject]:
             a = ip_address(vip)
             o.maps["vip_addrs"].update(VipAddr(addr_to_words(a), family(a)), 1)
             o.maps["vip_filter"].update(a.packed[-1], 1)
+    except BaseException:
+        o.close()
+        raise
+    return o
+
+
+@pytest.fixture(scope="module")
+def obj() -> Iterator[BpfObject]:
+    o = load(build_bpf())
+    try:
         yield o
     finally:
         o.close()
@@ -158,6 +183,7 @@ def fresh_state(obj: BpfObject) -> None:
     flows = obj.maps["flows"]
     flows.delete_batch([k for k, _ in flows.items()])
     set_deadline(obj, 0)
+    set_timeouts(obj, None)
     for index, _, bid in SERVICES.values():
         fill_ring(obj, index, bid)
 
@@ -224,12 +250,12 @@ class Case:
     expected: bytes | None  # None: the input frame, untouched
 
 
-def _frag(flags_frag: int) -> bytes:
+def _frag(flags_frag: int, dst: str = VIP4) -> bytes:
     return eth(
         LB_MAC,
         CLIENT_MAC,
         ETH_P_IP,
-        ipv4(CLIENT4, VIP4, 6, tcp(CLIENT4, VIP4, 40000, 80), flags_frag=flags_frag),
+        ipv4(CLIENT4, dst, 6, tcp(CLIENT4, dst, 40000, 80), flags_frag=flags_frag),
     )
 
 
@@ -273,8 +299,15 @@ CASES = [
     Case("VIP, other port passes", v4_tcp(dport=8080), XDP_PASS, None),
     Case("VIP tcp port, udp passes", v4_udp(dport=80), XDP_PASS, None),
     Case("VIP service without backends drops", v4_tcp(dport=81), XDP_DROP, None),
-    Case("first fragment (MF) passes", _frag(0x2000), XDP_PASS, None),
-    Case("later fragment (offset) passes", _frag(0x0010), XDP_PASS, None),
+    Case("first fragment (MF) for a VIP drops", _frag(0x2000), XDP_DROP, None),
+    Case("later fragment (offset) for a VIP drops", _frag(0x0010), XDP_DROP, None),
+    Case("fragment for another address passes", _frag(0x2000, "10.0.0.99"), XDP_PASS, None),
+    Case(
+        "fragment for an address ending like a VIP's passes",
+        _frag(0x0010, "10.0.1.100"),
+        XDP_PASS,
+        None,
+    ),
     Case(
         "IPv6 fragment header passes",
         eth(
@@ -477,3 +510,195 @@ def test_vip_filter_gates_the_lookups(obj: BpfObject) -> None:
         assert obj.test_run(PROG, v4_tcp(sport=45000)).retval == XDP_PASS
     finally:
         vf.update(end, 1)
+
+
+# --- flow expiry (bpf/expiry.h) ---------------------------------------------------------
+
+TIMEOUTS = FlowTimeouts(tcp_established=900.0, tcp_closing=10.0, udp=30.0)
+FLOW_EXPIRED = 6  # stats_global index
+
+
+def only_flow(obj: BpfObject) -> tuple[object, FlowValue]:
+    entries = list(obj.maps["flows"].items())
+    assert len(entries) == 1
+    key, value = entries[0]
+    return key, value
+
+
+def age(obj: BpfObject, seconds: float) -> None:
+    """Move the only flow's last-seen stamp ``seconds`` into the past."""
+    key, value = only_flow(obj)
+    clock = calibrate(obj)
+    value.last_seen = clock.now() - clock.ticks(seconds)
+    obj.maps["flows"].update(key, value)
+
+
+@pytest.mark.parametrize(
+    ("first", "later", "idle", "expired"),
+    [
+        (v4_tcp(sport=46000), v4_tcp(sport=46000, flags=TCP_ACK), 5.0, False),
+        (v4_tcp(sport=46000), v4_tcp(sport=46000, flags=TCP_ACK), 901.0, True),
+        # A FIN puts the flow in the closing phase: 10 s instead of 900.
+        (v4_tcp(sport=46000, flags=0x11), v4_tcp(sport=46000, flags=TCP_ACK), 15.0, True),
+        (v4_tcp(sport=46000, flags=0x11), v4_tcp(sport=46000, flags=TCP_ACK), 5.0, False),
+        (v4_udp(), v4_udp(), 25.0, False),
+        (v4_udp(), v4_udp(), 35.0, True),
+    ],
+    ids=[
+        "tcp-fresh-kept",
+        "tcp-aged-ring",
+        "closing-aged-ring",
+        "closing-fresh-kept",
+        "udp-fresh-kept",
+        "udp-aged-ring",
+    ],
+)
+def test_an_aged_flow_takes_the_ring_and_a_fresh_one_is_kept(
+    obj: BpfObject, first: bytes, later: bytes, idle: float, expired: bool
+) -> None:
+    set_timeouts(obj, TIMEOUTS)
+    tcp_flow = first[23] == 6
+    index = 0 if tcp_flow else 1
+    old_backend, new_backend = (0, 6) if tcp_flow else (1, 0)
+    assert obj.test_run(PROG, first).retval == XDP_TX
+    _, recorded = only_flow(obj)
+    assert recorded.backend_id == old_backend and recorded.last_seen > 0
+    fill_ring(obj, index, new_backend)  # a ring change: only a miss can see it
+    age(obj, idle)
+    before = _global(obj, FLOW_EXPIRED)
+    res = obj.test_run(PROG, later)
+    want = new_backend if expired else old_backend
+    assert res.data == dsr(later, BACKENDS[want][1])
+    assert _global(obj, FLOW_EXPIRED) == before + (1 if expired else 0)
+    _, now = only_flow(obj)
+    assert now.backend_id == want  # re-recorded on the ring's backend, or kept
+    clock = calibrate(obj)
+    assert now.last_seen >= clock.now() - clock.ticks(1)  # stamped by this packet
+
+
+def test_the_closing_phase_is_recorded_and_a_new_syn_ends_it(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(sport=46100))
+    assert only_flow(obj)[1].flags == 0
+    obj.test_run(PROG, v4_tcp(sport=46100, flags=0x04))  # RST
+    assert only_flow(obj)[1].flags == FLOW_F_CLOSING
+    obj.test_run(PROG, v4_tcp(sport=46100, flags=TCP_ACK))
+    assert only_flow(obj)[1].flags == FLOW_F_CLOSING
+    obj.test_run(PROG, v4_tcp(sport=46100))  # SYN: the port reused by a new connection
+    assert only_flow(obj)[1].flags == 0
+
+
+def test_a_synced_flow_never_seen_here_is_not_expired_and_gets_stamped(obj: BpfObject) -> None:
+    """User space writes stamp 0 (a flow synced from the previous active)."""
+    set_timeouts(obj, TIMEOUTS)
+    frame = v4_tcp(sport=46200, flags=TCP_ACK)
+    obj.test_run(PROG, frame)
+    key, value = only_flow(obj)
+    value.backend_id, value.last_seen = 6, 0  # installed by sync: another backend
+    obj.maps["flows"].update(key, value)
+    assert obj.test_run(PROG, frame).data == dsr(frame, MACS[3])  # kept: backend 6
+    assert only_flow(obj)[1].last_seen > 0
+
+
+def test_without_timeouts_flows_never_expire(obj: BpfObject) -> None:
+    frame = v4_tcp(sport=46300)
+    obj.test_run(PROG, frame)
+    fill_ring(obj, 0, 6)
+    age(obj, 10 * 365 * 86400.0)
+    assert obj.test_run(PROG, frame).data == dsr(frame, MACS[1])
+
+
+# --- fragments and ICMP errors (bpf/icmp.h) -----------------------------------------------
+
+FRAG_DROP, ICMP_RELAYED = 8, 9  # stats_global indices
+ROUTER4, ROUTER6 = "198.51.100.1", "2001:db8:ff::1"
+
+
+def test_a_fragment_for_a_vip_is_dropped_and_counted(obj: BpfObject) -> None:
+    before = _global(obj, FRAG_DROP)
+    assert obj.test_run(PROG, _frag(0x2000)).retval == XDP_DROP
+    assert obj.test_run(PROG, _frag(0x0020)).retval == XDP_DROP
+    assert obj.test_run(PROG, _frag(0x2000, "10.0.0.99")).retval == XDP_PASS
+    assert _global(obj, FRAG_DROP) == before + 2
+
+
+def too_big_v4(vport: int, cport: int) -> bytes:
+    """A router's frag-needed about the backend's reply (from the VIP) to the client."""
+    reply = ipv4(
+        VIP4, CLIENT4, 6, tcp(VIP4, CLIENT4, vport, cport, flags=TCP_ACK, payload=b"x" * 64)
+    )
+    return eth(LB_MAC, CLIENT_MAC, ETH_P_IP, icmp_too_big(ROUTER4, VIP4, reply))
+
+
+def too_big_v6(vport: int, cport: int) -> bytes:
+    reply = ipv6(VIP6, CLIENT6, 6, tcp(VIP6, CLIENT6, vport, cport, flags=TCP_ACK))
+    return eth(LB_MAC, CLIENT_MAC, ETH_P_IPV6, icmp_too_big(ROUTER6, VIP6, reply))
+
+
+def test_frag_needed_goes_to_the_flows_backend_dsr(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(sport=47000))  # the flow: backend 0
+    fill_ring(obj, 0, 6)  # new flows now go to backend 6: the relay must use the entry
+    before = _global(obj, ICMP_RELAYED)
+    frame = too_big_v4(80, 47000)
+    res = obj.test_run(PROG, frame)
+    assert (res.retval, res.data) == (XDP_TX, dsr(frame, MACS[1]))
+    assert _global(obj, ICMP_RELAYED) == before + 1
+    # A flow not in the table: where its next packet would go (the ring), not recorded.
+    other = too_big_v4(80, 47001)
+    assert obj.test_run(PROG, other).data == dsr(other, MACS[3])
+    assert len(list(obj.maps["flows"].items())) == 1
+
+
+def test_frag_needed_goes_to_the_flows_backend_tunnel(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(dport=443, sport=47100))
+    frame = too_big_v4(443, 47100)
+    res = obj.test_run(PROG, frame)
+    assert (res.retval, res.data.hex()) == (XDP_TX, ipip4(frame, "10.2.0.31").hex())
+
+
+def test_packet_too_big_goes_to_the_flows_backend_dsr_and_tunnel(obj: BpfObject) -> None:
+    obj.test_run(PROG, v6_tcp(sport=47200))
+    frame = too_big_v6(80, 47200)
+    assert obj.test_run(PROG, frame).data == dsr(frame, MACS[1])
+    obj.test_run(PROG, v6_tcp(dport=443, sport=47201))
+    frame = too_big_v6(443, 47201)
+    label = label_of(CLIENT6, VIP6, 47201, 443)
+    assert obj.test_run(PROG, frame).data.hex() == ipip6(frame, "fd02::31", label).hex()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        too_big_v4(8080, 47300),  # quotes a port that is no service
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            icmp_too_big(
+                ROUTER4,
+                "10.0.0.99",
+                ipv4("10.0.0.99", CLIENT4, 6, tcp("10.0.0.99", CLIENT4, 80, 47300)),
+            ),
+        ),  # not a VIP
+        eth(
+            LB_MAC,
+            CLIENT_MAC,
+            ETH_P_IP,
+            icmp_too_big(
+                ROUTER4, VIP4, ipv4(CLIENT4, "10.0.0.99", 6, tcp(CLIENT4, "10.0.0.99", 47300, 80))
+            ),
+        ),  # no VIP quoted
+        too_big_v4(80, 47300)[:-10],  # quoted ports cut off
+    ],
+    ids=["other-port", "not-to-a-vip", "quotes-no-vip", "truncated"],
+)
+def test_other_icmp_errors_pass_to_the_stack(obj: BpfObject, frame: bytes) -> None:
+    before = _global(obj, ICMP_RELAYED)
+    res = obj.test_run(PROG, frame)
+    assert (res.retval, res.data) == (XDP_PASS, frame)
+    assert _global(obj, ICMP_RELAYED) == before
+
+
+def test_icmp_relay_stops_at_the_deadline(obj: BpfObject) -> None:
+    obj.test_run(PROG, v4_tcp(sport=47400))
+    set_deadline(obj, time.monotonic_ns() - 1_000_000_000)
+    assert obj.test_run(PROG, too_big_v4(80, 47400)).retval == XDP_DROP

@@ -282,3 +282,82 @@ def test_hash_collisions_never_lose_or_invent_a_change(
     assert set(moved) <= set(ups) <= live
     assert dels == sorted(ended)
     assert scan(src)[1] == []  # and a scan without changes reports nothing gone
+
+
+def test_scans_delete_idle_flows_and_report_them_gone(dp: XdpDataplane, src: XdpFlowSource) -> None:
+    """The active's source deletes flows idle past their timeouts (read from the
+    program's config entry) and pushes them as deletes; synced flows no packet has
+    touched here (stamp 0) count as seen when the source started."""
+    from halb.dataplane.xdp.clock import Clock
+    from halb.model import FlowTimeouts
+
+    dp.set_flow_timeouts(FlowTimeouts(tcp_established=60.0, tcp_closing=5.0, udp=30.0))
+    live = flows(100)
+    dp.install_flows(live)
+    assert scan(src) == (sorted(live), [])
+    m = dp.map("flows")
+    entries = sorted(m.items(), key=lambda kv: bytes(kv[0]))
+    clock = Clock.of(dp.map("config").lookup(0))
+    now = clock.now()
+    idle, fresh = entries[:30], entries[30:40]
+    for key, value in idle:
+        value.last_seen = now - clock.ticks(61)
+        m.update(key, value)
+    for key, value in fresh:
+        value.last_seen = now - clock.ticks(59)
+        m.update(key, value)
+    ups, dels = scan(src)
+    assert ups == []  # a new stamp is not a change to sync
+    assert len(dels) == 30
+    assert {bytes(k) for k, _ in m.items()} == {bytes(k) for k, _ in entries[30:]}
+    assert dp.global_stats()["flow_swept"] == 30
+    assert src.stats().swept == 30
+    assert scan(src) == ([], [])
+    # A source that started sweeping long ago: the unstamped synced flows go too.
+    src._sweep_since = now - clock.ticks(3600)
+    ups, dels = scan(src)
+    assert (ups, len(dels)) == ([], 60)
+    assert sorted(bytes(k) for k, _ in m.items()) == sorted(bytes(k) for k, _ in fresh)
+    assert dp.global_stats()["flow_swept"] == 90
+
+
+def test_a_source_without_expiry_deletes_nothing(dp: XdpDataplane) -> None:
+    s = XdpFlowSource.from_dataplane(dp, expire=False)
+    try:
+        dp.install_flows(flows(10))
+        m = dp.map("flows")
+        for key, value in list(m.items()):
+            value.last_seen = 1
+            m.update(key, value)
+        assert len(scan(s)[0]) == 10 and len(list(m.items())) == 10
+    finally:
+        s.close()
+
+
+def test_the_sweep_rereads_what_it_deletes(dp: XdpDataplane) -> None:
+    """Entries the scan read as expired but that a packet touched (or something
+    deleted) since are neither deleted nor counted; the rest are."""
+    from halb.dataplane.xdp import flowrecords
+    from halb.dataplane.xdp.clock import Clock
+    from halb.dataplane.xdp.flowsource import sweep
+    from halb.dataplane.xdp.layout import FlowValue
+    from halb.model import FlowTimeouts
+
+    dp.set_flow_timeouts(FlowTimeouts(tcp_established=60.0, tcp_closing=5.0, udp=30.0))
+    dp.install_flows(flows(6))
+    m = dp.map("flows")
+    clock = Clock.of(dp.map("config").lookup(0))
+    now = clock.now()
+    entries = sorted(m.items(), key=lambda kv: bytes(kv[0]))
+    for key, value in entries:
+        value.last_seen = now - clock.ticks(120)
+        m.update(key, value)
+    keys, values = flowrecords.read_all(m)  # the scan's (stale) read: all six expired
+    touched, vanished = entries[0][0], entries[1][0]
+    m.update(touched, FlowValue(entries[0][1].backend_id, 0, clock.now()))
+    m.delete(vanished)
+    left_keys, left_values, n = sweep({"flows": m, "config": dp.map("config")}, keys, values, 0)
+    assert n == 4
+    assert [bytes(k) for k, _ in m.items()] == [bytes(touched)]
+    assert left_keys == bytes(touched)
+    assert FlowValue.from_buffer_copy(left_values).last_seen > now - clock.ticks(120)

@@ -227,3 +227,104 @@ def test_flow_keeps_backend_while_ring_changes_and_new_backend_gets_flows(
     dp.apply([service(be1, be2, be3)])
     got = whoami_many(lab, 60)
     assert got["be3"] >= 8, dict(got)
+
+
+def test_a_connection_idle_past_its_timeout_resumes_on_its_backend(
+    lab: Lab, dp: XdpDataplane
+) -> None:
+    """Its flow expires (the active's scan deletes it, flow_swept); the next packet takes
+    the ring, which still names the same backend, and the connection goes on."""
+    from halb.dataplane.xdp.flowsource import XdpFlowSource
+    from halb.model import FlowTimeouts
+
+    backends = [lab.add_backend(f"be{i}", f"10.88.0.{20 + i}") for i in (1, 2, 3)]
+    dp.apply([service(*backends)])
+    dp.set_flow_timeouts(FlowTimeouts(tcp_established=0.5, tcp_closing=0.5, udp=0.5))
+    source = XdpFlowSource.from_dataplane(dp, events=False)
+
+    def idle_then_resume() -> tuple[str, str, int]:
+        with socket.create_connection((VIP, PORT), timeout=3) as s:
+            f = s.makefile("rw")
+            f.write("WHOAMI\n")
+            f.flush()
+            first = f.readline().strip()
+            time.sleep(1.0)  # idle: twice the timeout
+            swept = source.accept(source.scan()).swept
+            f.write("WHOAMI\n")
+            f.flush()
+            return first, f.readline().strip(), swept
+
+    try:
+        first, again, swept = in_netns(lab.ns("cl"), idle_then_resume)
+    finally:
+        source.close()
+    assert swept >= 1 and dp.global_stats()["flow_swept"] >= 1
+    assert first == again, "the ring fallback keeps an expired connection on its backend"
+    assert len(list(dp.map("flows").items())) >= 1  # re-recorded by its next packet
+
+
+def test_a_flood_that_fills_the_flow_table_leaves_established_connections_alone(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """A 1024-entry build; the client floods 6000 new UDP flows while two established
+    TCP connections keep talking, and mid-flood the TCP ring moves wholly to a third
+    backend (the first two drained): the connections stay on their backends (one whose
+    entry went would follow the ring to be3 and be reset there). The kernel's LRU keeps
+    entries that were hit since insertion (its active list) ahead of one-packet flood
+    entries; measured by hand, connections that stay quiet through the whole flood
+    survive it too, so this shows a flood cannot push out established flows, not the
+    order among them."""
+    from halb.dataplane.xdp.build import build_bpf
+
+    obj = build_bpf(tmp_path, defines=["HALB_MAX_FLOWS=1024"])
+    pin = Path("/run/halb/bpffs") / f"halbt-xdp-{lab.tag}"
+    d = XdpDataplane(
+        "eth0", ip_address("10.88.0.10"), "generic", pin, lab.ns("lb"), object_path=obj
+    )
+    try:
+        be1, be2 = (lab.add_backend(f"be{i}", f"10.88.0.{20 + i}") for i in (1, 2))
+        be3 = lab.add_backend("be3", "10.88.0.23")
+        udp_key = ServiceKey(ip_address(VIP), 5353, Protocol.UDP)
+
+        def services(*tcp: Backend) -> list[Service]:
+            flood = Service(udp_key, Scheduler.MAGLEV, Forwarding.DSR, (be1, be2), ring_size=1009)
+            return [service(*tcp), flood]
+
+        d.apply(services(be1, be2))
+
+        def run() -> list[tuple[str, ...]]:
+            conns = [socket.create_connection((VIP, PORT), timeout=3) for _ in range(2)]
+            files = [c.makefile("rw") for c in conns]
+            answers: list[tuple[str, ...]] = []
+            try:
+                for i in range(30):
+                    row = []
+                    for f in files:
+                        f.write("WHOAMI\n")
+                        f.flush()
+                        row.append(f.readline().strip())
+                    answers.append(tuple(row))
+                    if i == 15:  # every ring slot now names be3
+                        drained = (Backend(b.address, b.port, weight=0) for b in (be1, be2))
+                        d.apply(services(*drained, be3))
+                    for n in range(200):  # 200 new flows between two exchanges
+                        port = 1024 + i * 200 + n
+                        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        s.bind(("10.88.0.2", port))
+                        s.sendto(b"x", (VIP, 5353))
+                        s.close()
+            finally:
+                for f in files:
+                    f.close()
+                for c in conns:
+                    c.close()
+            return answers
+
+        answers = in_netns(lab.ns("cl"), run)
+        assert len(set(answers)) == 1, f"a connection changed backend: {answers}"
+        assert "be3" not in answers[0]
+        assert set(whoami_many(lab, 3)) == {"be3"}  # new connections follow the ring
+        assert len(list(d.map("flows").items())) <= 1024
+        assert d.counters().per_service[udp_key].packets >= 5000  # through the table
+    finally:
+        d.close()

@@ -136,6 +136,14 @@ def test_dataplane_counters_and_flows() -> None:
     assert value(m, "halb_backend_bytes_total", **svc, backend=str(BE1)) == 1000
 
 
+def test_dataplane_events() -> None:
+    m = AgentMetrics("lb1")
+    assert not any(k[0].startswith("halb_dataplane_events") for k in samples(m))
+    m.update_events({"flow_expired": 3, "flow_swept": 5, "frag_drop": 1, "icmp_relayed": 2})
+    assert value(m, "halb_dataplane_events_total", event="flow_swept") == 5
+    assert value(m, "halb_dataplane_events_total", event="icmp_relayed") == 2
+
+
 def test_two_agents_in_one_process_do_not_clash() -> None:
     a, b = AgentMetrics("lb1"), AgentMetrics("lb2")
     a.update_flows(1)

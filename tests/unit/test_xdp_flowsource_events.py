@@ -21,7 +21,7 @@ def key(i: int) -> bytes:
 
 
 def value(backend: int) -> bytes:
-    return backend.to_bytes(4, "little") + bytes(4)
+    return backend.to_bytes(4, "little") + bytes(flowrecords.VALUE_SIZE - 4)
 
 
 def as_dict(state: MapState) -> dict[bytes, bytes]:

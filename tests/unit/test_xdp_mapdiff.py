@@ -71,3 +71,16 @@ def test_with_entries_lets_the_last_entry_of_a_key_win() -> None:
     got = {s.keys[i].tobytes(): s.values[i].tobytes() for i in range(len(s))}
     assert got == {**base, k: v2, extra: v1}
     assert list(s.hashes) == sorted(s.hashes)
+
+
+def test_stamp_and_phase_changes_are_not_changes_to_sync() -> None:
+    """The program rewrites last_seen and the TCP phase as traffic flows; only a
+    new backend id is news for the standby."""
+    from halb.dataplane.xdp.layout import FLOW_F_CLOSING, FlowValue
+
+    k = bytes(range(KEY_SIZE))
+    before = bytes(FlowValue(backend_id=3, flags=0, last_seen=10**9))
+    touched = bytes(FlowValue(backend_id=3, flags=FLOW_F_CLOSING, last_seen=5 * 10**9))
+    moved = bytes(FlowValue(backend_id=4, flags=0, last_seen=10**9))
+    assert changes({k: before}, {k: touched}) == (set(), set())
+    assert changes({k: before}, {k: moved}) == ({k}, set())

@@ -35,6 +35,8 @@ from pathlib import Path
 from halb.dataplane.base import ApplyResult, Counter, Counters
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.build import build_bpf
+from halb.dataplane.xdp.clock import CLOCK_MONOTONIC_COARSE, calibrate
+from halb.dataplane.xdp.expiry import set_timeouts
 from halb.dataplane.xdp.flowsource import XdpFlowSource
 from halb.dataplane.xdp.layout import (
     BACKEND_F_TUNNEL,
@@ -61,6 +63,7 @@ from halb.lb.maglev import build_table, changed_slots
 from halb.model import (
     Backend,
     Flow,
+    FlowTimeouts,
     Forwarding,
     IPAddress,
     Scheduler,
@@ -81,18 +84,19 @@ log = logging.getLogger(__name__)
 
 PROGRAM = "halb_balancer"
 
-_CLOCK_MONOTONIC_COARSE = 6  # linux/time.h; Python's time module does not name it
-
 
 # The coarse clock trails CLOCK_MONOTONIC by up to a tick, a little more when the tick
 # itself runs late (measured here, a VM at HZ=250: up to 5.1 ms), so set_deadline takes
 # halb.timing.DEADMAN_EARLY_TICKS ticks off.
 
 
+DEFAULT_FLOW_TIMEOUTS = FlowTimeouts()
+
+
 def deadline_granularity_ns() -> int:
     """Resolution of the program's dead-man clock (CLOCK_MONOTONIC_COARSE): one tick,
     e.g. 4 ms at HZ=250."""
-    return max(1, round(time.clock_getres(_CLOCK_MONOTONIC_COARSE) * 1e9))
+    return max(1, round(time.clock_getres(CLOCK_MONOTONIC_COARSE) * 1e9))
 
 
 class XdpDataplaneError(ValueError):
@@ -147,7 +151,9 @@ class XdpDataplane:
         node_address6: IPv6Address | None = None,
         object_path: Path | None = None,
         resolve_timeout: float = 1.0,
+        flow_timeouts: FlowTimeouts | None = DEFAULT_FLOW_TIMEOUTS,
     ) -> None:
+        """flow_timeouts: idle timeouts of the program's flows (None: never expire)."""
         self.interface = interface
         self.netns = netns
         self.pin_dir = pin_dir
@@ -167,10 +173,14 @@ class XdpDataplane:
                 v6 = node_address
             if v6 is not None:
                 self._config.local_v6 = addr_to_words(v6)
+            # The program's clock (jiffies) beside CLOCK_MONOTONIC_COARSE: timeouts and
+            # the deadline are converted with it (halb.dataplane.xdp.clock).
+            calibrate(self._obj).store(self._config)
+            set_timeouts(self._config, flow_timeouts)
             self._maps["config"].update(0, self._config)
-            # The config entry is written whole, by set_deadline (the runtime) and by
-            # set_flow_events (a flow source, from a worker thread): one at a time, so
-            # neither writes back a stale copy of the other's field.
+            # The config entry is written whole, by set_deadline (the runtime),
+            # set_flow_events (a flow source, from a worker thread) and set_flow_timeouts:
+            # one at a time, so none writes back a stale copy of another's field.
             self._config_lock = threading.Lock()
             self._event_listeners = 0
             # Bumped before and after every write of a backends row (odd: a write in
@@ -437,15 +447,28 @@ class XdpDataplane:
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC), VIP traffic and ARP / neighbour
-        solicitations for VIP addresses drop; None disarms. The program reads the coarse
-        clock, which trails by up to a tick, so two ticks are taken off here: fencing
-        starts at most two ticks (8 ms at HZ=250) before the deadline, and after it only
-        if the kernel's tick itself ran more than a tick late."""
+        solicitations for VIP addresses drop; None disarms. The program's clock (jiffies)
+        moves with the coarse clock, which trails by up to a tick, so two ticks are taken
+        off here, and the conversion to jiffies rounds down and takes one more: fencing
+        starts at most three ticks (12 ms at HZ=250) before the deadline, and after it
+        only if the kernel's tick itself ran more than a tick late."""
         with self._config_lock:
             if monotonic_ns:
                 self._config.deadline_ns = max(1, monotonic_ns - self._deadline_slack_ns)
+                # Re-read beside the coarse clock each time (one test run, microseconds):
+                # the conversion never rests on an old pair.
+                clock = calibrate(self._obj)
+                clock.store(self._config)
+                self._config.deadline_jiffies = clock.deadline(self._config.deadline_ns)
             else:
-                self._config.deadline_ns = 0
+                self._config.deadline_ns = self._config.deadline_jiffies = 0
+            self._maps["config"].update(0, self._config)
+
+    def set_flow_timeouts(self, timeouts: FlowTimeouts | None) -> None:
+        """New idle timeouts (None: flows never expire); the program applies them from
+        its next packet, the active's flow source from its next scan."""
+        with self._config_lock:
+            set_timeouts(self._config, timeouts)
             self._maps["config"].update(0, self._config)
 
     def set_flow_events(self, on: bool) -> None:

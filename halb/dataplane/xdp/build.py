@@ -40,10 +40,21 @@ def _multiarch_include() -> list[str]:
     return [f"-I/usr/include/{triplet}"] if out.returncode == 0 and triplet else []
 
 
-def source_digest(source: str, defines: Sequence[str] = ()) -> str:
-    """sha256 over the program's source, every header and the defines."""
+def _source_path(source: str | Path) -> Path:
+    """A name in bpf/, or the path of a source elsewhere (bench/bpf/: programs that
+    include these headers; bpf/ is on their include path)."""
+    return source if isinstance(source, Path) else BPF_DIR / source
+
+
+def source_digest(source: str | Path, defines: Sequence[str] = ()) -> str:
+    """sha256 over the program's source, every header (bpf/ and the source's own
+    directory) and the defines."""
+    src = _source_path(source)
+    headers = sorted(BPF_DIR.glob("*.h"))
+    if src.parent != BPF_DIR:
+        headers += sorted(src.parent.glob("*.h"))
     h = hashlib.sha256()
-    for path in [BPF_DIR / source, *sorted(BPF_DIR.glob("*.h"))]:
+    for path in [src, *headers]:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update("\0".join(defines).encode())
     return h.hexdigest()
@@ -51,20 +62,21 @@ def source_digest(source: str, defines: Sequence[str] = ()) -> str:
 
 def build_bpf(
     out_dir: Path | None = None,
-    source: str = "balancer.bpf.c",
+    source: str | Path = "balancer.bpf.c",
     defines: Sequence[str] = (),
     force: bool = False,
 ) -> Path:
-    """Compile ``bpf/<source>`` to ``<out_dir or bpf/>/<stem>.o`` and return its path.
+    """Compile ``bpf/<source>`` (or the path ``source``) to ``<out_dir or the source's
+    directory>/<stem>.o`` and return its path.
 
     ``defines`` are ``NAME=VALUE`` overrides of constants.h (they change the object name
     so differently sized objects do not overwrite each other).
     """
-    src = BPF_DIR / source
-    stem = source.removesuffix(".c")
+    src = _source_path(source)
+    stem = src.name.removesuffix(".c")
     if defines:
         stem += "-" + "-".join(d.replace("=", "_") for d in defines)
-    out = (out_dir or BPF_DIR) / f"{stem}.o"
+    out = (out_dir or src.parent) / f"{stem}.o"
     stamp = out.with_name(out.name + ".stamp")
     digest = source_digest(source, defines)
     if not force and out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
@@ -86,6 +98,7 @@ def build_bpf(
         "-target",
         "bpf",
         *_multiarch_include(),
+        f"-I{BPF_DIR}",
         *(f"-D{d}" for d in defines),
         "-c",
         str(src),

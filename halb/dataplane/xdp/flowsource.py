@@ -16,7 +16,15 @@ changed entries are upserts, vanished ones deletes; a flow an event already push
 not sent again. A scan runs at once when the program counts a lost event
 (``event_lost``: the ring was full, the consumer fell behind).
 
-The diff works on the raw map entries (40-byte key + 8-byte value) with numpy: each
+Expiry: the active's source (from_dataplane) also deletes the flows idle past their
+timeouts (halb.dataplane.xdp.expiry; the timeouts are the program's, read from its
+config entry at each scan) right after reading the map, so they are gone from that
+scan's state and go out as deletes; counted in stats_global ``flow_swept``. A flow the
+program re-records between the read and the delete (its packet found it expired too)
+is kept: each expired entry is read again just before its delete (up to
+SWEEP_RECHECK_MAX per scan).
+
+The diff works on the raw map entries (40-byte key + 16-byte value) with numpy: each
 key gets a 64-bit hash, the entries are kept sorted by it, and a scan finds every key
 among the previous scan's by binary search and compares the bytes (a hash collision
 only ever costs an extra upsert, or a Python check, never a missed change). No Python
@@ -26,7 +34,8 @@ backend map read at that moment; the server streams those records as they are. T
 pause between scans grows with their cost so scanning takes at most ``cpu_share`` of
 a core. Why both and the figures: halb/dataplane/xdp/README.md.
 
-Thread rules: scan() and snapshot() run in worker threads and only read the maps;
+Thread rules: scan() and snapshot() run in worker threads and only read the maps
+(scan() also deletes expired flows);
 ``run()`` consumes events, swaps the scan state and pushes on the event loop thread,
 so a snapshot taken after a push reflects at least that push (what FlowSyncServer
 requires).
@@ -49,12 +58,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from halb.dataplane.xdp import flowrecords
-from halb.dataplane.xdp.flowrecords import KEY_SIZE
+from halb.dataplane.xdp.clock import Clock
+from halb.dataplane.xdp.expiry import expired_mask
+from halb.dataplane.xdp.flowrecords import KEY_SIZE, VALUE_SIZE
 from halb.dataplane.xdp.layout import (
     BACKEND_F_VALID,
     STATS,
     BackendInfo,
     FlowEvent,
+    FlowKey,
     addr_from_words,
 )
 from halb.dataplane.xdp.loader import BpfMap, open_pinned_maps
@@ -78,6 +90,7 @@ EVENT_MAX_INTERVAL = 5.0
 _BACKEND_SIZE = ctypes.sizeof(BackendInfo)
 _EVENT_SIZE = ctypes.sizeof(FlowEvent)
 _EVENT_LOST = next(i for i, name in STATS.items() if name == "event_lost")
+_FLOW_SWEPT = next(i for i, name in STATS.items() if name == "flow_swept")
 
 # Receives (upserts, deletes) as packed flow records.
 Push = Callable[[bytes, bytes], None]
@@ -97,6 +110,7 @@ class ScanStats:
     events_untranslatable: int = 0  # events left to the next scan (backend unknown)
     event_lost: int = 0  # the program's count of events the full ring refused
     rescans: int = 0  # scans run at once for lost events
+    swept: int = 0  # idle flows deleted by the scans
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +120,7 @@ class ScanDiff:
     deletes: bytes
     seconds: float
     untranslatable: int
+    swept: int = 0  # idle flows this scan deleted from the map
 
 
 def _valid_backends(backends: BpfMap) -> dict[int, tuple[IPAddress, int]]:
@@ -129,18 +144,79 @@ def read_records(maps: Mapping[str, BpfMap]) -> bytes:
     return out
 
 
+def count_swept(stats_global: BpfMap, n: int) -> None:
+    """Add n to stats_global flow_swept (CPU 0's slot: the program never writes that
+    index, and one source per map sweeps)."""
+    per_cpu = stats_global.lookup(_FLOW_SWEPT)
+    if per_cpu is None or not n:
+        return
+    per_cpu[0].packets += n
+    stats_global.update(_FLOW_SWEPT, per_cpu)
+
+
+# Expired entries re-read one by one before the delete (per-entry lookups, a few µs
+# each); a larger burst is deleted as the scan read it.
+SWEEP_RECHECK_MAX = 4096
+
+
+def sweep(
+    maps: Mapping[str, BpfMap], keys: bytes, values: bytes, since: int
+) -> tuple[bytes, bytes, int]:
+    """Delete the entries idle past their timeouts from the flow map; returns the
+    entries left (as the map holds them) and how many were deleted. ``since``: when
+    this node began to sweep, in jiffies (the idle time of a synced flow no packet
+    touched here counts from it).
+
+    The scan read the map a while ago (0.1 s for 150k entries): each expired entry is
+    read again and deleted only if it is still expired, so a flow whose packet came (or
+    that the program re-recorded) meanwhile is kept. What remains is the microseconds
+    between that read and the delete."""
+    cfg = maps["config"].lookup(0)
+    if cfg is None or not keys:
+        return keys, values, 0
+    now = Clock.of(cfg).now()
+    old = expired_mask(keys, values, cfg, now, since)
+    if not old.any():
+        return keys, values, 0
+    k = np.frombuffer(keys, np.uint8).reshape(-1, KEY_SIZE)
+    v = np.frombuffer(values, np.uint8).reshape(-1, VALUE_SIZE).copy()
+    idx = np.flatnonzero(old)
+    drop = old.copy()  # deleted or already gone: not in the entries returned
+    if len(idx) <= SWEEP_RECHECK_MAX:
+        flows = maps["flows"]
+        for i in idx.tolist():
+            now_value = flows.lookup(FlowKey.from_buffer_copy(k[i].tobytes()))
+            if now_value is not None:
+                v[i] = np.frombuffer(bytes(now_value), np.uint8)
+            else:
+                old[i] = False  # gone already (evicted, deleted): nothing to delete
+        still = expired_mask(k[idx].tobytes(), v[idx].tobytes(), cfg, now, since)
+        drop[idx[~still & old[idx]]] = False  # touched meanwhile: kept, with its value
+        old[idx[~still]] = False
+    n = flowrecords.delete(maps["flows"], k[old].tobytes())
+    if "stats_global" in maps:
+        count_swept(maps["stats_global"], n)
+    return k[~drop].tobytes(), v[~drop].tobytes(), n
+
+
 def diff(
     prev: MapState,
     maps: Mapping[str, BpfMap],
     known: dict[int, tuple[IPAddress, int]],
+    sweep_since: int | None = None,
 ) -> ScanDiff:
-    """Read the flow map and compare it with the previous scan's entries.
+    """Read the flow map and compare it with the previous scan's entries, after
+    deleting its expired flows when ``sweep_since`` is given (see sweep()).
 
     ``known`` remembers every valid backend seen, by id, so a deleted flow whose backend
     was freed meanwhile still goes out with its backend (a record needs one, and a
     standby on the Flow-object path removes whole flows)."""
     t0 = time.perf_counter()
-    cur = MapState.of(*flowrecords.read_all(maps["flows"]))
+    keys, values = flowrecords.read_all(maps["flows"])
+    swept = 0
+    if sweep_since is not None:
+        keys, values, swept = sweep(maps, keys, values, sweep_since)
+    cur = MapState.of(keys, values)
     # New or changed: the key is not in prev, or its value differs. A key that only
     # collided with another reads as new: one more (idempotent) upsert.
     changed, gone = compare(prev, cur)
@@ -162,7 +238,7 @@ def diff(
             deletes, _ = flowrecords.map_to_records(
                 prev.keys[gone].tobytes(), prev.values[gone].tobytes(), table
             )
-    return ScanDiff(cur, upserts, deletes, time.perf_counter() - t0, bad)
+    return ScanDiff(cur, upserts, deletes, time.perf_counter() - t0, bad, swept)
 
 
 @dataclass
@@ -229,17 +305,20 @@ class XdpFlowSource:
         self._lost_checked = 0.0
         self._rescans = 0
         self._wake: asyncio.Event | None = None
+        self._sweep_since: int | None = None  # set by from_dataplane: expire idle flows
+        self._swept = 0
 
     @classmethod
     def from_dataplane(
-        cls, dp: XdpDataplane, *, events: bool = True, **options: float
+        cls, dp: XdpDataplane, *, events: bool = True, expire: bool = True, **options: float
     ) -> XdpFlowSource:
         """Over the adapter's own maps, by duplicated fds. Not by pin path: another
         agent with the same cluster and node names (a second lab) re-pins that path.
         With ``events`` it also reads the adapter's flow_events ring (armed while
-        run() runs)."""
+        run() runs); with ``expire`` its scans delete idle flows (the active's job:
+        a standby's map loses them through sync)."""
         maps = {}
-        for name in ("flows", "backends", "stats_global"):
+        for name in ("flows", "backends", "stats_global", "config"):
             m = dp.map(name)
             fd = os.dup(m.fd)
             maps[name] = BpfMap(
@@ -253,6 +332,9 @@ class XdpFlowSource:
             options.setdefault("cpu_share", EVENT_SCAN_SHARE)
             options.setdefault("max_interval", EVENT_MAX_INTERVAL)
         source = cls(maps, **options)
+        if expire:
+            cfg = maps["config"].lookup(0)
+            source._sweep_since = Clock.of(cfg).now() if cfg is not None else 0
         if events:
             source._events = FlowEvents(
                 dp.flow_events_fd(),
@@ -302,7 +384,7 @@ class XdpFlowSource:
         told = self._state.with_entries(
             b"".join(p.keys for p in batches), b"".join(p.values for p in batches)
         )
-        return diff(told, self._maps, self._known)
+        return diff(told, self._maps, self._known, self._sweep_since)
 
     def accept(self, d: ScanDiff, pushed: int | None = None) -> ScanDiff:
         """Make ``d`` the state the next scan compares with (event-loop thread), and
@@ -317,13 +399,14 @@ class XdpFlowSource:
             ups = without(d.upserts, b"".join(p.records for p in later))
             dels = without_keys(d.deletes, b"".join(p.keys for p in later))
             if ups is not d.upserts or dels is not d.deletes:
-                d = ScanDiff(d.state, ups, dels, d.seconds, d.untranslatable)
+                d = ScanDiff(d.state, ups, dels, d.seconds, d.untranslatable, d.swept)
         self._state = d.state
         self._scans += 1
         self._last = d.seconds
         self._max = max(self._max, d.seconds)
         self._upserts += rec.count(d.upserts)
         self._deletes += rec.count(d.deletes)
+        self._swept += d.swept
         self._bad = d.untranslatable
         self._interval = min(self.max_interval, max(self.min_interval, d.seconds / self.cpu_share))
         return d
@@ -491,4 +574,5 @@ class XdpFlowSource:
             events_untranslatable=self._event_bad,
             event_lost=self._lost,
             rescans=self._rescans,
+            swept=self._swept,
         )

@@ -105,6 +105,12 @@ def read_pinned(pin_dir: Path) -> dict[str, Any]:
             "flows_max": maps["flows"].max_entries,
             "deadline_ns": int(cfg.deadline_ns) if cfg else 0,
             "local_mac": mac_from_bytes(cfg.local_mac) if cfg else None,
+            # Idle timeouts the program applies, seconds (0: never expire).
+            "flow_timeouts": {
+                "tcp_established": cfg.timeout_tcp * cfg.tick_ns / 1e9 if cfg else 0,
+                "tcp_closing": cfg.timeout_closing * cfg.tick_ns / 1e9 if cfg else 0,
+                "udp": cfg.timeout_udp * cfg.tick_ns / 1e9 if cfg else 0,
+            },
         }
         if "vip_addrs" in maps:  # the addresses the dead-man switch fences ARP / ND for
             out["vip_addrs"] = sorted(

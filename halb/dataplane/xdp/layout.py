@@ -18,6 +18,7 @@ __all__ = [
     "CFG_F_FLOW_EVENTS",
     "FAMILY_V4",
     "FAMILY_V6",
+    "FLOW_F_CLOSING",
     "MAP_TYPES",
     "NO_BACKEND",
     "RINGBUF_MAPS",
@@ -45,6 +46,8 @@ BACKEND_F_VALID = 1 << 0
 BACKEND_F_TUNNEL = 1 << 1
 CFG_F_FLOW_EVENTS = 1 << 0
 """lb_config.flags: the program writes each new flow to the flow_events ring buffer."""
+FLOW_F_CLOSING = 1 << 0
+"""flow_value.flags: a FIN or RST was seen, the closing timeout applies."""
 NO_BACKEND = 0xFFFFFFFF
 """Ring value of a service with no usable backend: out of range, so the packet drops."""
 
@@ -56,6 +59,10 @@ STATS = {
     3: "arp_fence_drop",
     4: "ns_fence_drop",
     5: "event_lost",  # flow_events was full: the flow source must rescan
+    6: "flow_expired",  # a packet found its flow idle past its timeout (ring again)
+    7: "flow_swept",  # idle flows the active's scans deleted (user space counts here)
+    8: "frag_drop",  # IPv4 fragments for a VIP address (never answered by the stack)
+    9: "icmp_relayed",  # frag-needed / packet-too-big sent on to a VIP flow's backend
 }
 
 _U8 = ctypes.c_uint8
@@ -100,7 +107,11 @@ class FlowKey(ctypes.Structure):
 
 
 class FlowValue(ctypes.Structure):
-    _fields_ = [("backend_id", _U32), ("flags", _U32)]
+    _fields_ = [
+        ("backend_id", _U32),
+        ("flags", _U32),  # FLOW_F_*: the program's own; not synced
+        ("last_seen", _U64),  # jiffies; 0 = written by user space, not seen here yet
+    ]
 
 
 class FlowEvent(ctypes.Structure):
@@ -119,6 +130,13 @@ class LbConfig(ctypes.Structure):
         ("local_mac", _U8 * 6),
         ("pad", _U8 * 2),
         ("flags", _U32),  # CFG_F_*
+        ("timeout_tcp", _U64),  # idle timeouts in jiffies (0 = never)
+        ("timeout_closing", _U64),
+        ("timeout_udp", _U64),
+        ("deadline_jiffies", _U64),  # what the program tests (0 = disarmed)
+        ("clock_jiffies", _U64),  # the program's clock for user space (halb...clock)
+        ("clock_ns", _U64),
+        ("tick_ns", _U64),
     ]
 
 

@@ -1,8 +1,10 @@
 """The XDP flow source's diff engine (pure numpy; no maps, no clock).
 
-A scan's map entries (40-byte key + 8-byte value, as native 64-bit words) are kept sorted
-by a 64-bit hash of the key; the next scan finds each of its keys among them by binary
-search and compares the bytes. A hash collision only ever costs an extra (idempotent)
+A scan's map entries (40-byte key + 16-byte value, as native 64-bit words) are kept
+sorted by a 64-bit hash of the key; the next scan finds each of its keys among them by
+binary search and compares the bytes that sync carries (the backend id: the program's
+own bookkeeping, the last-seen stamp and the TCP phase, changes with traffic and is
+not a change to send). A hash collision only ever costs an extra (idempotent)
 upsert or an exact Python check, never a missed change. No Python object is made per
 entry.
 """
@@ -16,13 +18,33 @@ import numpy as np
 
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.flowrecords import KEY_SIZE, VALUE_SIZE
+from halb.dataplane.xdp.layout import FlowValue
 from halb.flows import records as rec
 
-__all__ = ["MapState", "U64s", "compare", "key_hash", "without", "without_keys"]
+__all__ = [
+    "SYNCED_VALUE",
+    "MapState",
+    "U64s",
+    "compare",
+    "key_hash",
+    "without",
+    "without_keys",
+]
 
 U64s = np.ndarray[Any, np.dtype[np.uint64]]
 _KEY_WORDS = KEY_SIZE // 8  # keys and values are handled as native 64-bit words:
 _VALUE_WORDS = VALUE_SIZE // 8  # 5-8x fewer elements to compare and move than bytes
+
+
+def _synced_mask() -> U64s:
+    """The value bits sync carries (the backend id), as a mask over the value words."""
+    raw = bytearray(VALUE_SIZE)
+    at = FlowValue.backend_id.offset
+    raw[at : at + FlowValue.backend_id.size] = b"\xff" * FlowValue.backend_id.size
+    return np.frombuffer(bytes(raw), np.uint64)
+
+
+SYNCED_VALUE = _synced_mask()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +127,12 @@ def find(state: MapState, hashes: U64s, keys: U64s) -> tuple[np.ndarray[Any, Any
 
 
 def compare(prev: MapState, cur: MapState) -> tuple[Any, Any]:
-    """(changed, gone): boolean masks over ``cur`` (new or changed entries) and over
-    ``prev`` (entries no longer in the map)."""
+    """(changed, gone): boolean masks over ``cur`` (new entries, or a changed backend)
+    and over ``prev`` (entries no longer in the map)."""
     idx, found = find(prev, cur.hashes, cur.keys)
     if len(prev):
-        changed = ~(found & (prev.values[idx] == cur.values).all(axis=1))
+        same = ((prev.values[idx] ^ cur.values) & SYNCED_VALUE == 0).all(axis=1)
+        changed = ~(found & same)
     else:
         changed = np.ones(len(cur), np.bool_)
     # Gone: a previous key no current key found. One whose hash is still among the

@@ -2,102 +2,20 @@
 /* halb XDP balancer: VIP:port/proto match, LRU flow table, Maglev ring, dsr / tunnel.
  *
  * Per packet: parse -> VIP filter on the destination's last byte (no VIP ends in it:
- * XDP_PASS) -> flow table (hit with a live backend: the backend entry names
- * its service, so the services hash is not read) -> else service lookup (miss:
- * XDP_PASS) and ring slot (hash % ring_size), recording the flow -> dead-man deadline
- * -> counters -> rewrite and XDP_TX. Frames that are not TCP/UDP go to the ARP / ND
- * fence (fence.h) and otherwise pass.
+ * XDP_PASS) -> flow table (hit with a live backend: the backend entry names its
+ * service, so the services hash is not read; a flow idle past its timeout is a miss,
+ * expiry.h) -> else service lookup (miss: XDP_PASS) and ring slot (hash % ring_size),
+ * recording the flow -> dead-man deadline -> counters -> rewrite and XDP_TX. IPv4
+ * fragments for a VIP drop; ICMP errors about a VIP flow go to its backend (icmp.h);
+ * other frames go to the ARP / ND fence (fence.h) and otherwise pass.
  *
  * Flow hit first: one hash lookup per packet in the steady state instead of two (each
  * costs 12-17 ns here, as much as the rest of the path). Traffic for other addresses
  * stops at the filter; only one whose last byte matches a VIP's pays a flow-table
- * miss before the services lookup. */
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-
-#include "constants.h"
-#include "structs.h"
-#include "maps.h"
-#include "parse.h"
-#include "hash.h"
-#include "encap.h"
-#include "fence.h"
-
-/* Benchmark only (HALB_BENCH_*, never defined in a real build): bench/xdp_cost.py builds
- * throw-away variants that return XDP_TX at stage n (-DHALB_BENCH_STOP=n), leave one
- * part out, or do it the previous way, to measure where the hit path spends its time. */
-#ifdef HALB_BENCH_STOP
-#define BENCH_STAGE(n)                      \
-	do {                                \
-		if (HALB_BENCH_STOP == (n)) \
-			return XDP_TX;      \
-	} while (0)
-#else
-#define BENCH_STAGE(n) \
-	do {           \
-	} while (0)
-#endif
-
-static __always_inline const struct backend_info *live_backend(__u32 id)
-{
-	const struct backend_info *be = bpf_map_lookup_elem(&backends, &id);
-
-	return be && (be->flags & BACKEND_F_VALID) ? be : 0;
-}
-
-static __always_inline const struct service_info *service_of(const struct packet *pkt)
-{
-	struct vip_key vk = {};
-
-	__builtin_memcpy(vk.addr, pkt->key.dst, sizeof(vk.addr));
-	vk.port = pkt->key.dport;
-	vk.proto = pkt->key.proto;
-	vk.family = pkt->key.family;
-	return bpf_map_lookup_elem(&services, &vk);
-}
-
-/* Tell the active's flow source of a flow just recorded (flowsource.py), if it
- * listens: a full ring (a consumer that fell behind) is counted, and the source rescans
- * the map when that count grows. Only the miss path gets here; hits pay nothing. */
-static __always_inline void flow_event(const struct packet *pkt, const struct flow_value *fv,
-				       const struct lb_config *cfg, __u64 frame_len)
-{
-	struct flow_event ev;
-
-	if (!(cfg->flags & CFG_F_FLOW_EVENTS))
-		return;
-	__builtin_memcpy(&ev.key, &pkt->key, sizeof(ev.key));
-	ev.value = *fv;
-	if (bpf_ringbuf_output(&flow_events, &ev, sizeof(ev), 0))
-		count(&stats_global, STAT_EVENT_LOST, frame_len);
-}
-
-/* A new flow (or one whose backend left): the service's ring slot, recorded. */
-static __always_inline const struct backend_info *ring_backend(struct packet *pkt,
-								const struct service_info *svc,
-								const struct lb_config *cfg,
-								__u64 frame_len, __u32 hash,
-								__u32 *backend_id)
-{
-	const struct backend_info *be;
-	struct flow_value nv = {};
-	__u32 slot, *id;
-
-	if (svc->ring_size == 0 || svc->ring_size > HALB_RING_STRIDE)
-		return 0;
-	slot = svc->index * HALB_RING_STRIDE + hash % svc->ring_size;
-	id = bpf_map_lookup_elem(&ring, &slot);
-	if (!id)
-		return 0;
-	nv.backend_id = *id;
-	be = live_backend(nv.backend_id);
-	if (!be)
-		return 0;
-	if (bpf_map_update_elem(&flows, FLOW_KEY(pkt), &nv, BPF_ANY) == 0)
-		flow_event(pkt, &nv, cfg, frame_len);
-	*backend_id = nv.backend_id;
-	return be;
-}
+ * miss before the services lookup. The steps are in balancer.h; bench/bpf/ composes
+ * them otherwise to measure each. */
+#include "balancer.h"
+#include "clock.h"
 
 SEC("xdp")
 int halb_balancer(struct xdp_md *ctx)
@@ -107,32 +25,40 @@ int halb_balancer(struct xdp_md *ctx)
 	__u64 frame_len = data_end - data;
 	const struct backend_info *be = 0;
 	const struct service_info *svc = 0;
-	const struct flow_value *fv;
+	struct flow_value *fv;
 	struct packet pkt = {};
 	struct lb_config *cfg;
-	__u32 zero = 0, backend_id = 0, hash = 0, last, *vips;
+	__u32 zero = 0, backend_id = 0, hash = 0;
+	__u64 now;
+	int parsed, verdict;
 
-	if (parse_packet(data, data_end, &pkt))
-		return fence_neigh(data, data_end);
-	last = ((__u8 *)pkt.key.dst)[pkt.key.family == HALB_FAMILY_V4 ? 3 : 15];
-	vips = bpf_map_lookup_elem(&vip_filter, &last);
-	if (!vips || !*vips)
-		return XDP_PASS;
-	BENCH_STAGE(1);
-
-#ifdef HALB_BENCH_SERVICE_LOOKUP /* comparison variant: the services hash on every packet */
-	if (!service_of(&pkt))
-		return XDP_PASS;
-#endif
-	fv = bpf_map_lookup_elem(&flows, FLOW_KEY(&pkt));
-	if (fv) {
-		backend_id = fv->backend_id;
-		be = live_backend(backend_id);
+	parsed = parse_packet(data, data_end, &pkt);
+	if (parsed == PARSE_FRAG)
+		return fragment_verdict(&pkt, frame_len);
+	if (parsed == PARSE_ICMP) {
+		verdict = icmp_relay(ctx, data, data_end, &pkt, frame_len);
+		if (verdict >= 0)
+			return verdict;
 	}
-	BENCH_STAGE(2);
-#ifdef HALB_BENCH_ALWAYS_MISS /* bench variant: every packet takes the miss path */
-	be = 0;
-#endif
+	if (parsed != PARSE_FLOW)
+		return fence_neigh(data, data_end);
+	if (!vip_filter_pass(&pkt))
+		return XDP_PASS;
+	/* An array entry (the verifier inlines the lookup); the clock is read once for the
+	 * deadline, expiry and the flow's stamp. */
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return XDP_DROP;
+	now = clock_now();
+	fv = bpf_map_lookup_elem(&flows, &pkt.key);
+	if (fv) {
+		if (!flow_expired(fv, pkt.key.proto, cfg, now)) {
+			backend_id = fv->backend_id;
+			be = live_backend(backend_id);
+		} else {
+			count(&stats_global, STAT_FLOW_EXPIRED, frame_len);
+		}
+	}
 	if (!be) {
 		svc = service_of(&pkt);
 		if (!svc)
@@ -140,33 +66,24 @@ int halb_balancer(struct xdp_md *ctx)
 	}
 	/* VIP traffic only; checked before a flow is recorded, so a fenced node learns
 	 * nothing new. */
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg)
-		return XDP_DROP;
-#ifndef HALB_BENCH_NO_DEADLINE /* ablation variant: what the check costs */
-	if (past_deadline(cfg)) {
+	if (deadline_passed(cfg, now)) {
 		count(&stats_global, STAT_DEADLINE_DROP, frame_len);
 		return XDP_DROP;
 	}
-#endif
 	if (!be) {
 		hash = flow_hash(&pkt.key);
-		be = ring_backend(&pkt, svc, cfg, frame_len, hash, &backend_id);
+		be = ring_backend(&pkt, svc, cfg, frame_len, hash, now, &backend_id);
 		if (!be) {
 			count(&stats_global, STAT_NO_BACKEND, frame_len);
 			return XDP_DROP;
 		}
+	} else if (fv) { /* always, on a hit; the verifier cannot tell */
+		flow_touch(fv, pkt.tcp_flags, now);
 	}
-	BENCH_STAGE(3);
-#ifndef HALB_BENCH_NO_COUNTERS /* ablation variant: what the counters cost */
 	count(&stats_service, be->service, frame_len);
 	count(&stats_backend, backend_id, frame_len);
-#endif
-	BENCH_STAGE(4);
 
 	if (be->flags & BACKEND_F_TUNNEL) {
-		int verdict;
-
 		if (!hash) /* a flow hit: the hash is only needed for the flow label */
 			hash = flow_hash(&pkt.key);
 		verdict = encap_tunnel(ctx, &pkt, be, cfg, hash);
@@ -174,10 +91,7 @@ int halb_balancer(struct xdp_md *ctx)
 			count(&stats_global, STAT_ENCAP_FAIL, frame_len);
 		return verdict;
 	}
-	if (data + sizeof(struct ethhdr) > data_end)
-		return XDP_DROP;
-	set_macs(data, be, cfg);
-	return XDP_TX;
+	return forward_dsr(data, data_end, be, cfg);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -4,10 +4,12 @@
  * replying to ARP / neighbour solicitations for an address it still holds), so clients
  * move to the new active instead of being drawn back.
  *
- * The clock is CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns): a plain read of the
- * last tick's time, a few ns cheaper than bpf_ktime_get_ns with a TSC clocksource and
- * much cheaper with others (hpet: microseconds), at one tick (1/HZ) of resolution;
- * the adapter takes two ticks off the deadline it is given. */
+ * The clock is jiffies (bpf_jiffies64, which the verifier inlines as a load: no helper
+ * call; bpf_ktime_get_coarse_ns, the previous clock, cost ~19 ns per packet here and
+ * bpf_ktime_get_ns more), one tick (1/HZ) of resolution. Jiffies and
+ * CLOCK_MONOTONIC_COARSE advance together in the tick; the adapter converts the
+ * deadline it is given with a pair of both read by halb_clock (balancer.bpf.c), taking
+ * two ticks off, plus one for the pairing. */
 #ifndef HALB_FENCE_H
 #define HALB_FENCE_H
 
@@ -21,13 +23,15 @@
 #include "maps.h"
 #include "structs.h"
 
-static __always_inline int past_deadline(const struct lb_config *cfg)
+/* The clock of the dead-man switch and of flow expiry, read once per VIP packet. */
+static __always_inline __u64 clock_now(void)
 {
-#ifdef HALB_BENCH_FINE_CLOCK /* bench/xdp_cost.py's comparison variant only */
-	return cfg->deadline_ns && bpf_ktime_get_ns() > cfg->deadline_ns;
-#else
-	return cfg->deadline_ns && bpf_ktime_get_coarse_ns() > cfg->deadline_ns;
-#endif
+	return bpf_jiffies64();
+}
+
+static __always_inline int deadline_passed(const struct lb_config *cfg, __u64 now)
+{
+	return cfg->deadline_jiffies && now > cfg->deadline_jiffies;
 }
 
 /* For a frame that is not a TCP/UDP candidate: XDP_DROP if it is an ARP request or an
@@ -73,7 +77,7 @@ static __always_inline int fence_neigh(void *data, void *data_end)
 		return XDP_PASS;
 	}
 	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg || !past_deadline(cfg))
+	if (!cfg || !cfg->deadline_jiffies || !deadline_passed(cfg, clock_now()))
 		return XDP_PASS;
 	if (!bpf_map_lookup_elem(&vip_addrs, &va))
 		return XDP_PASS;

@@ -50,29 +50,10 @@ struct {
 	__uint(max_entries, 256);
 } vip_filter SEC(".maps");
 
-#ifdef HALB_BENCH_V4_KEY
-/* bench/xdp_cost.py's comparison variant only: an IPv4-only 16-byte flow key, to
- * measure what a smaller key would gain. Not the layout (Python, sync use flow_key). */
-struct flow_key_v4 {
-	__u32 src;
-	__u32 dst;
-	__u16 sport;
-	__u16 dport;
-	__u8 proto;
-	__u8 pad[3];
-};
-#define FLOW_KEY(pkt)                                                                  \
-	(&(struct flow_key_v4){(pkt)->key.src[0], (pkt)->key.dst[0], (pkt)->key.sport, \
-			       (pkt)->key.dport, (pkt)->key.proto})
-#define FLOW_KEY_TYPE struct flow_key_v4
-#else
-#define FLOW_KEY(pkt) (&(pkt)->key)
-#define FLOW_KEY_TYPE struct flow_key
-#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, FLOW_KEY_TYPE);
+	__type(key, struct flow_key);
 	__type(value, struct flow_value);
 	__uint(max_entries, HALB_MAX_FLOWS);
 } flows SEC(".maps");

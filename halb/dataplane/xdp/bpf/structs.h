@@ -48,7 +48,11 @@ struct flow_key {
 
 struct flow_value {
 	__u32 backend_id;
-	__u32 flags;
+	__u32 flags; /* FLOW_F_* (the program's own bookkeeping; not synced) */
+	/* jiffies of the last packet forwarded; 0 = written by user space (a synced flow)
+	 * and not seen here yet: never expired by the program, stamped by its first
+	 * packet. Not synced either. */
+	__u64 last_seen;
 };
 
 /* A flow_events record: a flow the program has just recorded in `flows` (the map's
@@ -57,19 +61,33 @@ struct flow_event {
 	struct flow_key key;
 	struct flow_value value;
 };
-_Static_assert(sizeof(struct flow_event) == 48, "flow_event: key 40 + value 8, no padding");
+_Static_assert(sizeof(struct flow_event) == 56, "flow_event: key 40 + value 16, no padding");
 
 struct lb_config {
-	/* Dead-man switch, compared with CLOCK_MONOTONIC_COARSE ns (bpf_ktime_get_coarse_ns:
-	 * one tick of resolution; the adapter writes the caller's CLOCK_MONOTONIC deadline
-	 * minus two ticks). 0 = disarmed. Past it, VIP traffic, ARP requests and neighbour
-	 * solicitations for a VIP address drop. */
+	/* Dead-man switch as the adapter was given it (CLOCK_MONOTONIC_COARSE ns, the
+	 * caller's deadline minus two ticks; 0 = disarmed): for people and tools. The
+	 * program tests deadline_jiffies, the same instant on its own clock (fence.h). */
 	__u64 deadline_ns;
 	__u32 local_v4;     /* outer source of IPv4 tunnels */
 	__u32 local_v6[4];  /* outer source of IPv6 tunnels */
 	__u8 local_mac[6];  /* source MAC of every forwarded frame */
 	__u8 pad[2];
 	__u32 flags; /* CFG_F_* */
+	/* Idle timeouts of a flow, by protocol and TCP phase (jiffies; 0 = never): a flow
+	 * idle for longer is a miss (the ring decides again, the flow is re-recorded), and
+	 * the active's flow source deletes it from the map. */
+	__u64 timeout_tcp;     /* TCP, established */
+	__u64 timeout_closing; /* TCP after a FIN or RST */
+	__u64 timeout_udp;
+	/* Past this jiffies value VIP traffic, ARP requests and neighbour solicitations
+	 * for a VIP address drop; 0 = disarmed. */
+	__u64 deadline_jiffies;
+	/* The program's clock as user space reads it: jiffies clock_jiffies was
+	 * CLOCK_MONOTONIC_COARSE clock_ns, one jiffy is tick_ns (written by the adapter;
+	 * the program does not read them). */
+	__u64 clock_jiffies;
+	__u64 clock_ns;
+	__u64 tick_ns;
 };
 
 struct counter {
