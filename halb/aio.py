@@ -28,13 +28,28 @@ async def within(aw: Awaitable[T], seconds: float | None) -> T:
 
 
 async def cancel_and_wait(
-    task: asyncio.Task[Any] | None, log: logging.Logger, failure: str, *args: object
+    task: asyncio.Task[Any] | None,
+    log: logging.Logger,
+    failure: str,
+    *args: object,
+    again: float | None = None,
 ) -> None:
     """Cancel ``task`` and wait until it has ended. A failure of its own (anything but
-    the cancellation) is logged with ``failure % args`` and its traceback, not raised."""
+    the cancellation) is logged with ``failure % args`` and its traceback, not raised.
+
+    ``again``: cancel it again every ``again`` seconds while it runs on. Only for a
+    task whose every step may be interrupted (no cleanup that a second cancellation
+    would cut short): a loop around grpc.aio calls can swallow a cancellation that
+    lands as its call fails, and would otherwise retry for ever while we wait."""
     if task is None:
         return
     task.cancel()
+    if again is not None:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=again)
+            if not done:
+                log.warning("%s survived a cancellation; cancelling it again", task.get_name())
+                task.cancel()
     try:
         await task
     except asyncio.CancelledError:

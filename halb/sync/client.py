@@ -177,7 +177,13 @@ class FlowSyncClient:
     async def stop(self) -> None:
         """End the stream and wait until the dataplane write in progress has finished."""
         task, self._task = self._task, None
-        await cancel_and_wait(task, log, "flow sync with %s ended with an error", self._peer)
+        # Re-cancelled until it ends: the loop has no cleanup to protect (the write in
+        # flight is shielded and drained below), and a cancellation swallowed as a call
+        # failed would leave it retrying while the runtime waits here (seen: a standby
+        # stuck before its campaign, then unable to stop).
+        await cancel_and_wait(
+            task, log, "flow sync with %s ended with an error", self._peer, again=0.5
+        )
         await self.drain()
 
     async def drain(self) -> None:

@@ -60,3 +60,45 @@ def test_cancel_and_wait_ends_the_task_and_logs_only_its_own_failure(
     with caplog.at_level(logging.ERROR, logger="halb.test.aio"):
         asyncio.run(main())
     assert [r.getMessage() for r in caplog.records] == ["loud task"]
+
+
+def test_cancel_and_wait_again_ends_a_loop_that_swallows_one_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A retry loop that turns one cancellation into a retry (as a loop around a failing
+    grpc.aio call can) ends with ``again``; the warning says it happened."""
+    import logging
+
+    log = logging.getLogger("halb.test.aio")
+    retries = 0
+
+    async def swallows_once() -> None:
+        nonlocal retries
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if retries:
+                    raise
+                retries += 1  # the first one is "lost" in a failed call: retry
+
+    async def main() -> None:
+        nonlocal retries
+        task = asyncio.create_task(swallows_once(), name="retry-loop")
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_and_wait(task, log, "loop", again=0.05), 2.0)
+        assert task.cancelled() and retries == 1
+        # Without ``again`` the same loop would still be running after a plain cancel.
+        retries = 0
+        stuck = asyncio.create_task(swallows_once())
+        await asyncio.sleep(0)
+        stuck.cancel()
+        await asyncio.sleep(0.05)
+        assert not stuck.done()
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+
+    with caplog.at_level(logging.WARNING, logger="halb.test.aio"):
+        asyncio.run(main())
+    assert "retry-loop survived a cancellation" in caplog.text
