@@ -40,10 +40,10 @@ def _multiarch_include() -> list[str]:
     return [f"-I/usr/include/{triplet}"] if out.returncode == 0 and triplet else []
 
 
-def source_digest(source: str, defines: Sequence[str] = ()) -> str:
-    """sha256 over the program's source, every header and the defines."""
+def source_digest(source: str, defines: Sequence[str] = (), bpf_dir: Path = BPF_DIR) -> str:
+    """sha256 over the program's source, every header beside it and the defines."""
     h = hashlib.sha256()
-    for path in [BPF_DIR / source, *sorted(BPF_DIR.glob("*.h"))]:
+    for path in [bpf_dir / source, *sorted(bpf_dir.glob("*.h"))]:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update("\0".join(defines).encode())
     return h.hexdigest()
@@ -54,19 +54,22 @@ def build_bpf(
     source: str = "balancer.bpf.c",
     defines: Sequence[str] = (),
     force: bool = False,
+    bpf_dir: Path = BPF_DIR,
 ) -> Path:
-    """Compile ``bpf/<source>`` to ``<out_dir or bpf/>/<stem>.o`` and return its path.
+    """Compile ``<bpf_dir>/<source>`` to ``<out_dir or bpf_dir>/<stem>.o`` and return its
+    path. ``bpf_dir`` defaults to the XDP programs; other objects (the PROXY protocol
+    programs) pass their own directory and share this build and its stamp.
 
     ``defines`` are ``NAME=VALUE`` overrides of constants.h (they change the object name
     so differently sized objects do not overwrite each other).
     """
-    src = BPF_DIR / source
+    src = bpf_dir / source
     stem = source.removesuffix(".c")
     if defines:
         stem += "-" + "-".join(d.replace("=", "_") for d in defines)
-    out = (out_dir or BPF_DIR) / f"{stem}.o"
+    out = (out_dir or bpf_dir) / f"{stem}.o"
     stamp = out.with_name(out.name + ".stamp")
-    digest = source_digest(source, defines)
+    digest = source_digest(source, defines, bpf_dir)
     if not force and out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return out
     clang = shutil.which("clang")

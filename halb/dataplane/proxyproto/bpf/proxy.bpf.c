@@ -1,0 +1,361 @@
+// SPDX-License-Identifier: GPL-2.0
+/* PROXY protocol insertion for full-NAT flows (issue 17), two TC programs:
+ *
+ *   halb_pp_egress   on the interface toward the backends, egress (after nft's NAT:
+ *                    the client -> backend direction with post-NAT addresses)
+ *   halb_pp_ingress  on the same interface, ingress (backend -> client, before de-NAT)
+ *
+ * A flow of a PROXY service has a pp_flows entry (key: the post-NAT 4-tuple) with the
+ * header to insert at the client's ISN + 1. The header goes out on the handshake's
+ * final pure ACK as its payload (loxilb-ebpf #87: a first data segment may be a GSO
+ * super-packet), or before the first segment's payload when the client's first packet
+ * after the SYN-ACK already carries data. From then on every client segment's seq moves
+ * up by the header's length and every backend segment's ack and SACK edges move down
+ * (loxilb #675). Conntrack runs before egress and after ingress, so it only ever sees
+ * the client's own sequence space.
+ *
+ * Checksums are updated incrementally with the helpers, which also keep a partially
+ * offloaded (CHECKSUM_PARTIAL) checksum right: payload changes are non-pseudo diffs that
+ * the kernel ignores there, length changes are pseudo-header diffs. Each change is
+ * counted once (loxilb-ebpf #93).
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "structs.h"
+#include "maps.h"
+#include "parse.h"
+#include "csum.h"
+
+#define PP_TCP_CSUM 16 /* offset of the checksum in the TCP header */
+#define PP_MOVE_MAX 100 /* IPv4 options (40) + TCP header (60) */
+
+static __always_inline int seq_after_eq(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) >= 0;
+}
+
+/* A backend sequence number (ack or SACK edge) in the client's space: past the header
+ * it moves down by its length; inside the header (the backend has part of it) it is the
+ * insertion point, so the client never sees an ack of bytes it did not send. */
+static __always_inline __u32 to_client(__u32 v, __u32 isn_next, __u32 hdr_len)
+{
+	if (seq_after_eq(v, isn_next + hdr_len))
+		return v - hdr_len;
+	if (seq_after_eq(v, isn_next))
+		return isn_next;
+	return v;
+}
+
+/* IP length field for a TCP segment of new_l4_len bytes (IPv4: with its checksum). */
+static __always_inline int set_ip_len(struct __sk_buff *skb, struct pp_pkt *p, __u32 new_l4_len)
+{
+	__u32 iph = p->l4 - p->l3;
+	__u16 old, new;
+
+	if (p->family == PP_FAMILY_V4) {
+		old = bpf_htons(iph + p->l4_len);
+		new = bpf_htons(iph + new_l4_len);
+		if (bpf_l3_csum_replace(skb, p->l3 + 10, old, new, 2))
+			return -1;
+		return bpf_skb_store_bytes(skb, p->l3 + 2, &new, 2, 0);
+	}
+	new = bpf_htons(new_l4_len);
+	return bpf_skb_store_bytes(skb, p->l3 + 4, &new, 2, 0);
+}
+
+/* Ones' complement sum of the segment's payload, derived from its checksum field:
+ * check = ~(pseudo + header + payload). Meaningless for CHECKSUM_PARTIAL (the field then
+ * holds the pseudo-header sum only), where the diffs built from it are ignored anyway. */
+static __always_inline __u16 payload_sum(struct pp_pkt *p, __u8 *th, __u32 th_len)
+{
+	__u32 sum = bpf_csum_diff(0, 0, (__be32 *)p->key.local, 32, 0); /* both addresses */
+
+	sum = pp_csum_add(sum, bpf_htons(IPPROTO_TCP));
+	sum = pp_csum_add(sum, bpf_htons(p->l4_len));
+	sum = pp_csum_add(sum, bpf_csum_diff(0, 0, (__be32 *)th, th_len, 0));
+	return (__u16)~pp_csum_fold(sum);
+}
+
+/* Is the segment with `grow` more bytes larger than the path toward the backend? */
+static __always_inline int too_big(struct __sk_buff *skb, struct pp_pkt *p, __u32 grow)
+{
+	__u32 key = 0, mtu_len = 0;
+	struct pp_config *cfg = bpf_map_lookup_elem(&pp_config, &key);
+
+	if (cfg && cfg->mtu)
+		return p->l4 - p->l3 + p->l4_len + grow > cfg->mtu;
+	return bpf_check_mtu(skb, 0, &mtu_len, grow, 0) != BPF_MTU_CHK_RET_SUCCESS;
+}
+
+enum { PP_APPEND, PP_BEFORE, PP_TRIM };
+
+/* Put the header at the insertion point. Returns the stat to count, or -1 after a
+ * failure (the packet may be half rewritten: the caller drops it). */
+static __always_inline int insert(struct __sk_buff *skb, struct pp_pkt *p, struct pp_flow *f,
+				  __u32 hdr_len)
+{
+	__u8 th[PP_TH_MAX] = {};
+	__u8 mv[PP_MOVE_MAX];
+	/* 64-bit sizes: with 32-bit ones clang checks a zero-extended copy and passes the
+	 * unchecked register to the helper, which the verifier rejects */
+	__u64 th_len = p->th_len, hlen = hdr_len, move, words;
+	__u32 payload = p->l4_len - p->th_len, new_l4_len, mode, diff;
+	__u16 d = 0, fin_old = 0, fin_new = 0;
+
+	PP_OPAQUE(th_len);
+	PP_OPAQUE(hlen);
+	if (th_len < 20 || th_len > PP_TH_MAX || hlen < 1 || hlen > HALB_PP_MAX_HDR ||
+	    bpf_skb_load_bytes(skb, p->l4, th, th_len))
+		return -1;
+	/* f->hdr is zero after hdr_len, so the rounded-up words sum the header alone */
+	words = (hlen + 3) & ~3ULL;
+	PP_OPAQUE(words);
+	if (words > HALB_PP_MAX_HDR)
+		return -1;
+	diff = bpf_csum_diff(0, 0, (__be32 *)f->hdr, words, 0);
+
+	if (payload == 0) {
+		mode = PP_APPEND;
+	} else if (skb->gso_size || too_big(skb, p, hdr_len)) {
+		/* Never grow a data segment past the MTU or a GSO packet (whose segments the
+		 * header would not follow): send the header alone in its place. The backend
+		 * acks the header only, so the client retransmits the data, and by then the
+		 * flow is PP_ACKED and the data just moves by hdr_len. */
+		mode = PP_TRIM;
+	} else {
+		mode = PP_BEFORE;
+	}
+	if (mode != PP_APPEND)
+		d = payload_sum(p, th, th_len);
+
+	if (mode == PP_BEFORE) {
+		/* The kernel opens the room right after the fixed IP header; move any IPv4
+		 * options and the TCP header back in front of it. */
+		if (bpf_skb_adjust_room(skb, hdr_len, BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		move = p->l4 + th_len - p->base;
+		PP_OPAQUE(move);
+		if (move < 20 || move > PP_MOVE_MAX)
+			return -1;
+		if (bpf_skb_load_bytes(skb, p->base + hdr_len, mv, move) ||
+		    bpf_skb_store_bytes(skb, p->base, mv, move, 0))
+			return -1;
+		new_l4_len = p->l4_len + hdr_len;
+		/* the payload moved by hdr_len bytes: an odd shift swaps its byte pairs */
+		diff = pp_csum_add(diff, hdr_len & 1 ? pp_swab16(d) : d);
+		diff = pp_csum_add(diff, (__u16)~d);
+	} else {
+		new_l4_len = th_len + hdr_len;
+		if (bpf_skb_change_tail(skb, p->l4 + new_l4_len, 0))
+			return -1;
+		if (mode == PP_TRIM) {
+			diff = pp_csum_add(diff, (__u16)~d);
+			if (p->th.fin) {
+				/* the FIN came after the data we leave to a retransmission */
+				__builtin_memcpy(&fin_old, th + 12, 2);
+				th[13] &= ~1;
+				__builtin_memcpy(&fin_new, th + 12, 2);
+				if (bpf_skb_store_bytes(skb, p->l4 + 13, th + 13, 1, 0) ||
+				    bpf_l4_csum_replace(skb, p->l4 + PP_TCP_CSUM, fin_old, fin_new, 2))
+					return -1;
+			}
+		}
+	}
+	if (bpf_skb_store_bytes(skb, p->l4 + th_len, f->hdr, hlen, 0) ||
+	    set_ip_len(skb, p, new_l4_len) ||
+	    bpf_l4_csum_replace(skb, p->l4 + PP_TCP_CSUM, bpf_htons(p->l4_len),
+				bpf_htons(new_l4_len), BPF_F_PSEUDO_HDR | 2) ||
+	    bpf_l4_csum_replace(skb, p->l4 + PP_TCP_CSUM, 0, diff, 0))
+		return -1;
+
+	if (f->state != PP_PENDING)
+		return PP_STAT_REINSERTED;
+	f->state = PP_SENT;
+	if (mode == PP_APPEND)
+		return PP_STAT_INSERTED;
+	return mode == PP_TRIM ? PP_STAT_TRIMMED : PP_STAT_INSERTED_DATA;
+}
+
+SEC("tc")
+int halb_pp_egress(struct __sk_buff *skb)
+{
+	struct pp_pkt p;
+	struct pp_flow *f;
+	__u32 seq, hdr_len;
+	__be32 nseq;
+	int stat;
+
+	if (pp_parse(skb, &p, 1))
+		return TC_ACT_OK;
+	f = bpf_map_lookup_elem(&pp_flows, &p.key);
+	if (!f)
+		return TC_ACT_OK;
+	seq = bpf_ntohl(p.th.seq);
+	if (p.th.syn) {
+		if (!p.th.ack && !(f->flags & PP_F_ISN)) {
+			f->isn_next = seq + 1;
+			f->flags |= PP_F_ISN;
+		}
+		return TC_ACT_OK;
+	}
+	if (f->state == PP_MISSED)
+		return TC_ACT_OK;
+	hdr_len = f->hdr_len;
+	if (!(f->flags & PP_F_ISN) || hdr_len == 0 || hdr_len > HALB_PP_MAX_HDR) {
+		/* written after the handshake, or with nothing to insert: hands off */
+		f->state = PP_MISSED;
+		pp_count(PP_STAT_MISSED);
+		return TC_ACT_OK;
+	}
+	if (seq == f->isn_next && f->state != PP_ACKED && !p.th.rst &&
+	    !(skb->gso_size && f->state == PP_SENT)) {
+		/* the first segment, or its retransmission while the backend has not
+		 * acknowledged the header: the same header bytes at the same seq */
+		stat = insert(skb, &p, f, hdr_len);
+		if (stat < 0) {
+			pp_count(PP_STAT_ERROR);
+			return TC_ACT_SHOT;
+		}
+		pp_count(stat);
+		return TC_ACT_OK;
+	}
+	if (f->state == PP_PENDING) {
+		if (seq_after_eq(seq, f->isn_next + 1)) {
+			/* data went out before the entry existed: never insert mid-stream */
+			f->state = PP_MISSED;
+			pp_count(PP_STAT_MISSED);
+		}
+		return TC_ACT_OK;
+	}
+	nseq = bpf_htonl(seq + hdr_len);
+	if (bpf_skb_store_bytes(skb, p.l4 + 4, &nseq, 4, 0) ||
+	    bpf_l4_csum_replace(skb, p.l4 + PP_TCP_CSUM, p.th.seq, nseq, 4)) {
+		pp_count(PP_STAT_ERROR);
+		return TC_ACT_SHOT;
+	}
+	pp_count(PP_STAT_SEQ_ADJUSTED);
+	return TC_ACT_OK;
+}
+
+static __always_inline __u32 get32(__u8 *b, __u32 o)
+{
+	return ((__u32)b[o & 63] << 24) | ((__u32)b[(o + 1) & 63] << 16) |
+	       ((__u32)b[(o + 2) & 63] << 8) | b[(o + 3) & 63];
+}
+
+static __always_inline void put32(__u8 *b, __u32 o, __u32 v)
+{
+	b[o & 63] = v >> 24;
+	b[(o + 1) & 63] = v >> 16;
+	b[(o + 2) & 63] = v >> 8;
+	b[(o + 3) & 63] = v;
+}
+
+SEC("tc")
+int halb_pp_ingress(struct __sk_buff *skb)
+{
+	struct pp_pkt p;
+	struct pp_flow *f;
+	__u8 old[64] = {}, th[64] = {};
+	__u64 th_len;
+	__u32 hdr_len, isn_next, ack, v, nv, i, o, end = 0, sack, sacks = 0;
+	int changed = 0;
+
+	if (pp_parse(skb, &p, 0))
+		return TC_ACT_OK;
+	f = bpf_map_lookup_elem(&pp_flows, &p.key);
+	if (!f)
+		return TC_ACT_OK;
+	if (p.th.syn) {
+		/* the SYN-ACK acks the client's ISN + 1: learn it if user space could not */
+		if (p.th.ack && !(f->flags & PP_F_ISN)) {
+			f->isn_next = bpf_ntohl(p.th.ack_seq);
+			f->flags |= PP_F_ISN;
+		}
+		return TC_ACT_OK;
+	}
+	if (f->state != PP_SENT && f->state != PP_ACKED)
+		return TC_ACT_OK; /* nothing inserted: the backend's numbers are the client's */
+	hdr_len = f->hdr_len;
+	isn_next = f->isn_next;
+	th_len = p.th_len;
+	PP_OPAQUE(th_len);
+	if (hdr_len > HALB_PP_MAX_HDR || th_len < 20 || th_len > PP_TH_MAX ||
+	    bpf_skb_load_bytes(skb, p.l4, old, th_len))
+		return TC_ACT_OK;
+	__builtin_memcpy(th, old, sizeof(th));
+
+	if (p.th.ack) {
+		ack = bpf_ntohl(p.th.ack_seq);
+		if (f->state == PP_SENT && seq_after_eq(ack, isn_next + hdr_len))
+			f->state = PP_ACKED;
+		nv = to_client(ack, isn_next, hdr_len);
+		if (nv != ack) {
+			put32(th, 8, nv);
+			changed = 1;
+			pp_count(PP_STAT_ACK_ADJUSTED);
+		}
+	}
+	/* options: find the SACK option (one per segment), then move both edges of each
+	 * of its blocks; the search stops there to keep the verifier's paths few */
+	i = 20;
+	sack = 0;
+	for (int n = 0; n < 40; n++) {
+		__u8 kind, len;
+
+		if (i + 1 >= th_len)
+			break;
+		kind = th[i & 63];
+		if (kind == 0)
+			break;
+		if (kind == 1) {
+			i = (i + 1) & 63;
+			continue;
+		}
+		len = th[(i + 1) & 63];
+		if (len < 2)
+			break;
+		if (kind == 5) {
+			sack = i;
+			end = i + len;
+			break;
+		}
+		i = (i + len) & 127;
+	}
+	if (sack && end <= th_len) {
+		for (int b = 0; b < 4; b++) {
+			o = sack + 2 + 8 * b;
+			if (o + 8 > end)
+				break;
+			v = get32(th, o);
+			nv = to_client(v, isn_next, hdr_len);
+			v = get32(th, o + 4);
+			put32(th, o, nv);
+			put32(th, o + 4, to_client(v, isn_next, hdr_len));
+			sacks++;
+		}
+	}
+	if (sacks) {
+		changed = 1;
+		__u32 idx = PP_STAT_SACK_ADJUSTED;
+		__u64 *c = bpf_map_lookup_elem(&pp_stats, &idx);
+
+		if (c)
+			*c += sacks;
+	}
+	if (!changed)
+		return TC_ACT_OK;
+	/* one store and one checksum diff for ack and every SACK edge together */
+	if (bpf_skb_store_bytes(skb, p.l4, th, th_len, 0) ||
+	    bpf_l4_csum_replace(skb, p.l4 + PP_TCP_CSUM, 0,
+				bpf_csum_diff((__be32 *)old, th_len, (__be32 *)th, th_len, 0), 0)) {
+		pp_count(PP_STAT_ERROR);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "GPL";
