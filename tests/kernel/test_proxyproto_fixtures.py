@@ -320,6 +320,35 @@ def test_first_segment_over_the_mtu_sends_the_header_alone(prog: ProxyProgram, v
     assert seg.payload == hdr + small
 
 
+def test_full_first_data_after_the_header_only_moves_until_the_backend_lacks_it(
+    prog: ProxyProgram,
+) -> None:
+    """The header went out on the pure ACK; a first data segment of a full MTU then
+    moves (re-sending the header in its place would cost every bulk connection a
+    retransmission). Only once the backend acks the insertion point (it lacks the
+    header) does the next such segment carry the header alone."""
+    hdr = header(1)
+    flow = put(prog, hdr)
+    prog.set_mtu(1500)
+    run(prog, EGRESS, to_backend(ISN_NEXT))
+    full = bytes(1500 - 40)
+    seg = run(prog, EGRESS, to_backend(ISN_NEXT, TCP_ACK, full))
+    assert (seg.seq, seg.payload) == (s32(ISN_NEXT + len(hdr)), full)
+    # the backend's dup ack of the insertion point (SACKing the data that moved)
+    opts = sack_option((s32(ISN_NEXT + len(hdr)), s32(ISN_NEXT + len(hdr) + len(full))))
+    seg = run(prog, INGRESS, to_client(ISN_NEXT, options=opts))
+    assert seg.ack == ISN_NEXT
+    assert seg.sack_blocks() == [(ISN_NEXT, s32(ISN_NEXT + len(full)))]
+    assert state(prog, flow).state is PpState.SENT
+    seg = run(prog, EGRESS, to_backend(ISN_NEXT, TCP_ACK, full))
+    assert (seg.seq, seg.payload) == (ISN_NEXT, hdr)
+    assert prog.stats()["reinserted"] == 1
+    run(prog, INGRESS, to_client(ISN_NEXT + len(hdr)))
+    assert state(prog, flow).state is PpState.ACKED
+    seg = run(prog, EGRESS, to_backend(ISN_NEXT, TCP_ACK, full))
+    assert (seg.seq, seg.payload) == (s32(ISN_NEXT + len(hdr)), full)
+
+
 # --- flows the program must leave alone ---------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "MAP_TYPES",
     "MAX_HDR",
     "PP_F_ISN",
+    "PP_F_LOST",
     "STATS",
     "STRUCTS",
     "PpConfig",
@@ -28,6 +29,9 @@ MAX_HDR = 108
 """HALB_PP_MAX_HDR: the longest header the program inserts (a v1 line is <= 107)."""
 PP_F_ISN = 1
 """pp_flow.flags: isn_next is known."""
+PP_F_LOST = 2
+"""pp_flow.flags: SENT, and the backend acked the insertion point after the header went
+out (it lacks the header): the next client segment there carries it, whatever its size."""
 
 
 class PpState(IntEnum):

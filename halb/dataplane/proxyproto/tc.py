@@ -8,6 +8,8 @@ import socket
 from dataclasses import dataclass
 from typing import Literal
 
+from pyroute2 import IPRoute
+
 from halb.dataplane.xdp import libbpf as lb
 from halb.dataplane.xdp.netns import in_netns
 
@@ -44,6 +46,11 @@ class TcFilter:
         in_netns(self.netns, do)
 
 
+def _has_clsact(ifindex: int) -> bool:
+    with IPRoute() as ipr:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
+
+
 def _hook(ifindex: int, direction: Direction) -> lb.BpfTcHook:
     return lb.BpfTcHook(
         sz=ctypes.sizeof(lb.BpfTcHook), ifindex=ifindex, attach_point=_POINT[direction]
@@ -62,10 +69,14 @@ def tc_attach(
     in place on detach (other programs may use it)."""
 
     def do() -> TcFilter:
-        hook = _hook(socket.if_nametoindex(ifname), direction)
-        ret = lb.lib.bpf_tc_hook_create(ctypes.byref(hook))
-        if ret != -_EEXIST:
-            lb.check(ret, f"clsact qdisc on {ifname}")
+        ifindex = socket.if_nametoindex(ifname)
+        hook = _hook(ifindex, direction)
+        # asked first: creating an existing clsact fails noisily (libbpf prints the
+        # kernel's "Exclusivity flag on" for every second direction)
+        if not _has_clsact(ifindex):
+            ret = lb.lib.bpf_tc_hook_create(ctypes.byref(hook))
+            if ret != -_EEXIST:
+                lb.check(ret, f"clsact qdisc on {ifname}")
         opts = lb.BpfTcOpts(
             sz=ctypes.sizeof(lb.BpfTcOpts), prog_fd=prog_fd, handle=handle, priority=priority
         )

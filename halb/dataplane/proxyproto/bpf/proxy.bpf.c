@@ -95,14 +95,14 @@ enum { PP_APPEND, PP_BEFORE, PP_TRIM };
 /* Put the header at the insertion point. Returns the stat to count, or -1 after a
  * failure (the packet may be half rewritten: the caller drops it). */
 static __always_inline int insert(struct __sk_buff *skb, struct pp_pkt *p, struct pp_flow *f,
-				  __u32 hdr_len)
+				  __u32 hdr_len, __u32 mode)
 {
 	__u8 th[PP_TH_MAX] = {};
 	__u8 mv[PP_MOVE_MAX];
 	/* 64-bit sizes: with 32-bit ones clang checks a zero-extended copy and passes the
 	 * unchecked register to the helper, which the verifier rejects */
 	__u64 th_len = p->th_len, hlen = hdr_len, move, words;
-	__u32 payload = p->l4_len - p->th_len, new_l4_len, mode, diff;
+	__u32 new_l4_len, diff;
 	__u16 d = 0, fin_old = 0, fin_new = 0;
 
 	PP_OPAQUE(th_len);
@@ -117,17 +117,6 @@ static __always_inline int insert(struct __sk_buff *skb, struct pp_pkt *p, struc
 		return -1;
 	diff = bpf_csum_diff(0, 0, (__be32 *)f->hdr, words, 0);
 
-	if (payload == 0) {
-		mode = PP_APPEND;
-	} else if (skb->gso_size || too_big(skb, p, hdr_len)) {
-		/* Never grow a data segment past the MTU or a GSO packet (whose segments the
-		 * header would not follow): send the header alone in its place. The backend
-		 * acks the header only, so the client retransmits the data, and by then the
-		 * flow is PP_ACKED and the data just moves by hdr_len. */
-		mode = PP_TRIM;
-	} else {
-		mode = PP_BEFORE;
-	}
 	if (mode != PP_APPEND)
 		d = payload_sum(p, th, th_len);
 
@@ -184,7 +173,7 @@ int halb_pp_egress(struct __sk_buff *skb)
 {
 	struct pp_pkt p;
 	struct pp_flow *f;
-	__u32 seq, hdr_len;
+	__u32 seq, hdr_len, mode;
 	__be32 nseq;
 	int stat;
 
@@ -210,17 +199,22 @@ int halb_pp_egress(struct __sk_buff *skb)
 		pp_count(PP_STAT_MISSED);
 		return TC_ACT_OK;
 	}
-	if (seq == f->isn_next && f->state != PP_ACKED && !p.th.rst &&
-	    !(skb->gso_size && f->state == PP_SENT)) {
-		/* the first segment, or its retransmission while the backend has not
-		 * acknowledged the header: the same header bytes at the same seq */
-		stat = insert(skb, &p, f, hdr_len);
-		if (stat < 0) {
-			pp_count(PP_STAT_ERROR);
-			return TC_ACT_SHOT;
-		}
-		pp_count(stat);
-		return TC_ACT_OK;
+	if (seq == f->isn_next && f->state != PP_ACKED && !p.th.rst) {
+		/* The first segment, or a segment at the same seq before the backend has
+		 * acknowledged the header: the same header bytes at the same seq again. */
+		if (p.l4_len == p.th_len)
+			mode = PP_APPEND;
+		else if (skb->gso_size || too_big(skb, &p, hdr_len))
+			/* Never grow a data segment past the MTU or a GSO packet (the header
+			 * would not follow its segments, loxilb #1044). */
+			mode = PP_TRIM;
+		else
+			mode = PP_BEFORE;
+		if (mode != PP_TRIM || f->state == PP_PENDING || (f->flags & PP_F_LOST))
+			goto rewrite;
+		/* A full-sized first data segment after the header went out on the pure
+		 * ACK: the header is there unless the backend said otherwise (PP_F_LOST),
+		 * so the data just moves instead of costing a retransmission. */
 	}
 	if (f->state == PP_PENDING) {
 		if (seq_after_eq(seq, f->isn_next + 1)) {
@@ -237,6 +231,18 @@ int halb_pp_egress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	pp_count(PP_STAT_SEQ_ADJUSTED);
+	return TC_ACT_OK;
+
+rewrite:
+	/* PP_TRIM sends the header alone in the segment's place: the backend acks the
+	 * header only, the client retransmits its data, and that copy (PP_ACKED by then)
+	 * just moves by hdr_len. */
+	stat = insert(skb, &p, f, hdr_len, mode);
+	if (stat < 0) {
+		pp_count(PP_STAT_ERROR);
+		return TC_ACT_SHOT;
+	}
+	pp_count(stat);
 	return TC_ACT_OK;
 }
 
@@ -292,6 +298,10 @@ int halb_pp_ingress(struct __sk_buff *skb)
 		ack = bpf_ntohl(p.th.ack_seq);
 		if (f->state == PP_SENT && seq_after_eq(ack, isn_next + hdr_len))
 			f->state = PP_ACKED;
+		else if (f->state == PP_SENT && ack == isn_next && !(f->flags & PP_F_LOST))
+			/* the backend has none of the header after it went out: the next
+			 * client segment at the insertion point carries it, whatever its size */
+			f->flags |= PP_F_LOST;
 		nv = to_client(ack, isn_next, hdr_len);
 		if (nv != ack) {
 			put32(th, 8, nv);

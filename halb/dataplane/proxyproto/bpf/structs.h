@@ -48,6 +48,8 @@ enum pp_state {
 /* flags */
 #define PP_F_ISN 1 /* isn_next is known (written by user space, or learnt from the
 		    * client's SYN or the backend's SYN-ACK) */
+#define PP_F_LOST 2 /* PP_SENT, and the backend acked the insertion point after the
+		     * header went out: it lacks the header (set by halb_pp_ingress) */
 
 struct pp_flow {
 	__u32 isn_next; /* client ISN + 1, host order: the header's sequence number */
