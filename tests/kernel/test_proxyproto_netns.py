@@ -4,13 +4,19 @@
                        (nft full NAT; halb_pp_* on the backend-side veth r1)
 
 The server parses the PROXY header with halb.proxy.codec and echoes the stream after
-it. Checksum offload is off on the client and server veths, so every segment carries a
-full checksum that the receiving stack verifies (a wrong incremental update stalls the
-connection instead of passing silently).
+it. The server's veth verifies every checksum it receives (rx offload off), so a wrong
+update stalls the connection instead of passing silently. Two sender set-ups:
+- ``full``: the client computes every checksum itself (tx offload off): the programs
+  update complete checksums;
+- ``offload``: the client leaves checksums to the device and sends TSO super-packets
+  (veth keeps both across namespaces): the router's programs see CHECKSUM_PARTIAL GSO
+  packets, and the router's r1 (tx offload off) computes the checksums and segments
+  in software after them.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -68,8 +74,7 @@ class Topo:
         for n, gw4, gw6 in ((c, "10.77.1.1", "fd77:1::1"), (s, "10.77.2.1", "fd77:2::1")):
             sh("ip", "-n", n, "route", "add", "default", "via", gw4)
             sh("ip", "-n", n, "-6", "route", "add", "default", "via", gw6)
-        for n, dev in ((c, "c0"), (s, "s0")):
-            sh("ip", "netns", "exec", n, "ethtool", "-K", dev, "tx", "off", "rx", "off")
+        sh("ip", "netns", "exec", s, "ethtool", "-K", "s0", "tx", "off", "rx", "off")
         sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         rules = f"""
@@ -89,6 +94,15 @@ table inet halbp {{
         subprocess.run(
             ["ip", "netns", "exec", r, "nft", "-f", "-"], input=rules, text=True, check=True
         )
+
+    def offload(self, on: bool) -> None:
+        """Client checksum / TSO offload on or off; the router's r1 the opposite, so an
+        offloaded packet is completed in software after the programs."""
+        state = "on" if on else "off"
+        sh("ip", "netns", "exec", self.ns("c"), "ethtool", "-K", "c0", "tx", state)
+        if on:
+            sh("ip", "netns", "exec", self.ns("c"), "ethtool", "-K", "c0", "tso", "on")
+        sh("ip", "netns", "exec", self.ns("r"), "ethtool", "-K", "r1", "tx", "off" if on else "on")
 
     def destroy(self) -> None:
         for role in ("c", "r", "s"):
@@ -145,17 +159,19 @@ class Server:
             self.error = exc
 
 
-@pytest.mark.parametrize(
-    ("family", "version"), [(4, 1), (4, 2), (6, 2)], ids=["v4-v1", "v4-v2", "v6-v2"]
-)
-def test_server_sees_the_header_once_and_an_intact_stream(
-    topo: Topo, prog: ProxyProgram, family: int, version: int
-) -> None:
+_ports = itertools.count(CPORT)
+
+
+def transfer(topo: Topo, prog: ProxyProgram, family: int, version: int) -> dict[str, int]:
+    """One connection through the router: the header the server parsed is the one the
+    entry held, the echo is the stream byte for byte; returns the programs' counters."""
+    prog.reset_stats()
     a = ADDR[family]
     af = socket.AF_INET if family == 4 else socket.AF_INET6
+    cport = next(_ports)  # a fresh 4-tuple each time (no TIME_WAIT or conntrack reuse)
     hdr = ProxyHeader(
         version=version,
-        source=(ip_address(a["client"]), CPORT),
+        source=(ip_address(a["client"]), cport),
         destination=(ip_address(a["vip"]), VPORT),
     )
     raw = build_v1(hdr) if version == 1 else build_v2(hdr)
@@ -163,7 +179,7 @@ def test_server_sees_the_header_once_and_an_intact_stream(
     # the ISN is learnt from the SYN, as when the control plane writes the entry late
     flow = ProxyFlow(
         local=ip_address(a["snat"]),
-        lport=CPORT,
+        lport=cport,
         backend=ip_address(a["server"]),
         bport=SPORT,
         header=raw,
@@ -181,9 +197,8 @@ def test_server_sees_the_header_once_and_an_intact_stream(
 
     def connect() -> socket.socket:
         s = socket.socket(af, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.settimeout(10)
-        s.bind((a["client"], CPORT))
+        s.bind((a["client"], cport))
         return s
 
     lsock = in_netns(topo.ns("s"), listen)
@@ -215,6 +230,45 @@ def test_server_sees_the_header_once_and_an_intact_stream(
     final = prog.get_flow(flow.local, flow.lport, flow.backend, flow.bport)
     assert final is not None and final.state is PpState.ACKED
     prog.delete_flow(flow.local, flow.lport, flow.backend, flow.bport)
+    return stats
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["full", "offload"])
+@pytest.mark.parametrize(
+    ("family", "version"), [(4, 1), (4, 2), (6, 2)], ids=["v4-v1", "v4-v2", "v6-v2"]
+)
+def test_server_sees_the_header_once_and_an_intact_stream(
+    topo: Topo, prog: ProxyProgram, family: int, version: int, offload: bool
+) -> None:
+    topo.offload(offload)
+    transfer(topo, prog, family, version)
+
+
+LOSS = """
+table inet halbp_loss {
+  chain lossy {
+    type filter hook forward priority 0;
+    tcp dport 8080 meta length > 200 numgen random mod 20 == 0 drop
+  }
+}
+"""
+
+
+@pytest.mark.parametrize(("family", "version"), [(4, 1), (6, 2)], ids=["v4-v1", "v6-v2"])
+def test_loss_toward_the_backend_makes_sacks_that_are_shifted(
+    topo: Topo, prog: ProxyProgram, family: int, version: int
+) -> None:
+    """5% of the client's data segments dropped in the router before the programs: the
+    server SACKs what came after each hole (in its shifted space) and the client
+    retransmits the holes, which only works if the SACK edges reach it moved back."""
+    topo.offload(False)
+    r = topo.ns("r")
+    subprocess.run(["ip", "netns", "exec", r, "nft", "-f", "-"], input=LOSS, text=True, check=True)
+    try:
+        stats = transfer(topo, prog, family, version)
+    finally:
+        sh("ip", "netns", "exec", r, "nft", "delete", "table", "inet", "halbp_loss")
+    assert stats["sack_adjusted"] > 0
 
 
 def _filters(topo: Topo, direction: str) -> str:
@@ -232,3 +286,45 @@ def test_attach_puts_both_programs_on_clsact_and_close_removes_them(topo: Topo) 
         assert "halb_pp_egress" in _filters(topo, "egress")
         assert "halb_pp_ingress" in _filters(topo, "ingress")
     assert "halb_pp" not in _filters(topo, "egress") + _filters(topo, "ingress")
+
+
+def test_lost_header_segment_is_recovered(topo: Topo, prog: ProxyProgram) -> None:
+    """The pure ACK that carries the header is dropped on its way to the server (once).
+    The client's full-sized first data segment moves (the header is presumed there); the
+    server's dup ack of the insertion point flags the loss, the client's retransmission
+    of that segment then carries the header alone, and the stream comes out intact."""
+    topo.offload(False)
+    # every client port here has five digits, so every v1 line has this length
+    hdr_len = len(
+        build_v1(
+            ProxyHeader(
+                version=1,
+                source=(ip_address(ADDR[4]["client"]), CPORT),
+                destination=(ip_address(ADDR[4]["vip"]), VPORT),
+            )
+        )
+    )
+    # IPv4 + TCP with timestamps (Linux's default) + the header: that pure ACK, once
+    drop = f"""
+table ip halbp_drop {{
+  chain pre {{
+    type filter hook prerouting priority -300;
+    tcp dport {SPORT} ip length {20 + 32 + hdr_len} limit rate 1/hour burst 1 packets \\
+      counter drop
+  }}
+}}
+"""
+    s = topo.ns("s")
+    subprocess.run(["ip", "netns", "exec", s, "nft", "-f", "-"], input=drop, text=True, check=True)
+    try:
+        stats = transfer(topo, prog, 4, 1)
+        dropped = subprocess.run(
+            ["ip", "netns", "exec", s, "nft", "list", "table", "ip", "halbp_drop"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        sh("ip", "netns", "exec", s, "nft", "delete", "table", "ip", "halbp_drop")
+    assert "packets 1 " in dropped, dropped
+    assert stats["reinserted"] >= 1
