@@ -145,6 +145,21 @@ def test_final_ack_carries_the_header(prog: ProxyProgram, version: int, v6: bool
     assert prog.stats()["inserted"] == 1
 
 
+def test_ethernet_padding_is_not_taken_for_payload(prog: ProxyProgram) -> None:
+    """A minimum-size frame carries padding after a 54-byte pure ACK: the header goes
+    right after the TCP header (the IP length says where the segment ends), the
+    padding is dropped."""
+    hdr = header(1)
+    put(prog, hdr)
+    raw = to_backend(ISN_NEXT)
+    assert len(raw) == 54
+    res = prog.test_run(EGRESS, raw + bytes(6))
+    seg = decode(res.data)
+    assert seg.ip_ok and seg.tcp_ok
+    assert seg.payload == hdr
+    assert len(res.data) == 54 + len(hdr)
+
+
 @pytest.mark.parametrize("doff", [20, 32], ids=["doff20", "doff32"])
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("sport", [51000, 5100], ids=["even", "odd"])
