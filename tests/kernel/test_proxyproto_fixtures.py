@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
+from halb.dataplane.proxyproto.build import build_proxy_bpf
 from halb.dataplane.proxyproto.layout import PpState
 from halb.dataplane.proxyproto.program import EGRESS, INGRESS, ProxyFlow, ProxyProgram
 from halb.proxy.codec import Parsed, ProxyHeader, build_v1, build_v2, parse
@@ -181,6 +183,33 @@ def test_first_segment_with_data(prog: ProxyProgram, doff: int, v6: bool, sport:
     assert seg.payload == hdr + data
     assert parsed(seg.payload).header == parsed(hdr).header
     assert prog.stats()["inserted_data"] == 1
+
+
+@pytest.mark.parametrize("size", [255, 256, 3001, 3500], ids=str)
+def test_first_segment_payload_moves_in_chunks(prog: ProxyProgram, size: int) -> None:
+    """The payload moves up behind the header 256 bytes at a time (last chunk first);
+    any size up to 16 KiB, the MTU permitting (here lo's; the test run takes frames up
+    to about a page)."""
+    hdr = header(1, sport=5100)  # odd length: every payload byte changes parity
+    put(prog, hdr)
+    data = bytes((i * 7 + 3) & 0xFF for i in range(size))
+    seg = run(prog, EGRESS, to_backend(ISN_NEXT, TCP_ACK | TCP_PSH, data, options=TIMESTAMPS))
+    assert seg.payload == hdr + data
+    assert seg.options == TIMESTAMPS
+
+
+def test_first_segment_over_the_move_limit_sends_the_header_alone(tmp_path: Path) -> None:
+    """A build that moves at most 4 chunks (1 KiB; the real limit, 16 KiB, is beyond
+    what a test run takes): 1024 bytes move, 1025 take the header-alone path."""
+    hdr = header(1)
+    with ProxyProgram(build_proxy_bpf(tmp_path, defines=["HALB_PP_MOVE_CHUNKS=4"])) as small:
+        put(small, hdr)
+        seg = run(small, EGRESS, to_backend(ISN_NEXT, TCP_ACK, bytes(1024)))
+        assert seg.payload == hdr + bytes(1024)
+        put(small, hdr)
+        seg = run(small, EGRESS, to_backend(ISN_NEXT, TCP_ACK, bytes(1025)))
+        assert (seg.seq, seg.payload) == (ISN_NEXT, hdr)
+        assert small.stats()["trimmed"] == 1
 
 
 def test_header_lengths_of_both_parities_are_covered() -> None:

@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -162,9 +163,12 @@ class Server:
 _ports = itertools.count(CPORT)
 
 
-def transfer(topo: Topo, prog: ProxyProgram, family: int, version: int) -> dict[str, int]:
+def transfer(
+    topo: Topo, prog: ProxyProgram, family: int, version: int, first: int = 0
+) -> dict[str, int]:
     """One connection through the router: the header the server parsed is the one the
-    entry held, the echo is the stream byte for byte; returns the programs' counters."""
+    entry held, the echo is the stream byte for byte; returns the programs' counters.
+    ``first``: the client writes that many bytes alone first (a small first segment)."""
     prog.reset_stats()
     a = ADDR[family]
     af = socket.AF_INET if family == 4 else socket.AF_INET6
@@ -206,9 +210,15 @@ def transfer(topo: Topo, prog: ProxyProgram, family: int, version: int) -> dict[
     client = in_netns(topo.ns("c"), connect)
     try:
         client.connect((a["vip"], VPORT))
-        sender = threading.Thread(
-            target=lambda: (client.sendall(STREAM), client.shutdown(socket.SHUT_WR))
-        )
+
+        def send() -> None:
+            if first:
+                client.sendall(STREAM[:first])
+                time.sleep(0.05)
+            client.sendall(STREAM[first:])
+            client.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
         sender.start()
         got = bytearray()
         while chunk := client.recv(65536):
@@ -328,3 +338,37 @@ table ip halbp_drop {{
         sh("ip", "netns", "exec", s, "nft", "delete", "table", "ip", "halbp_drop")
     assert "packets 1 " in dropped, dropped
     assert stats["reinserted"] >= 1
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["full", "offload"])
+def test_first_segment_with_data_when_the_final_ack_was_lost(
+    topo: Topo, prog: ProxyProgram, offload: bool
+) -> None:
+    """The handshake's final pure ACK is lost before the balancer (dropped once in the
+    router's forward chain): the client's first data segment (100 bytes) completes the
+    handshake and the header goes in front of its payload, with the client's checksum
+    offload on (CHECKSUM_PARTIAL through the insertion) and off."""
+    topo.offload(offload)
+    drop = f"""
+table ip halbp_ack {{
+  chain lossy {{
+    type filter hook forward priority 0;
+    tcp dport {SPORT} tcp flags == ack ip length 52 limit rate 1/hour burst 1 packets \\
+      counter drop
+  }}
+}}
+"""
+    r = topo.ns("r")
+    subprocess.run(["ip", "netns", "exec", r, "nft", "-f", "-"], input=drop, text=True, check=True)
+    try:
+        stats = transfer(topo, prog, 4, 1, first=100)
+        dropped = subprocess.run(
+            ["ip", "netns", "exec", r, "nft", "list", "table", "ip", "halbp_ack"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    finally:
+        sh("ip", "netns", "exec", r, "nft", "delete", "table", "ip", "halbp_ack")
+    assert "packets 1 " in dropped, dropped
+    assert stats["inserted_data"] == 1, stats

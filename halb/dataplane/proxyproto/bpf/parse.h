@@ -21,7 +21,6 @@ struct pp_pkt {
 	__u32 l4_len;  /* TCP header + payload, from the IP length (not skb->len: a
 			* frame can carry Ethernet padding after the IP packet) */
 	__u32 th_len;  /* TCP header length, 20..60 */
-	__u32 base;    /* l3 + fixed IP header: where bpf_skb_adjust_room(NET) opens room */
 	__u8 family;
 	struct tcphdr th;
 	struct pp_key key;
@@ -57,7 +56,6 @@ static __always_inline int pp_read(struct __sk_buff *skb, struct pp_pkt *p, int 
 		p->family = PP_FAMILY_V4;
 		p->l4 = ETH_HLEN + ihl;
 		p->l4_len = tot - ihl;
-		p->base = ETH_HLEN + sizeof(struct iphdr);
 		src[0] = iph->saddr;
 		dst[0] = iph->daddr;
 		th = (void *)iph + ihl;
@@ -71,7 +69,6 @@ static __always_inline int pp_read(struct __sk_buff *skb, struct pp_pkt *p, int 
 		p->family = PP_FAMILY_V6;
 		p->l4 = ETH_HLEN + sizeof(*ip6);
 		p->l4_len = bpf_ntohs(ip6->payload_len);
-		p->base = p->l4;
 		__builtin_memcpy(src, &ip6->saddr, 16);
 		__builtin_memcpy(dst, &ip6->daddr, 16);
 		th = (void *)(ip6 + 1);

@@ -30,7 +30,6 @@
 #include "csum.h"
 
 #define PP_TCP_CSUM 16 /* offset of the checksum in the TCP header */
-#define PP_MOVE_MAX 100 /* IPv4 options (40) + TCP header (60) */
 
 static __always_inline int seq_after_eq(__u32 a, __u32 b)
 {
@@ -111,6 +110,54 @@ static __always_inline int set_word(struct __sk_buff *skb, struct pp_pkt *p, __u
 	return bpf_l4_csum_replace(skb, p->l4 + PP_TCP_CSUM, from, to, 4);
 }
 
+/* Move the payload [l4 + th_len, end) up by hlen bytes (the tail already grown), in
+ * PP_CHUNK pieces from the end down, through a per-CPU scratch buffer. bpf_loop: a
+ * plain loop over an unknown length makes the verifier walk every iteration's states. */
+struct pp_move {
+	struct __sk_buff *skb;
+	struct pp_chunk *buf;
+	__u32 start;
+	__u32 left;
+	__u32 hlen;
+	int err;
+};
+
+static long move_chunk(__u32 index, void *arg)
+{
+	struct pp_move *m = arg;
+	__u64 n = m->left > PP_CHUNK ? PP_CHUNK : m->left;
+
+	PP_OPAQUE(n);
+	if (n < 1 || n > PP_CHUNK) {
+		m->err = m->left != 0;
+		return 1;
+	}
+	m->left -= n;
+	if (bpf_skb_load_bytes(m->skb, m->start + m->left, m->buf->b, n) ||
+	    bpf_skb_store_bytes(m->skb, m->start + m->left + m->hlen, m->buf->b, n, 0)) {
+		m->err = 1;
+		return 1;
+	}
+	return m->left == 0;
+}
+
+static __always_inline int move_payload(struct __sk_buff *skb, struct pp_pkt *p, __u64 hlen)
+{
+	__u32 zero = 0;
+	struct pp_move m = {
+		.skb = skb,
+		.buf = bpf_map_lookup_elem(&pp_scratch, &zero),
+		.start = p->l4 + p->th_len,
+		.left = p->l4_len - p->th_len,
+		.hlen = hlen,
+	};
+
+	if (!m.buf)
+		return -1;
+	bpf_loop(PP_MOVE_CHUNKS, move_chunk, &m, 0);
+	return m.err || m.left ? -1 : 0;
+}
+
 enum { PP_APPEND, PP_BEFORE, PP_TRIM };
 
 /* Put the header at the insertion point. Returns the stat to count, or -1 after a
@@ -119,10 +166,9 @@ static __always_inline int insert(struct __sk_buff *skb, struct pp_pkt *p, struc
 				  __u32 hdr_len, __u32 mode)
 {
 	__u8 th[PP_TH_MAX] = {};
-	__u8 mv[PP_MOVE_MAX];
 	/* 64-bit sizes: with 32-bit ones clang checks a zero-extended copy and passes the
 	 * unchecked register to the helper, which the verifier rejects */
-	__u64 th_len = p->th_len, hlen = hdr_len, move, words;
+	__u64 th_len = p->th_len, hlen = hdr_len, words;
 	__u32 new_l4_len, diff;
 	__u16 d = 0, fin_old = 0, fin_new = 0;
 
@@ -142,18 +188,13 @@ static __always_inline int insert(struct __sk_buff *skb, struct pp_pkt *p, struc
 		d = payload_sum(p, th, th_len);
 
 	if (mode == PP_BEFORE) {
-		/* The kernel opens the room right after the fixed IP header; move any IPv4
-		 * options and the TCP header back in front of it. */
-		if (bpf_skb_adjust_room(skb, hdr_len, BPF_ADJ_ROOM_NET, 0))
-			return -1;
-		move = p->l4 + th_len - p->base;
-		PP_OPAQUE(move);
-		if (move < 20 || move > PP_MOVE_MAX)
-			return -1;
-		if (bpf_skb_load_bytes(skb, p->base + hdr_len, mv, move) ||
-		    bpf_skb_store_bytes(skb, p->base, mv, move, 0))
-			return -1;
+		/* Grow the tail and move the payload up by hdr_len, last chunk first. Not
+		 * bpf_skb_adjust_room: it opens room after the fixed IP header, and moving
+		 * the TCP header back in front of it would leave a CHECKSUM_PARTIAL skb's
+		 * csum_start (and transport header) pointing into the inserted bytes. */
 		new_l4_len = p->l4_len + hdr_len;
+		if (bpf_skb_change_tail(skb, p->l4 + new_l4_len, 0) || move_payload(skb, p, hlen))
+			return -1;
 		/* the payload moved by hdr_len bytes: an odd shift swaps its byte pairs */
 		diff = pp_csum_add(diff, hdr_len & 1 ? pp_swab16(d) : d);
 		diff = pp_csum_add(diff, (__u16)~d);
@@ -225,7 +266,8 @@ int halb_pp_egress(struct __sk_buff *skb)
 		 * acknowledged the header: the same header bytes at the same seq again. */
 		if (p.l4_len == p.th_len)
 			mode = PP_APPEND;
-		else if (skb->gso_size || too_big(skb, &p, hdr_len))
+		else if (skb->gso_size || p.l4_len - p.th_len > PP_CHUNK * PP_MOVE_CHUNKS ||
+			 too_big(skb, &p, hdr_len))
 			/* Never grow a data segment past the MTU or a GSO packet (the header
 			 * would not follow its segments, loxilb #1044). */
 			mode = PP_TRIM;
