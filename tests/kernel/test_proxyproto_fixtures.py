@@ -420,6 +420,24 @@ def test_isn_learnt_from_the_syn_or_the_syn_ack(prog: ProxyProgram) -> None:
     assert run(prog, EGRESS, to_backend(ISN_NEXT)).payload == hdr
 
 
+def test_new_connection_on_a_stale_entry_gets_no_header(prog: ProxyProgram) -> None:
+    """The entry of a finished connection whose delete is late: a SYN on its tuple is
+    a new connection, which passes untouched (until user space writes its own entry)."""
+    hdr = header(1)
+    flow = put(prog, hdr, state=PpState.ACKED)
+    raw = to_backend(ISN + 5000, TCP_SYN)
+    assert prog.test_run(EGRESS, raw).data == raw
+    assert state(prog, flow).state is PpState.MISSED
+    for raw in (to_backend(ISN_NEXT + 5000), to_backend(ISN_NEXT, TCP_ACK, b"x")):
+        assert prog.test_run(EGRESS, raw).data == raw
+    assert prog.stats()["missed"] == 1
+    # the new connection's own entry, written after its SYN: the ISN from the SYN-ACK
+    flow = put(prog, hdr, isn_next=None)
+    run(prog, INGRESS, to_client(ISN_NEXT + 5000, TCP_SYN | TCP_ACK))
+    seg = run(prog, EGRESS, to_backend(ISN_NEXT + 5000))
+    assert (seg.seq, seg.payload) == (s32(ISN_NEXT + 5000), hdr)
+
+
 def test_entry_after_the_stream_started_is_never_inserted(prog: ProxyProgram) -> None:
     flow = put(prog, header(1))
     raw = to_backend(ISN_NEXT + 100, TCP_ACK | TCP_PSH, b"late")

@@ -246,7 +246,14 @@ int halb_pp_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	seq = bpf_ntohl(p.th.seq);
 	if (p.th.syn) {
-		if (!p.th.ack && !(f->flags & PP_F_ISN)) {
+		if (p.th.ack)
+			return TC_ACT_OK;
+		if (f->state != PP_PENDING && f->state != PP_MISSED) {
+			/* a new connection on the tuple of one whose header went out: the
+			 * entry is stale (its delete is late), never a header from it */
+			f->state = PP_MISSED;
+			pp_count(PP_STAT_MISSED);
+		} else if (!(f->flags & PP_F_ISN)) {
 			f->isn_next = seq + 1;
 			f->flags |= PP_F_ISN;
 		}
