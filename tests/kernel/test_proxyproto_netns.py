@@ -372,3 +372,82 @@ table ip halbp_ack {{
         sh("ip", "netns", "exec", r, "nft", "delete", "table", "ip", "halbp_ack")
     assert "packets 1 " in dropped, dropped
     assert stats["inserted_data"] == 1, stats
+
+
+def test_flow_state_moved_to_a_fresh_program_keeps_the_connection(topo: Topo) -> None:
+    """What a standby gets through sync: mid-connection the programs are replaced by a
+    fresh instance holding only the ProxyFlow read from the old one (header, ISN,
+    state); the stream continues intact and the header is not sent again."""
+    topo.offload(False)
+    a = ADDR[4]
+    cport = next(_ports)
+    raw = build_v2(
+        ProxyHeader(
+            version=2,
+            source=(ip_address(a["client"]), cport),
+            destination=(ip_address(a["vip"]), VPORT),
+        )
+    )
+    old = ProxyProgram()
+    old.set_mtu(1500)
+    old.attach("r1", netns=topo.ns("r"))
+    old.put_flow(
+        ProxyFlow(
+            ip_address(a["snat"]), cport, ip_address(a["server"]), SPORT, raw, None, PpState.PENDING
+        )
+    )
+
+    def listen() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((a["server"], SPORT))
+        s.listen(1)
+        return s
+
+    def connect() -> socket.socket:
+        s = socket.socket()
+        s.settimeout(10)
+        s.bind((a["client"], cport))
+        return s
+
+    def exchange(sock: socket.socket, data: bytes) -> bytes:
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        got = bytearray()
+        while len(got) < len(data):
+            chunk = sock.recv(65536)
+            assert chunk, "closed early"
+            got += chunk
+        sender.join(10)
+        return bytes(got)
+
+    new: ProxyProgram | None = None
+    lsock = in_netns(topo.ns("s"), listen)
+    server = Server(lsock)
+    client = in_netns(topo.ns("c"), connect)
+    try:
+        client.connect((a["vip"], VPORT))
+        first, second = STREAM[:100_000], STREAM[100_000:200_000]
+        assert exchange(client, first) == first
+        (synced,) = list(old.flows())
+        assert synced.state is PpState.ACKED and synced.isn_next is not None
+        old.close()  # the old active is gone
+        new = ProxyProgram()
+        new.set_mtu(1500)
+        new.put_flow(synced)  # the standby installs the synced state before it takes over
+        new.attach("r1", netns=topo.ns("r"))
+        assert exchange(client, second) == second
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        stats = new.stats()
+    finally:
+        client.close()
+        server.thread.join(10)
+        lsock.close()
+        old.close()
+        if new is not None:
+            new.close()
+    assert server.error is None, repr(server.error)
+    assert server.header is not None and server.header.length == len(raw)
+    assert stats["inserted"] + stats["inserted_data"] + stats["reinserted"] == 0
+    assert stats["seq_adjusted"] > 0 and stats["ack_adjusted"] > 0 and stats["error"] == 0
