@@ -71,3 +71,19 @@ def test_headers_that_do_not_fit_are_refused(size: int) -> None:
 def test_mixed_families_are_refused() -> None:
     with pytest.raises(ValueError, match="differ in family"):
         make_key(ip_address("10.1.0.1"), 1, ip_address("fd02::21"), 2)
+
+
+def test_new_flow_carries_the_original_connection_keyed_by_the_nat_one() -> None:
+    from halb.proxy.codec import Parsed, parse
+
+    client, vip = (ip_address("2001:db8::7"), 51000), (ip_address("fd00::100"), 443)
+    local, backend = (ip_address("fd01::1"), 40001), (ip_address("fd02::21"), 8443)
+    for version in (1, 2):
+        f = ProxyFlow.new(version, client, vip, local, backend)
+        got = parse(f.header)
+        assert isinstance(got, Parsed) and got.length == f.offset
+        assert (got.header.source, got.header.destination) == (client, vip)
+        assert (f.local, f.lport, f.backend, f.bport) == (*local, *backend)
+        assert (f.isn_next, f.state) == (None, PpState.PENDING)
+    with pytest.raises(ValueError, match="version 3"):
+        ProxyFlow.new(3, client, vip, local, backend)

@@ -28,6 +28,7 @@ from halb.dataplane.proxyproto.tc import Direction, TcFilter, tc_attach
 from halb.dataplane.xdp.layout import addr_from_words
 from halb.dataplane.xdp.loader import BpfObject, TestRunResult
 from halb.model import IPAddress
+from halb.proxy.codec import ProxyHeader, build_v1, build_v2
 
 __all__ = ["EGRESS", "INGRESS", "ProxyFlow", "ProxyProgram"]
 
@@ -51,6 +52,24 @@ class ProxyFlow:
     header: bytes
     isn_next: int | None  # client ISN + 1; None: not known yet
     state: PpState
+
+    @classmethod
+    def new(
+        cls,
+        version: int,
+        client: tuple[IPAddress, int],
+        vip: tuple[IPAddress, int],
+        local: tuple[IPAddress, int],
+        backend: tuple[IPAddress, int],
+    ) -> ProxyFlow:
+        """The entry for a new full-NAT flow: the header carries the original connection
+        (client -> VIP, conntrack's original tuple), the key is the post-NAT one (the
+        SNAT source -> backend, its reply tuple reversed); the programs learn the ISN."""
+        if version not in (1, 2):
+            raise ValueError(f"PROXY protocol version {version} (1 or 2)")
+        h = ProxyHeader(version=version, source=client, destination=vip)
+        header = build_v1(h) if version == 1 else build_v2(h)
+        return cls(local[0], local[1], backend[0], backend[1], header, None, PpState.PENDING)
 
     @property
     def offset(self) -> int:
