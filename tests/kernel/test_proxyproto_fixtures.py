@@ -317,6 +317,21 @@ def test_retransmitted_first_segment_carries_the_same_header(prog: ProxyProgram)
     assert (pure.seq, pure.payload) == (s32(ISN_NEXT + len(hdr)), b"")
 
 
+def test_retransmitted_first_data_segment_carries_the_same_bytes(prog: ProxyProgram) -> None:
+    """The header went in front of the first data; that segment is retransmitted before
+    the backend acks it: the copy is byte for byte the first one (same seq, same
+    header, same data), never a header behind a header."""
+    hdr = header(1, sport=5100)
+    put(prog, hdr)
+    raw = to_backend(ISN_NEXT, TCP_ACK | TCP_PSH, b"GET / HTTP/1.0\r\n\r\n", options=TIMESTAMPS)
+    first = prog.test_run(EGRESS, raw).data
+    again = prog.test_run(EGRESS, raw).data
+    assert again == first
+    seg = decode(again)
+    assert seg.tcp_ok and seg.seq == ISN_NEXT and seg.payload.count(b"PROXY ") == 1
+    assert prog.stats()["inserted_data"] == 1 and prog.stats()["reinserted"] == 1
+
+
 # --- GSO and MTU ---------------------------------------------------------------------------------
 
 
