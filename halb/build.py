@@ -14,6 +14,7 @@ log = logging.getLogger("halb.build")
 # (module, function) pairs; each builds one generated artefact.
 STEPS = (
     ("halb.dataplane.xdp.build", "build_bpf"),
+    ("halb.dataplane.proxyproto.build", "build_proxy_bpf"),
     ("halb.sync.protogen", "generate"),
     ("halb.etcd.proto", "generate"),
 )

@@ -15,6 +15,9 @@ __all__ = [
     "ETH_P_IP",
     "ETH_P_IPV6",
     "TCP_ACK",
+    "TCP_FIN",
+    "TCP_PSH",
+    "TCP_RST",
     "TCP_SYN",
     "XDP_ABORTED",
     "XDP_DROP",
@@ -30,6 +33,7 @@ __all__ = [
     "ipv6",
     "mac",
     "neighbour_solicitation",
+    "pseudo_header",
     "tcp",
     "udp",
 ]
@@ -38,7 +42,10 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX = 0, 1, 2, 3
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_ARP = 0x0806
+TCP_FIN = 0x01
 TCP_SYN = 0x02
+TCP_RST = 0x04
+TCP_PSH = 0x08
 TCP_ACK = 0x10
 
 
@@ -95,6 +102,11 @@ def ipv6(
     )
 
 
+def pseudo_header(src: IPAddress, dst: IPAddress, proto: int, length: int) -> bytes:
+    """The pseudo header a TCP / UDP checksum covers (IPv4 or IPv6 by the addresses)."""
+    return _pseudo(src, dst, proto, length)
+
+
 def _pseudo(src: IPAddress, dst: IPAddress, proto: int, length: int) -> bytes:
     if src.version == 4:
         return src.packed + dst.packed + struct.pack("!BBH", 0, proto, length)
@@ -116,9 +128,16 @@ def tcp(
     flags: int = TCP_SYN,
     seq: int = 1,
     payload: bytes = b"",
+    ack: int = 0,
+    options: bytes = b"",
 ) -> bytes:
-    head = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0)
-    seg = head + payload
+    """A TCP segment with a correct checksum; ``options`` (a multiple of 4 bytes) follow
+    the fixed header and set the data offset."""
+    if len(options) % 4 or len(options) > 40:
+        raise ValueError(f"TCP options of {len(options)} bytes (a multiple of 4, <= 40)")
+    doff = 5 + len(options) // 4
+    head = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 65535, 0, 0)
+    seg = head + options + payload
     csum = checksum(_pseudo(_addr(src), _addr(dst), 6, len(seg)) + seg)
     return seg[:16] + struct.pack("!H", csum) + seg[18:]
 

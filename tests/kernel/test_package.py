@@ -35,6 +35,10 @@ out = {
     "etcd_kv_stub": hasattr(stubs.rpc_grpc, "KVStub"),
 }
 obj.close()
+from halb.dataplane.proxyproto.program import ProxyProgram
+with ProxyProgram() as pp:
+    out["proxy_object"] = str(pp.obj.path)
+    out["proxy_maps"] = sorted(pp.obj.maps)
 print(json.dumps(out))
 """
 
@@ -104,3 +108,7 @@ def test_shipped_bpf_object_and_proto(installed: Path, tmp_path: Path) -> None:
 
     assert out["maps"] == sorted(MAP_TYPES), "the shipped object's maps differ from layout.py"
     assert out["service"] == "halb.v1.FlowSync"
+    from halb.dataplane.proxyproto.layout import MAP_TYPES as PP_MAP_TYPES
+
+    assert out["proxy_object"].startswith(site) and out["proxy_object"].endswith("proxy.bpf.o")
+    assert out["proxy_maps"] == sorted(PP_MAP_TYPES)

@@ -40,18 +40,18 @@ def _multiarch_include() -> list[str]:
     return [f"-I/usr/include/{triplet}"] if out.returncode == 0 and triplet else []
 
 
-def _source_path(source: str | Path) -> Path:
-    """A name in bpf/, or the path of a source elsewhere (bench/bpf/: programs that
-    include these headers; bpf/ is on their include path)."""
-    return source if isinstance(source, Path) else BPF_DIR / source
+def _source_path(source: str | Path, bpf_dir: Path = BPF_DIR) -> Path:
+    """A name in ``bpf_dir``, or the path of a source elsewhere (bench/bpf/: programs
+    that include the XDP headers; bpf/ is on their include path)."""
+    return source if isinstance(source, Path) else bpf_dir / source
 
 
-def source_digest(source: str | Path, defines: Sequence[str] = ()) -> str:
-    """sha256 over the program's source, every header (bpf/ and the source's own
-    directory) and the defines."""
-    src = _source_path(source)
-    headers = sorted(BPF_DIR.glob("*.h"))
-    if src.parent != BPF_DIR:
+def source_digest(source: str | Path, defines: Sequence[str] = (), bpf_dir: Path = BPF_DIR) -> str:
+    """sha256 over the program's source, every header of ``bpf_dir`` and of the
+    source's own directory, and the defines."""
+    src = _source_path(source, bpf_dir)
+    headers = sorted(bpf_dir.glob("*.h"))
+    if src.parent != bpf_dir:
         headers += sorted(src.parent.glob("*.h"))
     h = hashlib.sha256()
     for path in [src, *headers]:
@@ -65,20 +65,23 @@ def build_bpf(
     source: str | Path = "balancer.bpf.c",
     defines: Sequence[str] = (),
     force: bool = False,
+    bpf_dir: Path = BPF_DIR,
 ) -> Path:
-    """Compile ``bpf/<source>`` (or the path ``source``) to ``<out_dir or the source's
-    directory>/<stem>.o`` and return its path.
+    """Compile ``<bpf_dir>/<source>`` (or the path ``source``) to ``<out_dir or the
+    source's directory>/<stem>.o`` and return its path. ``bpf_dir`` defaults to the XDP
+    programs; other objects (the PROXY protocol programs) pass their own directory and
+    share this build and its stamp.
 
     ``defines`` are ``NAME=VALUE`` overrides of constants.h (they change the object name
     so differently sized objects do not overwrite each other).
     """
-    src = _source_path(source)
+    src = _source_path(source, bpf_dir)
     stem = src.name.removesuffix(".c")
     if defines:
         stem += "-" + "-".join(d.replace("=", "_") for d in defines)
     out = (out_dir or src.parent) / f"{stem}.o"
     stamp = out.with_name(out.name + ".stamp")
-    digest = source_digest(source, defines)
+    digest = source_digest(source, defines, bpf_dir)
     if not force and out.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return out
     clang = shutil.which("clang")

@@ -20,6 +20,8 @@ __all__ = [
     "BpfMapBatchOpts",
     "BpfMapInfo",
     "BpfProgInfo",
+    "BpfTcHook",
+    "BpfTcOpts",
     "BpfTestRunOpts",
     "LibbpfError",
     "RingBufferSampleFn",
@@ -94,6 +96,32 @@ class BpfProgInfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
 
 
+class BpfTcHook(ctypes.Structure):
+    """struct bpf_tc_hook (libbpf.h): a clsact hook point of an interface."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ifindex", ctypes.c_int),
+        ("attach_point", ctypes.c_int),  # BPF_TC_INGRESS 1, BPF_TC_EGRESS 2
+        ("parent", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class BpfTcOpts(ctypes.Structure):
+    """struct bpf_tc_opts (libbpf.h): one cls_bpf filter on a hook."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("prog_fd", ctypes.c_int),
+        ("flags", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("handle", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
 # int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size): libbpf calls it for
 # each record during ring_buffer__consume/__poll; a non-zero return stops the call.
 RingBufferSampleFn = ctypes.CFUNCTYPE(
@@ -132,6 +160,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_xdp_detach": (_I, [_I, _U32, _P]),
     "bpf_xdp_query_id": (_I, [_I, _I, ctypes.POINTER(_U32)]),
     "libbpf_num_possible_cpus": (_I, []),
+    "bpf_tc_hook_create": (_I, [ctypes.POINTER(BpfTcHook)]),
+    "bpf_tc_hook_destroy": (_I, [ctypes.POINTER(BpfTcHook)]),
+    "bpf_tc_attach": (_I, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),
+    "bpf_tc_detach": (_I, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),
+    "bpf_tc_query": (_I, [ctypes.POINTER(BpfTcHook), ctypes.POINTER(BpfTcOpts)]),
     # struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb,
     #     void *ctx, const struct ring_buffer_opts *opts): NULL and errno on failure.
     "ring_buffer__new": (_P, [_I, RingBufferSampleFn, _P, _P]),

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -300,9 +300,16 @@ def xdp_prog_id(ifname: str, netns: str | None = None) -> int:
 
 
 class BpfObject:
-    """A loaded BPF object: its programs and typed maps. Close it to release the fds."""
+    """A loaded BPF object: its programs and typed maps. Close it to release the fds.
 
-    def __init__(self, path: Path) -> None:
+    ``map_types`` names the maps to type (default: the XDP object's); other objects (the
+    PROXY protocol programs) pass their own layout's table."""
+
+    def __init__(
+        self,
+        path: Path,
+        map_types: Mapping[str, tuple[Any, Any, bool]] = MAP_TYPES,
+    ) -> None:
         self.path = path
         obj = lb.lib.bpf_object__open_file(str(path).encode(), None)
         if not obj:
@@ -317,8 +324,8 @@ class BpfObject:
             name = lb.lib.bpf_map__name(m).decode()
             if name in RINGBUF_MAPS:
                 self.ring_fds[name] = int(lb.lib.bpf_map__fd(m))
-            if name in MAP_TYPES:
-                key_t, val_t, percpu = MAP_TYPES[name]
+            if name in map_types:
+                key_t, val_t, percpu = map_types[name]
                 self.maps[name] = BpfMap(
                     lb.lib.bpf_map__fd(m),
                     name,
@@ -341,16 +348,22 @@ class BpfObject:
             raise KeyError(f"no program {name!r} in {self.path}")
         return int(lb.lib.bpf_program__fd(prog))
 
-    def test_run(self, prog: str, frame: bytes, repeat: int = 1) -> TestRunResult:
-        """BPF_PROG_TEST_RUN: the verdict, the frame as the program left it, ns/run."""
+    def test_run(
+        self, prog: str, frame: bytes, repeat: int = 1, ctx: bytes | None = None
+    ) -> TestRunResult:
+        """BPF_PROG_TEST_RUN: the verdict, the frame as the program left it, ns/run.
+        ``ctx`` is the program's context in (for SCHED_CLS a ``struct __sk_buff``)."""
         out = ctypes.create_string_buffer(len(frame) + 512)
         data_in = ctypes.create_string_buffer(frame, len(frame))
+        ctx_in = None if ctx is None else ctypes.create_string_buffer(ctx, len(ctx))
         opts = lb.BpfTestRunOpts(
             sz=ctypes.sizeof(lb.BpfTestRunOpts),
             data_in=ctypes.cast(data_in, ctypes.c_void_p),
             data_out=ctypes.cast(out, ctypes.c_void_p),
             data_size_in=len(frame),
             data_size_out=len(out),
+            ctx_in=None if ctx_in is None else ctypes.cast(ctx_in, ctypes.c_void_p),
+            ctx_size_in=0 if ctx is None else len(ctx),
             repeat=repeat,
         )
         lb.check(lb.lib.bpf_prog_test_run_opts(self.prog_fd(prog), ctypes.byref(opts)), "test run")
