@@ -3,6 +3,7 @@ atomic and idempotent applies, counters, dropping mid-flow packets without state
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
@@ -11,8 +12,9 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from halb.dataplane.nft import nftcmd
+from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.adapter import NftDataplane
+from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl
 from halb.dataplane.nft.ruleset import RenderError
 from halb.model import Backend, Forwarding, Protocol, Scheduler, Service, ServiceKey
@@ -150,11 +152,98 @@ def test_apply_is_idempotent_and_counters_move(topo: Topology, dp: NftDataplane)
     assert dp.counters().per_service[key].packets >= c.per_service[key].packets
 
 
+def ring_map(topo: Topology, key: ServiceKey) -> dict[int, str]:
+    """The kernel's ring map of a service: slot -> backend chain."""
+    name = f"ring_{ruleset.service_id(key)}"
+    out = json.loads(topo.exec("lba", "nft", "-j", "list", "map", "inet", "halb", name))
+    (m,) = [i["map"] for i in out["nftables"] if "map" in i]
+    return {int(k): v["goto"]["target"] for k, v in m.get("elem", [])}
+
+
+def expected_ring(svc: Service) -> dict[int, str]:
+    chains = {b: f"to_{ruleset.service_id(svc.key)}_{str(b.address).replace('.', '_')}_{b.port}"
+              for b in svc.backends}  # fmt: skip
+    return {i: chains[b] for i, b in enumerate(ruleset.ring_slots(svc)) if b is not None}
+
+
+def test_backend_change_rewrites_ring_in_place_and_keeps_pinned_flows(
+    topo: Topology, dp: NftDataplane
+) -> None:
+    """A backend going down, coming back and a backend added: each is an in-place
+    update (the table and its counters stay), the ring map is exactly the new Maglev
+    table, and a connection pinned in conntrack keeps its backend throughout."""
+    first = services()
+    dp.apply(first)
+    key = first[0].key
+    assert ring_map(topo, key) == expected_ring(first[0])
+    handle = topo.exec("lba", "nft", "-a", "list", "chain", "inet", "halb", "pre_nat")
+    with topo.tcp_connect() as s:
+        s.sendall(b"WHOAMI\n")
+        pinned = s.recv(100).decode().strip()
+        other = next(n for n in BACKENDS if n != pinned)
+        counted = ruleset.service_counter(key)
+        before = nftcmd.list_counters(topo.ns("lba"))[counted].packets
+        down = [
+            Backend(b.address, b.port, weight=0 if b.address == BACKENDS[pinned] else 1)
+            for b in first[0].backends
+        ]
+        changed = [Service(key, Scheduler.MAGLEV, Forwarding.NAT, tuple(down), 251), *first[1:]]
+        r = dp.apply(changed)
+        assert r.writes == 1 and r.updated == (key,) and not (r.added or r.removed)
+        assert ring_map(topo, key) == expected_ring(changed[0])
+        assert set(ring_map(topo, key).values()) == {
+            f"to_{ruleset.service_id(key)}_{str(BACKENDS[other]).replace('.', '_')}_9000"
+        }
+        s.sendall(b"WHOAMI\n")
+        assert s.recv(100).decode().strip() == pinned  # conntrack kept its backend
+        assert all(whoami_tcp(topo, VIP)[0] == other for _ in range(4))  # new flows avoid it
+        # Not a reload: the base chain kept its rule handles, the counters their values.
+        assert topo.exec("lba", "nft", "-a", "list", "chain", "inet", "halb", "pre_nat") == handle
+        assert nftcmd.list_counters(topo.ns("lba"))[counted].packets > before
+
+        extra = Backend(IPv4Address("10.98.1.23"), 9000)
+        grown = [Service(key, Scheduler.MAGLEV, Forwarding.NAT, (*first[0].backends, extra), 251)]
+        dp.apply([*grown, *first[1:]])
+        assert ring_map(topo, key) == expected_ring(grown[0])
+        dp.apply(first)
+        assert ring_map(topo, key) == expected_ring(first[0])
+        assert dp.apply(first).writes == 0
+        s.sendall(b"WHOAMI\n")
+        assert s.recv(100).decode().strip() == pinned
+    listed = topo.exec("lba", "nft", "list", "table", "inet", "halb")
+    assert "10_98_1_23" not in listed  # the extra backend's chain and counter are gone
+
+
+def test_rejected_in_place_update_leaves_the_rules(topo: Topology, dp: NftDataplane) -> None:
+    dp.apply(services())
+    before = topo.exec("lba", "nft", "list", "ruleset")
+    # A valid update whose last command the kernel refuses (the dispatch chain is still
+    # referenced): nothing of it may stay, the ring slots included.
+    assert dp._rendered is not None
+    upd = delta.update(dp._rendered, _one_down(), dp.snat)
+    assert upd is not None and "add element" in upd.script
+    key = services()[0].key
+    with pytest.raises(nftcmd.NftError):
+        Nft(topo.ns("lba")).run(
+            upd.script + f"delete chain inet halb d_{ruleset.service_id(key)}\n"
+        )
+    assert topo.exec("lba", "nft", "list", "ruleset") == before
+
+
+def _one_down() -> list[Service]:
+    out = services()
+    bs = out[0].backends
+    out[0] = Service(out[0].key, Scheduler.MAGLEV, Forwarding.NAT,
+                     (Backend(bs[0].address, bs[0].port, weight=0), *bs[1:]), 251)  # fmt: skip
+    return out
+
+
 def test_rejected_apply_keeps_previous_table(topo: Topology, dp: NftDataplane) -> None:
     dp.apply(services())
     before = topo.exec("lba", "nft", "list", "ruleset")
     bad = services()
-    # Port 70000 renders fine but nft rejects it: the whole transaction must fail.
+    # Port 70000 renders fine but nft rejects it (an in-place update of the ring, the
+    # backend chain and counters): the whole transaction must fail.
     bad[0] = Service(
         bad[0].key, Scheduler.MAGLEV, Forwarding.NAT, (Backend(BACKENDS["be1"], 70000),), 251
     )

@@ -143,7 +143,11 @@ def test_counters_are_named_and_carried() -> None:
 def test_no_live_backend_drops_new_flows_and_sorry_backend_takes_over() -> None:
     down = tuple(Backend(b.address, b.port, weight=0) for b in (B1, B2))
     r = render([svc(backends=down)]).script
-    assert "ip daddr 10.99.0.100 tcp dport 9000 drop" in r
+    # The ring is empty: the lookup misses and the next rule of the dispatch chain drops.
+    assert "map ring_10_99_0_100_tcp_9000 {\n    typeof numgen inc mod 307 : verdict\n  }" in r
+    assert "vmap @ring_10_99_0_100_tcp_9000\n    drop\n  }" in r
+    rr = render([svc(backends=down, sched=Scheduler.RR)]).script
+    assert "chain d_10_99_0_100_tcp_9000 {\n    drop\n  }" in rr
     sorry = Backend(IPv4Address("10.99.1.99"), 9000)
     s = Service(svc().key, Scheduler.MAGLEV, Forwarding.NAT, down, 307, sorry=(sorry,))
     assert {b for b in ring_slots(s)} == {sorry}

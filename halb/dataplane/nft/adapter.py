@@ -1,12 +1,14 @@
 """The nft dataplane: nftables NAT rules + nf_conntrack flow state.
 
     dp = NftDataplane.from_config(cfg)            # or NftDataplane(snat={vip: addr})
-    dp.apply(cfg.services())                      # atomic swap of `table inet halb`
+    dp.apply(cfg.services())                      # atomic: in place or a table swap
     dp.install_flows(flows)                       # standby: synced flows -> conntrack
     async for delta in dp.flow_events(): ...      # active: conntrack events -> deltas
 
 One table owned by halb is rendered whole (halb.dataplane.nft.ruleset) and loaded with
-one `nft -f`: the kernel applies it completely or not at all. `netns` runs everything
+one `nft -f` at start and when its layout changes; backend, weight and health changes
+rewrite only what changed (halb.dataplane.nft.delta) in one libnftables transaction.
+Either way the kernel applies it completely or not at all. `netns` runs everything
 in a named network namespace (tests, the lab); the agent leaves it None.
 """
 
@@ -19,11 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from halb.config import ClusterConfig, NodeConfig
 from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
-from halb.dataplane.nft import nftcmd, ruleset
+from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
 from halb.dataplane.nft.events import FlowEvents
 from halb.dataplane.nft.fence import NftFence
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
+from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
 from halb.dataplane.nft.source import NftFlowSource
 from halb.flows import records
@@ -73,7 +76,7 @@ class NftDataplane(FlowObjectRecords):
         self.snat: dict[IPAddress, IPAddress] = dict(snat or {})
         self.services: dict[ServiceKey, Service] = {}
         self.flowmap = FlowMap((), self.snat)
-        self._shape: str | None = None  # last loaded script without counter values
+        self._nft: Nft | None = None  # in-process libnftables for in-place updates
         self._rendered: ruleset.Rendered | None = None
         self._counter_cache: tuple[float, dict[str, Counter]] | None = None  # (until, values)
         self.conntrack = Conntrack(netns, timeouts)
@@ -104,24 +107,35 @@ class NftDataplane(FlowObjectRecords):
     # -- rules --------------------------------------------------------------------------
 
     def apply(self, services: Sequence[Service]) -> ApplyResult:
-        """Replace halb's table so it holds exactly ``services``.
+        """Make halb's table hold exactly ``services``: in place (one transaction of
+        just the changed ring slots, chains, counters and elements) while the layout
+        stays, else by replacing the whole table.
 
         Raises RenderError (before touching the kernel) or NftError (the kernel kept the
-        previous table) and leaves this object's view unchanged in both cases.
+        previous rules) and leaves this object's view unchanged in both cases.
         """
-        shape = ruleset.render(services, self.snat).script
         new = {s.key: s for s in services}
         old = self.services
         added = tuple(sorted((k for k in new if k not in old), key=str))
         removed = tuple(sorted((k for k in old if k not in new), key=str))
         updated = tuple(sorted((k for k in new if k in old and old[k] != new[k]), key=str))
-        if shape == self._shape:
-            # Same table (e.g. only a backend's MAC or health flag changed): nothing to
-            # write. Not re-checked with `nft list`: with Maglev rings every nft command
-            # fetches the whole table (seconds at 65537 slots per service).
+        upd = None if self._rendered is None else delta.update(self._rendered, services, self.snat)
+        if upd is not None:
+            writes = 0
+            if upd.script:
+                t0 = time.monotonic()
+                self._libnft().run(upd.script)
+                writes = 1
+                log.info(
+                    "nft table updated in place: %d services changed, %d commands, %.1f ms",
+                    len(updated),
+                    upd.script.count("\n"),
+                    (time.monotonic() - t0) * 1000,
+                )
+            self._rendered = upd
             self.services = new
             self.flowmap = FlowMap(services, self.snat)
-            return ApplyResult()
+            return ApplyResult(updated=updated, writes=writes)
         # Replacing the table re-creates its counters: carry their values over (packets
         # counted between this read and the load are lost; a few at most).
         carry = nftcmd.list_counters(self.netns)
@@ -130,7 +144,6 @@ class NftDataplane(FlowObjectRecords):
         nftcmd.load(self.netns, rendered.script)
         self.fence.set_vips(s.key.vip for s in services)
         self._ensure_sysctls(services)
-        self._shape = shape
         self._rendered = rendered
         self.services = new
         self.flowmap = FlowMap(services, self.snat)
@@ -142,6 +155,11 @@ class NftDataplane(FlowObjectRecords):
             len(updated),
         )
         return ApplyResult(added=added, removed=removed, updated=updated, writes=1)
+
+    def _libnft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft(self.netns)
+        return self._nft
 
     def _ensure_sysctls(self, services: Sequence[Service]) -> None:
         """What a balancer needs from the kernel, set by the adapter itself (never
@@ -262,6 +280,8 @@ class NftDataplane(FlowObjectRecords):
         finally:
             self.fence.close()
             self.conntrack.close()
-            self._shape = None
+            if self._nft is not None:
+                self._nft.close()
+                self._nft = None
             self._rendered = None
             self.services = {}

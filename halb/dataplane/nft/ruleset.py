@@ -2,7 +2,10 @@
 
 The whole table is rendered as one `nft -f` script that deletes and re-creates it, so
 the kernel swaps the old table for the new one in a single transaction: a script the
-kernel rejects leaves the previous table untouched.
+kernel rejects leaves the previous table untouched. That is needed only when the
+layout changes (services added, removed, re-scheduled); everything a backend, weight
+or health change alters lives in per-service chains, ring maps and set elements that
+halb.dataplane.nft.delta rewrites in place.
 
 Layout of ``table inet halb`` (chain priorities relative to conntrack at -200):
 
@@ -11,11 +14,13 @@ Layout of ``table inet halb`` (chain priorities relative to conntrack at -200):
   ``nf_conntrack_tcp_loose=0`` a mid-flow TCP packet without an entry is invalid, so it
   is dropped and retransmitted rather than sent to another backend as a new flow), and
   counts every client->VIP packet in the service's named counter.
-- ``pre_nat`` (prerouting, dstnat): one rule per service picks a backend chain through a
-  verdict map, Maglev (``jhash`` of the 5-tuple with a fixed seed -> ring slot) or round
+- ``pre_nat`` (prerouting, dstnat): one rule per service goes to its dispatch chain
+  ``d_<service>``, which picks a backend chain through a verdict map, Maglev (``jhash``
+  of the 5-tuple with a fixed seed -> slot of the map ``ring_<service>``) or round
   robin (``numgen inc``); each backend chain DNATs to its backend.
-- ``forward_filter`` (forward, filter): counts each backend's packets (original
-  direction, after DNAT) in its named counter.
+- ``forward_filter`` (forward, filter): one rule per service jumps to ``f_<service>``,
+  which counts each backend's packets (original direction, after DNAT) in its named
+  counter.
 - ``post_nat`` (postrouting, srcnat): fullnat services SNAT to the group's floating
   backend-side address.
 
@@ -40,13 +45,20 @@ __all__ = [
     "TABLE",
     "RenderError",
     "Rendered",
+    "ServiceParts",
     "backend_counter",
+    "checked",
     "delete_script",
+    "dispatch_chain",
+    "forward_chain",
+    "layout",
     "live_backends",
     "render",
+    "ring_map",
     "ring_slots",
     "service_counter",
     "service_id",
+    "service_parts",
 ]
 
 TABLE = "halb"
@@ -65,11 +77,20 @@ class RenderError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """The script and the index needed to read counters back."""
+    """The script, the layout it has, and each service's changeable part (from which
+    an update is diffed and counters are read back)."""
 
     script: str
-    service_counters: dict[str, ServiceKey]
-    backend_counters: dict[str, tuple[ServiceKey, Backend]]
+    layout: tuple[object, ...]
+    parts: dict[ServiceKey, ServiceParts]
+
+    @property
+    def service_counters(self) -> dict[str, ServiceKey]:
+        return {service_counter(k): k for k in self.parts}
+
+    @property
+    def backend_counters(self) -> dict[str, tuple[ServiceKey, Backend]]:
+        return {name: (k, b) for k, p in self.parts.items() for name, b in p.counters}
 
 
 def _ident(addr: IPAddress) -> str:
@@ -90,10 +111,6 @@ def backend_counter(key: ServiceKey, backend: Backend) -> str:
 
 def _backend_chain(key: ServiceKey, backend: Backend) -> str:
     return f"to_{service_id(key)}_{_ident(backend.address)}_{backend.port}"
-
-
-def _ring_map(key: ServiceKey) -> str:
-    return f"ring_{service_id(key)}"
 
 
 def _order(key: ServiceKey) -> tuple[int, int, int, str]:
@@ -147,43 +164,121 @@ def _check(svc: Service, snat: Mapping[IPAddress, IPAddress]) -> None:
 
 
 def _set_block(name: str, elem_type: str, elements: Iterable[str], indent: str) -> list[str]:
+    # Declared even when empty: an incremental update may fill it later.
     items = sorted(set(elements))
-    if not items:
-        return []
-    return [
-        f"{indent}set {name} {{",
-        f"{indent}  type {elem_type}",
-        f"{indent}  elements = {{ {', '.join(items)} }}",
-        f"{indent}}}",
-    ]
+    elems = [f"{indent}  elements = {{ {', '.join(items)} }}"] if items else []
+    return [f"{indent}set {name} {{", f"{indent}  type {elem_type}", *elems, f"{indent}}}"]
 
 
-def _dispatch(svc: Service, live: Sequence[Backend], lines: list[str]) -> str:
-    """The pre_nat rule of one service; appends any map it needs to ``lines``."""
+@dataclass(frozen=True, slots=True)
+class ServiceParts:
+    """What one service puts in the table beyond its layout: everything a backend,
+    weight or health change may alter, so an update can rewrite just these
+    (halb.dataplane.nft.delta)."""
+
+    source: Service  # what these parts were made from
+    key: ServiceKey
+    chains: tuple[tuple[str, str], ...]  # (backend chain, its DNAT rule), live backends
+    counters: tuple[tuple[str, Backend], ...]  # backend counters (every backend)
+    backend_elems: tuple[str, ...]  # this service's elements of backends4/6
+    dispatch: tuple[str, ...]  # rules of its dispatch chain
+    forward: tuple[str, ...]  # rules of its forward (counting) chain
+    ring: tuple[str | None, ...] | None  # Maglev: the backend chain of each slot
+
+
+def dispatch_chain(key: ServiceKey) -> str:
+    return f"d_{service_id(key)}"
+
+
+def forward_chain(key: ServiceKey) -> str:
+    return f"f_{service_id(key)}"
+
+
+def ring_map(key: ServiceKey) -> str:
+    return f"ring_{service_id(key)}"
+
+
+def _match(key: ServiceKey) -> str:
+    return f"{_ipkw(key.vip)} daddr {_fmt(key.vip)} {key.protocol.value} dport {key.port}"
+
+
+def service_parts(svc: Service) -> ServiceParts:
+    """The changeable part of one (checked) service."""
     key = svc.key
     ip = _ipkw(key.vip)
     proto = key.protocol.value
-    match = f"{ip} daddr {_fmt(key.vip)} {proto} dport {key.port}"
-    if not live:
-        # No backend can take a new flow: refuse it here (established flows keep
-        # their conntrack entry and never reach this chain).
-        return f"{match} drop"
+    live = live_backends(svc)
     chains = {str(b): _backend_chain(key, b) for b in live}
-    if svc.scheduler is Scheduler.RR:
+    counted = sorted({*svc.backends, *svc.sorry})
+    dispatch: tuple[str, ...]
+    ring: tuple[str | None, ...] | None = None
+    if svc.scheduler is Scheduler.MAGLEV:
+        # Constant rules: backends change only the ring's elements. An empty ring
+        # (no live backend) misses and the next rule refuses the new flow.
+        hashed = f"{ip} saddr . {proto} sport . {ip} daddr . {proto} dport"
+        dispatch = (
+            f"jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} vmap @{ring_map(key)}",
+            "drop",
+        )
+        by_name = {str(b): b for b in live}
+        table = build_table({n: b.weight for n, b in by_name.items()}, svc.ring_size)
+        ring = tuple(table.mapped(lambda name: chains[name]))
+    elif live:
         ordered = sorted(live)
         elems = ", ".join(f"{i} : goto {chains[str(b)]}" for i, b in enumerate(ordered))
-        return f"{match} numgen inc mod {len(ordered)} vmap {{ {elems} }}"
-    slots = ring_slots(svc)
-    name = _ring_map(key)
-    elems = ", ".join(f"{i} : goto {chains[str(b)]}" for i, b in enumerate(slots) if b is not None)
-    lines += [
-        f"  map {name} {{",
-        f"    typeof numgen inc mod {svc.ring_size} : verdict",
-        f"    elements = {{ {elems} }}",
-        "  }",
-    ]
-    hashed = f"{ip} saddr . {proto} sport . {ip} daddr . {proto} dport"
-    return f"{match} jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} vmap @{name}"
+        dispatch = (f"numgen inc mod {len(ordered)} vmap {{ {elems} }}",)
+    else:
+        # No backend can take a new flow: refuse it here (established flows keep
+        # their conntrack entry and never reach this chain).
+        dispatch = ("drop",)
+    return ServiceParts(
+        source=svc,
+        key=key,
+        chains=tuple(
+            (
+                _backend_chain(key, b),
+                f"meta l4proto {proto} dnat {ip} to {_endpoint(b.address, b.port)}",
+            )
+            for b in sorted(live)
+        ),
+        counters=tuple((backend_counter(key, b), b) for b in counted),
+        backend_elems=tuple(f"{_fmt(b.address)} . {proto} . {b.port}" for b in counted),
+        dispatch=dispatch,
+        forward=tuple(
+            f"{ip} daddr {_fmt(b.address)} {proto} dport {b.port} "
+            f'counter name "{backend_counter(key, b)}"'
+            for b in counted
+        ),
+        ring=ring,
+    )
+
+
+def layout(services: Sequence[Service], snat: Mapping[IPAddress, IPAddress]) -> tuple[object, ...]:
+    """What only a whole-table load can change: the services and how each is matched,
+    scheduled and translated. Backends, weights and health are not part of it."""
+    return tuple(
+        (
+            s.key.vip.version,
+            str(s.key),
+            s.scheduler.value,
+            s.forwarding.value,
+            s.ring_size if s.scheduler is Scheduler.MAGLEV else 0,
+            str(snat.get(s.key.vip)) if s.forwarding is Forwarding.FULLNAT else "",
+        )
+        for s in sorted(services, key=lambda s: _order(s.key))
+    )
+
+
+def checked(services: Sequence[Service], snat: Mapping[IPAddress, IPAddress]) -> list[Service]:
+    """The services in table order; RenderError names the first one nft cannot hold."""
+    ordered = sorted(services, key=lambda s: _order(s.key))
+    seen: set[ServiceKey] = set()
+    for svc in ordered:
+        if svc.key in seen:
+            raise RenderError(f"{svc.key}: duplicate service")
+        seen.add(svc.key)
+        _check(svc, snat)
+    return ordered
 
 
 def _counter(name: str, carry: Mapping[str, Counter]) -> list[str]:
@@ -206,16 +301,9 @@ def render(
     """
     carry = carry or {}
     snat = dict(snat or {})
-    ordered = sorted(services, key=lambda s: _order(s.key))
-    seen: set[ServiceKey] = set()
-    for svc in ordered:
-        if svc.key in seen:
-            raise RenderError(f"{svc.key}: duplicate service")
-        seen.add(svc.key)
-        _check(svc, snat)
+    ordered = checked(services, snat)
+    parts = {svc.key: service_parts(svc) for svc in ordered}
 
-    svc_counters: dict[str, ServiceKey] = {}
-    be_counters: dict[str, tuple[ServiceKey, Backend]] = {}
     body: list[str] = []
     decls: list[str] = []
     dispatch: list[str] = []
@@ -225,35 +313,41 @@ def render(
     be_elems: dict[int, list[str]] = {4: [], 6: []}
     counter_map: dict[int, list[str]] = {4: [], 6: []}
 
+    def chain(name: str, hook: str | None, rules: Iterable[str]) -> list[str]:
+        head = [f"    {hook}"] if hook else []
+        return [f"  chain {name} {{", *head, *(f"    {r}" for r in rules), "  }"]
+
     for svc in ordered:
         key = svc.key
+        part = parts[key]
         ip = _ipkw(key.vip)
         proto = key.protocol.value
         v = key.vip.version
         cname = service_counter(key)
-        svc_counters[cname] = key
         decls += _counter(cname, carry)
         svc_elems[v].append(f"{_fmt(key.vip)} . {proto} . {key.port}")
         counter_map[v].append(f'{_fmt(key.vip)} . {proto} . {key.port} : "{cname}"')
-        live = live_backends(svc)
-        counted = sorted({*svc.backends, *svc.sorry})
-        for b in counted:
-            bname = backend_counter(key, b)
-            be_counters[bname] = (key, b)
+        be_elems[v] += part.backend_elems
+        for bname, _ in part.counters:
             decls += _counter(bname, carry)
-            be_elems[v].append(f"{_fmt(b.address)} . {proto} . {b.port}")
-            forward.append(
-                f"ct direction original meta l4proto {proto} "
-                f"ct original {ip} daddr {_fmt(key.vip)} ct original proto-dst {key.port} "
-                f'{ip} daddr {_fmt(b.address)} {proto} dport {b.port} counter name "{bname}"'
-            )
-        for b in sorted(live):
-            body += [
-                f"  chain {_backend_chain(key, b)} {{",
-                f"    meta l4proto {proto} dnat {ip} to {_endpoint(b.address, b.port)}",
+        for name, rule in part.chains:
+            body += chain(name, None, [rule])
+        body += chain(dispatch_chain(key), None, part.dispatch)
+        body += chain(forward_chain(key), None, part.forward)
+        if part.ring is not None:
+            elems = ", ".join(f"{i} : goto {c}" for i, c in enumerate(part.ring) if c is not None)
+            decls += [
+                f"  map {ring_map(key)} {{",
+                f"    typeof numgen inc mod {svc.ring_size} : verdict",
+                *([f"    elements = {{ {elems} }}"] if elems else []),
                 "  }",
             ]
-        dispatch.append(_dispatch(svc, live, decls))
+        dispatch.append(f"{_match(key)} goto {dispatch_chain(key)}")
+        forward.append(
+            f"ct direction original meta l4proto {proto} "
+            f"ct original {ip} daddr {_fmt(key.vip)} ct original proto-dst {key.port} "
+            f"jump {forward_chain(key)}"
+        )
         if svc.forwarding is Forwarding.FULLNAT:
             post.append(
                 f"meta l4proto {proto} ct original {ip} daddr {_fmt(key.vip)} "
@@ -261,19 +355,20 @@ def render(
             )
 
     for v, addr_t in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        if not svc_elems[v]:
+            continue
         decls += _set_block(
             f"services{v}", f"{addr_t} . inet_proto . inet_service", svc_elems[v], "  "
         )
         decls += _set_block(
             f"backends{v}", f"{addr_t} . inet_proto . inet_service", be_elems[v], "  "
         )
-        if counter_map[v]:
-            decls += [
-                f"  map svc_counters{v} {{",
-                f"    type {addr_t} . inet_proto . inet_service : counter",
-                f"    elements = {{ {', '.join(sorted(counter_map[v]))} }}",
-                "  }",
-            ]
+        decls += [
+            f"  map svc_counters{v} {{",
+            f"    type {addr_t} . inet_proto . inet_service : counter",
+            f"    elements = {{ {', '.join(sorted(counter_map[v]))} }}",
+            "  }",
+        ]
 
     pre_filter = ["type filter hook prerouting priority -150; policy accept;"]
     for v, ip in ((4, "ip"), (6, "ip6")):
@@ -287,9 +382,6 @@ def render(
                 f"map @svc_counters{v}",
             ]
     decls = [*_counter(INVALID_COUNTER, carry), *decls]
-
-    def chain(name: str, hook: str, rules: list[str]) -> list[str]:
-        return [f"  chain {name} {{", f"    {hook}", *(f"    {r}" for r in rules), "  }"]
 
     lines = [
         f"table {FAMILY} {TABLE}",
@@ -305,7 +397,7 @@ def render(
         *chain("post_nat", "type nat hook postrouting priority srcnat; policy accept;", post),
         "}",
     ]
-    return Rendered("\n".join(lines) + "\n", svc_counters, be_counters)
+    return Rendered("\n".join(lines) + "\n", layout(ordered, snat), parts)
 
 
 def delete_script() -> str:
