@@ -16,6 +16,7 @@ from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl
+from halb.dataplane.nft.nfnl import NfTables
 from halb.dataplane.nft.ruleset import RenderError
 from halb.model import Backend, Forwarding, Protocol, Scheduler, Service, ServiceKey
 from halb.testing.nft_topo import BACKENDS, SNAT, VIP, Topology
@@ -217,24 +218,39 @@ def test_backend_change_rewrites_ring_in_place_and_keeps_pinned_flows(
 def test_rejected_in_place_update_leaves_the_rules(topo: Topology, dp: NftDataplane) -> None:
     dp.apply(services())
     before = topo.exec("lba", "nft", "list", "ruleset")
-    # A valid update whose last command the kernel refuses (the dispatch chain is still
-    # referenced): nothing of it may stay, the ring slots included.
     assert dp._rendered is not None
     upd = delta.update(dp._rendered, _one_down(), dp.snat)
-    assert upd is not None and "add element" in upd.script
+    assert upd is not None and upd.rings and upd.head  # ring slots and the RR rule
     key = services()[0].key
+    # Text path: a valid update whose last command the kernel refuses (the dispatch
+    # chain is still referenced): nothing of it may stay, the ring slots included.
     with pytest.raises(nftcmd.NftError):
         Nft(topo.ns("lba")).run(
-            upd.script + f"delete chain inet halb d_{ruleset.service_id(key)}\n"
+            upd.script() + f"delete chain inet halb d_{ruleset.service_id(key)}\n"
         )
     assert topo.exec("lba", "nft", "list", "ruleset") == before
+    # Raw batch path: the ring's real edit plus a slot pointing at a missing chain.
+    (edit,) = upd.rings
+    bad = delta.RingEdit(edit.map, edit.delete, (*edit.add, (edit.delete[0], "to_nowhere")))
+    nf = NfTables(topo.ns("lba"))
+    try:
+        with pytest.raises(nftcmd.NftError, match="ENOENT"):
+            nf.ring_edits("halb", [bad])
+        assert topo.exec("lba", "nft", "list", "ruleset") == before
+        assert nf.ring_edits("halb", [edit]) > 0  # the same socket still works
+        assert ring_map(topo, key) == expected_ring(_one_down()[0])
+    finally:
+        nf.close()
 
 
 def _one_down() -> list[Service]:
+    """be1 down in the first two services (a Maglev ring and a round robin)."""
     out = services()
-    bs = out[0].backends
-    out[0] = Service(out[0].key, Scheduler.MAGLEV, Forwarding.NAT,
-                     (Backend(bs[0].address, bs[0].port, weight=0), *bs[1:]), 251)  # fmt: skip
+    for i in (0, 1):
+        s = out[i]
+        bs = s.backends
+        down = (Backend(bs[0].address, bs[0].port, weight=0), *bs[1:])
+        out[i] = Service(s.key, s.scheduler, s.forwarding, down, s.ring_size)
     return out
 
 

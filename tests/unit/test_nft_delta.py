@@ -33,8 +33,8 @@ def _lines(script: str, prefix: str) -> list[str]:
 def test_unchanged_services_give_an_empty_update() -> None:
     old = render(services(), {VIP: SNAT})
     upd = update(old, list(reversed(services())), {VIP: SNAT})
-    assert upd is not None and upd.script == ""
-    assert upd.parts[KEY] is old.parts[KEY]  # reused, not rebuilt
+    assert upd is not None and upd.empty and upd.script() == ""
+    assert upd.rendered.parts[KEY] is old.parts[KEY]  # reused, not rebuilt
 
 
 def test_layout_change_needs_a_full_load() -> None:
@@ -50,7 +50,7 @@ def test_added_backend_rewrites_only_the_slots_it_takes() -> None:
     old = render(services(), {VIP: SNAT})
     new_services = services(tcp=BS)
     upd = update(old, new_services, {VIP: SNAT})
-    assert upd is not None
+    assert upd is not None and not upd.rings_only
     before, after = ring_slots(services()[0]), ring_slots(new_services[0])
     moved = {i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b}
     assert moved and len(moved) < len(before) // 3  # Maglev: about a quarter
@@ -58,14 +58,14 @@ def test_added_backend_rewrites_only_the_slots_it_takes() -> None:
     taken = [i for i in moved if after[i] == BS[3]]
     assert len(taken) > 0.8 * len(moved)
     chain = "to_10_99_0_100_tcp_9000_10_99_1_24_9000"
-    dele = _lines(upd.script, "delete element inet halb ring_10_99_0_100_tcp_9000 ")
-    add = _lines(upd.script, "add element inet halb ring_10_99_0_100_tcp_9000 ")
+    dele = _lines(upd.script(), "delete element inet halb ring_10_99_0_100_tcp_9000 ")
+    add = _lines(upd.script(), "add element inet halb ring_10_99_0_100_tcp_9000 ")
     assert len(dele) == 1 and len(add) == 1
     assert add[0].count(f"goto {chain}") == len(taken)
     assert add[0].count("goto") == len(moved)
     assert dele[0].count(",") == len(moved) - 1
     # The new chain and counter come before the slots that use them.
-    script = upd.script
+    script = upd.script()
     assert script.index(f"add chain inet halb {chain}\n") < script.index(add[0])
     assert "add counter inet halb be_10_99_0_100_tcp_9000_10_99_1_24_9000\n" in script
     assert "add element inet halb backends4 { 10.99.1.24 . tcp . 9000 }\n" in script
@@ -79,11 +79,11 @@ def test_removed_backend_is_deleted_after_its_last_reference() -> None:
     old = render(services(), {VIP: SNAT})
     upd = update(old, services(tcp=BS[:2]), {VIP: SNAT})
     assert upd is not None
-    lines = upd.script.splitlines()
+    lines = upd.script().splitlines()
     chain = "to_10_99_0_100_tcp_9000_10_99_1_23_9000"
     assert lines[-1] == f"delete chain inet halb {chain}"
     assert "delete counter inet halb be_10_99_0_100_tcp_9000_10_99_1_23_9000" in lines
-    ring_add = _lines(upd.script, "add element inet halb ring_")[0]
+    ring_add = _lines(upd.script(), "add element inet halb ring_")[0]
     assert chain not in ring_add
     # 10.99.1.23 stays in backends4: no other service had it, so it goes.
     assert "delete element inet halb backends4 { 10.99.1.23 . tcp . 9000 }" in lines
@@ -94,13 +94,36 @@ def test_health_change_only_moves_ring_slots_and_rr_rule() -> None:
     down = Backend(BS[0].address, 9000, weight=0)
     upd = update(old, services(tcp=(down, *BS[1:3]), udp=(down, BS[1])), {VIP: SNAT})
     assert upd is not None
-    # The down backend is still counted, so counters and backend sets stay.
-    assert "counter" not in upd.script.replace("counter name", "")
-    assert "backends4" not in upd.script
-    assert "f_10_99_0_100" not in upd.script
-    assert "flush chain inet halb d_10_99_0_100_udp_9001" in upd.script
-    assert "add rule inet halb d_10_99_0_100_udp_9001 numgen inc mod 1 vmap" in upd.script
-    assert "delete chain inet halb to_10_99_0_100_tcp_9000_10_99_1_21_9000" in upd.script
+    script = upd.script()
+    # The down backend keeps its counter, chain and set element: only the round-robin
+    # rule is rewritten, and the ring's slots move.
+    assert "counter" not in script.replace("counter name", "")
+    assert "backends4" not in script and "chain inet halb to_" not in script
+    assert "f_10_99_0_100" not in script
+    assert upd.head == (
+        "flush chain inet halb d_10_99_0_100_udp_9001",
+        "add rule inet halb d_10_99_0_100_udp_9001 numgen inc mod 1 vmap "
+        "{ 0 : goto to_10_99_0_100_udp_9001_10_99_1_22_9000 }",
+    )
+    assert not upd.tail
+    (edit,) = upd.rings
+    before = ring_slots(services()[0])
+    assert {i for i, b in enumerate(before) if b == BS[0]} <= set(edit.delete)
+    after = ring_slots(services(tcp=(down, *BS[1:3]))[0])
+    assert set(edit.delete) == {
+        i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b
+    }
+    assert {i for i, _ in edit.add} == set(edit.delete)
+
+
+def test_maglev_health_change_is_rings_only() -> None:
+    old = render(services(), {VIP: SNAT})
+    down = Backend(BS[0].address, 9000, weight=0)
+    upd = update(old, services(tcp=(down, *BS[1:3])), {VIP: SNAT})
+    assert upd is not None and upd.rings_only
+    weighted = Backend(BS[1].address, 9000, weight=3)
+    heavier = update(old, services(tcp=(BS[0], weighted, BS[2])), {VIP: SNAT})
+    assert heavier is not None and heavier.rings_only and heavier.slots > 0
 
 
 def test_every_backend_down_empties_the_ring_and_back() -> None:
@@ -108,9 +131,11 @@ def test_every_backend_down_empties_the_ring_and_back() -> None:
     down = tuple(Backend(b.address, 9000, weight=0) for b in BS[:3])
     empty = update(old, services(tcp=down), {VIP: SNAT})
     assert empty is not None
-    assert not _lines(empty.script, "add element inet halb ring_")
-    assert _lines(empty.script, "delete element inet halb ring_")[0].count(",") == 1008
-    back = update(empty, services(), {VIP: SNAT})
+    assert empty.rings_only
+    (edit,) = empty.rings
+    assert not edit.add and len(edit.delete) == 1009
+    back = update(empty.rendered, services(), {VIP: SNAT})
     assert back is not None
-    assert not _lines(back.script, "delete element inet halb ring_")
-    assert back.parts[KEY].ring == old.parts[KEY].ring
+    (edit,) = back.rings
+    assert not edit.delete and len(edit.add) == 1009
+    assert back.rendered.parts[KEY].ring == old.parts[KEY].ring

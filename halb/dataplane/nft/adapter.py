@@ -7,7 +7,8 @@
 
 One table owned by halb is rendered whole (halb.dataplane.nft.ruleset) and loaded with
 one `nft -f` at start and when its layout changes; backend, weight and health changes
-rewrite only what changed (halb.dataplane.nft.delta) in one libnftables transaction.
+rewrite only what changed (halb.dataplane.nft.delta) in one transaction: a raw
+nf_tables batch when only ring slots move (halb.dataplane.nft.nfnl), else libnftables.
 Either way the kernel applies it completely or not at all. `netns` runs everything
 in a named network namespace (tests, the lab); the agent leaves it None.
 """
@@ -28,6 +29,7 @@ from halb.dataplane.nft.fence import NftFence
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
 from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
+from halb.dataplane.nft.nfnl import NfTables
 from halb.dataplane.nft.source import NftFlowSource
 from halb.flows import records
 from halb.model import Backend, Flow, IPAddress, Service, ServiceKey
@@ -77,6 +79,7 @@ class NftDataplane(FlowObjectRecords):
         self.services: dict[ServiceKey, Service] = {}
         self.flowmap = FlowMap((), self.snat)
         self._nft: Nft | None = None  # in-process libnftables for in-place updates
+        self._nfnl_sock: NfTables | None = None  # raw batches for ring-only updates
         self._rendered: ruleset.Rendered | None = None
         self._counter_cache: tuple[float, dict[str, Counter]] | None = None  # (until, values)
         self.conntrack = Conntrack(netns, timeouts)
@@ -122,17 +125,22 @@ class NftDataplane(FlowObjectRecords):
         upd = None if self._rendered is None else delta.update(self._rendered, services, self.snat)
         if upd is not None:
             writes = 0
-            if upd.script:
+            if not upd.empty:
                 t0 = time.monotonic()
-                self._libnft().run(upd.script)
+                if upd.rings_only:
+                    self._nfnl().ring_edits(ruleset.TABLE, upd.rings)
+                else:
+                    self._libnft().run(upd.script())
                 writes = 1
                 log.info(
-                    "nft table updated in place: %d services changed, %d commands, %.1f ms",
+                    "nft table updated in place: %d services changed, %d ring slots, "
+                    "%d other commands, %.1f ms",
                     len(updated),
-                    upd.script.count("\n"),
+                    upd.slots,
+                    len(upd.head) + len(upd.tail),
                     (time.monotonic() - t0) * 1000,
                 )
-            self._rendered = upd
+            self._rendered = upd.rendered
             self.services = new
             self.flowmap = FlowMap(services, self.snat)
             return ApplyResult(updated=updated, writes=writes)
@@ -155,6 +163,11 @@ class NftDataplane(FlowObjectRecords):
             len(updated),
         )
         return ApplyResult(added=added, removed=removed, updated=updated, writes=1)
+
+    def _nfnl(self) -> NfTables:
+        if self._nfnl_sock is None:
+            self._nfnl_sock = NfTables(self.netns)
+        return self._nfnl_sock
 
     def _libnft(self) -> Nft:
         if self._nft is None:
@@ -283,5 +296,8 @@ class NftDataplane(FlowObjectRecords):
             if self._nft is not None:
                 self._nft.close()
                 self._nft = None
+            if self._nfnl_sock is not None:
+                self._nfnl_sock.close()
+                self._nfnl_sock = None
             self._rendered = None
             self.services = {}

@@ -30,12 +30,15 @@ rest, which is why counters live in the filter chains.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from halb.dataplane.base import Counter
-from halb.lb.maglev import build_table
+from halb.lb.maglev import MaglevTable, build_table
 from halb.model import Backend, Forwarding, IPAddress, Scheduler, Service, ServiceKey
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "TABLE",
     "RenderError",
     "Rendered",
+    "Ring",
     "ServiceParts",
     "backend_counter",
     "checked",
@@ -183,7 +187,29 @@ class ServiceParts:
     backend_elems: tuple[str, ...]  # this service's elements of backends4/6
     dispatch: tuple[str, ...]  # rules of its dispatch chain
     forward: tuple[str, ...]  # rules of its forward (counting) chain
-    ring: tuple[str | None, ...] | None  # Maglev: the backend chain of each slot
+    ring: Ring | None  # Maglev only
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    """A Maglev ring as nft holds it: ``slots`` (native int32, -1 = empty) index
+    ``chains``, the backend chains. Bytes, so that comparing two rings is one memcmp
+    and diffing them one numpy comparison (halb.dataplane.nft.delta)."""
+
+    chains: tuple[str, ...]
+    slots: bytes
+
+    def chain_of(self) -> list[str | None]:
+        """Slot -> backend chain."""
+        names = [*self.chains, None]  # index -1 (empty) picks None
+        return [names[i] for i in np.frombuffer(self.slots, dtype=np.int32).tolist()]
+
+
+@functools.lru_cache(maxsize=16)
+def _maglev(weights: tuple[tuple[str, int], ...], size: int) -> MaglevTable:
+    # A flapping backend alternates between two tables: keep recent ones (a 65537-slot
+    # build costs ~30 ms of Python; a table is 256 KiB).
+    return build_table(weights, size)
 
 
 def dispatch_chain(key: ServiceKey) -> str:
@@ -208,10 +234,12 @@ def service_parts(svc: Service) -> ServiceParts:
     ip = _ipkw(key.vip)
     proto = key.protocol.value
     live = live_backends(svc)
-    chains = {str(b): _backend_chain(key, b) for b in live}
     counted = sorted({*svc.backends, *svc.sorry})
+    # Every backend has its chain, live or not: health and weight changes then touch
+    # only ring slots (and a round-robin rule), never chains.
+    chains = {str(b): _backend_chain(key, b) for b in counted}
     dispatch: tuple[str, ...]
-    ring: tuple[str | None, ...] | None = None
+    ring: Ring | None = None
     if svc.scheduler is Scheduler.MAGLEV:
         # Constant rules: backends change only the ring's elements. An empty ring
         # (no live backend) misses and the next rule refuses the new flow.
@@ -220,9 +248,8 @@ def service_parts(svc: Service) -> ServiceParts:
             f"jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} vmap @{ring_map(key)}",
             "drop",
         )
-        by_name = {str(b): b for b in live}
-        table = build_table({n: b.weight for n, b in by_name.items()}, svc.ring_size)
-        ring = tuple(table.mapped(lambda name: chains[name]))
+        table = _maglev(tuple(sorted({str(b): b.weight for b in live}.items())), svc.ring_size)
+        ring = Ring(tuple(chains[n] for n in table.names), table.slots.tobytes())
     elif live:
         ordered = sorted(live)
         elems = ", ".join(f"{i} : goto {chains[str(b)]}" for i, b in enumerate(ordered))
@@ -239,7 +266,7 @@ def service_parts(svc: Service) -> ServiceParts:
                 _backend_chain(key, b),
                 f"meta l4proto {proto} dnat {ip} to {_endpoint(b.address, b.port)}",
             )
-            for b in sorted(live)
+            for b in counted
         ),
         counters=tuple((backend_counter(key, b), b) for b in counted),
         backend_elems=tuple(f"{_fmt(b.address)} . {proto} . {b.port}" for b in counted),
@@ -335,7 +362,9 @@ def render(
         body += chain(dispatch_chain(key), None, part.dispatch)
         body += chain(forward_chain(key), None, part.forward)
         if part.ring is not None:
-            elems = ", ".join(f"{i} : goto {c}" for i, c in enumerate(part.ring) if c is not None)
+            elems = ", ".join(
+                f"{i} : goto {c}" for i, c in enumerate(part.ring.chain_of()) if c is not None
+            )
             decls += [
                 f"  map {ring_map(key)} {{",
                 f"    typeof numgen inc mod {svc.ring_size} : verdict",
