@@ -3,8 +3,10 @@
 One namespace holds halb's table with three services of 65537-slot rings (10 backends
 each). In one run:
 
-1. full: what every change cost before in-place updates, and what a layout change still
-   costs: read the counters, render the whole table, load it with `nft -f`;
+1. full: what every change cost before in-place updates (read the counters with `nft
+   list counters`, render the whole table, load it with `nft -f`), and what a layout
+   change costs now (NftDataplane.apply adding / removing a service: the counters
+   are read with a netlink dump instead);
 2. in place: NftDataplane.apply of a backend change on one service (a backend down,
    the same backend back, an 11th backend added, removed again), which rewrites only
    the changed slots, chains, counters and elements in one libnftables transaction.
@@ -73,6 +75,18 @@ def main() -> None:
             script = ruleset.render(base, None, carry).script
             nftcmd.load(ns, script)
             full.append(time.monotonic() - t0)
+        # A layout change still loads the table whole (a service added or removed).
+        extra = Service(
+            ServiceKey(IPv4Address("10.97.0.99"), 53, Protocol.UDP),
+            Scheduler.RR,
+            Forwarding.NAT,
+            (Backend(IPv4Address("10.97.9.1"), 53),),
+        )
+        layout: list[float] = []
+        for svcs in ([*base, extra], base) * a.rounds:
+            t0 = time.monotonic()
+            dp.apply(svcs)
+            layout.append(time.monotonic() - t0)
         # The adapter still holds its own view of the (identical) table.
         steps = (1, 0, 2, 0)  # down, back, added, removed
         timed: dict[tuple[int, bool], list[float]] = {}
@@ -95,7 +109,9 @@ def main() -> None:
                 assert r.writes == 1 and len(r.updated) == 1, r
         med_full = statistics.median(full)
         print(f"ring {a.ring} slots x 3 services, {a.backends} backends each")
-        print(f"full reload (counters, render, nft -f): median {ms(med_full)}")
+        print(f"full reload as before (nft list counters, render, nft -f): median {ms(med_full)}")
+        print(f"full reload now, a layout change (counter dump, render, nft -f): median "
+              f"{ms(statistics.median(layout))}")  # fmt: skip
         print(f"Maglev table build alone (first time): median {ms(statistics.median(build))}")
         names = {1: "backend down (ring only)", 0: "backend back / removed", 2: "backend added"}
         for change in (1, 0, 2):
@@ -106,11 +122,18 @@ def main() -> None:
                 line += f", repeated (cached table) median {ms(statistics.median(again))}"
                 line += f" worst {ms(max(again))}"
             print(line)
-        down = timed[(1, True)] + timed.get((1, False), [])
-        med = statistics.median(down)
-        print(f"ratio backend down / full reload: {med / med_full:.4f} ({med_full / med:.0f}x)")
-        verdict = "met" if med <= 0.050 else "NOT met"
-        print(f"target <= 50 ms for a backend change (down, median): {verdict}")
+        for label, times in (
+            ("first (table built)", timed[(1, True)]),
+            ("repeated (table cached)", timed.get((1, False), [])),
+        ):
+            if not times:
+                continue
+            med = statistics.median(times)
+            verdict = "met" if med <= 0.050 else "NOT met"
+            print(
+                f"backend down, {label}: ratio to the full reload {med / med_full:.4f} "
+                f"({med_full / med:.0f}x faster); target <= 50 ms {verdict}"
+            )
     finally:
         dp.close()
         subprocess.run(["ip", "netns", "del", ns], check=False)

@@ -154,17 +154,16 @@ def test_apply_is_idempotent_and_counters_move(topo: Topology, dp: NftDataplane)
 
 
 def ring_map(topo: Topology, key: ServiceKey) -> dict[int, str]:
-    """The kernel's ring map of a service: slot -> backend chain."""
+    """The kernel's ring map of a service: slot -> "address . port"."""
     name = f"ring_{ruleset.service_id(key)}"
     out = json.loads(topo.exec("lba", "nft", "-j", "list", "map", "inet", "halb", name))
     (m,) = [i["map"] for i in out["nftables"] if "map" in i]
-    return {int(k): v["goto"]["target"] for k, v in m.get("elem", [])}
+    return {int(k): "{} . {}".format(*v["concat"]) for k, v in m.get("elem", [])}
 
 
 def expected_ring(svc: Service) -> dict[int, str]:
-    chains = {b: f"to_{ruleset.service_id(svc.key)}_{str(b.address).replace('.', '_')}_{b.port}"
-              for b in svc.backends}  # fmt: skip
-    return {i: chains[b] for i, b in enumerate(ruleset.ring_slots(svc)) if b is not None}
+    ring = ruleset.ring_slots(svc)
+    return {i: f"{b.address} . {b.port}" for i, b in enumerate(ring) if b is not None}
 
 
 def test_backend_change_rewrites_ring_in_place_and_keeps_pinned_flows(
@@ -192,9 +191,7 @@ def test_backend_change_rewrites_ring_in_place_and_keeps_pinned_flows(
         r = dp.apply(changed)
         assert r.writes == 1 and r.updated == (key,) and not (r.added or r.removed)
         assert ring_map(topo, key) == expected_ring(changed[0])
-        assert set(ring_map(topo, key).values()) == {
-            f"to_{ruleset.service_id(key)}_{str(BACKENDS[other]).replace('.', '_')}_9000"
-        }
+        assert set(ring_map(topo, key).values()) == {f"{BACKENDS[other]} . 9000"}
         s.sendall(b"WHOAMI\n")
         assert s.recv(100).decode().strip() == pinned  # conntrack kept its backend
         assert all(whoami_tcp(topo, VIP)[0] == other for _ in range(4))  # new flows avoid it
@@ -212,7 +209,7 @@ def test_backend_change_rewrites_ring_in_place_and_keeps_pinned_flows(
         s.sendall(b"WHOAMI\n")
         assert s.recv(100).decode().strip() == pinned
     listed = topo.exec("lba", "nft", "list", "table", "inet", "halb")
-    assert "10_98_1_23" not in listed  # the extra backend's chain and counter are gone
+    assert "10_98_1_23" not in listed  # the extra backend's counter is gone
 
 
 def test_rejected_in_place_update_leaves_the_rules(topo: Topology, dp: NftDataplane) -> None:
@@ -229,12 +226,15 @@ def test_rejected_in_place_update_leaves_the_rules(topo: Topology, dp: NftDatapl
             upd.script() + f"delete chain inet halb d_{ruleset.service_id(key)}\n"
         )
     assert topo.exec("lba", "nft", "list", "ruleset") == before
-    # Raw batch path: the ring's real edit plus a slot pointing at a missing chain.
+    # Raw batch path: the ring's real edit plus a slot that is already there (with
+    # other data: the kernel refuses it with EEXIST, and the edit's slots with it).
     (edit,) = upd.rings
-    bad = delta.RingEdit(edit.map, edit.delete, (*edit.add, (edit.delete[0], "to_nowhere")))
+    kept = next(i for i in range(251) if i not in edit.delete)
+    elsewhere = (IPv4Address("10.98.1.99"), 9000)
+    bad = delta.RingEdit(edit.map, edit.delete, (*edit.add, (elsewhere, (kept,))))
     nf = NfTables(topo.ns("lba"))
     try:
-        with pytest.raises(nftcmd.NftError, match="ENOENT"):
+        with pytest.raises(nftcmd.NftError, match="EEXIST"):
             nf.ring_edits("halb", [bad])
         assert topo.exec("lba", "nft", "list", "ruleset") == before
         assert nf.ring_edits("halb", [edit]) > 0  # the same socket still works

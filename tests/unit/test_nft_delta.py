@@ -57,16 +57,17 @@ def test_added_backend_rewrites_only_the_slots_it_takes() -> None:
     # Maglev moves a few slots between old backends too; most go to the new one.
     taken = [i for i in moved if after[i] == BS[3]]
     assert len(taken) > 0.8 * len(moved)
-    chain = "to_10_99_0_100_tcp_9000_10_99_1_24_9000"
+    value = "10.99.1.24 . 9000"
     dele = _lines(upd.script(), "delete element inet halb ring_10_99_0_100_tcp_9000 ")
     add = _lines(upd.script(), "add element inet halb ring_10_99_0_100_tcp_9000 ")
     assert len(dele) == 1 and len(add) == 1
-    assert add[0].count(f"goto {chain}") == len(taken)
-    assert add[0].count("goto") == len(moved)
+    assert add[0].count(f" : {value}") == len(taken)
+    assert add[0].count(" : ") == len(moved)
     assert dele[0].count(",") == len(moved) - 1
-    # The new chain and counter come before the slots that use them.
+    # The new counter comes before the rule that uses it.
     script = upd.script()
-    assert script.index(f"add chain inet halb {chain}\n") < script.index(add[0])
+    counter = "be_10_99_0_100_tcp_9000_10_99_1_24_9000"
+    assert script.index(f"add counter inet halb {counter}\n") < script.index(f'"{counter}"')
     assert "add counter inet halb be_10_99_0_100_tcp_9000_10_99_1_24_9000\n" in script
     assert "add element inet halb backends4 { 10.99.1.24 . tcp . 9000 }\n" in script
     assert "flush chain inet halb f_10_99_0_100_tcp_9000\n" in script
@@ -80,11 +81,9 @@ def test_removed_backend_is_deleted_after_its_last_reference() -> None:
     upd = update(old, services(tcp=BS[:2]), {VIP: SNAT})
     assert upd is not None
     lines = upd.script().splitlines()
-    chain = "to_10_99_0_100_tcp_9000_10_99_1_23_9000"
-    assert lines[-1] == f"delete chain inet halb {chain}"
-    assert "delete counter inet halb be_10_99_0_100_tcp_9000_10_99_1_23_9000" in lines
+    assert lines[-1] == "delete counter inet halb be_10_99_0_100_tcp_9000_10_99_1_23_9000"
     ring_add = _lines(upd.script(), "add element inet halb ring_")[0]
-    assert chain not in ring_add
+    assert "10.99.1.23" not in ring_add
     # 10.99.1.23 stays in backends4: no other service had it, so it goes.
     assert "delete element inet halb backends4 { 10.99.1.23 . tcp . 9000 }" in lines
 
@@ -95,15 +94,15 @@ def test_health_change_only_moves_ring_slots_and_rr_rule() -> None:
     upd = update(old, services(tcp=(down, *BS[1:3]), udp=(down, BS[1])), {VIP: SNAT})
     assert upd is not None
     script = upd.script()
-    # The down backend keeps its counter, chain and set element: only the round-robin
-    # rule is rewritten, and the ring's slots move.
+    # The down backend keeps its counter and set element: only the round-robin rule is
+    # rewritten, and the ring's slots move.
     assert "counter" not in script.replace("counter name", "")
-    assert "backends4" not in script and "chain inet halb to_" not in script
+    assert "backends4" not in script
     assert "f_10_99_0_100" not in script
     assert upd.head == (
         "flush chain inet halb d_10_99_0_100_udp_9001",
-        "add rule inet halb d_10_99_0_100_udp_9001 numgen inc mod 1 vmap "
-        "{ 0 : goto to_10_99_0_100_udp_9001_10_99_1_22_9000 }",
+        "add rule inet halb d_10_99_0_100_udp_9001 meta l4proto udp dnat ip to "
+        "numgen inc mod 1 map { 0 : 10.99.1.22 . 9000 }",
     )
     assert not upd.tail
     (edit,) = upd.rings
@@ -113,7 +112,7 @@ def test_health_change_only_moves_ring_slots_and_rr_rule() -> None:
     assert set(edit.delete) == {
         i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b
     }
-    assert {i for i, _ in edit.add} == set(edit.delete)
+    assert {i for _, slots in edit.add for i in slots} == set(edit.delete)
 
 
 def test_maglev_health_change_is_rings_only() -> None:
@@ -137,5 +136,5 @@ def test_every_backend_down_empties_the_ring_and_back() -> None:
     back = update(empty.rendered, services(), {VIP: SNAT})
     assert back is not None
     (edit,) = back.rings
-    assert not edit.delete and len(edit.add) == 1009
+    assert not edit.delete and edit.added == 1009
     assert back.rendered.parts[KEY].ring == old.parts[KEY].ring

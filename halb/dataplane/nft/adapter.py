@@ -146,7 +146,7 @@ class NftDataplane(FlowObjectRecords):
             return ApplyResult(updated=updated, writes=writes)
         # Replacing the table re-creates its counters: carry their values over (packets
         # counted between this read and the load are lost; a few at most).
-        carry = nftcmd.list_counters(self.netns)
+        carry = self._nfnl().counters(ruleset.TABLE)
         self._counter_cache = None
         rendered = ruleset.render(services, self.snat, carry)
         nftcmd.load(self.netns, rendered.script)
@@ -200,13 +200,13 @@ class NftDataplane(FlowObjectRecords):
 
     def _counter_values(self) -> dict[str, Counter]:
         """Counter values, re-read at most every COUNTER_MIN_INTERVAL or 10 times the
-        last read's cost: an nft command loads the whole table, rings included, so a
-        metrics loop reading every second would keep a core busy."""
+        last read's cost (a dump of the counter objects: milliseconds; `nft list`
+        would fetch the rings too, seconds)."""
         now = time.monotonic()
         cached = self._counter_cache
         if cached is not None and now < cached[0]:
             return cached[1]
-        values = nftcmd.list_counters(self.netns)
+        values = self._nfnl().counters(ruleset.TABLE)
         cost = time.monotonic() - now
         self._counter_cache = (now + max(COUNTER_MIN_INTERVAL, 10 * cost), values)
         return values
@@ -225,7 +225,7 @@ class NftDataplane(FlowObjectRecords):
 
     def invalid_dropped(self) -> Counter:
         """Packets dropped as `ct state invalid` (mid-flow without state)."""
-        return nftcmd.list_counters(self.netns).get(ruleset.INVALID_COUNTER, Counter())
+        return self._nfnl().counters(ruleset.TABLE).get(ruleset.INVALID_COUNTER, Counter())
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC) this node drops VIP traffic and ARP

@@ -1,14 +1,14 @@
 """Pure: what turns one rendered table into another of the same layout.
 
 A backend, weight or health change touches only the changed ring slots, the backend
-chains and counters that come or go, the service's dispatch and counting chains when
-their rules differ, and the backend set elements. The whole update goes to the kernel
+counters that come or go, the service's dispatch and counting chains when their rules
+differ, and the backend set elements. The whole update goes to the kernel
 as one transaction: a rejected update leaves the running rules as they were. Rewriting
 a 65537-slot ring whole costs about a third of a second per service in nft alone; a
 backend added to ten rewrites about a tenth of it.
 
-Order inside the transaction: what new rules reference is created first (chains,
-counters), and what old rules referenced is removed last, once nothing points at it.
+Order inside the transaction: what new rules reference is created first (counters),
+and what old rules referenced is removed last, once nothing points at it.
 
 An update that only moves ring slots (health and weight changes on Maglev services,
 the frequent case) is also given as RingEdits, which halb.dataplane.nft.nfnl sends as
@@ -26,11 +26,13 @@ import numpy as np
 from halb.dataplane.nft.ruleset import (
     FAMILY,
     TABLE,
+    Endpoint,
     Rendered,
     Ring,
     ServiceParts,
     checked,
     dispatch_chain,
+    endpoint_value,
     forward_chain,
     layout,
     ring_map,
@@ -45,20 +47,30 @@ _T = f"{FAMILY} {TABLE}"
 
 @dataclass(frozen=True, slots=True)
 class RingEdit:
-    """Slots of one ring map to delete, then slots to add (slot, backend chain)."""
+    """Slots of one ring map to delete, then slots to add, grouped by the endpoint
+    they map to (a few groups of thousands of slots: no Python work per slot)."""
 
     map: str
     delete: tuple[int, ...]
-    add: tuple[tuple[int, str], ...]
+    add: tuple[tuple[Endpoint, tuple[int, ...]], ...]
+
+    @property
+    def added(self) -> int:
+        return sum(len(slots) for _, slots in self.add)
 
     def lines(self) -> list[str]:
-        # A map element's verdict cannot be replaced in place (the kernel answers
-        # EEXIST): delete the slot and add it again, in the same transaction.
+        # A map element's data cannot be replaced in place (the kernel answers EEXIST):
+        # delete the slot and add it again, in the same transaction.
         out = []
         if self.delete:
             out.append(f"delete element {_T} {self.map} {{ {', '.join(map(str, self.delete))} }}")
         if self.add:
-            elems = ", ".join(f"{i} : goto {c}" for i, c in self.add)
+            elems = ", ".join(
+                f"{i} : {value}"
+                for e, slots in self.add
+                for value in (endpoint_value(e),)
+                for i in slots
+            )
             out.append(f"add element {_T} {self.map} {{ {elems} }}")
         return out
 
@@ -84,7 +96,7 @@ class Update:
 
     @property
     def slots(self) -> int:
-        return sum(len(e.delete) + len(e.add) for e in self.rings)
+        return sum(len(e.delete) + e.added for e in self.rings)
 
     def script(self) -> str:
         """The whole update as one libnftables script (one transaction)."""
@@ -113,23 +125,21 @@ def update(
 
 
 def ring_edit(name: str, old: Ring, new: Ring) -> RingEdit:
-    """The slots whose backend chain differs, compared as arrays (65537 slots in well
-    under a millisecond)."""
-    ids = {c: i for i, c in enumerate(sorted({*old.chains, *new.chains}))}
-    names = sorted(ids, key=ids.__getitem__)
+    """The slots whose endpoint differs, compared as arrays (65537 slots in well under
+    a millisecond)."""
+    ids = {e: i for i, e in enumerate(dict.fromkeys((*old.endpoints, *new.endpoints)))}
+    values = list(ids)
     # One more entry, -1, for index -1: an empty slot stays -1 after the mapping.
-    o_ids = np.array([*(ids[c] for c in old.chains), -1], dtype=np.int32)
-    n_ids = np.array([*(ids[c] for c in new.chains), -1], dtype=np.int32)
+    o_ids = np.array([*(ids[e] for e in old.endpoints), -1], dtype=np.int32)
+    n_ids = np.array([*(ids[e] for e in new.endpoints), -1], dtype=np.int32)
     o = o_ids[np.frombuffer(old.slots, dtype=np.int32)]
     n = n_ids[np.frombuffer(new.slots, dtype=np.int32)]
     changed = np.flatnonzero(o != n)
     gone = changed[o[changed] >= 0]
     put = changed[n[changed] >= 0]
-    return RingEdit(
-        name,
-        tuple(gone.tolist()),
-        tuple(zip(put.tolist(), (names[i] for i in n[put].tolist()), strict=True)),
-    )
+    to = n[put]
+    add = tuple((values[v], tuple(put[to == v].tolist())) for v in np.unique(to).tolist())
+    return RingEdit(name, tuple(gone.tolist()), add)
 
 
 def _by_family(parts: Mapping[ServiceKey, ServiceParts]) -> dict[int, set[str]]:
@@ -153,16 +163,11 @@ def diff(
     """(head, ring edits, tail) from ``old`` to ``new`` (the same services)."""
     if old.keys() != new.keys():
         raise ValueError("an update keeps the services; a layout change reloads the table")
-    old_chains = {n: r for p in old.values() for n, r in p.chains}
-    new_chains = {n: r for p in new.values() for n, r in p.chains}
     old_counters = {n for p in old.values() for n, _ in p.counters}
     new_counters = {n for p in new.values() for n, _ in p.counters}
     old_be, new_be = _by_family(old), _by_family(new)
 
-    head: list[str] = []
-    for name in sorted(new_chains.keys() - old_chains.keys()):
-        head += [f"add chain {_T} {name}", f"add rule {_T} {name} {new_chains[name]}"]
-    head += [f"add counter {_T} {n}" for n in sorted(new_counters - old_counters)]
+    head: list[str] = [f"add counter {_T} {n}" for n in sorted(new_counters - old_counters)]
     for v in (4, 6):
         if added := new_be[v] - old_be[v]:
             head.append(f"add element {_T} backends{v} {_elements(sorted(added))}")
@@ -184,5 +189,4 @@ def diff(
         if removed := old_be[v] - new_be[v]:
             tail.append(f"delete element {_T} backends{v} {_elements(sorted(removed))}")
     tail += [f"delete counter {_T} {n}" for n in sorted(old_counters - new_counters)]
-    tail += [f"delete chain {_T} {n}" for n in sorted(old_chains.keys() - new_chains.keys())]
     return tuple(head), tuple(rings), tuple(tail)

@@ -1,11 +1,11 @@
-"""Ring slot edits as one raw nf_tables netlink batch (one transaction).
+"""Raw nf_tables netlink: ring slot edits as one batch (one transaction), counters.
 
 libnftables parses text at ~4.5 us per set element; a backend going down on a
 65537-slot ring with ten backends moves ~6,500 slots (13,000 element operations), so
 text alone costs ~55 ms. Here the elements are packed with numpy (every element that
-goes to one backend chain has the same bytes but its key) and the kernel takes the
+goes to one backend has the same bytes but its key) and the kernel takes the
 whole batch in a few milliseconds. Only what delta.RingEdit describes goes this way;
-anything else (chains, rules, counters) is text through libnftables.
+anything else (rules, counters, set elements) is text through libnftables.
 
 Batch: BATCH_BEGIN, DELSETELEM / NEWSETELEM messages (each with an ACK request), and
 BATCH_END in one datagram; the kernel applies all of it or none, and answers every
@@ -18,14 +18,17 @@ import errno
 import itertools
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
+from halb.dataplane.base import Counter
 from halb.dataplane.nft import ctmsg
 from halb.dataplane.nft.ctsock import SO_SNDBUFFORCE, open_netlink
 from halb.dataplane.nft.delta import RingEdit
 from halb.dataplane.nft.nftcmd import NftError
+from halb.dataplane.nft.ruleset import Endpoint
 
 __all__ = ["NfTables"]
 
@@ -34,6 +37,14 @@ NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_GETOBJ = 19
+NFTA_OBJ_TABLE = 1
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFTA_OBJ_DATA = 4
+NFT_OBJECT_COUNTER = 1
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
 NFPROTO_INET = 1
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -42,17 +53,13 @@ NFTA_LIST_ELEM = 1
 NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
 NFTA_DATA_VALUE = 1
-NFTA_DATA_VERDICT = 2
-NFTA_VERDICT_CODE = 1
-NFTA_VERDICT_CHAIN = 2
-NFT_GOTO = -4
 _N = ctmsg.NLA_F_NESTED
 # An attribute's length is 16 bits: the elements of one message must fit in one.
 ELEMENTS_MAX = 0xFFFF - 4
 SNDBUF = 64 << 20  # a whole 65537-slot ring (about 6 MB) fits in one batch
 
 # One element with its key (ring slot, host byte order: jhash/numgen results are):
-# LIST_ELEM header, KEY header, DATA_VALUE header, the slot; a verdict follows on adds.
+# LIST_ELEM header, KEY header, DATA_VALUE header, the slot; the endpoint follows on adds.
 _KEY = np.dtype(
     [("len", "=u2"), ("type", "=u2"), ("klen", "=u2"), ("ktype", "=u2"),
      ("vlen", "=u2"), ("vtype", "=u2"), ("slot", "=u4")]
@@ -64,12 +71,12 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length & 3)
 
 
-def _verdict(chain: str) -> bytes:
-    """NFTA_SET_ELEM_DATA of `goto chain`, the same bytes for every slot of a chain."""
-    inner = _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_GOTO)) + _attr(
-        NFTA_VERDICT_CHAIN, chain.encode() + b"\0"
-    )
-    return _attr(NFTA_SET_ELEM_DATA | _N, _attr(NFTA_DATA_VERDICT | _N, inner))
+def _endpoint(e: Endpoint) -> bytes:
+    """NFTA_SET_ELEM_DATA of `address . port`, the same bytes for every slot of a
+    backend. Each part of a concatenation takes whole 32-bit registers: the port is
+    two bytes in network order and two of padding."""
+    value = e[0].packed + struct.pack("!H", e[1]) + b"\0\0"
+    return _attr(NFTA_SET_ELEM_DATA | _N, _attr(NFTA_DATA_VALUE, value))
 
 
 def _elements(slots: Sequence[int], data: bytes) -> bytes:
@@ -89,7 +96,8 @@ def _elements(slots: Sequence[int], data: bytes) -> bytes:
 
 
 class NfTables:
-    """A NETLINK_NETFILTER socket in ``netns`` for nf_tables batches (not thread-safe)."""
+    """A NETLINK_NETFILTER socket in ``netns`` for nf_tables requests; one at a time
+    (a metrics thread reads counters while the agent applies changes)."""
 
     def __init__(self, netns: str | None = None) -> None:
         self.sock = open_netlink(netns, rcvbuf=4 << 20)
@@ -100,9 +108,11 @@ class NfTables:
         # The kernel answers every batch; a silent one is a bug, not a wait.
         self.sock.settimeout(10.0)
         self._seq = itertools.count(1)
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self.sock.close()
+        with self._lock:
+            self.sock.close()
 
     def _msg(self, mtype: int, flags: int, family: int, res_id: int, body: bytes) -> bytes:
         seq = next(self._seq) & 0xFFFFFFFF
@@ -119,11 +129,8 @@ class NfTables:
         flags = ctmsg.NLM_F_REQUEST | ctmsg.NLM_F_ACK
         for e in edits:
             sets = head + _attr(NFTA_SET_ELEM_LIST_SET, e.map.encode() + b"\0")
-            groups: list[tuple[int, list[int], bytes]] = [(NFT_MSG_DELSETELEM, list(e.delete), b"")]
-            by_chain: dict[str, list[int]] = {}
-            for slot, chain in e.add:
-                by_chain.setdefault(chain, []).append(slot)
-            groups += [(NFT_MSG_NEWSETELEM, s, _verdict(c)) for c, s in sorted(by_chain.items())]
+            groups: list[tuple[int, Sequence[int], bytes]] = [(NFT_MSG_DELSETELEM, e.delete, b"")]
+            groups += [(NFT_MSG_NEWSETELEM, s, _endpoint(b)) for b, s in e.add]
             for kind, slots, data in groups:
                 per = max(1, ELEMENTS_MAX // (_KEY.itemsize + len(data)))
                 mtype = (NFNL_SUBSYS_NFTABLES << 8) | kind
@@ -134,12 +141,52 @@ class NfTables:
                     msgs.append(self._msg(mtype, flags | extra, NFPROTO_INET, 0, body))
         if not msgs:
             return 0
+        with self._lock:
+            self._send_batch(msgs)
+        return len(msgs)
+
+    def _send_batch(self, msgs: list[bytes]) -> None:
         res = socket.htons(NFNL_SUBSYS_NFTABLES)
         begin = self._msg(NFNL_MSG_BATCH_BEGIN, ctmsg.NLM_F_REQUEST, socket.AF_UNSPEC, res, b"")
-        end = self._msg(NFNL_MSG_BATCH_END, ctmsg.NLM_F_REQUEST, socket.AF_UNSPEC, res, b"")
-        self.sock.send(begin + b"".join(msgs) + end)
+        tail = self._msg(NFNL_MSG_BATCH_END, ctmsg.NLM_F_REQUEST, socket.AF_UNSPEC, res, b"")
+        self.sock.send(begin + b"".join(msgs) + tail)
         self._results(begin, msgs)
-        return len(msgs)
+
+    def counters(self, table: str) -> dict[str, Counter]:
+        """The named counters of ``table`` (empty if there is none). A dump of the
+        counter objects only: `nft list counters` fetches the whole table, rings
+        included, and takes seconds with 65537-slot rings."""
+        body = _attr(NFTA_OBJ_TABLE, table.encode() + b"\0") + _attr(
+            NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER)
+        )
+        flags = ctmsg.NLM_F_REQUEST | ctmsg.NLM_F_DUMP
+        msg = self._msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ, flags, NFPROTO_INET, 0, body)
+        with self._lock:
+            return self._dump_counters(msg)
+
+    def _dump_counters(self, msg: bytes) -> dict[str, Counter]:
+        seq = ctmsg.NLMSG_HDR.unpack_from(msg)[3]
+        self.sock.send(msg)
+        out: dict[str, Counter] = {}
+        while True:
+            for m in ctmsg.parse(self.sock.recv(1 << 20)):
+                if m.seq != seq:
+                    continue
+                if m.type == ctmsg.NLMSG_DONE:
+                    return out
+                if m.type == ctmsg.NLMSG_ERROR:
+                    code = ctmsg.decode_error(m.payload)
+                    if code in (0, errno.ENOENT):
+                        return out
+                    raise NftError("nf_tables counter dump", errno.errorcode.get(code, str(code)))
+                attrs = ctmsg._attrs(m.payload, "object", off=ctmsg.NFGEN_HDR.size)
+                if NFTA_OBJ_NAME not in attrs or NFTA_OBJ_DATA not in attrs:
+                    continue
+                data = ctmsg._attrs(attrs[NFTA_OBJ_DATA], "object", "data")
+                name = attrs[NFTA_OBJ_NAME].rstrip(b"\0").decode()
+                packets = int.from_bytes(data.get(NFTA_COUNTER_PACKETS, b""), "big")
+                nbytes = int.from_bytes(data.get(NFTA_COUNTER_BYTES, b""), "big")
+                out[name] = Counter(packets=packets, bytes=nbytes)
 
     def _results(self, begin: bytes, msgs: list[bytes]) -> None:
         waiting = {ctmsg.NLMSG_HDR.unpack_from(m)[3] for m in msgs}

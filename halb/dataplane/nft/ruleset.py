@@ -15,9 +15,9 @@ Layout of ``table inet halb`` (chain priorities relative to conntrack at -200):
   is dropped and retransmitted rather than sent to another backend as a new flow), and
   counts every client->VIP packet in the service's named counter.
 - ``pre_nat`` (prerouting, dstnat): one rule per service goes to its dispatch chain
-  ``d_<service>``, which picks a backend chain through a verdict map, Maglev (``jhash``
-  of the 5-tuple with a fixed seed -> slot of the map ``ring_<service>``) or round
-  robin (``numgen inc``); each backend chain DNATs to its backend.
+  ``d_<service>``, which DNATs through a map, Maglev (``jhash`` of the 5-tuple with a
+  fixed seed -> slot of the map ``ring_<service>``) or round
+  robin (``numgen inc``), whose element is the backend's address . port to DNAT to.
 - ``forward_filter`` (forward, filter): one rule per service jumps to ``f_<service>``,
   which counts each backend's packets (original direction, after DNAT) in its named
   counter.
@@ -46,6 +46,7 @@ __all__ = [
     "HASH_SEED",
     "INVALID_COUNTER",
     "TABLE",
+    "Endpoint",
     "RenderError",
     "Rendered",
     "Ring",
@@ -54,6 +55,7 @@ __all__ = [
     "checked",
     "delete_script",
     "dispatch_chain",
+    "endpoint_value",
     "forward_chain",
     "layout",
     "live_backends",
@@ -113,10 +115,6 @@ def backend_counter(key: ServiceKey, backend: Backend) -> str:
     return f"be_{service_id(key)}_{_ident(backend.address)}_{backend.port}"
 
 
-def _backend_chain(key: ServiceKey, backend: Backend) -> str:
-    return f"to_{service_id(key)}_{_ident(backend.address)}_{backend.port}"
-
-
 def _order(key: ServiceKey) -> tuple[int, int, int, str]:
     # ServiceKey's own order raises between IPv4 and IPv6 addresses.
     return (key.vip.version, int(key.vip), key.port, key.protocol.value)
@@ -128,10 +126,6 @@ def _ipkw(addr: IPAddress) -> str:
 
 def _fmt(addr: IPAddress) -> str:
     return str(addr)
-
-
-def _endpoint(addr: IPAddress, port: int) -> str:
-    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
 
 
 def live_backends(svc: Service) -> tuple[Backend, ...]:
@@ -182,7 +176,6 @@ class ServiceParts:
 
     source: Service  # what these parts were made from
     key: ServiceKey
-    chains: tuple[tuple[str, str], ...]  # (backend chain, its DNAT rule), live backends
     counters: tuple[tuple[str, Backend], ...]  # backend counters (every backend)
     backend_elems: tuple[str, ...]  # this service's elements of backends4/6
     dispatch: tuple[str, ...]  # rules of its dispatch chain
@@ -190,19 +183,28 @@ class ServiceParts:
     ring: Ring | None  # Maglev only
 
 
+Endpoint = tuple[IPAddress, int]
+"""A backend's address and port: what a ring slot DNATs to."""
+
+
 @dataclass(frozen=True, slots=True)
 class Ring:
     """A Maglev ring as nft holds it: ``slots`` (native int32, -1 = empty) index
-    ``chains``, the backend chains. Bytes, so that comparing two rings is one memcmp
-    and diffing them one numpy comparison (halb.dataplane.nft.delta)."""
+    ``endpoints``. Bytes, so that comparing two rings is one memcmp and diffing them
+    one numpy comparison (halb.dataplane.nft.delta)."""
 
-    chains: tuple[str, ...]
+    endpoints: tuple[Endpoint, ...]
     slots: bytes
 
-    def chain_of(self) -> list[str | None]:
-        """Slot -> backend chain."""
-        names = [*self.chains, None]  # index -1 (empty) picks None
-        return [names[i] for i in np.frombuffer(self.slots, dtype=np.int32).tolist()]
+    def endpoint_of(self) -> list[Endpoint | None]:
+        """Slot -> endpoint."""
+        values = [*self.endpoints, None]  # index -1 (empty) picks None
+        return [values[i] for i in np.frombuffer(self.slots, dtype=np.int32).tolist()]
+
+
+def endpoint_value(e: Endpoint) -> str:
+    """An endpoint as the data of a ring or round-robin map element."""
+    return f"{_fmt(e[0])} . {e[1]}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -235,25 +237,31 @@ def service_parts(svc: Service) -> ServiceParts:
     proto = key.protocol.value
     live = live_backends(svc)
     counted = sorted({*svc.backends, *svc.sorry})
-    # Every backend has its chain, live or not: health and weight changes then touch
-    # only ring slots (and a round-robin rule), never chains.
-    chains = {str(b): _backend_chain(key, b) for b in counted}
     dispatch: tuple[str, ...]
     ring: Ring | None = None
+    # Rings and round robin map straight to the backend's address . port, not to
+    # per-backend chains: a map holding verdicts makes the kernel re-validate every
+    # chain reachable through it, every element included, on each commit that adds
+    # one (tens of milliseconds with 65537-slot rings), data maps need no validation.
+    nat = f"meta l4proto {proto} dnat {ip} to"
     if svc.scheduler is Scheduler.MAGLEV:
         # Constant rules: backends change only the ring's elements. An empty ring
         # (no live backend) misses and the next rule refuses the new flow.
         hashed = f"{ip} saddr . {proto} sport . {ip} daddr . {proto} dport"
         dispatch = (
-            f"jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} vmap @{ring_map(key)}",
+            f"{nat} jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} map @{ring_map(key)}",
             "drop",
         )
-        table = _maglev(tuple(sorted({str(b): b.weight for b in live}.items())), svc.ring_size)
-        ring = Ring(tuple(chains[n] for n in table.names), table.slots.tobytes())
+        by_name = {str(b): b for b in live}
+        table = _maglev(tuple(sorted((n, b.weight) for n, b in by_name.items())), svc.ring_size)
+        ends = tuple((by_name[n].address, by_name[n].port) for n in table.names)
+        ring = Ring(ends, table.slots.tobytes())
     elif live:
         ordered = sorted(live)
-        elems = ", ".join(f"{i} : goto {chains[str(b)]}" for i, b in enumerate(ordered))
-        dispatch = (f"numgen inc mod {len(ordered)} vmap {{ {elems} }}",)
+        elems = ", ".join(
+            f"{i} : {endpoint_value((b.address, b.port))}" for i, b in enumerate(ordered)
+        )
+        dispatch = (f"{nat} numgen inc mod {len(ordered)} map {{ {elems} }}",)
     else:
         # No backend can take a new flow: refuse it here (established flows keep
         # their conntrack entry and never reach this chain).
@@ -261,13 +269,6 @@ def service_parts(svc: Service) -> ServiceParts:
     return ServiceParts(
         source=svc,
         key=key,
-        chains=tuple(
-            (
-                _backend_chain(key, b),
-                f"meta l4proto {proto} dnat {ip} to {_endpoint(b.address, b.port)}",
-            )
-            for b in counted
-        ),
         counters=tuple((backend_counter(key, b), b) for b in counted),
         backend_elems=tuple(f"{_fmt(b.address)} . {proto} . {b.port}" for b in counted),
         dispatch=dispatch,
@@ -357,17 +358,17 @@ def render(
         be_elems[v] += part.backend_elems
         for bname, _ in part.counters:
             decls += _counter(bname, carry)
-        for name, rule in part.chains:
-            body += chain(name, None, [rule])
         body += chain(dispatch_chain(key), None, part.dispatch)
         body += chain(forward_chain(key), None, part.forward)
         if part.ring is not None:
             elems = ", ".join(
-                f"{i} : goto {c}" for i, c in enumerate(part.ring.chain_of()) if c is not None
+                f"{i} : {endpoint_value(e)}"
+                for i, e in enumerate(part.ring.endpoint_of())
+                if e is not None
             )
             decls += [
                 f"  map {ring_map(key)} {{",
-                f"    typeof numgen inc mod {svc.ring_size} : verdict",
+                f"    typeof numgen inc mod {svc.ring_size} : {ip} daddr . {proto} dport",
                 *([f"    elements = {{ {elems} }}"] if elems else []),
                 "  }",
             ]
