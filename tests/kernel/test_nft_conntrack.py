@@ -16,6 +16,7 @@ from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.conntrack import Conntrack
 from halb.dataplane.nft.events import FlowDelta, FlowEvents, Resync
 from halb.dataplane.nft.flows import FlowEntry
+from halb.flows import records
 from halb.model import (
     Backend,
     Flow,
@@ -299,3 +300,54 @@ def test_event_overflow_asks_for_resync(
 
     got = asyncio.run(run())
     assert isinstance(got[-1], Resync)
+
+
+def test_fullnat_source_ports_travel_so_standby_entries_are_identical(
+    topo: Topology, pair: tuple[NftDataplane, NftDataplane]
+) -> None:
+    """Many connections from one client address through fullnat, each from a port
+    another client already holds toward both backends, so nf_nat on the active picks
+    a fresh source port for every one. The records carry those ports: the standby's
+    entries are the active's, and every connection survives the failover. Without the
+    ports the standby would bind the client's port, which the other clients' (synced)
+    entries hold: the kernel refuses those flows."""
+    a, b = pair
+    ports = range(44000, 44030)
+    others = [
+        FlowEntry(Flow(Protocol.TCP, ip_address(o), p, FULLNAT_VIP, 9000, be, 9000), SNAT, p)
+        for o, be in (("10.98.0.77", BACKENDS["be1"]), ("10.98.0.78", BACKENDS["be2"]))
+        for p in ports
+    ]
+    assert a.install_flows(others) == len(others)
+    socks: list[socket.socket] = []
+    try:
+        names = {}
+        for p in ports:
+            s = topo.client_socket(socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((str(CLIENT), p))
+            s.connect((str(FULLNAT_VIP), 9000))
+            names[p] = whoami(s)
+        mine = {fe.flow.sport: fe for fe in a.dump_entries() if fe.flow.src == CLIENT}
+        assert sorted(mine) == list(ports)
+        assert all(fe.snat == SNAT and fe.snat_port not in (None, p) for p, fe in mine.items())
+
+        recs = a.snapshot_records()
+        assert b.install_records(recs) == len(others) + len(ports)
+        assert b.last_install.refused == {}
+        assert sorted(b.dump_entries()) == sorted(a.dump_entries())
+
+        # The same flows without their ports: the client's port is taken.
+        topo.exec("lbb", "conntrack", "-F")
+        flows = [fe.flow for fe in a.dump_entries()]
+        b.install_records(records.from_flows(flows))
+        assert b.last_install.refused.get("kernel_EEXIST", 0) == len(ports)
+
+        topo.exec("lbb", "conntrack", "-F")
+        assert b.install_records(recs) == len(others) + len(ports)
+        fail_over(topo, FULLNAT_VIP)
+        for p, s in zip(ports, socks, strict=True):
+            assert whoami(s) == names[p]  # same backend, through balancer B
+    finally:
+        for s in socks:
+            s.close()

@@ -26,7 +26,7 @@ from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
 from halb.dataplane.nft.events import FlowEvents
 from halb.dataplane.nft.fence import NftFence
-from halb.dataplane.nft.flows import FlowEntry, FlowMap
+from halb.dataplane.nft.flows import FlowEntry, FlowMap, entry_records
 from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
 from halb.dataplane.nft.nfnl import NfTables
@@ -238,8 +238,18 @@ class NftDataplane(FlowObjectRecords):
         return [fe.flow for fe in self.dump_entries()]
 
     def snapshot_records(self) -> bytes:
-        """halb.dataplane.base.FlowSnapshot: every current flow."""
-        return records.from_flows(self.dump_flows())
+        """halb.dataplane.base.FlowSnapshot: every current flow, with its source NAT
+        port (fullnat) so the standby binds the same one."""
+        return entry_records(self.dump_entries())
+
+    def dump_records(self) -> bytes:
+        return self.snapshot_records()
+
+    def install_records(self, recs: bytes) -> int:
+        """Install records with their source NAT ports (see install_flows)."""
+        flows = records.to_flows(recs)
+        ports = records.nat_ports(recs)
+        return self.install_flows(FlowEntry(f, None, p) for f, p in zip(flows, ports, strict=True))
 
     def dump_entries(self) -> list[FlowEntry]:
         """Flows with their fullnat SNAT binding (address and port)."""
