@@ -572,6 +572,11 @@ class Agent:
                             self.metrics.update_hold(name, st.hold)
                     counters = await asyncio.to_thread(self.dataplane.counters)
                     self.metrics.update_counters(counters)
+                    # nft only: how full the conntrack table is.
+                    table_stats = getattr(self.dataplane, "table_stats", None)
+                    if table_stats is not None:
+                        ct = await asyncio.to_thread(table_stats)
+                        self.metrics.update_conntrack(ct.doc())
                     if isinstance(stats.get("flows"), int):
                         self.metrics.update_flows(stats["flows"])
                 except Exception:

@@ -24,6 +24,7 @@ from halb.config import ClusterConfig, NodeConfig
 from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
 from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
+from halb.dataplane.nft.ctstats import TableStats, read_table_stats
 from halb.dataplane.nft.events import FlowEvents
 from halb.dataplane.nft.fence import NftFence
 from halb.dataplane.nft.flows import FlowEntry, FlowMap, entry_records
@@ -226,6 +227,12 @@ class NftDataplane(FlowObjectRecords):
     def invalid_dropped(self) -> Counter:
         """Packets dropped as `ct state invalid` (mid-flow without state)."""
         return self._nfnl().counters(ruleset.TABLE).get(ruleset.INVALID_COUNTER, Counter())
+
+    def table_stats(self) -> TableStats:
+        """How full the conntrack table is, and what it refused (metrics, `halb
+        dataplane show`)."""
+        with self._ct_lock:
+            return read_table_stats(self.conntrack.sock, self.netns)
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC) this node drops VIP traffic and ARP
