@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import pytest
 
@@ -346,6 +346,53 @@ def test_dead_man_switch_fences_vip_traffic_and_arp(topo: Topology, dp: NftDatap
         assert _arp_answered(topo, VIP)
     finally:
         topo.ip("lba", "addr", "del", f"{VIP}/32", "dev", "eth0")
+
+
+VIP6 = ip_address("fd98::100")
+
+
+def _nd_answered(topo: Topology) -> bool:
+    """Whether a neighbour solicitation for VIP6 from the client gets an advertisement:
+    the client's kernel solicits for the ping and keeps the answer's MAC."""
+    topo.ip("client", "-6", "neigh", "flush", "dev", "eth0")
+    topo.exec("client", "ping", "-6", "-c", "1", "-W", "1", str(VIP6), check=False)
+    entry = topo.ip("client", "-6", "neigh", "show", str(VIP6), "dev", "eth0")
+    return "lladdr" in entry
+
+
+def test_dead_man_switch_fences_ipv6_neighbour_solicitations(
+    topo: Topology, dp: NftDataplane
+) -> None:
+    """An IPv6 VIP: solicitations for it go to its solicited-node multicast address and
+    are matched by their target. Answered while armed, dropped past the deadline (and
+    counted), answered again once re-armed."""
+    v6 = Service(
+        ServiceKey(VIP6, 9000, Protocol.TCP),
+        Scheduler.MAGLEV,
+        Forwarding.NAT,
+        (Backend(ip_address("fd98:1::21"), 9000),),
+        251,
+    )
+    topo.ip("client", "addr", "add", "fd98::2/64", "dev", "eth0", "nodad")
+    topo.ip("lba", "addr", "add", f"{VIP6}/64", "dev", "eth0", "nodad")
+    try:
+        dp.apply([*services(), v6])
+        assert _nd_answered(topo)
+        dp.set_deadline(time.monotonic_ns() + 1_000_000_000)
+        assert _nd_answered(topo)
+        before = topo.exec("lba", "nft", "list", "counter", "inet", "halb_fence", "fenced")
+        time.sleep(1.1)
+        assert not _nd_answered(topo)
+        after = topo.exec("lba", "nft", "list", "counter", "inet", "halb_fence", "fenced")
+        assert after != before
+        dp.set_deadline(time.monotonic_ns() + 5_000_000_000)
+        assert _nd_answered(topo)
+        # A disarmed switch passes for good.
+        dp.set_deadline(None)
+        assert _nd_answered(topo)
+    finally:
+        topo.ip("lba", "addr", "del", f"{VIP6}/64", "dev", "eth0")
+        topo.ip("client", "addr", "del", "fd98::2/64", "dev", "eth0")
 
 
 def test_close_removes_the_fence_tables(topo: Topology) -> None:
