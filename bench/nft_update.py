@@ -10,9 +10,9 @@ each). In one run:
 2. in place: NftDataplane.apply of a backend change on one service (a backend down,
    the same backend back, an 11th backend added, removed again), which rewrites only
    the changed slots, chains, counters and elements in one libnftables transaction.
-   A backend going down or its weight changing moves only ring slots, which go to
-   the kernel as one raw nf_tables batch; an added or removed backend also creates or
-   deletes its chain and counter, which go with the slots as one libnftables script.
+   A backend going down or its weight changing moves only ring slots; an added or
+   removed backend also creates or deletes its counter and its counter-map and
+   backend-set elements. Either goes to the kernel as one raw nf_tables batch.
    Each change is timed the first time (the Maglev table is built) and repeated (a
    flapping backend's tables are cached), beside the Maglev build alone.
 

@@ -258,12 +258,12 @@ def test_rejected_apply_keeps_previous_table(topo: Topology, dp: NftDataplane) -
     dp.apply(services())
     before = topo.exec("lba", "nft", "list", "ruleset")
     bad = services()
-    # Port 70000 renders fine but nft rejects it (an in-place update of the ring, the
-    # backend chain and counters): the whole transaction must fail.
+    # Port 70000 is refused before the kernel sees anything (the kernel's own refusals
+    # of in-place updates: test_rejected_in_place_update_leaves_the_rules).
     bad[0] = Service(
         bad[0].key, Scheduler.MAGLEV, Forwarding.NAT, (Backend(BACKENDS["be1"], 70000),), 251
     )
-    with pytest.raises(nftcmd.NftError):
+    with pytest.raises(RenderError, match="no valid port"):
         dp.apply(bad)
     assert topo.exec("lba", "nft", "list", "ruleset") == before
     assert dp.services[bad[0].key] == services()[0]  # the adapter's view is unchanged

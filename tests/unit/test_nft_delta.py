@@ -6,7 +6,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from halb.dataplane.nft.delta import update
+from halb.dataplane.nft.delta import ChainFill, update
 from halb.dataplane.nft.ruleset import render, ring_slots
 from halb.model import Backend, Forwarding, Protocol, Scheduler, Service, ServiceKey
 
@@ -50,7 +50,7 @@ def test_added_backend_rewrites_only_the_slots_it_takes() -> None:
     old = render(services(), {VIP: SNAT})
     new_services = services(tcp=BS)
     upd = update(old, new_services, {VIP: SNAT})
-    assert upd is not None and not upd.rings_only
+    assert upd is not None and upd.raw  # counters, elements and slots: no rule
     before, after = ring_slots(services()[0]), ring_slots(new_services[0])
     moved = {i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b}
     assert moved and len(moved) < len(before) // 3  # Maglev: about a quarter
@@ -64,14 +64,15 @@ def test_added_backend_rewrites_only_the_slots_it_takes() -> None:
     assert add[0].count(f" : {value}") == len(taken)
     assert add[0].count(" : ") == len(moved)
     assert dele[0].count(",") == len(moved) - 1
-    # The new counter comes before the rule that uses it.
+    # The new counter comes before the counter-map element that points at it.
     script = upd.script()
     counter = "be_10_99_0_100_tcp_9000_10_99_1_24_9000"
     assert script.index(f"add counter inet halb {counter}\n") < script.index(f'"{counter}"')
-    assert "add counter inet halb be_10_99_0_100_tcp_9000_10_99_1_24_9000\n" in script
+    assert (
+        f'add element inet halb bec_10_99_0_100_tcp_9000 {{ 10.99.1.24 . 9000 : "{counter}" }}\n'
+    ) in script
     assert "add element inet halb backends4 { 10.99.1.24 . tcp . 9000 }\n" in script
-    assert "flush chain inet halb f_10_99_0_100_tcp_9000\n" in script
-    assert "d_10_99_0_100_tcp_9000" not in script  # Maglev dispatch rules are constant
+    assert "chain" not in script  # no rule changes: Maglev dispatch rules are constant
     assert "udp" not in script  # the other service is untouched
     assert "table" not in script.replace("inet halb", "")  # no table-wide command
 
@@ -81,7 +82,11 @@ def test_removed_backend_is_deleted_after_its_last_reference() -> None:
     upd = update(old, services(tcp=BS[:2]), {VIP: SNAT})
     assert upd is not None
     lines = upd.script().splitlines()
-    assert lines[-1] == "delete counter inet halb be_10_99_0_100_tcp_9000_10_99_1_23_9000"
+    counter = "be_10_99_0_100_tcp_9000_10_99_1_23_9000"
+    assert lines[-2:] == [
+        "delete element inet halb bec_10_99_0_100_tcp_9000 { 10.99.1.23 . 9000 }",
+        f"delete counter inet halb {counter}",
+    ]
     ring_add = _lines(upd.script(), "add element inet halb ring_")[0]
     assert "10.99.1.23" not in ring_add
     # 10.99.1.23 stays in backends4: no other service had it, so it goes.
@@ -96,15 +101,14 @@ def test_health_change_only_moves_ring_slots_and_rr_rule() -> None:
     script = upd.script()
     # The down backend keeps its counter and set element: only the round-robin rule is
     # rewritten, and the ring's slots move.
-    assert "counter" not in script.replace("counter name", "")
-    assert "backends4" not in script
-    assert "f_10_99_0_100" not in script
+    assert "counter" not in script and "backends4" not in script
     assert upd.head == (
-        "flush chain inet halb d_10_99_0_100_udp_9001",
-        "add rule inet halb d_10_99_0_100_udp_9001 meta l4proto udp dnat ip to "
-        "numgen inc mod 1 map { 0 : 10.99.1.22 . 9000 }",
+        ChainFill(
+            "d_10_99_0_100_udp_9001",
+            ("meta l4proto udp dnat ip to numgen inc mod 1 map { 0 : 10.99.1.22 . 9000 }",),
+        ),
     )
-    assert not upd.tail
+    assert not upd.tail and not upd.raw  # a rule: libnftables
     (edit,) = upd.rings
     before = ring_slots(services()[0])
     assert {i for i, b in enumerate(before) if b == BS[0]} <= set(edit.delete)
@@ -119,10 +123,11 @@ def test_maglev_health_change_is_rings_only() -> None:
     old = render(services(), {VIP: SNAT})
     down = Backend(BS[0].address, 9000, weight=0)
     upd = update(old, services(tcp=(down, *BS[1:3])), {VIP: SNAT})
-    assert upd is not None and upd.rings_only
+    assert upd is not None and upd.raw and not (upd.head or upd.tail)
     weighted = Backend(BS[1].address, 9000, weight=3)
     heavier = update(old, services(tcp=(BS[0], weighted, BS[2])), {VIP: SNAT})
-    assert heavier is not None and heavier.rings_only and heavier.slots > 0
+    assert heavier is not None and heavier.raw and heavier.slots > 0
+    assert not (heavier.head or heavier.tail)
 
 
 def test_every_backend_down_empties_the_ring_and_back() -> None:
@@ -130,7 +135,7 @@ def test_every_backend_down_empties_the_ring_and_back() -> None:
     down = tuple(Backend(b.address, 9000, weight=0) for b in BS[:3])
     empty = update(old, services(tcp=down), {VIP: SNAT})
     assert empty is not None
-    assert empty.rings_only
+    assert empty.raw and not (empty.head or empty.tail)
     (edit,) = empty.rings
     assert not edit.add and len(edit.delete) == 1009
     back = update(empty.rendered, services(), {VIP: SNAT})

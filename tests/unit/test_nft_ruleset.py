@@ -94,13 +94,14 @@ def test_maglev_map_matches_halb_lb_maglev() -> None:
     assert ring_slots(s) == table.mapped(lambda n: {str(b): b for b in s.backends}[n])
 
 
-def test_each_service_has_dispatch_and_counting_chains() -> None:
+def test_each_service_has_a_dispatch_chain_and_a_counter_map() -> None:
     rendered = render([svc()]).script
     pre_nat = rendered.split("chain pre_nat {", 1)[1].split("}", 1)[0]
     assert "ip daddr 10.99.0.100 tcp dport 9000 goto d_10_99_0_100_tcp_9000" in pre_nat
-    fwd = rendered.split("chain f_10_99_0_100_tcp_9000 {", 1)[1].split("}", 1)[0]
+    fwd = rendered.split("chain forward_filter {", 1)[1].split("}", 1)[0]
+    assert "counter name ip daddr . tcp dport map @bec_10_99_0_100_tcp_9000" in fwd
     for b in (B1, B2, B3):
-        assert f'ip daddr {b.address} tcp dport 9000 counter name "be_' in fwd
+        assert f'{b.address} . 9000 : "{backend_counter(svc().key, b)}"' in rendered
     assert "goto" not in rendered.replace("goto d_", "")  # no per-backend chains
 
 

@@ -128,8 +128,8 @@ class NftDataplane(FlowObjectRecords):
             writes = 0
             if not upd.empty:
                 t0 = time.monotonic()
-                if upd.rings_only:
-                    self._nfnl().ring_edits(ruleset.TABLE, upd.rings)
+                if upd.raw:
+                    self._nfnl().update(ruleset.TABLE, upd)
                 else:
                     self._libnft().run(upd.script())
                 writes = 1

@@ -1,8 +1,8 @@
 """Pure: what turns one rendered table into another of the same layout.
 
 A backend, weight or health change touches only the changed ring slots, the backend
-counters that come or go, the service's dispatch and counting chains when their rules
-differ, and the backend set elements. The whole update goes to the kernel
+counters that come or go with their elements in the service's counter map and in
+``backends4/6``, and a round-robin service's dispatch rule. The whole update goes to the kernel
 as one transaction: a rejected update leaves the running rules as they were. Rewriting
 a 65537-slot ring whole costs about a third of a second per service in nft alone; a
 backend added to ten rewrites about a tenth of it.
@@ -10,10 +10,11 @@ backend added to ten rewrites about a tenth of it.
 Order inside the transaction: what new rules reference is created first (counters),
 and what old rules referenced is removed last, once nothing points at it.
 
-An update that only moves ring slots (health and weight changes on Maglev services,
-the frequent case) is also given as RingEdits, which halb.dataplane.nft.nfnl sends as
-one raw nf_tables batch: libnftables parses text at ~4.5 us per element, which alone
-would take a tenth of a 65537-slot ring past 50 ms.
+An update without rule changes (every Maglev backend change; round robin rewrites its
+rule) is made of counters, set elements and ring slots only, which
+halb.dataplane.nft.nfnl sends as one raw nf_tables batch: libnftables parses text at
+~4.5 us per element, which alone would take a tenth of a 65537-slot ring past 50 ms.
+Anything else goes as one libnftables script of the same operations.
 """
 
 from __future__ import annotations
@@ -26,21 +27,34 @@ import numpy as np
 from halb.dataplane.nft.ruleset import (
     FAMILY,
     TABLE,
+    BackendKey,
     Endpoint,
     Rendered,
     Ring,
     ServiceParts,
+    backend_value,
     checked,
+    counter_map,
     dispatch_chain,
     endpoint_value,
-    forward_chain,
     layout,
     ring_map,
     service_parts,
 )
 from halb.model import IPAddress, Service, ServiceKey
 
-__all__ = ["RingEdit", "Update", "diff", "ring_edit", "update"]
+__all__ = [
+    "BackendElem",
+    "ChainFill",
+    "CounterElem",
+    "CounterOp",
+    "Op",
+    "RingEdit",
+    "Update",
+    "diff",
+    "ring_edit",
+    "update",
+]
 
 _T = f"{FAMILY} {TABLE}"
 
@@ -76,23 +90,81 @@ class RingEdit:
 
 
 @dataclass(frozen=True, slots=True)
+class CounterOp:
+    """Add or delete a named counter."""
+
+    add: bool
+    name: str
+
+    def lines(self) -> list[str]:
+        return [f"{'add' if self.add else 'delete'} counter {_T} {self.name}"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendElem:
+    """Add or delete an element of ``backends4/6``."""
+
+    add: bool
+    set: str
+    key: BackendKey
+
+    def lines(self) -> list[str]:
+        verb = "add" if self.add else "delete"
+        return [f"{verb} element {_T} {self.set} {{ {backend_value(self.key)} }}"]
+
+
+@dataclass(frozen=True, slots=True)
+class CounterElem:
+    """Add or delete a backend's element of its service's counter map."""
+
+    add: bool
+    map: str
+    key: Endpoint
+    counter: str
+
+    def lines(self) -> list[str]:
+        if self.add:
+            return [
+                f'add element {_T} {self.map} {{ {endpoint_value(self.key)} : "{self.counter}" }}'
+            ]
+        return [f"delete element {_T} {self.map} {{ {endpoint_value(self.key)} }}"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChainFill:
+    """Replace a chain's rules (text only: rules are not encoded by hand)."""
+
+    chain: str
+    rules: tuple[str, ...]
+
+    def lines(self) -> list[str]:
+        return [
+            f"flush chain {_T} {self.chain}",
+            *(f"add rule {_T} {self.chain} {r}" for r in self.rules),
+        ]
+
+
+Op = CounterOp | BackendElem | CounterElem | ChainFill
+
+
+@dataclass(frozen=True, slots=True)
 class Update:
-    """The commands of an in-place update: ``head`` (creations, chain rewrites), the
+    """The operations of an in-place update: ``head`` (creations, rule rewrites), the
     ring edits, then ``tail`` (removals)."""
 
     rendered: Rendered  # the table once applied
-    head: tuple[str, ...]
+    head: tuple[Op, ...]
     rings: tuple[RingEdit, ...]
-    tail: tuple[str, ...]
+    tail: tuple[Op, ...]
 
     @property
     def empty(self) -> bool:
         return not (self.head or self.rings or self.tail)
 
     @property
-    def rings_only(self) -> bool:
-        """Only ring slots move: the raw netlink path can carry it."""
-        return bool(self.rings) and not (self.head or self.tail)
+    def raw(self) -> bool:
+        """No rule changes: the raw netlink path can carry all of it."""
+        return not any(isinstance(op, ChainFill) for op in (*self.head, *self.tail))
 
     @property
     def slots(self) -> int:
@@ -100,7 +172,11 @@ class Update:
 
     def script(self) -> str:
         """The whole update as one libnftables script (one transaction)."""
-        lines = [*self.head, *(ln for e in self.rings for ln in e.lines()), *self.tail]
+        lines = [
+            *(ln for op in self.head for ln in op.lines()),
+            *(ln for e in self.rings for ln in e.lines()),
+            *(ln for op in self.tail for ln in op.lines()),
+        ]
         return "".join(f"{line}\n" for line in lines)
 
 
@@ -142,51 +218,43 @@ def ring_edit(name: str, old: Ring, new: Ring) -> RingEdit:
     return RingEdit(name, tuple(gone.tolist()), add)
 
 
-def _by_family(parts: Mapping[ServiceKey, ServiceParts]) -> dict[int, set[str]]:
-    out: dict[int, set[str]] = {4: set(), 6: set()}
-    for key, p in parts.items():
-        out[key.vip.version].update(p.backend_elems)
-    return out
-
-
-def _fill(name: str, rules: Sequence[str]) -> list[str]:
-    return [f"flush chain {_T} {name}", *(f"add rule {_T} {name} {r}" for r in rules)]
-
-
-def _elements(items: Sequence[str]) -> str:
-    return "{ " + ", ".join(items) + " }"
-
-
 def diff(
     old: Mapping[ServiceKey, ServiceParts], new: Mapping[ServiceKey, ServiceParts]
-) -> tuple[tuple[str, ...], tuple[RingEdit, ...], tuple[str, ...]]:
+) -> tuple[tuple[Op, ...], tuple[RingEdit, ...], tuple[Op, ...]]:
     """(head, ring edits, tail) from ``old`` to ``new`` (the same services)."""
     if old.keys() != new.keys():
         raise ValueError("an update keeps the services; a layout change reloads the table")
-    old_counters = {n for p in old.values() for n, _ in p.counters}
-    new_counters = {n for p in new.values() for n, _ in p.counters}
-    old_be, new_be = _by_family(old), _by_family(new)
-
-    head: list[str] = [f"add counter {_T} {n}" for n in sorted(new_counters - old_counters)]
-    for v in (4, 6):
-        if added := new_be[v] - old_be[v]:
-            head.append(f"add element {_T} backends{v} {_elements(sorted(added))}")
+    # backends4/6 is shared by every service of a family: an element goes only when no
+    # service has it any more.
+    old_be: dict[BackendKey, str] = {}
+    new_be: dict[BackendKey, str] = {}
+    for parts, out in ((old, old_be), (new, new_be)):
+        for key, p in parts.items():
+            out.update((k, f"backends{key.vip.version}") for k in p.backend_keys)
+    head: list[Op] = []
+    tail: list[Op] = []
     rings: list[RingEdit] = []
     for key in sorted(new, key=str):
         o, n = old[key], new[key]
         if o is n:
             continue
-        if n.forward != o.forward:
-            head += _fill(forward_chain(key), n.forward)
+        cmap = counter_map(key)
+        o_cnt, n_cnt = dict(o.counters), dict(n.counters)
+        for name in sorted(n_cnt.keys() - o_cnt.keys()):
+            b = n_cnt[name]
+            head.append(CounterOp(True, name))
+            head.append(CounterElem(True, cmap, (b.address, b.port), name))
+        for name in sorted(o_cnt.keys() - n_cnt.keys()):
+            b = o_cnt[name]
+            tail.append(CounterElem(False, cmap, (b.address, b.port), name))
+            tail.append(CounterOp(False, name))
         if n.dispatch != o.dispatch:
-            head += _fill(dispatch_chain(key), n.dispatch)
+            head.append(ChainFill(dispatch_chain(key), n.dispatch))
         if n.ring is not None and o.ring is not None and n.ring != o.ring:
             edit = ring_edit(ring_map(key), o.ring, n.ring)
-            if edit.delete or edit.add:
+            if edit.delete or edit.added:
                 rings.append(edit)
-    tail: list[str] = []
-    for v in (4, 6):
-        if removed := old_be[v] - new_be[v]:
-            tail.append(f"delete element {_T} backends{v} {_elements(sorted(removed))}")
-    tail += [f"delete counter {_T} {n}" for n in sorted(old_counters - new_counters)]
-    return tuple(head), tuple(rings), tuple(tail)
+    head += [BackendElem(True, s, k) for k, s in new_be.items() if k not in old_be]
+    # Element deletes before the counters they point at (already ordered per service).
+    gone = [BackendElem(False, s, k) for k, s in old_be.items() if k not in new_be]
+    return tuple(head), tuple(rings), tuple([*gone, *tail])

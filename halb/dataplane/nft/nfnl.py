@@ -1,4 +1,5 @@
-"""Raw nf_tables netlink: ring slot edits as one batch (one transaction), counters.
+"""Raw nf_tables netlink: in-place updates without rule changes as one batch (one
+transaction), and reading counters.
 
 libnftables parses text at ~4.5 us per set element; a backend going down on a
 65537-slot ring with ten backends moves ~6,500 slots (13,000 element operations), so
@@ -26,9 +27,9 @@ import numpy as np
 from halb.dataplane.base import Counter
 from halb.dataplane.nft import ctmsg
 from halb.dataplane.nft.ctsock import SO_SNDBUFFORCE, open_netlink
-from halb.dataplane.nft.delta import RingEdit
+from halb.dataplane.nft.delta import BackendElem, ChainFill, CounterOp, Op, RingEdit, Update
 from halb.dataplane.nft.nftcmd import NftError
-from halb.dataplane.nft.ruleset import Endpoint
+from halb.dataplane.nft.ruleset import BackendKey, Endpoint
 
 __all__ = ["NfTables"]
 
@@ -37,7 +38,10 @@ NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_NEWOBJ = 18
 NFT_MSG_GETOBJ = 19
+NFT_MSG_DELOBJ = 20
+NFTA_SET_ELEM_OBJREF = 9  # after NFTA_SET_ELEM_PAD (8)
 NFTA_OBJ_TABLE = 1
 NFTA_OBJ_NAME = 2
 NFTA_OBJ_TYPE = 3
@@ -71,12 +75,30 @@ def _attr(kind: int, payload: bytes) -> bytes:
     return struct.pack("=HH", length, kind) + payload + b"\0" * (-length & 3)
 
 
+def _endpoint_value(e: Endpoint) -> bytes:
+    """`address . port` as nf_tables holds it: each part of a concatenation takes whole
+    32-bit registers, so the port is two bytes in network order and two of padding."""
+    return e[0].packed + struct.pack("!H", e[1]) + b"\0\0"
+
+
 def _endpoint(e: Endpoint) -> bytes:
     """NFTA_SET_ELEM_DATA of `address . port`, the same bytes for every slot of a
-    backend. Each part of a concatenation takes whole 32-bit registers: the port is
-    two bytes in network order and two of padding."""
-    value = e[0].packed + struct.pack("!H", e[1]) + b"\0\0"
-    return _attr(NFTA_SET_ELEM_DATA | _N, _attr(NFTA_DATA_VALUE, value))
+    backend."""
+    return _attr(NFTA_SET_ELEM_DATA | _N, _attr(NFTA_DATA_VALUE, _endpoint_value(e)))
+
+
+def _backend_value(k: BackendKey) -> bytes:
+    """`address . protocol . port` (inet_proto padded to a register too)."""
+    return k[0].packed + bytes((k[1].number, 0, 0, 0)) + struct.pack("!H", k[2]) + b"\0\0"
+
+
+def _one_element(key: bytes, extra: bytes = b"") -> bytes:
+    inner = _attr(NFTA_SET_ELEM_KEY | _N, _attr(NFTA_DATA_VALUE, key)) + extra
+    return _attr(NFTA_SET_ELEM_LIST_ELEMENTS | _N, _attr(NFTA_LIST_ELEM | _N, inner))
+
+
+def _string(kind: int, text: str) -> bytes:
+    return _attr(kind, text.encode() + b"\0")
 
 
 def _elements(slots: Sequence[int], data: bytes) -> bytes:
@@ -124,11 +146,61 @@ class NfTables:
         """Apply every edit in one transaction (deletes of a map before its adds);
         returns the number of messages. Raises NftError if the kernel refused any of it
         (then nothing changed)."""
-        head = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        return self._apply(self._ring_msgs(table, edits))
+
+    def update(self, table: str, upd: Update) -> int:
+        """An in-place update without rule changes (Update.raw) as one transaction:
+        counters and set elements of ``head``, the ring edits, then ``tail``."""
+        if not upd.raw:
+            raise ValueError("rule changes go through libnftables")
+        msgs = [
+            *(self._op_msg(table, op) for op in upd.head),
+            *self._ring_msgs(table, upd.rings),
+            *(self._op_msg(table, op) for op in upd.tail),
+        ]
+        return self._apply(msgs)
+
+    def _apply(self, msgs: list[bytes]) -> int:
+        if not msgs:
+            return 0
+        with self._lock:
+            self._send_batch(msgs)
+        return len(msgs)
+
+    def _op_msg(self, table: str, op: Op) -> bytes:
+        if isinstance(op, ChainFill):
+            raise ValueError(f"{op!r} is not a raw operation")
+        flags = ctmsg.NLM_F_REQUEST | ctmsg.NLM_F_ACK
+        # Adds are exclusive: the diff only adds what the table does not hold.
+        create = ctmsg.NLM_F_CREATE | ctmsg.NLM_F_EXCL if op.add else 0
+        head = _string(NFTA_SET_ELEM_LIST_TABLE, table)
+        if isinstance(op, CounterOp):
+            body = (
+                _string(NFTA_OBJ_TABLE, table)
+                + _string(NFTA_OBJ_NAME, op.name)
+                + _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+            )
+            if op.add:
+                body += _attr(NFTA_OBJ_DATA | _N, b"")
+            kind = NFT_MSG_NEWOBJ if op.add else NFT_MSG_DELOBJ
+        elif isinstance(op, BackendElem):
+            body = head + _string(NFTA_SET_ELEM_LIST_SET, op.set)
+            body += _one_element(_backend_value(op.key))
+            kind = NFT_MSG_NEWSETELEM if op.add else NFT_MSG_DELSETELEM
+        else:
+            body = head + _string(NFTA_SET_ELEM_LIST_SET, op.map)
+            ref = _string(NFTA_SET_ELEM_OBJREF, op.counter) if op.add else b""
+            body += _one_element(_endpoint_value(op.key), ref)
+            kind = NFT_MSG_NEWSETELEM if op.add else NFT_MSG_DELSETELEM
+        mtype = (NFNL_SUBSYS_NFTABLES << 8) | kind
+        return self._msg(mtype, flags | create, NFPROTO_INET, 0, body)
+
+    def _ring_msgs(self, table: str, edits: Sequence[RingEdit]) -> list[bytes]:
+        head = _string(NFTA_SET_ELEM_LIST_TABLE, table)
         msgs: list[bytes] = []
         flags = ctmsg.NLM_F_REQUEST | ctmsg.NLM_F_ACK
         for e in edits:
-            sets = head + _attr(NFTA_SET_ELEM_LIST_SET, e.map.encode() + b"\0")
+            sets = head + _string(NFTA_SET_ELEM_LIST_SET, e.map)
             groups: list[tuple[int, Sequence[int], bytes]] = [(NFT_MSG_DELSETELEM, e.delete, b"")]
             groups += [(NFT_MSG_NEWSETELEM, s, _endpoint(b)) for b, s in e.add]
             for kind, slots, data in groups:
@@ -139,11 +211,7 @@ class NfTables:
                     elems = _elements(slots[i : i + per], data)
                     body = sets + _attr(NFTA_SET_ELEM_LIST_ELEMENTS | _N, elems)
                     msgs.append(self._msg(mtype, flags | extra, NFPROTO_INET, 0, body))
-        if not msgs:
-            return 0
-        with self._lock:
-            self._send_batch(msgs)
-        return len(msgs)
+        return msgs
 
     def _send_batch(self, msgs: list[bytes]) -> None:
         res = socket.htons(NFNL_SUBSYS_NFTABLES)
@@ -204,4 +272,4 @@ class NfTables:
                 waiting.discard(m.seq)
         if failed:
             names = sorted({errno.errorcode.get(c, str(c)) for c in failed})
-            raise NftError("nf_tables ring update refused", ", ".join(names))
+            raise NftError("nf_tables update refused", ", ".join(names))

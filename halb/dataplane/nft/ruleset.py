@@ -18,9 +18,9 @@ Layout of ``table inet halb`` (chain priorities relative to conntrack at -200):
   ``d_<service>``, which DNATs through a map, Maglev (``jhash`` of the 5-tuple with a
   fixed seed -> slot of the map ``ring_<service>``) or round
   robin (``numgen inc``), whose element is the backend's address . port to DNAT to.
-- ``forward_filter`` (forward, filter): one rule per service jumps to ``f_<service>``,
-  which counts each backend's packets (original direction, after DNAT) in its named
-  counter.
+- ``forward_filter`` (forward, filter): one rule per service counts each backend's
+  packets (original direction, after DNAT) in the backend's named counter, found in the
+  service's map ``bec_<service>`` (backend address . port -> counter).
 - ``post_nat`` (postrouting, srcnat): fullnat services SNAT to the group's floating
   backend-side address.
 
@@ -39,24 +39,26 @@ import numpy as np
 
 from halb.dataplane.base import Counter
 from halb.lb.maglev import MaglevTable, build_table
-from halb.model import Backend, Forwarding, IPAddress, Scheduler, Service, ServiceKey
+from halb.model import Backend, Forwarding, IPAddress, Protocol, Scheduler, Service, ServiceKey
 
 __all__ = [
     "FAMILY",
     "HASH_SEED",
     "INVALID_COUNTER",
     "TABLE",
+    "BackendKey",
     "Endpoint",
     "RenderError",
     "Rendered",
     "Ring",
     "ServiceParts",
     "backend_counter",
+    "backend_value",
     "checked",
+    "counter_map",
     "delete_script",
     "dispatch_chain",
     "endpoint_value",
-    "forward_chain",
     "layout",
     "live_backends",
     "render",
@@ -120,6 +122,9 @@ def _order(key: ServiceKey) -> tuple[int, int, int, str]:
     return (key.vip.version, int(key.vip), key.port, key.protocol.value)
 
 
+_ADDR_T = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
 def _ipkw(addr: IPAddress) -> str:
     return "ip" if addr.version == 4 else "ip6"
 
@@ -151,6 +156,8 @@ def _check(svc: Service, snat: Mapping[IPAddress, IPAddress]) -> None:
     if svc.scheduler not in (Scheduler.MAGLEV, Scheduler.RR):
         raise RenderError(f"{key}: scheduler {svc.scheduler.value!r} is not supported by nft")
     for b in (*svc.backends, *svc.sorry):
+        if not 0 < b.port < 65536:
+            raise RenderError(f"{key}: backend {b} has no valid port")
         if b.address.version != key.vip.version:
             raise RenderError(f"{key}: backend {b} is not IPv{key.vip.version}")
     if svc.forwarding is Forwarding.FULLNAT:
@@ -177,9 +184,8 @@ class ServiceParts:
     source: Service  # what these parts were made from
     key: ServiceKey
     counters: tuple[tuple[str, Backend], ...]  # backend counters (every backend)
-    backend_elems: tuple[str, ...]  # this service's elements of backends4/6
+    backend_keys: tuple[BackendKey, ...]  # this service's elements of backends4/6
     dispatch: tuple[str, ...]  # rules of its dispatch chain
-    forward: tuple[str, ...]  # rules of its forward (counting) chain
     ring: Ring | None  # Maglev only
 
 
@@ -202,6 +208,14 @@ class Ring:
         return [values[i] for i in np.frombuffer(self.slots, dtype=np.int32).tolist()]
 
 
+BackendKey = tuple[IPAddress, Protocol, int]
+"""An element of backends4/6: a backend's address, the protocol, its port."""
+
+
+def backend_value(k: BackendKey) -> str:
+    return f"{_fmt(k[0])} . {k[1].value} . {k[2]}"
+
+
 def endpoint_value(e: Endpoint) -> str:
     """An endpoint as the data of a ring or round-robin map element."""
     return f"{_fmt(e[0])} . {e[1]}"
@@ -218,8 +232,8 @@ def dispatch_chain(key: ServiceKey) -> str:
     return f"d_{service_id(key)}"
 
 
-def forward_chain(key: ServiceKey) -> str:
-    return f"f_{service_id(key)}"
+def counter_map(key: ServiceKey) -> str:
+    return f"bec_{service_id(key)}"
 
 
 def ring_map(key: ServiceKey) -> str:
@@ -270,13 +284,8 @@ def service_parts(svc: Service) -> ServiceParts:
         source=svc,
         key=key,
         counters=tuple((backend_counter(key, b), b) for b in counted),
-        backend_elems=tuple(f"{_fmt(b.address)} . {proto} . {b.port}" for b in counted),
+        backend_keys=tuple((b.address, key.protocol, b.port) for b in counted),
         dispatch=dispatch,
-        forward=tuple(
-            f"{ip} daddr {_fmt(b.address)} {proto} dport {b.port} "
-            f'counter name "{backend_counter(key, b)}"'
-            for b in counted
-        ),
         ring=ring,
     )
 
@@ -339,7 +348,7 @@ def render(
     post: list[str] = []
     svc_elems: dict[int, list[str]] = {4: [], 6: []}
     be_elems: dict[int, list[str]] = {4: [], 6: []}
-    counter_map: dict[int, list[str]] = {4: [], 6: []}
+    svc_counter_elems: dict[int, list[str]] = {4: [], 6: []}
 
     def chain(name: str, hook: str | None, rules: Iterable[str]) -> list[str]:
         head = [f"    {hook}"] if hook else []
@@ -354,12 +363,20 @@ def render(
         cname = service_counter(key)
         decls += _counter(cname, carry)
         svc_elems[v].append(f"{_fmt(key.vip)} . {proto} . {key.port}")
-        counter_map[v].append(f'{_fmt(key.vip)} . {proto} . {key.port} : "{cname}"')
-        be_elems[v] += part.backend_elems
+        svc_counter_elems[v].append(f'{_fmt(key.vip)} . {proto} . {key.port} : "{cname}"')
+        be_elems[v] += map(backend_value, part.backend_keys)
         for bname, _ in part.counters:
             decls += _counter(bname, carry)
         body += chain(dispatch_chain(key), None, part.dispatch)
-        body += chain(forward_chain(key), None, part.forward)
+        becs = ", ".join(
+            f'{endpoint_value((b.address, b.port))} : "{name}"' for name, b in part.counters
+        )
+        decls += [
+            f"  map {counter_map(key)} {{",
+            f"    type {_ADDR_T[v]} . inet_service : counter",
+            *([f"    elements = {{ {becs} }}"] if becs else []),
+            "  }",
+        ]
         if part.ring is not None:
             elems = ", ".join(
                 f"{i} : {endpoint_value(e)}"
@@ -376,7 +393,7 @@ def render(
         forward.append(
             f"ct direction original meta l4proto {proto} "
             f"ct original {ip} daddr {_fmt(key.vip)} ct original proto-dst {key.port} "
-            f"jump {forward_chain(key)}"
+            f"counter name {ip} daddr . {proto} dport map @{counter_map(key)}"
         )
         if svc.forwarding is Forwarding.FULLNAT:
             post.append(
@@ -396,7 +413,7 @@ def render(
         decls += [
             f"  map svc_counters{v} {{",
             f"    type {addr_t} . inet_proto . inet_service : counter",
-            f"    elements = {{ {', '.join(sorted(counter_map[v]))} }}",
+            f"    elements = {{ {', '.join(sorted(svc_counter_elems[v]))} }}",
             "  }",
         ]
 
