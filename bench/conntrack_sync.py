@@ -42,6 +42,7 @@ from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.conntrack import Conntrack
 from halb.dataplane.nft.events import FlowDelta
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
+from halb.flows import records
 from halb.model import Flow, Protocol, Term
 
 VIP = "10.98.0.100"
@@ -141,6 +142,21 @@ class TimedDataplane:
 
     def delete_flows(self, flows: Iterable[Flow]) -> int:
         return self.inner.delete_flows(flows)
+
+    # FlowSync's client installs packed records (with fullnat source ports).
+    def install_records(self, recs: bytes) -> int:
+        n = self.inner.install_records(recs)
+        now = time.monotonic()
+        with self.lock:
+            for f in records.to_flows(recs):
+                self.installed_at.setdefault(f, now)
+        return n
+
+    def delete_records(self, recs: bytes) -> int:
+        return self.inner.delete_records(recs)
+
+    def dump_records(self) -> bytes:
+        return self.inner.dump_records()
 
     def counters(self) -> Counters:
         return self.inner.counters()
