@@ -5,7 +5,9 @@ Two balancer namespaces (active A, standby B) hold the same nft rules. In one ru
 1. ceiling: raw ctnetlink creates on one node — pre-encoded NATed create messages sent
    in batches into A (no Python work per entry beyond the socket loop);
 2. install: A's dump (flows of halb's services) installed into B through
-   NftDataplane.install_flows (validation + encoding + batched creates);
+   NftDataplane.install_flows (validation + encoding + batched creates), and as
+   packed records through install_records (what FlowSync's client calls: the create
+   messages of a whole buffer built at once, halb.dataplane.nft.ctbulk);
 3. sync snapshot: the same dump streamed through halb.sync (FlowSyncServer on A's
    adapter, FlowSyncClient into B's adapter, gRPC over loopback, plaintext) until the
    client reports synced;
@@ -328,12 +330,24 @@ def main() -> None:
         install_rate = written / (time.perf_counter() - t0)
         assert written == args.flows, (written, b.last_install)
 
+        # What a standby does with a snapshot: packed records, create messages in bulk.
+        recs = a.snapshot_records()
+        b.reconcile_flows([])
+        t0 = time.perf_counter()
+        written = b.install_records(recs)
+        records_rate = written / (time.perf_counter() - t0)
+        assert written == args.flows, (written, b.last_install)
+
         print(f"conntrack sync bench: {args.flows} NATed TCP flows, kernel {os.uname().release}")
         print(f"  ceiling  raw ctnetlink create (one node)   {raw:10.0f} entries/s")
         print(f"  dump     source flows                      {dump_rate:10.0f} entries/s")
         print(
             f"  install  dump -> standby install_flows     {install_rate:10.0f} entries/s"
             f"   ratio {install_rate / raw:.2f} of ceiling"
+        )
+        print(
+            f"  records  snapshot records -> install_records {records_rate:8.0f} entries/s"
+            f"   ratio {records_rate / raw:.2f} of ceiling"
         )
         if not args.no_grpc:
             b.reconcile_flows([])  # empty the standby again

@@ -32,7 +32,6 @@ from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
 from halb.dataplane.nft.nfnl import NfTables
 from halb.dataplane.nft.source import NftFlowSource
-from halb.flows import records
 from halb.model import Backend, Flow, IPAddress, Service, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -253,10 +252,11 @@ class NftDataplane(FlowObjectRecords):
         return self.snapshot_records()
 
     def install_records(self, recs: bytes) -> int:
-        """Install records with their source NAT ports (see install_flows)."""
-        flows = records.to_flows(recs)
-        ports = records.nat_ports(recs)
-        return self.install_flows(FlowEntry(f, None, p) for f, p in zip(flows, ports, strict=True))
+        """Install records with their source NAT ports (see install_flows), their
+        create messages built in bulk."""
+        with self._ct_lock:
+            self.last_install = self.conntrack.install_records(recs, self.flowmap)
+        return self.last_install.written
 
     def dump_entries(self) -> list[FlowEntry]:
         """Flows with their fullnat SNAT binding (address and port)."""
