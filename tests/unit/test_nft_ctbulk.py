@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 from ipaddress import ip_address
 
 import pytest
@@ -80,3 +81,47 @@ def test_records_the_map_does_not_hold_are_left_to_the_per_flow_path() -> None:
     enc = encode_creates(recs, m, TIMEOUTS, itertools.count(1).__next__)
     assert enc.others == [0, len(flows) - 1]
     assert sorted(enc.row_of_seq.values()) == [1, 2, 3]
+
+
+def _dump_payload(fe: FlowEntry, m: FlowMap, extra: bytes = b"") -> bytes:
+    """A dump message's payload as the kernel writes it: tuples first."""
+    f = fe.flow
+    orig = m.orig_tuple(f)
+    _, snat = m.nat_for(fe)
+    reply = ctmsg.CtTuple(f.backend, snat.addr if snat else f.src, f.protocol.number, f.bport,
+                          snat.port if snat else f.sport)  # fmt: skip
+    fam = 2 if f.src.version == 4 else 10
+    return (
+        ctmsg.NFGEN_HDR.pack(fam, 0, 0)
+        + ctmsg._tuple(ctmsg.CTA_TUPLE_ORIG, orig)
+        + ctmsg._tuple(ctmsg.CTA_TUPLE_REPLY, reply)
+        + extra
+    )
+
+
+def test_bulk_dump_decoding_equals_entry_by_entry() -> None:
+    from halb.dataplane.nft.ctdump import payload_records
+    from halb.dataplane.nft.flows import entry_records
+
+    m = fmap()
+    fes = entries(300, seed=5)
+    status = struct.pack("=HHI", 8, ctmsg.CTA_STATUS, 0)
+    payloads = [_dump_payload(fe, m, status) for fe in fes]
+    # Not a flow: traffic to the VIP itself, and a service this map does not hold.
+    to_vip = ctmsg.CtTuple(ip_address("192.0.2.9"), VIP4, 6, 5555, 80)
+    payloads.append(ctmsg.NFGEN_HDR.pack(2, 0, 0) + ctmsg._tuple(ctmsg.CTA_TUPLE_ORIG, to_vip)
+                    + ctmsg._tuple(ctmsg.CTA_TUPLE_REPLY, to_vip.reverse()))  # fmt: skip
+    other = ctmsg.CtTuple(ip_address("192.0.2.9"), VIP4, 6, 1, 81)
+    be = ctmsg.CtTuple(BE4[0].address, other.src, 6, 9000, 1)
+    payloads.append(ctmsg.NFGEN_HDR.pack(2, 0, 0) + ctmsg._tuple(ctmsg.CTA_TUPLE_ORIG, other)
+                    + ctmsg._tuple(ctmsg.CTA_TUPLE_REPLY, be))  # fmt: skip
+    got = payload_records(payloads, m)
+    one_by_one = [m.flow_of(e) for p in payloads if (e := ctmsg.decode_entry(p)) is not None]
+    want = entry_records(fe for fe in one_by_one if fe is not None)
+    assert sorted(records.split(got)) == sorted(records.split(want))
+    assert records.count(got) == len(fes)
+    # fullnat entries carry their source port, nat ones none.
+    ports = dict(zip(records.to_flows(got), records.nat_ports(got), strict=True))
+    for fe in fes:
+        _, snat = m.nat_for(fe)
+        assert ports[fe.flow] == (snat.port if snat else None)

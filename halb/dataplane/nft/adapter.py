@@ -27,7 +27,7 @@ from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileRepo
 from halb.dataplane.nft.ctstats import TableStats, read_table_stats
 from halb.dataplane.nft.events import FlowEvents
 from halb.dataplane.nft.fence import NftFence
-from halb.dataplane.nft.flows import FlowEntry, FlowMap, entry_records
+from halb.dataplane.nft.flows import FlowEntry, FlowMap
 from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
 from halb.dataplane.nft.nfnl import NfTables
@@ -246,7 +246,8 @@ class NftDataplane(FlowObjectRecords):
     def snapshot_records(self) -> bytes:
         """halb.dataplane.base.FlowSnapshot: every current flow, with its source NAT
         port (fullnat) so the standby binds the same one."""
-        return entry_records(self.dump_entries())
+        with self._ct_lock:
+            return self.conntrack.dump_records(self.flowmap)
 
     def dump_records(self) -> bytes:
         return self.snapshot_records()

@@ -103,6 +103,12 @@ class Conntrack:
                 out.append(fe)
         return out
 
+    def dump_records(self, fmap: FlowMap) -> bytes:
+        """dump() as packed flow records, decoded in bulk (halb.dataplane.nft.ctdump)."""
+        from halb.dataplane.nft.ctdump import dump_records
+
+        return dump_records(self.sock, fmap)
+
     # -- write --------------------------------------------------------------------------
 
     def install(
