@@ -124,7 +124,7 @@ class TimedDataplane:
 
     def __init__(self, inner: NftDataplane) -> None:
         self.inner = inner
-        self.installed_at: dict[Flow, float] = {}
+        self.installed_at: dict[Flow | bytes, float] = {}  # Flow or record conn key
         self.lock = threading.Lock()
 
     def apply(self, services: Any) -> Any:
@@ -150,8 +150,9 @@ class TimedDataplane:
         n = self.inner.install_records(recs)
         now = time.monotonic()
         with self.lock:
-            for f in records.to_flows(recs):
-                self.installed_at.setdefault(f, now)
+            # Keyed by the record's connection bytes: no object per flow in the timing.
+            for k in records.conn_keys(recs):
+                self.installed_at.setdefault(k, now)
         return n
 
     def delete_records(self, recs: bytes) -> int:
@@ -251,18 +252,18 @@ async def sync_phase(
 
         # Deltas: batches of new flows on A every 10 ms from another socket.
         injector = Conntrack(ns_a)
-        created_at: dict[Flow, float] = {}
+        created_at: dict[bytes, float] = {}
         per_tick = max(1, rate // 100)
         ticks = int(seconds * 100)
         offset = 1_000_000
         try:
             start = time.monotonic()
             for t in range(ticks):
-                batch = synthetic_flows(per_tick, offset + t * per_tick)
-                await asyncio.to_thread(injector.install, batch, a.flowmap)
+                batch = records.from_flows(synthetic_flows(per_tick, offset + t * per_tick))
+                await asyncio.to_thread(injector.install_records, batch, a.flowmap)
                 now = time.monotonic()
-                for f in batch:
-                    created_at[f] = now
+                for k in records.conn_keys(batch):
+                    created_at[k] = now
                 delay = start + (t + 1) * 0.01 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
