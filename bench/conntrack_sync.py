@@ -5,7 +5,9 @@ Two balancer namespaces (active A, standby B) hold the same nft rules. In one ru
 1. ceiling: raw ctnetlink creates on one node — pre-encoded NATed create messages sent
    in batches into A (no Python work per entry beyond the socket loop);
 2. install: A's dump (flows of halb's services) installed into B through
-   NftDataplane.install_flows (validation + encoding + batched creates);
+   NftDataplane.install_flows (validation + encoding + batched creates), and as
+   packed records through install_records (what FlowSync's client calls: the create
+   messages of a whole buffer built at once, halb.dataplane.nft.ctbulk);
 3. sync snapshot: the same dump streamed through halb.sync (FlowSyncServer on A's
    adapter, FlowSyncClient into B's adapter, gRPC over loopback, plaintext) until the
    client reports synced;
@@ -42,6 +44,7 @@ from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.conntrack import Conntrack
 from halb.dataplane.nft.events import FlowDelta
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
+from halb.flows import records
 from halb.model import Flow, Protocol, Term
 
 VIP = "10.98.0.100"
@@ -121,7 +124,7 @@ class TimedDataplane:
 
     def __init__(self, inner: NftDataplane) -> None:
         self.inner = inner
-        self.installed_at: dict[Flow, float] = {}
+        self.installed_at: dict[Flow | bytes, float] = {}  # Flow or record conn key
         self.lock = threading.Lock()
 
     def apply(self, services: Any) -> Any:
@@ -141,6 +144,22 @@ class TimedDataplane:
 
     def delete_flows(self, flows: Iterable[Flow]) -> int:
         return self.inner.delete_flows(flows)
+
+    # FlowSync's client installs packed records (with fullnat source ports).
+    def install_records(self, recs: bytes) -> int:
+        n = self.inner.install_records(recs)
+        now = time.monotonic()
+        with self.lock:
+            # Keyed by the record's connection bytes: no object per flow in the timing.
+            for k in records.conn_keys(recs):
+                self.installed_at.setdefault(k, now)
+        return n
+
+    def delete_records(self, recs: bytes) -> int:
+        return self.inner.delete_records(recs)
+
+    def dump_records(self) -> bytes:
+        return self.inner.dump_records()
 
     def counters(self) -> Counters:
         return self.inner.counters()
@@ -233,18 +252,18 @@ async def sync_phase(
 
         # Deltas: batches of new flows on A every 10 ms from another socket.
         injector = Conntrack(ns_a)
-        created_at: dict[Flow, float] = {}
+        created_at: dict[bytes, float] = {}
         per_tick = max(1, rate // 100)
         ticks = int(seconds * 100)
         offset = 1_000_000
         try:
             start = time.monotonic()
             for t in range(ticks):
-                batch = synthetic_flows(per_tick, offset + t * per_tick)
-                await asyncio.to_thread(injector.install, batch, a.flowmap)
+                batch = records.from_flows(synthetic_flows(per_tick, offset + t * per_tick))
+                await asyncio.to_thread(injector.install_records, batch, a.flowmap)
                 now = time.monotonic()
-                for f in batch:
-                    created_at[f] = now
+                for k in records.conn_keys(batch):
+                    created_at[k] = now
                 delay = start + (t + 1) * 0.01 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -312,12 +331,27 @@ def main() -> None:
         install_rate = written / (time.perf_counter() - t0)
         assert written == args.flows, (written, b.last_install)
 
+        # What a standby does with a snapshot: packed records, create messages in bulk.
+        t0 = time.perf_counter()
+        recs = a.snapshot_records()
+        dump_records_rate = (len(recs) // records.RECORD_SIZE) / (time.perf_counter() - t0)
+        b.reconcile_flows([])
+        t0 = time.perf_counter()
+        written = b.install_records(recs)
+        records_rate = written / (time.perf_counter() - t0)
+        assert written == args.flows, (written, b.last_install)
+
         print(f"conntrack sync bench: {args.flows} NATed TCP flows, kernel {os.uname().release}")
         print(f"  ceiling  raw ctnetlink create (one node)   {raw:10.0f} entries/s")
-        print(f"  dump     source flows                      {dump_rate:10.0f} entries/s")
+        print(f"  dump     source flows (FlowEntry objects)  {dump_rate:10.0f} entries/s")
+        print(f"  dump     source snapshot_records (bulk)    {dump_records_rate:10.0f} entries/s")
         print(
             f"  install  dump -> standby install_flows     {install_rate:10.0f} entries/s"
             f"   ratio {install_rate / raw:.2f} of ceiling"
+        )
+        print(
+            f"  records  snapshot records -> install_records {records_rate:8.0f} entries/s"
+            f"   ratio {records_rate / raw:.2f} of ceiling"
         )
         if not args.no_grpc:
             b.reconcile_flows([])  # empty the standby again

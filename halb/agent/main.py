@@ -581,6 +581,11 @@ class Agent:
                     events = getattr(self.dataplane, "global_stats", None)  # xdp only
                     if events is not None:
                         self.metrics.update_events(await asyncio.to_thread(events))
+                    # nft only: how full the conntrack table is.
+                    table_stats = getattr(self.dataplane, "table_stats", None)
+                    if table_stats is not None:
+                        ct = await asyncio.to_thread(table_stats)
+                        self.metrics.update_conntrack(ct.doc())
                     if isinstance(stats.get("flows"), int):
                         self.metrics.update_flows(stats["flows"])
                 except Exception:

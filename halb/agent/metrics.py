@@ -105,6 +105,7 @@ class AgentMetrics:
         self._config_revision = 0
         self._rejected = 0
         self._hold: dict[str, dict[str, Any]] = {}  # group -> its status document's hold
+        self._conntrack: dict[str, Any] = {}  # nft: halb.dataplane.nft.ctstats.TableStats
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.registry.register(self)
@@ -166,6 +167,11 @@ class AgentMetrics:
         flows, dropped fragments, relayed ICMP errors, dead-man drops...)."""
         with self._lock:
             self._events = dict(events)
+
+    def update_conntrack(self, stats: Mapping[str, Any]) -> None:
+        """The conntrack table's size and refusals (TableStats.doc())."""
+        with self._lock:
+            self._conntrack = dict(stats)
 
     def update_config(self, revision: int, rejected: int = 0) -> None:
         with self._lock:
@@ -233,7 +239,35 @@ class AgentMetrics:
             yield ev
         with self._lock:
             hold = {k: dict(v) for k, v in self._hold.items()}
+            conntrack = dict(self._conntrack)
         yield from self._hold_families(hold)
+        yield from self._conntrack_families(conntrack)
+
+    def _conntrack_families(self, ct: dict[str, Any]) -> Iterator[Metric]:
+        # A table near its max drops new connections and refuses synced ones: alert on
+        # entries / max and on any increase of the three counters.
+        gauges = (
+            ("count", "halb_conntrack_entries", "Entries in the conntrack table."),
+            ("max", "halb_conntrack_max", "nf_conntrack_max: entries the table may hold."),
+            ("buckets", "halb_conntrack_buckets", "nf_conntrack_buckets: hash table size."),
+        )
+        counters = (
+            ("insert_failed", "halb_conntrack_insert_failed",
+             "Entries the kernel could not insert (synced ones included)."),
+            ("drop", "halb_conntrack_drop", "New connections dropped: the table was full."),
+            ("early_drop", "halb_conntrack_early_drop",
+             "Unassured entries evicted to make room in a full table."),
+        )  # fmt: skip
+        for key, name, doc in gauges:
+            if isinstance(ct.get(key), int):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], ct[key])
+                yield g
+        for key, name, doc in counters:
+            if isinstance(ct.get(key), int):
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], ct[key])
+                yield c
 
     def _hold_families(self, hold: dict[str, dict[str, Any]]) -> Iterator[Metric]:
         if not hold:

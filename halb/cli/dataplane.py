@@ -9,13 +9,16 @@ from typing import Any
 import click
 
 from halb.cli.common import config_option, echo_json, fail, load_or_exit, output_option
+from halb.cli.nodens import locate
+from halb.config import ClusterConfig
 
 __all__ = ["dataplane_group"]
 
 
 @click.group("dataplane")
 def dataplane_group() -> None:
-    """Inspect the kernel dataplane (XDP maps pinned by the agent)."""
+    """Inspect the kernel dataplane (XDP maps pinned by the agent; nft: conntrack and
+    halb's nftables table)."""
 
 
 @dataplane_group.command("show")
@@ -26,13 +29,23 @@ def dataplane_group() -> None:
     help="Directory of the pinned maps.",
 )
 @click.option("--node", default=None, help="Node name: use its default pin directory.")
+@click.option("--netns", default=None, help="nft: read the node's tables in this namespace.")
 @config_option
 @output_option
-def show(pin_dir: Path | None, node: str | None, config_path: str | None, output: str) -> None:
-    """VIPs and services, each backend's share of the Maglev ring, flows and counters.
+def show(
+    pin_dir: Path | None,
+    node: str | None,
+    netns: str | None,
+    config_path: str | None,
+    output: str,
+) -> None:
+    """xdp: VIPs and services, each backend's share of the Maglev ring, flows and
+    counters, from the maps the agent pinned, in --pin-dir or in
+    /run/halb/bpffs/CLUSTER/NODE for --node (checked against the config).
 
-    Reads the maps the agent pinned, in --pin-dir or in /run/halb/bpffs/CLUSTER/NODE for --node
-    (checked against the config).
+    nft (--node): the conntrack table's size, fill and refusals (insert failures,
+    drops, early drops), halb's flows in it, and the packet counters of halb's table,
+    read in the node's namespace (the lab's, --netns, or this host's).
     """
     from halb.dataplane.xdp.adapter import default_pin_dir
     from halb.dataplane.xdp.inspect import read_pinned
@@ -45,8 +58,11 @@ def show(pin_dir: Path | None, node: str | None, config_path: str | None, output
             cfg.node(node)
         except KeyError as exc:
             fail(str(exc.args[0]), 2)
+        if cfg.dataplane.kind == "nft":
+            _show_nft(cfg, node, netns, output)
+            return
         if cfg.dataplane.kind != "xdp":
-            fail(f"the cluster uses the {cfg.dataplane.kind} dataplane, not xdp", 2)
+            fail(f"the cluster uses the {cfg.dataplane.kind} dataplane: no show for it", 2)
         pin_dir = default_pin_dir(cfg.cluster, node)
     assert pin_dir is not None
     try:
@@ -61,6 +77,25 @@ def show(pin_dir: Path | None, node: str | None, config_path: str | None, output
         echo_json(report)
     else:
         click.echo(render(report))
+
+
+def _show_nft(cfg: ClusterConfig, node: str, netns: str | None, output: str) -> None:
+    from halb.dataplane.nft import inspect
+
+    where = locate(cfg, node, netns=netns, only=True)
+    try:
+        report = {"node": node, **inspect.read_node(cfg, where.netns)}
+    except FileNotFoundError as exc:
+        fail(f"{exc.filename or exc}: no such namespace")
+        return
+    except PermissionError:
+        fail("cannot read conntrack or nftables: run as root")
+        return
+    if output == "json":
+        echo_json(report)
+    else:
+        click.echo(f"node         {node}" + (f" (netns {where.netns})" if where.netns else ""))
+        click.echo(inspect.render(report))
 
 
 def _deadline(ns: int) -> str:

@@ -7,7 +7,7 @@ standby validates and installs records without ever building a Flow, and the XDP
 adapter converts them to and from its map's raw entries in bulk
 (halb.dataplane.xdp.flowrecords).
 
-Layout, 56 bytes, ports big-endian, every address 16 bytes (IPv6, or IPv4 as the
+Layout, 64 bytes, ports big-endian, every address 16 bytes (IPv6, or IPv4 as the
 v4-mapped ``::ffff:a.b.c.d``, so each address carries its family)::
 
     offset size
@@ -19,9 +19,17 @@ v4-mapped ``::ffff:a.b.c.d``, so each address carries its family)::
     22     16   vip       service address
     38      2   bport     backend port
     40     16   backend   backend address
+    56      2   nat_port  the source port the active's source NAT chose (fullnat)
+    58      1   nat_flags bit 0: the source is translated and nat_port holds its port
+    59      5   reserved  0
 
 Bytes [0, 38) identify the connection (what a dataplane keys a flow by); bytes
 [18, 56) name the service and backend (what validation looks up in the config).
+Bytes [56, 64) carry the translation a dataplane cannot derive from those: nf_nat
+keeps the client's port when it can but picks another when two clients' tuples
+toward one backend would collide, so a standby that guessed would bind another port
+(or collide itself). The SNAT address is the group's floating address, the same on
+every node, from the config.
 
 Flow sources that produce Flow objects (nft, IPVS, tests) convert with from_flows();
 dataplanes without record methods get Flow objects back through to_flows()
@@ -45,6 +53,9 @@ __all__ = [
     "BACKEND",
     "BPORT",
     "CONN_SIZE",
+    "NAT_FLAGS",
+    "NAT_PORT",
+    "NAT_SRC",
     "PROTO",
     "RECORD_SIZE",
     "RESERVED",
@@ -60,9 +71,11 @@ __all__ = [
     "by_conn",
     "conn_keys",
     "count",
+    "from_entries",
     "from_flows",
     "is_v4",
     "lookup_keys",
+    "nat_ports",
     "rows",
     "service_backend_key",
     "split",
@@ -70,14 +83,17 @@ __all__ = [
     "with_vips",
 ]
 
-RECORD_SIZE = 56
+RECORD_SIZE = 64
 CONN_SIZE = 38  # bytes [0, 38): the connection
 # Field offsets (see the layout above).
 SRC, SPORT, PROTO, RESERVED, VPORT, VIP, BPORT, BACKEND = 0, 16, 18, 19, 20, 22, 38, 40
-_SVC_BACKEND = slice(PROTO, RECORD_SIZE)  # the config lookup key, 38 bytes
+NAT_PORT, NAT_FLAGS, _NAT_RESERVED = 56, 58, 59
+NAT_SRC = 1  # nat_flags: source translated to nat_port
+_SVC_END = NAT_PORT  # bytes [18, 56): service and backend
+_SVC_BACKEND = slice(PROTO, _SVC_END)  # the config lookup key, 38 bytes
 _SVC_LEN = BPORT - PROTO  # protocol, reserved, vport, vip: the first 20 of those
 
-_STRUCT = struct.Struct("!16sHBBH16sH16s")
+_STRUCT = struct.Struct("!16sHBBH16sH16sHB5x")
 assert _STRUCT.size == RECORD_SIZE
 _MAPPED = b"\0" * 10 + b"\xff\xff"
 _MAPPED_NP = np.frombuffer(_MAPPED, np.uint8)
@@ -92,7 +108,7 @@ class DropReason(enum.StrEnum):
 
     MALFORMED_MESSAGE = "malformed_message"  # undecodable bytes, missing fields, or a
     # record buffer that is not a whole number of records
-    MALFORMED_RECORD = "malformed_record"  # reserved byte set
+    MALFORMED_RECORD = "malformed_record"  # reserved bytes or unknown NAT flags set
     MALFORMED_ADDRESS = "malformed_address"  # src and VIP families differ
     MALFORMED_PORT = "malformed_port"  # a port of 0
     UNKNOWN_PROTOCOL = "unknown_protocol"  # neither tcp nor udp
@@ -132,7 +148,12 @@ def _addr(raw: bytes) -> IPAddress:
 
 
 def from_flows(flows: Iterable[Flow]) -> bytes:
-    """Records of these flows, in order."""
+    """Records of these flows, in order, with no source translation."""
+    return from_entries((f, None) for f in flows)
+
+
+def from_entries(entries: Iterable[tuple[Flow, int | None]]) -> bytes:
+    """Records of (flow, source NAT port or None), in order."""
     pack = _STRUCT.pack
     cache: dict[IPAddress, bytes] = {}  # VIPs and backends repeat; clients rarely do
 
@@ -144,10 +165,18 @@ def from_flows(flows: Iterable[Flow]) -> bytes:
 
     out = [
         pack(addr16(f.src), f.sport, f.protocol.number, 0, f.vport, a16(f.vip), f.bport,
-             a16(f.backend))
-        for f in flows
+             a16(f.backend), port or 0, NAT_SRC if port else 0)
+        for f, port in entries
     ]  # fmt: skip
     return b"".join(out)
+
+
+def nat_ports(records: bytes) -> list[int | None]:
+    """Each record's source NAT port, None where the source is not translated."""
+    r = rows(records)
+    port = (r[:, NAT_PORT].astype(np.uint16) << 8 | r[:, NAT_PORT + 1]).tolist()
+    flagged = (r[:, NAT_FLAGS] & NAT_SRC).astype(bool).tolist()
+    return [p if f else None for p, f in zip(port, flagged, strict=True)]
 
 
 def as_records(batch: FlowBatch) -> bytes:
@@ -170,7 +199,7 @@ def to_flows(records: bytes) -> list[Flow]:
         return r
 
     out = []
-    for src, sport, proto, _, vport, vip, bport, be in _STRUCT.iter_unpack(records):
+    for src, sport, proto, _, vport, vip, bport, be, _, _ in _STRUCT.iter_unpack(records):
         protocol = _PROTOCOLS.get(proto)
         if protocol is None:
             raise ValueError(f"flow record with protocol {proto}")
@@ -207,7 +236,7 @@ def _fields(buf: bytes, offset: int, size: int, stride: int = RECORD_SIZE) -> li
 
 
 def rows(records: bytes) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """The records as an (n, 56) uint8 array (a view, no copy)."""
+    """The records as an (n, 64) uint8 array (a view, no copy)."""
     return np.frombuffer(records, np.uint8).reshape(-1, RECORD_SIZE)
 
 
@@ -221,7 +250,7 @@ def lookup_keys(r: np.ndarray[Any, np.dtype[np.uint8]]) -> tuple[list[bytes], np
     """The distinct service+backend keys (bytes [18, 56)) of rows r, and for each row
     the index of its key: a batch holds few distinct ones, so callers look each up
     once in a dict instead of once per flow."""
-    keys = np.ascontiguousarray(r[:, _SVC_BACKEND]).view(f"V{RECORD_SIZE - PROTO}").ravel()
+    keys = np.ascontiguousarray(r[:, _SVC_BACKEND]).view(f"V{_SVC_END - PROTO}").ravel()
     uniq, inverse = np.unique(keys, return_inverse=True)
     return [bytes(u) for u in uniq], inverse.ravel()
 
@@ -302,13 +331,18 @@ class RecordIndex:
         vport = r[:, VPORT].astype(np.uint16) << 8 | r[:, VPORT + 1]
         bport = r[:, BPORT].astype(np.uint16) << 8 | r[:, BPORT + 1]
         proto = r[:, PROTO]
+        flags = r[:, NAT_FLAGS]
+        nport = r[:, NAT_PORT].astype(np.uint16) << 8 | r[:, NAT_PORT + 1]
         # Checked in this order; the first failing check names the reason.
         code = np.select(
             [
                 (proto != 6) & (proto != 17),
-                r[:, RESERVED] != 0,
+                (r[:, RESERVED] != 0)
+                | (flags & (0xFF ^ NAT_SRC) != 0)
+                | r[:, _NAT_RESERVED:].any(axis=1)
+                | ((flags == 0) & (nport != 0)),
                 is_v4(r[:, SRC : SRC + 16]) != is_v4(r[:, VIP : VIP + 16]),
-                (sport == 0) | (vport == 0) | (bport == 0),
+                (sport == 0) | (vport == 0) | (bport == 0) | ((flags != 0) & (nport == 0)),
             ],
             [
                 _CODE[DropReason.UNKNOWN_PROTOCOL],

@@ -348,8 +348,10 @@ def lab_config(p: LabPlan, dataplane: str = "xdp", virtual_mac: bool = False) ->
         mode, seg = "nat", BACK
     else:
         mode, seg = "dsr", FRONT
-    # nft: every nft command loads the whole table, Maglev maps included (seconds with
-    # the default 65537 slots per service), so the lab keeps its rings small.
+    # nft: backend and health changes rewrite only ring slots, but an agent's start and
+    # each layout change (the lab tests switch nat <-> fullnat) load the whole table:
+    # with 65537-slot rings that took tests/lab/test_nft_lab.py's first four tests from
+    # 38 s to 55 s here, so the lab keeps its rings small.
     ring = {"ring_size": _prime_above(100 * len(p.backends))} if nat else {}
     services = [
         {

@@ -42,6 +42,11 @@ VECTOR_MIN = 128
 """Live backends from which build_table uses the numpy population (faster from about
 there; below, the per-round numpy overhead outweighs the plain loop)."""
 
+TAIL = 600
+"""Free slots from which the plain loop stops probing and jumps (_jump_fill): about
+where a probe sequence (size / free slots long) costs more than one vector operation
+over the free slots."""
+
 
 @dataclass(frozen=True, slots=True)
 class MaglevTable:
@@ -121,20 +126,26 @@ def build_table(weights: dict[str, int] | Iterable[tuple[str, int]], size: int) 
     skips = [p[1] for p in params]
     w = [merged[names[i]] for i in live]
     wmax = max(w)
+    weighted = len(set(w)) > 1
     credit = [0] * len(live)
     everyone = list(zip(range(len(live)), live, skips, strict=True))
-    left = size
-    while left:
+
+    def round_turns() -> list[tuple[int, int, int]]:
         # Who takes a turn this round: the heaviest always, others in w/wmax of rounds.
-        turns = everyone
-        if len(set(w)) > 1:
-            turns = []
-            for entry in everyone:
-                k = entry[0]
-                credit[k] += w[k]
-                if credit[k] >= wmax:
-                    credit[k] -= wmax
-                    turns.append(entry)
+        if not weighted:
+            return everyone
+        turns = []
+        for entry in everyone:
+            k = entry[0]
+            credit[k] += w[k]
+            if credit[k] >= wmax:
+                credit[k] -= wmax
+                turns.append(entry)
+        return turns
+
+    left = size
+    while left > TAIL:
+        turns = round_turns()
         if len(turns) > left:
             turns = turns[:left]
         left -= len(turns)
@@ -146,7 +157,41 @@ def build_table(weights: dict[str, int] | Iterable[tuple[str, int]], size: int) 
             slots[c] = i
             c += s
             nxt[k] = c if c < size else c - size
+    if left:
+        _jump_fill(slots, [p[0] for p in params], nxt, left, round_turns)
     return MaglevTable(names, slots)
+
+
+def _jump_fill(
+    slots: array[int],
+    offsets: list[int],
+    nxt: list[int],
+    left: int,
+    round_turns: Callable[[], list[tuple[int, int, int]]],
+) -> None:
+    """The last ``left`` slots of the plain loop, each turn jumping straight to the
+    backend's next free slot instead of probing for it: nearly full, a probe finds a
+    free slot once in size/left tries, so the last 1% of the table would take most of
+    the build. Position in backend k's list of slot f = (f - offset) * skip^-1 mod size
+    (size is prime): the nearest free slot ahead is one vector operation."""
+    size = len(slots)
+    free = np.flatnonzero(np.frombuffer(slots, dtype=np.intc) < 0).astype(np.int64)
+    inverse: dict[int, int] = {}
+    while left:
+        turns = round_turns()[:left]
+        for k, i, s in turns:
+            o = offsets[k]
+            inv = inverse.get(k)
+            if inv is None:
+                inv = inverse[k] = pow(s, -1, size)
+            here = (nxt[k] - o) * inv % size
+            m = int((((free - o) * inv - here) % size).argmin())
+            c = int(free[m])
+            slots[c] = i
+            free[m] = free[-1]  # order does not matter: positions are distinct
+            free = free[:-1]
+            nxt[k] = (c + s) % size
+        left -= len(turns)
 
 
 _I64 = np.int64

@@ -3,17 +3,20 @@ atomic and idempotent applies, counters, dropping mid-flow packets without state
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, ip_address
 
 import pytest
 
-from halb.dataplane.nft import nftcmd
+from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.adapter import NftDataplane
+from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl
+from halb.dataplane.nft.nfnl import NfTables
 from halb.dataplane.nft.ruleset import RenderError
 from halb.model import Backend, Forwarding, Protocol, Scheduler, Service, ServiceKey
 from halb.testing.nft_topo import BACKENDS, SNAT, VIP, Topology
@@ -150,15 +153,117 @@ def test_apply_is_idempotent_and_counters_move(topo: Topology, dp: NftDataplane)
     assert dp.counters().per_service[key].packets >= c.per_service[key].packets
 
 
+def ring_map(topo: Topology, key: ServiceKey) -> dict[int, str]:
+    """The kernel's ring map of a service: slot -> "address . port"."""
+    name = f"ring_{ruleset.service_id(key)}"
+    out = json.loads(topo.exec("lba", "nft", "-j", "list", "map", "inet", "halb", name))
+    (m,) = [i["map"] for i in out["nftables"] if "map" in i]
+    return {int(k): "{} . {}".format(*v["concat"]) for k, v in m.get("elem", [])}
+
+
+def expected_ring(svc: Service) -> dict[int, str]:
+    ring = ruleset.ring_slots(svc)
+    return {i: f"{b.address} . {b.port}" for i, b in enumerate(ring) if b is not None}
+
+
+def test_backend_change_rewrites_ring_in_place_and_keeps_pinned_flows(
+    topo: Topology, dp: NftDataplane
+) -> None:
+    """A backend going down, coming back and a backend added: each is an in-place
+    update (the table and its counters stay), the ring map is exactly the new Maglev
+    table, and a connection pinned in conntrack keeps its backend throughout."""
+    first = services()
+    dp.apply(first)
+    key = first[0].key
+    assert ring_map(topo, key) == expected_ring(first[0])
+    handle = topo.exec("lba", "nft", "-a", "list", "chain", "inet", "halb", "pre_nat")
+    with topo.tcp_connect() as s:
+        s.sendall(b"WHOAMI\n")
+        pinned = s.recv(100).decode().strip()
+        other = next(n for n in BACKENDS if n != pinned)
+        counted = ruleset.service_counter(key)
+        before = nftcmd.list_counters(topo.ns("lba"))[counted].packets
+        down = [
+            Backend(b.address, b.port, weight=0 if b.address == BACKENDS[pinned] else 1)
+            for b in first[0].backends
+        ]
+        changed = [Service(key, Scheduler.MAGLEV, Forwarding.NAT, tuple(down), 251), *first[1:]]
+        r = dp.apply(changed)
+        assert r.writes == 1 and r.updated == (key,) and not (r.added or r.removed)
+        assert ring_map(topo, key) == expected_ring(changed[0])
+        assert set(ring_map(topo, key).values()) == {f"{BACKENDS[other]} . 9000"}
+        s.sendall(b"WHOAMI\n")
+        assert s.recv(100).decode().strip() == pinned  # conntrack kept its backend
+        assert all(whoami_tcp(topo, VIP)[0] == other for _ in range(4))  # new flows avoid it
+        # Not a reload: the base chain kept its rule handles, the counters their values.
+        assert topo.exec("lba", "nft", "-a", "list", "chain", "inet", "halb", "pre_nat") == handle
+        assert nftcmd.list_counters(topo.ns("lba"))[counted].packets > before
+
+        extra = Backend(IPv4Address("10.98.1.23"), 9000)
+        grown = [Service(key, Scheduler.MAGLEV, Forwarding.NAT, (*first[0].backends, extra), 251)]
+        dp.apply([*grown, *first[1:]])
+        assert ring_map(topo, key) == expected_ring(grown[0])
+        dp.apply(first)
+        assert ring_map(topo, key) == expected_ring(first[0])
+        assert dp.apply(first).writes == 0
+        s.sendall(b"WHOAMI\n")
+        assert s.recv(100).decode().strip() == pinned
+    listed = topo.exec("lba", "nft", "list", "table", "inet", "halb")
+    assert "10_98_1_23" not in listed  # the extra backend's counter is gone
+
+
+def test_rejected_in_place_update_leaves_the_rules(topo: Topology, dp: NftDataplane) -> None:
+    dp.apply(services())
+    before = topo.exec("lba", "nft", "list", "ruleset")
+    assert dp._rendered is not None
+    upd = delta.update(dp._rendered, _one_down(), dp.snat)
+    assert upd is not None and upd.rings and upd.head  # ring slots and the RR rule
+    key = services()[0].key
+    # Text path: a valid update whose last command the kernel refuses (the dispatch
+    # chain is still referenced): nothing of it may stay, the ring slots included.
+    with pytest.raises(nftcmd.NftError):
+        Nft(topo.ns("lba")).run(
+            upd.script() + f"delete chain inet halb d_{ruleset.service_id(key)}\n"
+        )
+    assert topo.exec("lba", "nft", "list", "ruleset") == before
+    # Raw batch path: the ring's real edit plus a slot that is already there (with
+    # other data: the kernel refuses it with EEXIST, and the edit's slots with it).
+    (edit,) = upd.rings
+    kept = next(i for i in range(251) if i not in edit.delete)
+    elsewhere = (IPv4Address("10.98.1.99"), 9000)
+    bad = delta.RingEdit(edit.map, edit.delete, (*edit.add, (elsewhere, (kept,))))
+    nf = NfTables(topo.ns("lba"))
+    try:
+        with pytest.raises(nftcmd.NftError, match="EEXIST"):
+            nf.ring_edits("halb", [bad])
+        assert topo.exec("lba", "nft", "list", "ruleset") == before
+        assert nf.ring_edits("halb", [edit]) > 0  # the same socket still works
+        assert ring_map(topo, key) == expected_ring(_one_down()[0])
+    finally:
+        nf.close()
+
+
+def _one_down() -> list[Service]:
+    """be1 down in the first two services (a Maglev ring and a round robin)."""
+    out = services()
+    for i in (0, 1):
+        s = out[i]
+        bs = s.backends
+        down = (Backend(bs[0].address, bs[0].port, weight=0), *bs[1:])
+        out[i] = Service(s.key, s.scheduler, s.forwarding, down, s.ring_size)
+    return out
+
+
 def test_rejected_apply_keeps_previous_table(topo: Topology, dp: NftDataplane) -> None:
     dp.apply(services())
     before = topo.exec("lba", "nft", "list", "ruleset")
     bad = services()
-    # Port 70000 renders fine but nft rejects it: the whole transaction must fail.
+    # Port 70000 is refused before the kernel sees anything (the kernel's own refusals
+    # of in-place updates: test_rejected_in_place_update_leaves_the_rules).
     bad[0] = Service(
         bad[0].key, Scheduler.MAGLEV, Forwarding.NAT, (Backend(BACKENDS["be1"], 70000),), 251
     )
-    with pytest.raises(nftcmd.NftError):
+    with pytest.raises(RenderError, match="no valid port"):
         dp.apply(bad)
     assert topo.exec("lba", "nft", "list", "ruleset") == before
     assert dp.services[bad[0].key] == services()[0]  # the adapter's view is unchanged
@@ -241,6 +346,53 @@ def test_dead_man_switch_fences_vip_traffic_and_arp(topo: Topology, dp: NftDatap
         assert _arp_answered(topo, VIP)
     finally:
         topo.ip("lba", "addr", "del", f"{VIP}/32", "dev", "eth0")
+
+
+VIP6 = ip_address("fd98::100")
+
+
+def _nd_answered(topo: Topology) -> bool:
+    """Whether a neighbour solicitation for VIP6 from the client gets an advertisement:
+    the client's kernel solicits for the ping and keeps the answer's MAC."""
+    topo.ip("client", "-6", "neigh", "flush", "dev", "eth0")
+    topo.exec("client", "ping", "-6", "-c", "1", "-W", "1", str(VIP6), check=False)
+    entry = topo.ip("client", "-6", "neigh", "show", str(VIP6), "dev", "eth0")
+    return "lladdr" in entry
+
+
+def test_dead_man_switch_fences_ipv6_neighbour_solicitations(
+    topo: Topology, dp: NftDataplane
+) -> None:
+    """An IPv6 VIP: solicitations for it go to its solicited-node multicast address and
+    are matched by their target. Answered while armed, dropped past the deadline (and
+    counted), answered again once re-armed."""
+    v6 = Service(
+        ServiceKey(VIP6, 9000, Protocol.TCP),
+        Scheduler.MAGLEV,
+        Forwarding.NAT,
+        (Backend(ip_address("fd98:1::21"), 9000),),
+        251,
+    )
+    topo.ip("client", "addr", "add", "fd98::2/64", "dev", "eth0", "nodad")
+    topo.ip("lba", "addr", "add", f"{VIP6}/64", "dev", "eth0", "nodad")
+    try:
+        dp.apply([*services(), v6])
+        assert _nd_answered(topo)
+        dp.set_deadline(time.monotonic_ns() + 1_000_000_000)
+        assert _nd_answered(topo)
+        before = topo.exec("lba", "nft", "list", "counter", "inet", "halb_fence", "fenced")
+        time.sleep(1.1)
+        assert not _nd_answered(topo)
+        after = topo.exec("lba", "nft", "list", "counter", "inet", "halb_fence", "fenced")
+        assert after != before
+        dp.set_deadline(time.monotonic_ns() + 5_000_000_000)
+        assert _nd_answered(topo)
+        # A disarmed switch passes for good.
+        dp.set_deadline(None)
+        assert _nd_answered(topo)
+    finally:
+        topo.ip("lba", "addr", "del", f"{VIP6}/64", "dev", "eth0")
+        topo.ip("client", "addr", "del", "fd98::2/64", "dev", "eth0")
 
 
 def test_close_removes_the_fence_tables(topo: Topology) -> None:

@@ -4,18 +4,22 @@ second balancer and fail over a live TCP connection, events, refusals, reconcile
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Address, ip_address
+from pathlib import Path
 
 import pytest
+import yaml
 
 from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.conntrack import Conntrack
 from halb.dataplane.nft.events import FlowDelta, FlowEvents, Resync
 from halb.dataplane.nft.flows import FlowEntry
+from halb.flows import records
 from halb.model import (
     Backend,
     Flow,
@@ -129,14 +133,19 @@ def test_without_sync_the_mid_flow_packet_waits_until_installed(
         flows = a.dump_flows()
         fail_over(topo, VIP)
         dropped = b.invalid_dropped().packets
+        before = b.table_stats()
         s.sendall(b"WHOAMI\n")
         s.settimeout(1.0)
         with pytest.raises(TimeoutError):
             s.recv(100)  # dropped as ct state invalid: no answer, no reset
         assert b.invalid_dropped().packets > dropped
         assert b.dump_flows() == []
+        assert b.table_stats().invalid > before.invalid  # conntrack counted it too
         # State arrives late: TCP's retransmission now finds it.
         assert b.install_flows(flows) == 1
+        after = b.table_stats()
+        assert after.count >= before.count + 1 and after.max >= after.count > 0
+        assert after.doc()["fill"] == round(after.count / after.max, 4)
         s.settimeout(10.0)
         assert s.recv(100).decode().strip() == name
 
@@ -299,3 +308,136 @@ def test_event_overflow_asks_for_resync(
 
     got = asyncio.run(run())
     assert isinstance(got[-1], Resync)
+
+
+def test_fullnat_source_ports_travel_so_standby_entries_are_identical(
+    topo: Topology, pair: tuple[NftDataplane, NftDataplane]
+) -> None:
+    """Many connections from one client address through fullnat, each from a port
+    another client already holds toward both backends, so nf_nat on the active picks
+    a fresh source port for every one. The records carry those ports: the standby's
+    entries are the active's, and every connection survives the failover. Without the
+    ports the standby would bind the client's port, which the other clients' (synced)
+    entries hold: the kernel refuses those flows."""
+    a, b = pair
+    ports = range(44000, 44030)
+    others = [
+        FlowEntry(Flow(Protocol.TCP, ip_address(o), p, FULLNAT_VIP, 9000, be, 9000), SNAT, p)
+        for o, be in (("10.98.0.77", BACKENDS["be1"]), ("10.98.0.78", BACKENDS["be2"]))
+        for p in ports
+    ]
+    assert a.install_flows(others) == len(others)
+    socks: list[socket.socket] = []
+    try:
+        names = {}
+        for p in ports:
+            s = topo.client_socket(socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((str(CLIENT), p))
+            s.connect((str(FULLNAT_VIP), 9000))
+            names[p] = whoami(s)
+        mine = {fe.flow.sport: fe for fe in a.dump_entries() if fe.flow.src == CLIENT}
+        assert sorted(mine) == list(ports)
+        assert all(fe.snat == SNAT and fe.snat_port not in (None, p) for p, fe in mine.items())
+
+        recs = a.snapshot_records()  # decoded in bulk: the same as entry by entry
+        pairs = zip(records.to_flows(recs), records.nat_ports(recs), strict=True)
+        assert sorted(pairs) == sorted((fe.flow, fe.snat_port) for fe in a.dump_entries())
+        assert b.install_records(recs) == len(others) + len(ports)
+        assert b.last_install.refused == {}
+        assert sorted(b.dump_entries()) == sorted(a.dump_entries())
+
+        # The same flows without their ports: the client's port is taken.
+        topo.exec("lbb", "conntrack", "-F")
+        flows = [fe.flow for fe in a.dump_entries()]
+        b.install_records(records.from_flows(flows))
+        assert b.last_install.refused.get("kernel_EEXIST", 0) == len(ports)
+
+        topo.exec("lbb", "conntrack", "-F")
+        assert b.install_records(recs) == len(others) + len(ports)
+        fail_over(topo, FULLNAT_VIP)
+        for p, s in zip(ports, socks, strict=True):
+            assert whoami(s) == names[p]  # same backend, through balancer B
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _cli_config(tmp: Path) -> Path:
+    node = {"interface": "eth0", "backend_interface": "eth1", "sync_address": "127.0.0.1:1"}
+    backends = [{"address": str(a)} for a in BACKENDS.values()]
+    doc = {
+        "cluster": "halbt-nftcli",
+        "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
+        "dataplane": {"kind": "nft"},
+        "nodes": [
+            {"name": "lba", "address": "10.98.0.11/24", "priority": 200, **node},
+            {"name": "lbb", "address": "10.98.0.12/24", "priority": 100, **node},
+        ],
+        "vip_groups": [
+            {
+                "name": "g",
+                "nat": {"gateway": "10.98.1.1/24", "snat": f"{SNAT}/24"},
+                "vips": [
+                    {"address": str(VIP), "services": [
+                        {"port": 9000, "forwarding": "nat", "ring_size": 251,
+                         "backends": backends}]},
+                    {"address": str(FULLNAT_VIP), "services": [
+                        {"port": 9000, "forwarding": "fullnat", "scheduler": "rr",
+                         "backends": backends}]},
+                ],
+            }
+        ],
+        "sync": {"insecure": True},
+        "admin": {"insecure": True},
+    }  # fmt: skip
+    path = tmp / "halb.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_cli_lists_conntrack_flows_and_table_stats(
+    topo: Topology, pair: tuple[NftDataplane, NftDataplane], tmp_path: Path
+) -> None:
+    """`halb flows` and `halb dataplane show` on nft read the node's conntrack table:
+    the same columns and JSON as on XDP, plus the fullnat source binding."""
+    from click.testing import CliRunner
+
+    from halb.cli.dataplane import show
+    from halb.cli.flows import flows_cmd
+
+    _, b = pair
+    nat = Flow(Protocol.TCP, CLIENT, 45000, VIP, 9000, BACKENDS["be1"], 9000)
+    full = FlowEntry(
+        Flow(Protocol.TCP, CLIENT, 45001, FULLNAT_VIP, 9000, BACKENDS["be2"], 9000), SNAT, 61001
+    )
+    assert b.install_flows([nat, full]) == 2
+    cfg = str(_cli_config(tmp_path))
+    args = ["--config", cfg, "--node", "lbb", "--netns", topo.ns("lbb"), "-o", "json"]
+    result = CliRunner().invoke(flows_cmd, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["dataplane"] == "nft"
+    assert doc["nodes"]["lbb"]["count"] == 2
+    assert doc["nodes"]["lbb"]["flows"] == [
+        {"protocol": "tcp", "client": f"{CLIENT}:45000", "service": f"{VIP}:9000",
+         "backend": f"{BACKENDS['be1']}:9000"},
+        {"protocol": "tcp", "client": f"{CLIENT}:45001", "service": f"{FULLNAT_VIP}:9000",
+         "backend": f"{BACKENDS['be2']}:9000", "snat": f"{SNAT}:61001"},
+    ]  # fmt: skip
+    only = CliRunner().invoke(flows_cmd, [*args[:-2], "--vip", str(FULLNAT_VIP)])
+    assert only.exit_code == 0 and "lbb: 1 flows" in only.output, only.output
+    assert f"(from {SNAT}:61001)" in only.output
+    # Without a namespace or a lab, a node that is not named alone runs elsewhere.
+    both = CliRunner().invoke(flows_cmd, ["--config", cfg, "-o", "json"])
+    assert json.loads(both.output)["nodes"]["lba"]["available"] is False
+
+    shown = CliRunner().invoke(show, ["--config", cfg, "--node", "lbb", "--netns",
+                                      topo.ns("lbb"), "-o", "json"])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    report = json.loads(shown.output)
+    assert report["conntrack"]["count"] >= 2 and report["conntrack"]["max"] > 0
+    assert {"insert_failed", "drop", "early_drop"} <= set(report["conntrack"])
+    assert report["flows"] == 2
+    text = CliRunner().invoke(show, ["--config", cfg, "--node", "lbb", "--netns", topo.ns("lbb")])
+    assert "conntrack" in text.output and "insert_failed=" in text.output, text.output

@@ -272,7 +272,7 @@ def _takeover(lab: dict[str, Any], mode: str) -> tuple[list[dict[str, Any]], dic
 
 def _ct_flows(lab: dict[str, Any], doc: dict[str, Any]) -> dict[str, int]:
     """Per node, the conntrack entries of this lab's client that are flows of ``doc``'s
-    services (`halb flows` reads XDP maps only)."""
+    services (what `halb flows` lists, read here without the CLI)."""
     cfg = parse_config(doc, "test")
     fmap = FlowMap(cfg.services(), snat_addresses(cfg))
     client = ip_address(lab["client"]["address"])

@@ -46,10 +46,21 @@ def test_layout_is_the_documented_one() -> None:
         + mapped + bytes([10, 0, 0, 100])  # vip
         + (8080).to_bytes(2, "big")  # bport
         + mapped + bytes([10, 0, 0, 21])  # backend
+        + bytes(8)  # nat_port, nat_flags, reserved: no source translation
     )  # fmt: skip
     assert records.from_flows([v4()]) == expected
     assert len(expected) == RECORD_SIZE
     assert records.from_flows([V6])[:16] == ip("2001:db8:9::7").packed
+    translated = records.from_entries([(v4(), 61000)])
+    assert translated[:56] == expected[:56]
+    assert translated[56:] == (61000).to_bytes(2, "big") + bytes([1]) + bytes(5)
+
+
+def test_nat_ports_round_trip() -> None:
+    flows = [v4(), v4(sport=40001), V6]
+    buf = records.from_entries(zip(flows, [None, 1024, 65535], strict=True))
+    assert records.nat_ports(buf) == [None, 1024, 65535]
+    assert records.to_flows(buf) == flows
 
 
 @pytest.mark.parametrize(
@@ -93,10 +104,12 @@ def record(**fields: Any) -> bytes:
     """A record of v4() with some fields replaced by raw bytes or ints."""
     rec = records.from_flows([v4()])
     offsets = {"src": 0, "sport": 16, "protocol": 18, "reserved": 19, "vport": 20,
-               "vip": 22, "bport": 38, "backend": 40}  # fmt: skip
+               "vip": 22, "bport": 38, "backend": 40, "nat_port": 56, "nat_flags": 58,
+               "nat_reserved": 63}  # fmt: skip
+    one_byte = ("protocol", "reserved", "nat_flags", "nat_reserved")
     for name, value in fields.items():
         if isinstance(value, int):
-            value = value.to_bytes(1 if name in ("protocol", "reserved") else 2, "big")
+            value = value.to_bytes(1 if name in one_byte else 2, "big")
         rec = _set(rec, offsets[name], value)
     return rec
 
@@ -120,6 +133,10 @@ def a16(addr: str) -> bytes:
         # a backend of another service (udp/53 uses port 53) is not a backend of this one
         ({"bport": 53}, DropReason.UNKNOWN_BACKEND),
         ({"reserved": 1}, DropReason.MALFORMED_RECORD),
+        ({"nat_flags": 2}, DropReason.MALFORMED_RECORD),
+        ({"nat_reserved": 1}, DropReason.MALFORMED_RECORD),
+        ({"nat_port": 5000}, DropReason.MALFORMED_RECORD),  # a port without the flag
+        ({"nat_flags": 1}, DropReason.MALFORMED_PORT),  # the flag with port 0
         ({"src": a16("2001:db8::1")}, DropReason.MALFORMED_ADDRESS),  # family mismatch
         ({"sport": 0}, DropReason.MALFORMED_PORT),
         ({"vport": 0}, DropReason.MALFORMED_PORT),

@@ -144,6 +144,21 @@ def test_dataplane_events() -> None:
     assert value(m, "halb_dataplane_events_total", event="icmp_relayed") == 2
 
 
+def test_conntrack_table_size_and_refusals() -> None:
+    m = AgentMetrics("lb1")
+    assert value(m, "halb_conntrack_entries") is None  # not nft: no series
+    m.update_conntrack(
+        {"count": 900, "max": 1000, "buckets": 256, "insert_failed": 3, "drop": 2,
+         "early_drop": 1, "invalid": 7, "fill": 0.9}
+    )  # fmt: skip
+    assert value(m, "halb_conntrack_entries") == 900
+    assert value(m, "halb_conntrack_max") == 1000
+    assert value(m, "halb_conntrack_buckets") == 256
+    assert value(m, "halb_conntrack_insert_failed_total") == 3
+    assert value(m, "halb_conntrack_drop_total") == 2
+    assert value(m, "halb_conntrack_early_drop_total") == 1
+
+
 def test_two_agents_in_one_process_do_not_clash() -> None:
     a, b = AgentMetrics("lb1"), AgentMetrics("lb2")
     a.update_flows(1)

@@ -51,8 +51,8 @@ def _map_elements(script: str, name: str) -> dict[int, str]:
     assert elems is not None
     out = {}
     for item in elems.group(1).split(", "):
-        slot, verdict = item.split(" : ")
-        out[int(slot)] = verdict.removeprefix("goto ")
+        slot, value = item.split(" : ")
+        out[int(slot)] = value
     return out
 
 
@@ -77,11 +77,8 @@ def test_maglev_map_matches_halb_lb_maglev() -> None:
     rendered = render([s]).script
     elements = _map_elements(rendered, "ring_10_99_0_100_tcp_9000")
     table = build_table({str(b): b.weight for b in s.backends}, s.ring_size)
-    chain_of = {
-        str(b): f"to_10_99_0_100_tcp_9000_{str(b.address).replace('.', '_')}_{b.port}"
-        for b in s.backends
-    }
-    expected = {i: chain_of[table.names[n]] for i, n in enumerate(table.slots)}
+    value_of = {str(b): f"{b.address} . {b.port}" for b in s.backends}
+    expected = {i: value_of[table.names[n]] for i, n in enumerate(table.slots)}
     assert elements == expected
     assert len(elements) == s.ring_size
     # Weight 3 takes about three times the slots of weight 1.
@@ -89,25 +86,32 @@ def test_maglev_map_matches_halb_lb_maglev() -> None:
     assert counts[str(B3)] > 2 * counts[str(B1)]
     # The hash uses the 5-tuple with a fixed seed, so every node agrees on the slot.
     assert (
+        "meta l4proto tcp dnat ip to "
         f"jhash ip saddr . tcp sport . ip daddr . tcp dport mod 307 seed {HASH_SEED:#x} "
-        "vmap @ring_10_99_0_100_tcp_9000"
+        "map @ring_10_99_0_100_tcp_9000\n    drop\n"
     ) in rendered
+    assert "typeof numgen inc mod 307 : ip daddr . tcp dport" in rendered
     assert ring_slots(s) == table.mapped(lambda n: {str(b): b for b in s.backends}[n])
 
 
-def test_each_backend_chain_dnats_to_its_backend() -> None:
+def test_each_service_has_a_dispatch_chain_and_a_counter_map() -> None:
     rendered = render([svc()]).script
+    pre_nat = rendered.split("chain pre_nat {", 1)[1].split("}", 1)[0]
+    assert "ip daddr 10.99.0.100 tcp dport 9000 goto d_10_99_0_100_tcp_9000" in pre_nat
+    fwd = rendered.split("chain forward_filter {", 1)[1].split("}", 1)[0]
+    assert "counter name ip daddr . tcp dport map @bec_10_99_0_100_tcp_9000" in fwd
     for b in (B1, B2, B3):
-        chain = f"to_10_99_0_100_tcp_9000_{str(b.address).replace('.', '_')}_9000"
-        assert f"chain {chain} {{\n    meta l4proto tcp dnat ip to {b}\n  }}" in rendered
+        assert f'{b.address} . 9000 : "{backend_counter(svc().key, b)}"' in rendered
+    assert "goto" not in rendered.replace("goto d_", "")  # no per-backend chains
 
 
 def test_round_robin_rendering() -> None:
     s = svc(port=9001, proto=Protocol.UDP, sched=Scheduler.RR, backends=(B2, B1))
     rendered = render([s]).script
-    assert "numgen inc mod 2 vmap { 0 : goto to_10_99_0_100_udp_9001_10_99_1_21_9000, " in (
-        rendered
-    )
+    assert (
+        "meta l4proto udp dnat ip to numgen inc mod 2 map "
+        "{ 0 : 10.99.1.21 . 9000, 1 : 10.99.1.22 . 9000 }"
+    ) in rendered
     assert "ring_" not in rendered and "jhash" not in rendered
 
 
@@ -143,7 +147,14 @@ def test_counters_are_named_and_carried() -> None:
 def test_no_live_backend_drops_new_flows_and_sorry_backend_takes_over() -> None:
     down = tuple(Backend(b.address, b.port, weight=0) for b in (B1, B2))
     r = render([svc(backends=down)]).script
-    assert "ip daddr 10.99.0.100 tcp dport 9000 drop" in r
+    # The ring is empty: the lookup misses and the next rule of the dispatch chain drops.
+    assert (
+        "map ring_10_99_0_100_tcp_9000 {\n    typeof numgen inc mod 307 : ip daddr . tcp dport\n  }"
+        in r
+    )
+    assert "map @ring_10_99_0_100_tcp_9000\n    drop\n  }" in r
+    rr = render([svc(backends=down, sched=Scheduler.RR)]).script
+    assert "chain d_10_99_0_100_tcp_9000 {\n    drop\n  }" in rr
     sorry = Backend(IPv4Address("10.99.1.99"), 9000)
     s = Service(svc().key, Scheduler.MAGLEV, Forwarding.NAT, down, 307, sorry=(sorry,))
     assert {b for b in ring_slots(s)} == {sorry}

@@ -1,12 +1,15 @@
 """The nft dataplane: nftables NAT rules + nf_conntrack flow state.
 
     dp = NftDataplane.from_config(cfg)            # or NftDataplane(snat={vip: addr})
-    dp.apply(cfg.services())                      # atomic swap of `table inet halb`
+    dp.apply(cfg.services())                      # atomic: in place or a table swap
     dp.install_flows(flows)                       # standby: synced flows -> conntrack
     async for delta in dp.flow_events(): ...      # active: conntrack events -> deltas
 
 One table owned by halb is rendered whole (halb.dataplane.nft.ruleset) and loaded with
-one `nft -f`: the kernel applies it completely or not at all. `netns` runs everything
+one `nft -f` at start and when its layout changes; backend, weight and health changes
+rewrite only what changed (halb.dataplane.nft.delta) in one transaction: a raw
+nf_tables batch when only ring slots move (halb.dataplane.nft.nfnl), else libnftables.
+Either way the kernel applies it completely or not at all. `netns` runs everything
 in a named network namespace (tests, the lab); the agent leaves it None.
 """
 
@@ -19,14 +22,16 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from halb.config import ClusterConfig, NodeConfig
 from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
-from halb.dataplane.nft import nftcmd, ruleset
+from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
+from halb.dataplane.nft.ctstats import TableStats, read_table_stats
 from halb.dataplane.nft.events import FlowEvents
 from halb.dataplane.nft.fence import NftFence
 from halb.dataplane.nft.flows import FlowEntry, FlowMap
+from halb.dataplane.nft.libnft import Nft
 from halb.dataplane.nft.netns import read_sysctl, write_sysctl
+from halb.dataplane.nft.nfnl import NfTables
 from halb.dataplane.nft.source import NftFlowSource
-from halb.flows import records
 from halb.model import Backend, Flow, IPAddress, Service, ServiceKey
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,8 @@ class NftDataplane(FlowObjectRecords):
         self.snat: dict[IPAddress, IPAddress] = dict(snat or {})
         self.services: dict[ServiceKey, Service] = {}
         self.flowmap = FlowMap((), self.snat)
-        self._shape: str | None = None  # last loaded script without counter values
+        self._nft: Nft | None = None  # in-process libnftables for in-place updates
+        self._nfnl_sock: NfTables | None = None  # raw batches for ring-only updates
         self._rendered: ruleset.Rendered | None = None
         self._counter_cache: tuple[float, dict[str, Counter]] | None = None  # (until, values)
         self.conntrack = Conntrack(netns, timeouts)
@@ -104,33 +110,48 @@ class NftDataplane(FlowObjectRecords):
     # -- rules --------------------------------------------------------------------------
 
     def apply(self, services: Sequence[Service]) -> ApplyResult:
-        """Replace halb's table so it holds exactly ``services``.
+        """Make halb's table hold exactly ``services``: in place (one transaction of
+        just the changed ring slots, chains, counters and elements) while the layout
+        stays, else by replacing the whole table.
 
         Raises RenderError (before touching the kernel) or NftError (the kernel kept the
-        previous table) and leaves this object's view unchanged in both cases.
+        previous rules) and leaves this object's view unchanged in both cases.
         """
-        shape = ruleset.render(services, self.snat).script
         new = {s.key: s for s in services}
         old = self.services
         added = tuple(sorted((k for k in new if k not in old), key=str))
         removed = tuple(sorted((k for k in old if k not in new), key=str))
         updated = tuple(sorted((k for k in new if k in old and old[k] != new[k]), key=str))
-        if shape == self._shape:
-            # Same table (e.g. only a backend's MAC or health flag changed): nothing to
-            # write. Not re-checked with `nft list`: with Maglev rings every nft command
-            # fetches the whole table (seconds at 65537 slots per service).
+        upd = None if self._rendered is None else delta.update(self._rendered, services, self.snat)
+        if upd is not None:
+            writes = 0
+            if not upd.empty:
+                t0 = time.monotonic()
+                if upd.raw:
+                    self._nfnl().update(ruleset.TABLE, upd)
+                else:
+                    self._libnft().run(upd.script())
+                writes = 1
+                log.info(
+                    "nft table updated in place: %d services changed, %d ring slots, "
+                    "%d other commands, %.1f ms",
+                    len(updated),
+                    upd.slots,
+                    len(upd.head) + len(upd.tail),
+                    (time.monotonic() - t0) * 1000,
+                )
+            self._rendered = upd.rendered
             self.services = new
             self.flowmap = FlowMap(services, self.snat)
-            return ApplyResult()
+            return ApplyResult(updated=updated, writes=writes)
         # Replacing the table re-creates its counters: carry their values over (packets
         # counted between this read and the load are lost; a few at most).
-        carry = nftcmd.list_counters(self.netns)
+        carry = self._nfnl().counters(ruleset.TABLE)
         self._counter_cache = None
         rendered = ruleset.render(services, self.snat, carry)
         nftcmd.load(self.netns, rendered.script)
         self.fence.set_vips(s.key.vip for s in services)
         self._ensure_sysctls(services)
-        self._shape = shape
         self._rendered = rendered
         self.services = new
         self.flowmap = FlowMap(services, self.snat)
@@ -142,6 +163,16 @@ class NftDataplane(FlowObjectRecords):
             len(updated),
         )
         return ApplyResult(added=added, removed=removed, updated=updated, writes=1)
+
+    def _nfnl(self) -> NfTables:
+        if self._nfnl_sock is None:
+            self._nfnl_sock = NfTables(self.netns)
+        return self._nfnl_sock
+
+    def _libnft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft(self.netns)
+        return self._nft
 
     def _ensure_sysctls(self, services: Sequence[Service]) -> None:
         """What a balancer needs from the kernel, set by the adapter itself (never
@@ -169,13 +200,13 @@ class NftDataplane(FlowObjectRecords):
 
     def _counter_values(self) -> dict[str, Counter]:
         """Counter values, re-read at most every COUNTER_MIN_INTERVAL or 10 times the
-        last read's cost: an nft command loads the whole table, rings included, so a
-        metrics loop reading every second would keep a core busy."""
+        last read's cost (a dump of the counter objects: milliseconds; `nft list`
+        would fetch the rings too, seconds)."""
         now = time.monotonic()
         cached = self._counter_cache
         if cached is not None and now < cached[0]:
             return cached[1]
-        values = nftcmd.list_counters(self.netns)
+        values = self._nfnl().counters(ruleset.TABLE)
         cost = time.monotonic() - now
         self._counter_cache = (now + max(COUNTER_MIN_INTERVAL, 10 * cost), values)
         return values
@@ -194,7 +225,13 @@ class NftDataplane(FlowObjectRecords):
 
     def invalid_dropped(self) -> Counter:
         """Packets dropped as `ct state invalid` (mid-flow without state)."""
-        return nftcmd.list_counters(self.netns).get(ruleset.INVALID_COUNTER, Counter())
+        return self._nfnl().counters(ruleset.TABLE).get(ruleset.INVALID_COUNTER, Counter())
+
+    def table_stats(self) -> TableStats:
+        """How full the conntrack table is, and what it refused (metrics, `halb
+        dataplane show`)."""
+        with self._ct_lock:
+            return read_table_stats(self.conntrack.sock, self.netns)
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC) this node drops VIP traffic and ARP
@@ -207,8 +244,20 @@ class NftDataplane(FlowObjectRecords):
         return [fe.flow for fe in self.dump_entries()]
 
     def snapshot_records(self) -> bytes:
-        """halb.dataplane.base.FlowSnapshot: every current flow."""
-        return records.from_flows(self.dump_flows())
+        """halb.dataplane.base.FlowSnapshot: every current flow, with its source NAT
+        port (fullnat) so the standby binds the same one."""
+        with self._ct_lock:
+            return self.conntrack.dump_records(self.flowmap)
+
+    def dump_records(self) -> bytes:
+        return self.snapshot_records()
+
+    def install_records(self, recs: bytes) -> int:
+        """Install records with their source NAT ports (see install_flows), their
+        create messages built in bulk."""
+        with self._ct_lock:
+            self.last_install = self.conntrack.install_records(recs, self.flowmap)
+        return self.last_install.written
 
     def dump_entries(self) -> list[FlowEntry]:
         """Flows with their fullnat SNAT binding (address and port)."""
@@ -262,6 +311,11 @@ class NftDataplane(FlowObjectRecords):
         finally:
             self.fence.close()
             self.conntrack.close()
-            self._shape = None
+            if self._nft is not None:
+                self._nft.close()
+                self._nft = None
+            if self._nfnl_sock is not None:
+                self._nfnl_sock.close()
+                self._nfnl_sock = None
             self._rendered = None
             self.services = {}

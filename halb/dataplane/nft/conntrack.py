@@ -103,6 +103,12 @@ class Conntrack:
                 out.append(fe)
         return out
 
+    def dump_records(self, fmap: FlowMap) -> bytes:
+        """dump() as packed flow records, decoded in bulk (halb.dataplane.nft.ctdump)."""
+        from halb.dataplane.nft.ctdump import dump_records
+
+        return dump_records(self.sock, fmap)
+
     # -- write --------------------------------------------------------------------------
 
     def install(
@@ -134,17 +140,71 @@ class Conntrack:
                 continue
             pending[seq] = fe
 
+        self._finish(requests, pending.__getitem__, set(pending), fmap, report, refuse, replace)
+        return report
+
+    def install_records(self, recs: bytes, fmap: FlowMap) -> InstallReport:
+        """install() for packed flow records (halb.flows.records, validated): the create
+        messages of a whole buffer are built at once (halb.dataplane.nft.ctbulk); a
+        record the bulk encoder leaves out, or the kernel refuses, becomes a FlowEntry
+        and takes install()'s path (refusal reasons, replacing a stale entry)."""
+        from halb.dataplane.nft.ctbulk import encode_creates
+        from halb.flows import records
+
+        report = InstallReport()
+
+        def refuse(fe: FlowEntry, reason: str) -> None:
+            report.refused[reason] += 1
+            if len(report.refused_flows) < _MAX_REFUSED_SAMPLE:
+                report.refused_flows.append((fe.flow, reason))
+
+        timeouts = {Protocol.TCP: self.timeouts.tcp, Protocol.UDP: self.timeouts.udp}
+        enc = encode_creates(recs, fmap, timeouts, self.sock.next_seq)
+
+        def entry(seq: int) -> FlowEntry:
+            i = enc.row_of_seq[seq]
+            one = recs[i * records.RECORD_SIZE : (i + 1) * records.RECORD_SIZE]
+            return FlowEntry(records.to_flows(one)[0], None, records.nat_ports(one)[0])
+
+        self._finish(enc.requests, entry, set(enc.row_of_seq), fmap, report, refuse, True)
+        if enc.others:
+            rest = b"".join(
+                recs[i * records.RECORD_SIZE : (i + 1) * records.RECORD_SIZE] for i in enc.others
+            )
+            flows, ports = records.to_flows(rest), records.nat_ports(rest)
+            slow = self.install(
+                [FlowEntry(f, None, p) for f, p in zip(flows, ports, strict=True)], fmap
+            )
+            report.created += slow.created
+            report.replaced += slow.replaced
+            report.present += slow.present
+            report.refused.update(slow.refused)
+            report.refused_flows.extend(slow.refused_flows[:_MAX_REFUSED_SAMPLE])
+        return report
+
+    def _finish(
+        self,
+        requests: list[tuple[int, bytes]],
+        entry: Callable[[int], FlowEntry],
+        pending: set[int],
+        fmap: FlowMap,
+        report: InstallReport,
+        refuse: Callable[[FlowEntry, str], None],
+        replace: bool,
+    ) -> None:
+        """Send the creates; count what the kernel made, replace or keep what was there
+        (EEXIST), refuse the rest by errno."""
         existing: list[FlowEntry] = []
         for seq, (code, _data) in self.sock.batch(requests).items():
-            fe = pending.pop(seq)
+            pending.discard(seq)
             if code == 0:
                 report.created += 1
             elif code == errno.EEXIST and replace:
-                existing.append(fe)
+                existing.append(entry(seq))
             else:
-                refuse(fe, f"kernel_{_errname(code)}")
-        for fe in pending.values():
-            refuse(fe, "no_answer")
+                refuse(entry(seq), f"kernel_{_errname(code)}")
+        for seq in pending:
+            refuse(entry(seq), "no_answer")
         if existing:
             self._resolve_existing(existing, fmap, report, refuse)
         if report.refused:
@@ -153,7 +213,6 @@ class Conntrack:
                 sum(report.refused.values()),
                 dict(report.refused),
             )
-        return report
 
     def _create(self, seq: int, fe: FlowEntry, fmap: FlowMap) -> bytes:
         f = fe.flow

@@ -148,6 +148,13 @@ class CtSocket:
 
     def dump(self) -> Iterator[ctmsg.CtEntry]:
         """Every TCP/UDP entry of the namespace's table (IPv4 and IPv6)."""
+        for payload in self.dump_payloads():
+            entry = ctmsg.decode_entry(payload)
+            if entry is not None:
+                yield entry
+
+    def dump_payloads(self) -> Iterator[bytes]:
+        """The payload of every message of a table dump, undecoded."""
         seq = self.next_seq()
         self.sock.send(ctmsg.encode_dump(seq))
         while True:
@@ -161,6 +168,4 @@ class CtSocket:
                     if code:
                         raise OSError(code, f"conntrack dump: {errno.errorcode.get(code, code)}")
                     return
-                entry = ctmsg.decode_entry(m.payload)
-                if entry is not None:
-                    yield entry
+                yield m.payload

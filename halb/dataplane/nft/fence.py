@@ -10,9 +10,12 @@ Two tables of their own, so reloading ``table inet halb`` never resets the switc
 Disarmed, every VIP is in ``live`` for good; armed, each VIP element carries a timeout
 that ends at the deadline (nftables expires it in the kernel, with nobody running);
 past it the sets are empty. Re-adding an element does not refresh its timeout, so each
-refresh flushes and refills the sets in one transaction. IPv6 neighbour solicitations go
-to a solicited-node multicast address and are not matched: an IPv6 VIP's traffic is
-fenced, its address resolution is not.
+refresh flushes and refills the sets in one transaction.
+
+IPv6 neighbour solicitations go to a solicited-node multicast address, not to the VIP:
+the fence matches their target address instead, 16 bytes at offset 8 of the ICMPv6
+header (``@th,64,128``), against the sets ``nd_vips6`` / ``nd_live6`` that hold the
+IPv6 VIPs as 128-bit integers (a raw payload does not compare with ``ipv6_addr``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ def _set(name: str, kind: str, addrs: Sequence[IPAddress], *, timeout: bool = Fa
     return f"  set {name} {{ type {kind};{flags}{elems} }}\n"
 
 
+def _raw(addrs: Iterable[IPAddress], suffix: str = "") -> str:
+    """IPv6 addresses as the big-endian integers a raw payload match compares."""
+    return ", ".join(f"0x{int(a):032x}{suffix}" for a in addrs)
+
+
+def _nd_set(name: str, addrs: Sequence[IPAddress], *, timeout: bool = False) -> str:
+    flags = " flags timeout;" if timeout else ""
+    elems = f" elements = {{ {_raw(addrs)} }};" if addrs and not timeout else ""
+    return f"  set {name} {{ typeof @th,64,128;{flags}{elems} }}\n"
+
+
 def _by_family(vips: Iterable[IPAddress]) -> tuple[list[IPAddress], list[IPAddress]]:
     addrs = set(vips)  # read once: callers may pass a generator
     v4: list[IPAddress] = sorted((a for a in addrs if a.version == 4), key=int)
@@ -68,11 +82,15 @@ def fence_script(vips: Iterable[IPAddress]) -> str:
         + _set("live4", "ipv4_addr", [], timeout=True)
         + _set("vips6", "ipv6_addr", v6)
         + _set("live6", "ipv6_addr", [], timeout=True)
+        + _nd_set("nd_vips6", v6)
+        + _nd_set("nd_live6", [], timeout=True)
         + f"  counter {FENCED_COUNTER} {{ }}\n"
         + "  chain pre {\n"
         + "    type filter hook prerouting priority -300; policy accept;\n"
         + f"    ip daddr @vips4 ip daddr != @live4 counter name {FENCED_COUNTER} drop\n"
         + f"    ip6 daddr @vips6 ip6 daddr != @live6 counter name {FENCED_COUNTER} drop\n"
+        + "    icmpv6 type nd-neighbor-solicit @th,64,128 @nd_vips6 @th,64,128 != @nd_live6 "
+        + f"counter name {FENCED_COUNTER} drop\n"
         + "  }\n}\n"
         + f"table arp {FENCE_TABLE} {{\n"
         + _set("vips", "ipv4_addr", v4)
@@ -92,6 +110,7 @@ def refresh_script(vips: Iterable[IPAddress], remaining_ms: int | None) -> str:
     out = [
         f"flush set inet {FENCE_TABLE} live4\n",
         f"flush set inet {FENCE_TABLE} live6\n",
+        f"flush set inet {FENCE_TABLE} nd_live6\n",
         f"flush set arp {FENCE_TABLE} live\n",
     ]
     if remaining_ms is not None and remaining_ms <= 0:
@@ -103,6 +122,7 @@ def refresh_script(vips: Iterable[IPAddress], remaining_ms: int | None) -> str:
         out.append(f"add element arp {FENCE_TABLE} live {{ {_elements(v4, suffix)} }}\n")
     if v6:
         out.append(f"add element inet {FENCE_TABLE} live6 {{ {_elements(v6, suffix)} }}\n")
+        out.append(f"add element inet {FENCE_TABLE} nd_live6 {{ {_raw(v6, suffix)} }}\n")
     return "".join(out)
 
 

@@ -9,20 +9,22 @@ backend:
   backend-side address; ``port`` is the client's port unless nf_nat had to pick
   another one to keep the tuple unique)
 
-`Flow` carries no SNAT port, so `FlowEntry` adds it on this side. A flow synced without
-one is installed with the client's port, which is what nf_nat keeps whenever it can.
+`Flow` carries no SNAT port, so `FlowEntry` adds it on this side, and the synced
+records carry it (halb.flows.records, bytes [56, 64)). A flow synced without one is
+installed with the client's port, which is what nf_nat keeps whenever it can.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from halb.dataplane.nft.ctmsg import CtEntry, CtTuple, NatSpec
+from halb.flows.records import from_entries
 from halb.model import Flow, Forwarding, IPAddress, Protocol, Service, ServiceKey
 
-__all__ = ["FlowEntry", "FlowMap", "Refusal"]
+__all__ = ["FlowEntry", "FlowMap", "Refusal", "entry_records"]
 
 _PROTOCOLS = {p.number: p for p in Protocol}
 
@@ -43,6 +45,11 @@ class FlowEntry:
     flow: Flow
     snat: IPAddress | None = None
     snat_port: int | None = None
+
+
+def entry_records(entries: Iterable[FlowEntry]) -> bytes:
+    """Packed flow records carrying each fullnat source port."""
+    return from_entries((fe.flow, fe.snat_port) for fe in entries)
 
 
 def _port_ok(port: int) -> bool:

@@ -2,7 +2,10 @@
 
 The whole table is rendered as one `nft -f` script that deletes and re-creates it, so
 the kernel swaps the old table for the new one in a single transaction: a script the
-kernel rejects leaves the previous table untouched.
+kernel rejects leaves the previous table untouched. That is needed only when the
+layout changes (services added, removed, re-scheduled); everything a backend, weight
+or health change alters lives in per-service chains, ring maps and set elements that
+halb.dataplane.nft.delta rewrites in place.
 
 Layout of ``table inet halb`` (chain priorities relative to conntrack at -200):
 
@@ -11,11 +14,13 @@ Layout of ``table inet halb`` (chain priorities relative to conntrack at -200):
   ``nf_conntrack_tcp_loose=0`` a mid-flow TCP packet without an entry is invalid, so it
   is dropped and retransmitted rather than sent to another backend as a new flow), and
   counts every client->VIP packet in the service's named counter.
-- ``pre_nat`` (prerouting, dstnat): one rule per service picks a backend chain through a
-  verdict map, Maglev (``jhash`` of the 5-tuple with a fixed seed -> ring slot) or round
-  robin (``numgen inc``); each backend chain DNATs to its backend.
-- ``forward_filter`` (forward, filter): counts each backend's packets (original
-  direction, after DNAT) in its named counter.
+- ``pre_nat`` (prerouting, dstnat): one rule per service goes to its dispatch chain
+  ``d_<service>``, which DNATs through a map, Maglev (``jhash`` of the 5-tuple with a
+  fixed seed -> slot of the map ``ring_<service>``) or round
+  robin (``numgen inc``), whose element is the backend's address . port to DNAT to.
+- ``forward_filter`` (forward, filter): one rule per service counts each backend's
+  packets (original direction, after DNAT) in the backend's named counter, found in the
+  service's map ``bec_<service>`` (backend address . port -> counter).
 - ``post_nat`` (postrouting, srcnat): fullnat services SNAT to the group's floating
   backend-side address.
 
@@ -25,28 +30,43 @@ rest, which is why counters live in the filter chains.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from halb.dataplane.base import Counter
-from halb.lb.maglev import build_table
-from halb.model import Backend, Forwarding, IPAddress, Scheduler, Service, ServiceKey
+from halb.lb.maglev import MaglevTable, build_table
+from halb.model import Backend, Forwarding, IPAddress, Protocol, Scheduler, Service, ServiceKey
 
 __all__ = [
     "FAMILY",
     "HASH_SEED",
     "INVALID_COUNTER",
     "TABLE",
+    "BackendKey",
+    "Endpoint",
     "RenderError",
     "Rendered",
+    "Ring",
+    "ServiceParts",
     "backend_counter",
+    "backend_value",
+    "checked",
+    "counter_map",
     "delete_script",
+    "dispatch_chain",
+    "endpoint_value",
+    "layout",
     "live_backends",
     "render",
+    "ring_map",
     "ring_slots",
     "service_counter",
     "service_id",
+    "service_parts",
 ]
 
 TABLE = "halb"
@@ -65,11 +85,20 @@ class RenderError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Rendered:
-    """The script and the index needed to read counters back."""
+    """The script, the layout it has, and each service's changeable part (from which
+    an update is diffed and counters are read back)."""
 
     script: str
-    service_counters: dict[str, ServiceKey]
-    backend_counters: dict[str, tuple[ServiceKey, Backend]]
+    layout: tuple[object, ...]
+    parts: dict[ServiceKey, ServiceParts]
+
+    @property
+    def service_counters(self) -> dict[str, ServiceKey]:
+        return {service_counter(k): k for k in self.parts}
+
+    @property
+    def backend_counters(self) -> dict[str, tuple[ServiceKey, Backend]]:
+        return {name: (k, b) for k, p in self.parts.items() for name, b in p.counters}
 
 
 def _ident(addr: IPAddress) -> str:
@@ -88,17 +117,12 @@ def backend_counter(key: ServiceKey, backend: Backend) -> str:
     return f"be_{service_id(key)}_{_ident(backend.address)}_{backend.port}"
 
 
-def _backend_chain(key: ServiceKey, backend: Backend) -> str:
-    return f"to_{service_id(key)}_{_ident(backend.address)}_{backend.port}"
-
-
-def _ring_map(key: ServiceKey) -> str:
-    return f"ring_{service_id(key)}"
-
-
 def _order(key: ServiceKey) -> tuple[int, int, int, str]:
     # ServiceKey's own order raises between IPv4 and IPv6 addresses.
     return (key.vip.version, int(key.vip), key.port, key.protocol.value)
+
+
+_ADDR_T = {4: "ipv4_addr", 6: "ipv6_addr"}
 
 
 def _ipkw(addr: IPAddress) -> str:
@@ -107,10 +131,6 @@ def _ipkw(addr: IPAddress) -> str:
 
 def _fmt(addr: IPAddress) -> str:
     return str(addr)
-
-
-def _endpoint(addr: IPAddress, port: int) -> str:
-    return f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
 
 
 def live_backends(svc: Service) -> tuple[Backend, ...]:
@@ -136,6 +156,8 @@ def _check(svc: Service, snat: Mapping[IPAddress, IPAddress]) -> None:
     if svc.scheduler not in (Scheduler.MAGLEV, Scheduler.RR):
         raise RenderError(f"{key}: scheduler {svc.scheduler.value!r} is not supported by nft")
     for b in (*svc.backends, *svc.sorry):
+        if not 0 < b.port < 65536:
+            raise RenderError(f"{key}: backend {b} has no valid port")
         if b.address.version != key.vip.version:
             raise RenderError(f"{key}: backend {b} is not IPv{key.vip.version}")
     if svc.forwarding is Forwarding.FULLNAT:
@@ -147,43 +169,153 @@ def _check(svc: Service, snat: Mapping[IPAddress, IPAddress]) -> None:
 
 
 def _set_block(name: str, elem_type: str, elements: Iterable[str], indent: str) -> list[str]:
+    # Declared even when empty: an incremental update may fill it later.
     items = sorted(set(elements))
-    if not items:
-        return []
-    return [
-        f"{indent}set {name} {{",
-        f"{indent}  type {elem_type}",
-        f"{indent}  elements = {{ {', '.join(items)} }}",
-        f"{indent}}}",
-    ]
+    elems = [f"{indent}  elements = {{ {', '.join(items)} }}"] if items else []
+    return [f"{indent}set {name} {{", f"{indent}  type {elem_type}", *elems, f"{indent}}}"]
 
 
-def _dispatch(svc: Service, live: Sequence[Backend], lines: list[str]) -> str:
-    """The pre_nat rule of one service; appends any map it needs to ``lines``."""
+@dataclass(frozen=True, slots=True)
+class ServiceParts:
+    """What one service puts in the table beyond its layout: everything a backend,
+    weight or health change may alter, so an update can rewrite just these
+    (halb.dataplane.nft.delta)."""
+
+    source: Service  # what these parts were made from
+    key: ServiceKey
+    counters: tuple[tuple[str, Backend], ...]  # backend counters (every backend)
+    backend_keys: tuple[BackendKey, ...]  # this service's elements of backends4/6
+    dispatch: tuple[str, ...]  # rules of its dispatch chain
+    ring: Ring | None  # Maglev only
+
+
+Endpoint = tuple[IPAddress, int]
+"""A backend's address and port: what a ring slot DNATs to."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    """A Maglev ring as nft holds it: ``slots`` (native int32, -1 = empty) index
+    ``endpoints``. Bytes, so that comparing two rings is one memcmp and diffing them
+    one numpy comparison (halb.dataplane.nft.delta)."""
+
+    endpoints: tuple[Endpoint, ...]
+    slots: bytes
+
+    def endpoint_of(self) -> list[Endpoint | None]:
+        """Slot -> endpoint."""
+        values = [*self.endpoints, None]  # index -1 (empty) picks None
+        return [values[i] for i in np.frombuffer(self.slots, dtype=np.int32).tolist()]
+
+
+BackendKey = tuple[IPAddress, Protocol, int]
+"""An element of backends4/6: a backend's address, the protocol, its port."""
+
+
+def backend_value(k: BackendKey) -> str:
+    return f"{_fmt(k[0])} . {k[1].value} . {k[2]}"
+
+
+def endpoint_value(e: Endpoint) -> str:
+    """An endpoint as the data of a ring or round-robin map element."""
+    return f"{_fmt(e[0])} . {e[1]}"
+
+
+@functools.lru_cache(maxsize=16)
+def _maglev(weights: tuple[tuple[str, int], ...], size: int) -> MaglevTable:
+    # A flapping backend alternates between two tables: keep recent ones (a 65537-slot
+    # build costs ~30 ms of Python; a table is 256 KiB).
+    return build_table(weights, size)
+
+
+def dispatch_chain(key: ServiceKey) -> str:
+    return f"d_{service_id(key)}"
+
+
+def counter_map(key: ServiceKey) -> str:
+    return f"bec_{service_id(key)}"
+
+
+def ring_map(key: ServiceKey) -> str:
+    return f"ring_{service_id(key)}"
+
+
+def _match(key: ServiceKey) -> str:
+    return f"{_ipkw(key.vip)} daddr {_fmt(key.vip)} {key.protocol.value} dport {key.port}"
+
+
+def service_parts(svc: Service) -> ServiceParts:
+    """The changeable part of one (checked) service."""
     key = svc.key
     ip = _ipkw(key.vip)
     proto = key.protocol.value
-    match = f"{ip} daddr {_fmt(key.vip)} {proto} dport {key.port}"
-    if not live:
+    live = live_backends(svc)
+    counted = sorted({*svc.backends, *svc.sorry})
+    dispatch: tuple[str, ...]
+    ring: Ring | None = None
+    # Rings and round robin map straight to the backend's address . port, not to
+    # per-backend chains: a map holding verdicts makes the kernel re-validate every
+    # chain reachable through it, every element included, on each commit that adds
+    # one (tens of milliseconds with 65537-slot rings), data maps need no validation.
+    nat = f"meta l4proto {proto} dnat {ip} to"
+    if svc.scheduler is Scheduler.MAGLEV:
+        # Constant rules: backends change only the ring's elements. An empty ring
+        # (no live backend) misses and the next rule refuses the new flow.
+        hashed = f"{ip} saddr . {proto} sport . {ip} daddr . {proto} dport"
+        dispatch = (
+            f"{nat} jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} map @{ring_map(key)}",
+            "drop",
+        )
+        by_name = {str(b): b for b in live}
+        table = _maglev(tuple(sorted((n, b.weight) for n, b in by_name.items())), svc.ring_size)
+        ends = tuple((by_name[n].address, by_name[n].port) for n in table.names)
+        ring = Ring(ends, table.slots.tobytes())
+    elif live:
+        ordered = sorted(live)
+        elems = ", ".join(
+            f"{i} : {endpoint_value((b.address, b.port))}" for i, b in enumerate(ordered)
+        )
+        dispatch = (f"{nat} numgen inc mod {len(ordered)} map {{ {elems} }}",)
+    else:
         # No backend can take a new flow: refuse it here (established flows keep
         # their conntrack entry and never reach this chain).
-        return f"{match} drop"
-    chains = {str(b): _backend_chain(key, b) for b in live}
-    if svc.scheduler is Scheduler.RR:
-        ordered = sorted(live)
-        elems = ", ".join(f"{i} : goto {chains[str(b)]}" for i, b in enumerate(ordered))
-        return f"{match} numgen inc mod {len(ordered)} vmap {{ {elems} }}"
-    slots = ring_slots(svc)
-    name = _ring_map(key)
-    elems = ", ".join(f"{i} : goto {chains[str(b)]}" for i, b in enumerate(slots) if b is not None)
-    lines += [
-        f"  map {name} {{",
-        f"    typeof numgen inc mod {svc.ring_size} : verdict",
-        f"    elements = {{ {elems} }}",
-        "  }",
-    ]
-    hashed = f"{ip} saddr . {proto} sport . {ip} daddr . {proto} dport"
-    return f"{match} jhash {hashed} mod {svc.ring_size} seed {HASH_SEED:#x} vmap @{name}"
+        dispatch = ("drop",)
+    return ServiceParts(
+        source=svc,
+        key=key,
+        counters=tuple((backend_counter(key, b), b) for b in counted),
+        backend_keys=tuple((b.address, key.protocol, b.port) for b in counted),
+        dispatch=dispatch,
+        ring=ring,
+    )
+
+
+def layout(services: Sequence[Service], snat: Mapping[IPAddress, IPAddress]) -> tuple[object, ...]:
+    """What only a whole-table load can change: the services and how each is matched,
+    scheduled and translated. Backends, weights and health are not part of it."""
+    return tuple(
+        (
+            s.key.vip.version,
+            str(s.key),
+            s.scheduler.value,
+            s.forwarding.value,
+            s.ring_size if s.scheduler is Scheduler.MAGLEV else 0,
+            str(snat.get(s.key.vip)) if s.forwarding is Forwarding.FULLNAT else "",
+        )
+        for s in sorted(services, key=lambda s: _order(s.key))
+    )
+
+
+def checked(services: Sequence[Service], snat: Mapping[IPAddress, IPAddress]) -> list[Service]:
+    """The services in table order; RenderError names the first one nft cannot hold."""
+    ordered = sorted(services, key=lambda s: _order(s.key))
+    seen: set[ServiceKey] = set()
+    for svc in ordered:
+        if svc.key in seen:
+            raise RenderError(f"{svc.key}: duplicate service")
+        seen.add(svc.key)
+        _check(svc, snat)
+    return ordered
 
 
 def _counter(name: str, carry: Mapping[str, Counter]) -> list[str]:
@@ -206,16 +338,9 @@ def render(
     """
     carry = carry or {}
     snat = dict(snat or {})
-    ordered = sorted(services, key=lambda s: _order(s.key))
-    seen: set[ServiceKey] = set()
-    for svc in ordered:
-        if svc.key in seen:
-            raise RenderError(f"{svc.key}: duplicate service")
-        seen.add(svc.key)
-        _check(svc, snat)
+    ordered = checked(services, snat)
+    parts = {svc.key: service_parts(svc) for svc in ordered}
 
-    svc_counters: dict[str, ServiceKey] = {}
-    be_counters: dict[str, tuple[ServiceKey, Backend]] = {}
     body: list[str] = []
     decls: list[str] = []
     dispatch: list[str] = []
@@ -223,37 +348,53 @@ def render(
     post: list[str] = []
     svc_elems: dict[int, list[str]] = {4: [], 6: []}
     be_elems: dict[int, list[str]] = {4: [], 6: []}
-    counter_map: dict[int, list[str]] = {4: [], 6: []}
+    svc_counter_elems: dict[int, list[str]] = {4: [], 6: []}
+
+    def chain(name: str, hook: str | None, rules: Iterable[str]) -> list[str]:
+        head = [f"    {hook}"] if hook else []
+        return [f"  chain {name} {{", *head, *(f"    {r}" for r in rules), "  }"]
 
     for svc in ordered:
         key = svc.key
+        part = parts[key]
         ip = _ipkw(key.vip)
         proto = key.protocol.value
         v = key.vip.version
         cname = service_counter(key)
-        svc_counters[cname] = key
         decls += _counter(cname, carry)
         svc_elems[v].append(f"{_fmt(key.vip)} . {proto} . {key.port}")
-        counter_map[v].append(f'{_fmt(key.vip)} . {proto} . {key.port} : "{cname}"')
-        live = live_backends(svc)
-        counted = sorted({*svc.backends, *svc.sorry})
-        for b in counted:
-            bname = backend_counter(key, b)
-            be_counters[bname] = (key, b)
+        svc_counter_elems[v].append(f'{_fmt(key.vip)} . {proto} . {key.port} : "{cname}"')
+        be_elems[v] += map(backend_value, part.backend_keys)
+        for bname, _ in part.counters:
             decls += _counter(bname, carry)
-            be_elems[v].append(f"{_fmt(b.address)} . {proto} . {b.port}")
-            forward.append(
-                f"ct direction original meta l4proto {proto} "
-                f"ct original {ip} daddr {_fmt(key.vip)} ct original proto-dst {key.port} "
-                f'{ip} daddr {_fmt(b.address)} {proto} dport {b.port} counter name "{bname}"'
+        body += chain(dispatch_chain(key), None, part.dispatch)
+        becs = ", ".join(
+            f'{endpoint_value((b.address, b.port))} : "{name}"' for name, b in part.counters
+        )
+        decls += [
+            f"  map {counter_map(key)} {{",
+            f"    type {_ADDR_T[v]} . inet_service : counter",
+            *([f"    elements = {{ {becs} }}"] if becs else []),
+            "  }",
+        ]
+        if part.ring is not None:
+            elems = ", ".join(
+                f"{i} : {endpoint_value(e)}"
+                for i, e in enumerate(part.ring.endpoint_of())
+                if e is not None
             )
-        for b in sorted(live):
-            body += [
-                f"  chain {_backend_chain(key, b)} {{",
-                f"    meta l4proto {proto} dnat {ip} to {_endpoint(b.address, b.port)}",
+            decls += [
+                f"  map {ring_map(key)} {{",
+                f"    typeof numgen inc mod {svc.ring_size} : {ip} daddr . {proto} dport",
+                *([f"    elements = {{ {elems} }}"] if elems else []),
                 "  }",
             ]
-        dispatch.append(_dispatch(svc, live, decls))
+        dispatch.append(f"{_match(key)} goto {dispatch_chain(key)}")
+        forward.append(
+            f"ct direction original meta l4proto {proto} "
+            f"ct original {ip} daddr {_fmt(key.vip)} ct original proto-dst {key.port} "
+            f"counter name {ip} daddr . {proto} dport map @{counter_map(key)}"
+        )
         if svc.forwarding is Forwarding.FULLNAT:
             post.append(
                 f"meta l4proto {proto} ct original {ip} daddr {_fmt(key.vip)} "
@@ -261,19 +402,20 @@ def render(
             )
 
     for v, addr_t in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        if not svc_elems[v]:
+            continue
         decls += _set_block(
             f"services{v}", f"{addr_t} . inet_proto . inet_service", svc_elems[v], "  "
         )
         decls += _set_block(
             f"backends{v}", f"{addr_t} . inet_proto . inet_service", be_elems[v], "  "
         )
-        if counter_map[v]:
-            decls += [
-                f"  map svc_counters{v} {{",
-                f"    type {addr_t} . inet_proto . inet_service : counter",
-                f"    elements = {{ {', '.join(sorted(counter_map[v]))} }}",
-                "  }",
-            ]
+        decls += [
+            f"  map svc_counters{v} {{",
+            f"    type {addr_t} . inet_proto . inet_service : counter",
+            f"    elements = {{ {', '.join(sorted(svc_counter_elems[v]))} }}",
+            "  }",
+        ]
 
     pre_filter = ["type filter hook prerouting priority -150; policy accept;"]
     for v, ip in ((4, "ip"), (6, "ip6")):
@@ -287,9 +429,6 @@ def render(
                 f"map @svc_counters{v}",
             ]
     decls = [*_counter(INVALID_COUNTER, carry), *decls]
-
-    def chain(name: str, hook: str, rules: list[str]) -> list[str]:
-        return [f"  chain {name} {{", f"    {hook}", *(f"    {r}" for r in rules), "  }"]
 
     lines = [
         f"table {FAMILY} {TABLE}",
@@ -305,7 +444,7 @@ def render(
         *chain("post_nat", "type nat hook postrouting priority srcnat; policy accept;", post),
         "}",
     ]
-    return Rendered("\n".join(lines) + "\n", svc_counters, be_counters)
+    return Rendered("\n".join(lines) + "\n", layout(ordered, snat), parts)
 
 
 def delete_script() -> str:

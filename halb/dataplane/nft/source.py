@@ -25,17 +25,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from halb.dataplane.nft.events import FlowDelta, FlowEvents, Resync
-from halb.flows import records
+from halb.dataplane.nft.flows import FlowEntry, entry_records
 from halb.model import Flow
 
 if TYPE_CHECKING:
     from halb.dataplane.nft.adapter import NftDataplane
 
+
 __all__ = ["NftFlowSource", "SourceStats"]
 
 log = logging.getLogger(__name__)
 
-Push = Callable[[list[Flow], list[Flow]], None]
+# Pushed as packed records, so fullnat flows carry the source port nf_nat chose.
+Push = Callable[[bytes, bytes], None]
 _Key = tuple[str, str, int, str, int]
 
 
@@ -55,14 +57,15 @@ class NftFlowSource:
         self._dp = dataplane
         self.reconcile_interval = reconcile_interval
         self._events: FlowEvents = dataplane.flow_events()
-        # Client 5-tuple -> the flow pushed for it (a backend change is another Flow).
-        self._known: dict[_Key, Flow] = {}
+        # Client 5-tuple -> the flow pushed for it (a backend change is another Flow,
+        # a source port change another FlowEntry).
+        self._known: dict[_Key, FlowEntry] = {}
         # Tuples an event touched while a dump was in flight: the dump may predate it.
         self._touched: set[_Key] | None = None
         self._stats = SourceStats()
 
     def snapshot_records(self) -> bytes:
-        return records.from_flows(self._dp.dump_flows())
+        return self._dp.snapshot_records()
 
     async def run(self, push: Push) -> None:
         await self._reconcile(push)
@@ -86,40 +89,42 @@ class NftFlowSource:
 
     def _apply(self, d: FlowDelta, push: Push) -> None:
         self._stats.events += 1
-        f, key = d.flow, _key(d.flow)
+        fe, key = d.entry, _key(d.flow)
         if self._touched is not None:
             self._touched.add(key)
         old = self._known.get(key)
         if d.op == "delete":
             # Deletes go out even for flows never pushed: a snapshot may hold them.
-            if old is None or old == f:
+            if old is None or old == fe:
                 self._known.pop(key, None)
-                push([], [f])
-        elif old != f:
-            if old is not None:
-                push([], [old])  # moved to another backend: drop the old one first
-            self._known[key] = f
-            push([f], [])
+                push(b"", entry_records([fe]))
+        elif old != fe:
+            if old is not None and old.flow != fe.flow:
+                push(b"", entry_records([old]))  # moved to another backend: drop it first
+            self._known[key] = fe
+            push(entry_records([fe]), b"")
 
     async def _reconcile(self, push: Push) -> None:
         self._touched = set()
         t0 = time.monotonic()
         try:
-            dumped = await asyncio.to_thread(self._dp.dump_flows)
+            dumped = await asyncio.to_thread(self._dp.dump_entries)
         finally:
             touched, self._touched = self._touched or set(), None
         self._stats.last_reconcile_seconds = time.monotonic() - t0
         self._stats.reconciles += 1
-        current = {_key(f): f for f in dumped}
-        gone = [f for k, f in self._known.items() if k not in touched and current.get(k) != f]
-        new = [f for k, f in current.items() if k not in touched and self._known.get(k) != f]
-        for f in gone:
-            del self._known[_key(f)]
+        current = {_key(fe.flow): fe for fe in dumped}
+        gone = [fe for k, fe in self._known.items() if k not in touched and current.get(k) != fe]
+        new = [fe for k, fe in current.items() if k not in touched and self._known.get(k) != fe]
+        for fe in gone:
+            del self._known[_key(fe.flow)]
+        # A flow whose source port changed is in both: its delete and upsert name the
+        # same connection, and deletes are applied first.
         if gone:
-            push([], gone)
+            push(b"", entry_records(gone))
         if new:
-            self._known.update((_key(f), f) for f in new)
-            push(new, [])
+            self._known.update((_key(fe.flow), fe) for fe in new)
+            push(entry_records(new), b"")
         if self._stats.reconciles > 1 and (gone or new):
             self._stats.corrected += len(gone) + len(new)
             log.info("conntrack reconcile: %d flows added, %d removed that events missed",

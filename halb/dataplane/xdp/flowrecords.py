@@ -70,7 +70,7 @@ class BackendTable:
     @classmethod
     def build(cls, backends: Mapping[int, tuple[IPAddress, int]]) -> BackendTable:
         size = max(backends, default=-1) + 1
-        rows = np.zeros((size, rec.RECORD_SIZE - rec.BPORT), np.uint8)
+        rows = np.zeros((size, rec.NAT_PORT - rec.BPORT), np.uint8)
         valid = np.zeros(size, np.bool_)
         for bid, (addr, port) in backends.items():
             rows[bid] = np.frombuffer(port.to_bytes(2, "big") + rec.addr16(addr), np.uint8)
@@ -118,7 +118,8 @@ def map_to_records(keys: bytes, values: bytes, table: BackendTable) -> tuple[byt
     out[:, rec.PROTO] = k[:, _K_PROTO]
     out[:, rec.RESERVED] = 0
     out[:, rec.VPORT : rec.VPORT + 2] = k[:, _K_DPORT : _K_DPORT + 2]
-    out[:, rec.BPORT :] = table.rows[bid]
+    out[:, rec.BPORT : rec.NAT_PORT] = table.rows[bid]
+    out[:, rec.NAT_PORT :] = 0  # XDP translates no source
     return out.tobytes(), n - len(k)
 
 
