@@ -4,6 +4,7 @@ second balancer and fail over a live TCP connection, events, refusals, reconcile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -441,3 +442,53 @@ def test_cli_lists_conntrack_flows_and_table_stats(
     assert report["flows"] == 2
     text = CliRunner().invoke(show, ["--config", cfg, "--node", "lbb", "--netns", topo.ns("lbb")])
     assert "conntrack" in text.output and "insert_failed=" in text.output, text.output
+
+
+def test_flow_source_pushes_records_with_source_ports(
+    topo: Topology, pair: tuple[NftDataplane, NftDataplane]
+) -> None:
+    """The active's flow source: its first reconcile pushes what the table holds (bulk
+    records), then events push new flows (fullnat with the source port nf_nat chose)
+    and deletes; a reconcile finds nothing more to correct."""
+    a, _ = pair
+    before = FlowEntry(Flow(Protocol.TCP, CLIENT, 46000, VIP, 9000, BACKENDS["be1"], 9000))
+    later = FlowEntry(
+        Flow(Protocol.TCP, CLIENT, 46001, FULLNAT_VIP, 9000, BACKENDS["be2"], 9000), SNAT, 62001
+    )
+    other = Conntrack(topo.ns("lba"))  # another socket: its writes are not "our own"
+    pushed: list[tuple[bytes, bytes]] = []
+
+    async def main() -> None:
+        # Subscribed first: with nf_conntrack_events=2 an entry created while nobody
+        # listens never reports its end (the reconcile catches those).
+        source = a.flow_source()
+        source.reconcile_interval = 0.3
+        assert other.install([before], a.flowmap).created == 1
+        task = asyncio.create_task(source.run(lambda u, d: pushed.append((u, d))))
+        try:
+            await asyncio.sleep(0.2)
+            assert other.install([later], a.flowmap).created == 1
+            await asyncio.sleep(0.2)
+            assert other.delete([before.flow], a.flowmap) == 1
+            await asyncio.sleep(0.5)  # past a reconcile
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            stats = source.stats()
+            source.close()
+        assert stats["reconciles"] >= 2 and stats["corrected"] == 0, stats
+
+    try:
+        asyncio.run(main())
+    finally:
+        other.close()
+    ups = [
+        (f, p)
+        for u, _ in pushed
+        for f, p in zip(records.to_flows(u), records.nat_ports(u), strict=True)
+    ]
+    downs = [f for _, d in pushed for f in records.to_flows(d)]
+    assert ups[0] == (before.flow, None)  # from the first reconcile's dump
+    assert (later.flow, 62001) in ups
+    assert downs == [before.flow]
