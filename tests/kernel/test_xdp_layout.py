@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +12,14 @@ from halb.dataplane.xdp import libbpf as lb
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.layout import MAP_TYPES, STRUCTS
 from halb.dataplane.xdp.loader import BpfObject
+from halb.testing.btf import btf_types, type_size
 
 pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
 def btf() -> dict[int, dict[str, Any]]:
-    out = subprocess.run(
-        ["bpftool", "btf", "dump", "file", str(build_bpf()), "format", "raw", "-j"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return {t["id"]: t for t in json.loads(out)["types"]}
-
-
-def type_size(types: dict[int, dict[str, Any]], tid: int) -> int:
-    t = types[tid]
-    if t["kind"] in ("TYPEDEF", "CONST", "VOLATILE"):
-        return type_size(types, t["type_id"])
-    if t["kind"] == "ARRAY":
-        return int(t["nr_elems"]) * type_size(types, t["type_id"])
-    return int(t["size"])
+    return btf_types(build_bpf())
 
 
 @pytest.mark.parametrize("name", sorted(STRUCTS))
