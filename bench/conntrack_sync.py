@@ -38,7 +38,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from halb.config import ClusterConfig, parse_config
-from halb.dataplane.base import Counters
+from halb.dataplane.base import Counters, KernelStats
 from halb.dataplane.nft import ctmsg
 from halb.dataplane.nft.adapter import NftDataplane
 from halb.dataplane.nft.conntrack import Conntrack
@@ -163,6 +163,9 @@ class TimedDataplane:
 
     def counters(self) -> Counters:
         return self.inner.counters()
+
+    def kernel_stats(self) -> KernelStats:
+        return self.inner.kernel_stats()
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         self.inner.set_deadline(monotonic_ns)

@@ -578,14 +578,11 @@ class Agent:
                             self.metrics.update_hold(name, st.hold)
                     counters = await asyncio.to_thread(self.dataplane.counters)
                     self.metrics.update_counters(counters)
-                    events = getattr(self.dataplane, "global_stats", None)  # xdp only
-                    if events is not None:
-                        self.metrics.update_events(await asyncio.to_thread(events))
-                    # nft only: how full the conntrack table is.
-                    table_stats = getattr(self.dataplane, "table_stats", None)
-                    if table_stats is not None:
-                        ct = await asyncio.to_thread(table_stats)
-                        self.metrics.update_conntrack(ct.doc())
+                    ks = await asyncio.to_thread(self.dataplane.kernel_stats)
+                    if ks.events:
+                        self.metrics.update_events(ks.events)
+                    if ks.conntrack is not None:
+                        self.metrics.update_conntrack(ks.conntrack)
                     if isinstance(stats.get("flows"), int):
                         self.metrics.update_flows(stats["flows"])
                 except Exception:

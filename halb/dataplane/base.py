@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, runtime_checkable
 
 from halb.model import Backend, Flow, Service, ServiceKey
 
@@ -30,6 +30,7 @@ __all__ = [
     "FlowObjectRecords",
     "FlowSnapshot",
     "FlowSource",
+    "KernelStats",
     "Push",
 ]
 
@@ -47,6 +48,18 @@ class Counter:
 class Counters:
     per_service: dict[ServiceKey, Counter] = field(default_factory=dict)
     per_backend: dict[tuple[ServiceKey, Backend], Counter] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStats:
+    """What the kernel side reports beyond per-service counters, for the metrics:
+    ``events``, the program's own event counters by name (xdp: expired and swept flows,
+    dropped fragments, relayed ICMP errors, dead-man drops...); ``conntrack``, the
+    connection table's size and refusals (nft: TableStats.doc()). Empty where a
+    dataplane has none."""
+
+    events: dict[str, int] = field(default_factory=dict)
+    conntrack: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,10 @@ class Dataplane(Protocol):
         ...
 
     def counters(self) -> Counters: ...
+
+    def kernel_stats(self) -> KernelStats:
+        """Event counters and table fill (blocking: called in a worker thread)."""
+        ...
 
     def flow_source(self) -> FlowSource:
         """A live source of this dataplane's flows for the active node's FlowSync server

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from halb.dataplane.base import ApplyResult, Counters, FlowObjectRecords
+from halb.dataplane.base import ApplyResult, Counters, FlowObjectRecords, KernelStats
 from halb.dataplane.dumpscan import DumpScanSource
 from halb.model import Flow, Service, ServiceKey
 
@@ -53,6 +53,9 @@ class FakeDataplane(FlowObjectRecords):
 
     def counters(self) -> Counters:
         return Counters()
+
+    def kernel_stats(self) -> KernelStats:
+        return KernelStats()
 
     def flow_source(self) -> DumpScanSource:
         return DumpScanSource(self)

@@ -147,6 +147,10 @@ def test_without_sync_the_mid_flow_packet_waits_until_installed(
         after = b.table_stats()
         assert after.count >= before.count + 1 and after.max >= after.count > 0
         assert after.doc()["fill"] == round(after.count / after.max, 4)
+        # What the agent's metrics read: the same table figures, no XDP-style events.
+        ks = b.kernel_stats()
+        assert ks.events == {} and ks.conntrack is not None
+        assert ks.conntrack["max"] == after.max and ks.conntrack["count"] >= before.count + 1
         s.settimeout(10.0)
         assert s.recv(100).decode().strip() == name
 

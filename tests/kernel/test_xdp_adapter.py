@@ -110,6 +110,10 @@ def run(d: XdpDataplane, data: bytes, repeat: int = 1) -> tuple[int, str]:
 def test_is_a_dataplane_attached_and_pinned(topo: Topo, dp: XdpDataplane) -> None:
     assert isinstance(dp, Dataplane)
     assert dp.mode == "native"
+    # What the agent's metrics read: the program's event counters, no conntrack table.
+    ks = dp.kernel_stats()
+    assert ks.conntrack is None and set(ks.events) == set(dp.global_stats())
+    assert {"flow_expired", "frag_drop", "icmp_relayed"} <= set(ks.events)
     assert xdp_prog_id("veth0", topo.lb) != 0
     assert {"services", "ring", "backends", "flows", "config"} <= {
         p.name for p in topo.pin_dir.iterdir()

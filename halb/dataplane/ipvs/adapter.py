@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import IO
 
-from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
+from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords, KernelStats
 from halb.dataplane.dumpscan import DumpScanSource
 from halb.dataplane.ipvs.conntab import ENDED_STATES, parse_conns
 from halb.dataplane.ipvs.injector import SyncInjector
@@ -219,6 +219,9 @@ class IpvsDataplane(FlowObjectRecords):
         return self._inject(flows, ending=True)
 
     # -- counters -------------------------------------------------------------------------------
+
+    def kernel_stats(self) -> KernelStats:
+        return KernelStats()
 
     def counters(self) -> Counters:
         """Packets and bytes toward the backends (IPVS "in"), per service and backend."""

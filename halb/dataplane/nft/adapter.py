@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from halb.config import ClusterConfig, NodeConfig
-from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords
+from halb.dataplane.base import ApplyResult, Counter, Counters, FlowObjectRecords, KernelStats
 from halb.dataplane.nft import delta, nftcmd, ruleset
 from halb.dataplane.nft.conntrack import Conntrack, InstallReport, ReconcileReport, Timeouts
 from halb.dataplane.nft.ctstats import TableStats, read_table_stats
@@ -232,6 +232,9 @@ class NftDataplane(FlowObjectRecords):
         dataplane show`)."""
         with self._ct_lock:
             return read_table_stats(self.conntrack.sock, self.netns)
+
+    def kernel_stats(self) -> KernelStats:
+        return KernelStats(conntrack=self.table_stats().doc())
 
     def set_deadline(self, monotonic_ns: int | None) -> None:
         """Past ``monotonic_ns`` (CLOCK_MONOTONIC) this node drops VIP traffic and ARP

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
-from halb.dataplane.base import ApplyResult, Counter, Counters
+from halb.dataplane.base import ApplyResult, Counter, Counters, KernelStats
 from halb.dataplane.xdp import flowrecords
 from halb.dataplane.xdp.build import build_bpf
 from halb.dataplane.xdp.clock import CLOCK_MONOTONIC_COARSE, calibrate
@@ -491,6 +491,9 @@ class XdpDataplane:
 
     def global_stats(self) -> dict[str, int]:
         return {name: self._sum("stats_global", i).packets for i, name in STATS.items()}
+
+    def kernel_stats(self) -> KernelStats:
+        return KernelStats(events=self.global_stats())
 
     def map(self, name: str) -> BpfMap:
         """One of the program's maps (flow source, inspection, tests): the adapter
