@@ -87,7 +87,12 @@ def test_member_fault_under_load_loses_nothing(secure: EtcdCluster, fault: str, 
         assert report.duplicates == []
         assert report.move_s is not None
         assert report.move_s < BOUNDS[(fault, role)]
-        assert report.keepalive_gap_s < report.lease_ttl
+        # A leader fault leaves etcd without a leader for its election: no keepalive can
+        # succeed anywhere meanwhile, and the new leader extends every lease by that
+        # time (etcd's lease promotion), so the lease survives a longer gap (lease_lost
+        # above is the proof). Seen: 2.28 s between keepalives with a 2 s TTL.
+        election = BOUNDS[(fault, role)] if role == "leader" else 0.0
+        assert report.keepalive_gap_s < report.lease_ttl + election
         assert report.errors == []
 
     asyncio.run(body())
