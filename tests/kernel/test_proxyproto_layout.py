@@ -10,9 +10,8 @@ import pytest
 
 from halb.dataplane.proxyproto.build import build_proxy_bpf
 from halb.dataplane.proxyproto.layout import MAP_TYPES, STATS, STRUCTS
-from halb.dataplane.xdp import libbpf as lb
 from halb.dataplane.xdp.loader import BpfObject
-from halb.testing.btf import btf_types, type_size
+from halb.testing.btf import btf_types, c_struct, map_sizes, py_struct
 
 pytestmark = pytest.mark.kernel
 
@@ -24,33 +23,15 @@ def btf() -> dict[int, dict[str, Any]]:
 
 @pytest.mark.parametrize("name", sorted(STRUCTS))
 def test_struct_matches_btf(btf: dict[int, dict[str, Any]], name: str) -> None:
-    found = [t for t in btf.values() if t["kind"] == "STRUCT" and t["name"] == name]
-    assert len(found) == 1, f"struct {name} not in the object's BTF"
-    py = STRUCTS[name]
-    assert found[0]["size"] == ctypes.sizeof(py)
-    c_members = [
-        (m["name"], m["bits_offset"] // 8, type_size(btf, m["type_id"]))
-        for m in found[0]["members"]
-    ]
-    py_members = [(f[0], getattr(py, f[0]).offset, getattr(py, f[0]).size) for f in py._fields_]
-    assert py_members == c_members
+    assert py_struct(STRUCTS[name]) == c_struct(btf, name)
 
 
 def test_maps_have_the_python_key_and_value_sizes() -> None:
     obj = BpfObject(build_proxy_bpf(), MAP_TYPES)
     try:
         assert set(obj.maps) == set(MAP_TYPES)
-        for name, m in obj.maps.items():
-            info = lb.BpfMapInfo()
-            size = ctypes.c_uint32(ctypes.sizeof(info))
-            lb.check(
-                lb.lib.bpf_obj_get_info_by_fd(m.fd, ctypes.byref(info), ctypes.byref(size)), name
-            )
-            key_t, val_t, _ = MAP_TYPES[name]
-            assert (info.key_size, info.value_size) == (
-                ctypes.sizeof(key_t),
-                ctypes.sizeof(val_t),
-            ), name
+        want = {n: (ctypes.sizeof(k), ctypes.sizeof(v)) for n, (k, v, _) in MAP_TYPES.items()}
+        assert map_sizes(obj) == want
         # one counter per name (enum pp_stat ends in PP_STAT_MAX)
         assert obj.maps["pp_stats"].max_entries == len(STATS)
     finally:
